@@ -1,0 +1,295 @@
+"""One configuration tree for every job: dataclass defaults <- YAML file <- key=value overrides.
+
+Merged with OmegaConf in struct mode, so an unknown key or a value of the wrong type is an
+error that names the key; `validate` then checks ranges. The resolved tree is saved beside
+every output (`save_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lesionseg.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem a user can fix; the message names the key or the file."""
+
+
+@dataclass
+class DataConfig:
+    shards: Optional[str] = None  # packed shard folder holding manifest.json; null = build and use the demo set
+    image_size: int = 384  # side of the square crops the model trains and validates at
+    batch_size: int = 8  # images per process per step
+    num_workers: int = 2  # DataLoader worker processes per rank (decode + augment)
+    shuffle_buffer: int = 256  # samples held in the WebDataset shuffle buffer
+    pin_memory: bool = True  # pinned host memory for faster host-to-GPU copies (CUDA only)
+    on_error: str = "raise"  # a bad sample in a shard: raise (stop with its name) or skip (count and warn)
+    scale_min: float = 0.3  # random-resized-crop: smallest area fraction of the image
+    hflip: bool = True  # random horizontal flips
+    vflip: bool = True  # random vertical flips (lesions have no up/down)
+    rotate_degrees: float = 30.0  # random rotation range (+/-); corners outside the image are filled
+    color_jitter: float = 0.2  # brightness/contrast/saturation jitter strength; 0 turns it off
+    demo_cases: int = 160  # number of synthetic cases in the demo set built when shards is null
+    demo_dir: str = "shards/demo"  # where the demo set's ISIC-layout source and shards are cached
+
+
+@dataclass
+class PackConfig:
+    val_fraction: float = 0.1  # fraction of training cases sent to val, chosen by a hash of (seed, id)
+    split_seed: int = 0  # seed of the train/val split
+    max_side: int = 1024  # store images with this longest side (downscaled only); 0 keeps original bytes
+    jpeg_quality: int = 95  # quality of re-encoded JPEGs
+    shard_max_samples: int = 500  # at most this many samples per shard
+    shard_max_bytes: int = 1_000_000_000  # at most this many bytes per shard (approximate, before tar headers)
+    workers: int = 2  # worker processes that decode and re-encode
+    on_error: str = "raise"  # bad case: raise (stop, name the files) or skip (report and go on)
+
+
+@dataclass
+class ModelConfig:
+    encoder_weights: Optional[str] = "imagenet"  # null (random), imagenet (torchvision cache) or a state-dict file
+    freeze_encoder: bool = False  # no gradients to the encoder; its BatchNorm statistics stay fixed
+    unfreeze_after_epochs: int = 0  # with freeze_encoder: train the encoder too from this epoch on (0 = never)
+    decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32, 24])  # widths, deep to shallow
+    channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class LossConfig:
+    bce_weight: float = 1.0  # weight of binary cross-entropy
+    dice_weight: float = 1.0  # weight of (1 - soft Dice)
+    iou_weight: float = 1.0  # weight of (1 - soft IoU)
+    smooth: float = 1.0  # smoothing term added to soft Dice/IoU numerator and denominator
+    per_image: bool = True  # soft Dice/IoU per image then averaged (false: over the whole batch)
+    pos_weight: Optional[float] = None  # BCE weight of lesion pixels (null = 1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate of the decoder
+    encoder_lr_mult: float = 0.1  # encoder learning rate = lr * this
+    weight_decay: float = 1e-4  # AdamW weight decay
+    epochs: int = 30  # epochs to train (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps to train; when > 0 it wins over epochs
+    steps_per_epoch: int = 0  # optimizer steps per epoch; 0 = train images / (batch_size * world * grad_accum)
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    warmup_steps: int = 50  # linear warmup steps before the cosine decay
+    min_lr_ratio: float = 0.01  # cosine decays to lr * this
+    grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    mixed_precision: str = "no"  # no, fp16 or bf16 (autocast through Accelerate)
+    seed: int = 0  # seeds weights, data order and every augmentation
+    output_dir: str = "runs/demo"  # the run folder: best.pt, last.pt, config.yaml, states/
+    resume: str = "auto"  # auto (newest complete state in output_dir), none, or a state folder
+    val_every_steps: int = 0  # validate every N optimizer steps (0 = at the end of every epoch)
+    best_metric: str = "dice"  # val metric that picks best.pt: dice, jaccard, threshold_jaccard, accuracy
+    keep_states: int = 2  # full training states kept under output_dir/states
+    save_every_steps: int = 0  # also save a state every N optimizer steps (0 = only at validation)
+    log_every_steps: int = 10  # scalars logged every N optimizer steps
+    max_bad_steps: int = 5  # abort after this many non-finite losses in a row
+    num_threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
+    deterministic: bool = False  # torch deterministic algorithms (needed for bit-exact resume on GPU)
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "wandb"  # wandb or none
+    project: str = "lesionseg"  # W&B project
+    run_name: Optional[str] = None  # W&B run name (default: the output_dir's name)
+    group: Optional[str] = None  # W&B group
+    mode: str = "offline"  # offline, online or disabled; the WANDB_MODE environment variable wins
+    dir: Optional[str] = None  # where W&B writes its files (default: output_dir)
+    log_images: int = 4  # validation images logged with prediction/truth overlays
+
+
+@dataclass
+class InferConfig:
+    batch_size: int = 8  # images per forward pass
+    num_workers: int = 2  # decode workers per process
+    image_size: int = 0  # side the model sees; 0 = the checkpoint's data.image_size
+    threshold: float = 0.5  # probability above which a pixel is lesion
+    tta: bool = False  # average with horizontally/vertically flipped predictions
+    mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
+    save_probs: bool = False  # write 8-bit probability PNGs to probs/
+    save_overlays: bool = False  # write overlay JPEGs to overlays/
+    report: bool = True  # write report.html after merging
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+_CHOICES = {
+    "data.on_error": ("raise", "skip"),
+    "pack.on_error": ("raise", "skip"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.best_metric": ("dice", "jaccard", "threshold_jaccard", "accuracy"),
+    "tracking.backend": ("wandb", "none"),
+    "tracking.mode": ("offline", "online", "disabled"),
+    "infer.mixed_precision": ("auto", "no", "fp16", "bf16"),
+}
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {value!r} is not valid: {why}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks that types alone cannot express; raises ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in choices, key, value, f"choose one of {', '.join(choices)}")
+    d, p, m, lo, o, t, i = cfg.data, cfg.pack, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.infer
+    _check(d.image_size >= 32, "data.image_size", d.image_size, "must be at least 32")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be at least 1")
+    _check(0 < d.scale_min <= 1, "data.scale_min", d.scale_min, "must be in (0, 1]")
+    _check(0 <= d.rotate_degrees <= 180, "data.rotate_degrees", d.rotate_degrees, "must be in [0, 180]")
+    _check(0 <= d.color_jitter < 1, "data.color_jitter", d.color_jitter, "must be in [0, 1)")
+    _check(d.demo_cases >= 8, "data.demo_cases", d.demo_cases, "must be at least 8")
+    _check(0 <= p.val_fraction < 1, "pack.val_fraction", p.val_fraction, "must be in [0, 1)")
+    _check(p.max_side == 0 or p.max_side >= 32, "pack.max_side", p.max_side, "must be 0 or >= 32")
+    _check(1 <= p.jpeg_quality <= 100, "pack.jpeg_quality", p.jpeg_quality, "must be in [1, 100]")
+    _check(p.shard_max_samples >= 1, "pack.shard_max_samples", p.shard_max_samples, "must be >= 1")
+    _check(p.shard_max_bytes >= 1, "pack.shard_max_bytes", p.shard_max_bytes, "must be >= 1")
+    _check(p.workers >= 1, "pack.workers", p.workers, "must be >= 1")
+    _check(len(m.decoder_channels) == 5, "model.decoder_channels", m.decoder_channels,
+           "needs 5 widths (strides 16, 8, 4, 2, 1)")
+    _check(all(c >= 1 for c in m.decoder_channels), "model.decoder_channels", m.decoder_channels,
+           "widths must be >= 1")
+    _check(m.unfreeze_after_epochs >= 0, "model.unfreeze_after_epochs", m.unfreeze_after_epochs, "must be >= 0")
+    for name in ("bce_weight", "dice_weight", "iou_weight"):
+        _check(getattr(lo, name) >= 0, f"loss.{name}", getattr(lo, name), "must be >= 0")
+    _check(lo.bce_weight + lo.dice_weight + lo.iou_weight > 0, "loss.bce_weight",
+           (lo.bce_weight, lo.dice_weight, lo.iou_weight), "the three loss weights cannot all be zero")
+    _check(lo.smooth >= 0, "loss.smooth", lo.smooth, "must be >= 0")
+    _check(lo.pos_weight is None or lo.pos_weight > 0, "loss.pos_weight", lo.pos_weight, "must be > 0")
+    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(o.encoder_lr_mult >= 0, "optim.encoder_lr_mult", o.encoder_lr_mult, "must be >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(o.epochs >= 1 or o.max_steps > 0, "optim.epochs", o.epochs, "must be >= 1 unless max_steps > 0")
+    _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0")
+    _check(o.steps_per_epoch >= 0, "optim.steps_per_epoch", o.steps_per_epoch, "must be >= 0")
+    _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0")
+    _check(t.val_every_steps >= 0, "train.val_every_steps", t.val_every_steps, "must be >= 0")
+    _check(t.keep_states >= 1, "train.keep_states", t.keep_states, "must be >= 1")
+    _check(t.save_every_steps >= 0, "train.save_every_steps", t.save_every_steps, "must be >= 0")
+    _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
+    _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
+    _check(bool(t.output_dir), "train.output_dir", t.output_dir, "must not be empty")
+    _check(bool(t.resume), "train.resume", t.resume, "use auto, none or a state folder")
+    _check(cfg.tracking.log_images >= 0, "tracking.log_images", cfg.tracking.log_images, "must be >= 0")
+    _check(i.batch_size >= 1, "infer.batch_size", i.batch_size, "must be at least 1")
+    _check(i.num_workers >= 0, "infer.num_workers", i.num_workers, "must be >= 0")
+    _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
+    _check(0 < i.threshold < 1, "infer.threshold", i.threshold, "must be in (0, 1)")
+    return cfg
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        if "not in" in msg or "Key '" in msg and "not" in msg:
+            raise ConfigError(f"{origin}: unknown config key '{key}'") from None
+        raise ConfigError(f"{origin}: config key '{key}': {msg}") from None
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """Turn ['optim.lr=0.01', …] into a DictConfig; a malformed item is an error naming it."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.001)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {str(e).splitlines()[0]}") from None
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- key=value overrides, validated; raises ConfigError before any work."""
+    merged = OmegaConf.structured(Config)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml errors come in several types
+            raise ConfigError(f"config file {path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path}: expected a mapping of sections (data:, model:, …)")
+        merged = _merge(merged, loaded, str(path))
+    if overrides:
+        merged = _merge(merged, parse_overrides(overrides), "command line")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from None
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def was_set(key: str, config_file: str | Path | None, overrides: list[str] | None) -> bool:
+    """Whether the user set `key` (dotted) in the file or on the command line."""
+    sources = [parse_overrides(overrides or [])]
+    if config_file is not None:
+        sources.append(OmegaConf.load(config_file))
+    return any(OmegaConf.select(s, key, default="__unset__") != "__unset__" for s in sources)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (for W&B, summary.json and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. a checkpoint's), tolerating keys a newer
+    version added by ignoring sections and keys this version does not know."""
+    base = OmegaConf.structured(Config)
+    known = {
+        section: {k: v for k, v in values.items() if k in base[section]}
+        for section, values in data.items()
+        if section in base and isinstance(values, dict)
+    }
+    return validate(OmegaConf.to_object(OmegaConf.merge(base, known)))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    from lesionseg.files import atomic_write_text
+
+    return atomic_write_text(path, to_yaml(cfg))

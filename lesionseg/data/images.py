@@ -1,0 +1,198 @@
+"""The one image loader and the one mask reader/writer, used by packing, training, inference
+and tests.
+
+Every decode goes through here so that all jobs agree on EXIF orientation, colour modes,
+16-bit scaling, truncated files and decompression bombs. Errors are `ImageError`s whose
+message names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from lesionseg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# ISIC 2016 images reach 4288x2848 (12.2 MP); anything past 16x that is refused as a bomb.
+MAX_IMAGE_PIXELS = 200_000_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# EXIF orientations that swap width and height.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a grey half-image
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # Pillow's own bomb guard, at our limit
+
+Source = str | Path | bytes | BinaryIO
+
+
+class ImageError(UserError, ValueError):
+    """An input that cannot be used as an image or a mask."""
+
+
+def _name(src: Source, name: str | None) -> str:
+    if name:
+        return name
+    return str(src) if isinstance(src, str | Path) else "<bytes>"
+
+
+def _open(src: Source, name: str) -> Image.Image:
+    """Open lazily (header only) with clear errors for empty, non-image and bomb files."""
+    try:
+        if isinstance(src, bytes):
+            if not src:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+            fp: str | Path | BinaryIO = io.BytesIO(src)
+        else:
+            fp = src
+            if isinstance(src, str | Path) and Path(src).stat().st_size == 0:
+                raise ImageError(f"{name}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (unrecognised format)") from None
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot be read ({e})") from None
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}; "
+                         "refused as a possible decompression bomb")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: has no pixels ({w}x{h})")
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not make the pixels unusable
+        return 1
+
+
+def display_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) as the image is displayed, i.e. after its EXIF orientation."""
+    w, h = img.size
+    if _orientation(img) in _TRANSPOSING_ORIENTATIONS:
+        w, h = h, w
+    return h, w
+
+
+def _load_pixels(img: Image.Image, name: str) -> Image.Image:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError(f"{name}: corrupt or truncated image data ({e})") from None
+    return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale scaled to 8 bits (Pillow's convert would clip at 255)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.int64)
+        return Image.fromarray((np.clip(arr, 0, 65535) // 257).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8), mode="L")
+    return img
+
+
+def load_image(src: Source, name: str | None = None,
+               min_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image to RGB in its display orientation.
+
+    With `min_size`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter
+    side still holds `min_size` pixels (PIL draft): far fewer pixels to decode when the
+    consumer resizes down anyway. Returns the RGB image and the full display (height, width).
+    """
+    name = _name(src, name)
+    img = _open(src, name)
+    size = display_size(img)
+    if min_size and img.format == "JPEG":
+        w, h = img.size
+        scale = max(1, min(w, h) // min_size)
+        if scale >= 2:
+            img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+    img = _load_pixels(img, name)
+    img = ImageOps.exif_transpose(img)
+    img = _to_8bit(img)
+    if img.mode == "RGBA" or img.mode == "LA" or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img, size
+
+
+def load_mask(src: Source, name: str | None = None,
+              expected_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a lesion mask to mode L with values exactly 0/255, in display orientation.
+
+    0/1 masks are scaled to 0/255 with a warning; any other value, or a size other than
+    `expected_size` (height, width), is an ImageError naming the file.
+    """
+    name = _name(src, name)
+    img = _load_pixels(_open(src, name), name)
+    img = ImageOps.exif_transpose(img)
+    img = _to_8bit(img)
+    if img.mode != "L":
+        img = img.convert("L")
+    if expected_size is not None and (img.height, img.width) != tuple(expected_size):
+        raise ImageError(f"{name}: mask is {img.width}x{img.height} but its image is "
+                         f"{expected_size[1]}x{expected_size[0]} (width x height)")
+    arr = np.asarray(img)
+    values = np.unique(arr)
+    if np.isin(values, (0, 255)).all():
+        return img
+    if np.isin(values, (0, 1)).all():
+        log.warning("%s: mask has values 0/1; scaled to 0/255", name)
+        return Image.fromarray((arr * 255).astype(np.uint8), mode="L")
+    shown = ", ".join(str(v) for v in values[:6]) + (", …" if len(values) > 6 else "")
+    raise ImageError(f"{name}: mask is not binary ({len(values)} distinct values: {shown}); "
+                     "expected 0/255 (or 0/1)")
+
+
+def encode_png(img: Image.Image, compress_level: int = 6) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+def mask_from_array(mask: np.ndarray) -> Image.Image:
+    """A boolean / 0-1 / 0-255 HxW array as an ISIC mask image (mode L, 0/255)."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {arr.shape}")
+    binary = arr > 0 if arr.dtype == bool or arr.max(initial=0) <= 1 else arr > 128
+    return Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
+
+
+def write_mask(path: str | Path, mask: Image.Image | np.ndarray, compress_level: int = 1) -> Path:
+    """Write an ISIC-submission mask (mode L, 0/255 PNG) atomically."""
+    from lesionseg.files import atomic_write_bytes
+
+    img = mask if isinstance(mask, Image.Image) else mask_from_array(mask)
+    if img.mode != "L":
+        raise ValueError(f"mask image must be mode L, got {img.mode}")
+    return atomic_write_bytes(path, encode_png(img, compress_level=compress_level))
