@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,7 +24,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class DataConfig:
-    shards: Optional[str] = None  # packed shard folder holding manifest.json; null = build and use the demo set
+    shards: str | None = None  # packed shard folder holding manifest.json; null = build and use the demo set
     image_size: int = 384  # side of the square crops the model trains and validates at
     batch_size: int = 8  # images per process per step
     num_workers: int = 2  # DataLoader worker processes per rank (decode + augment)
@@ -47,14 +47,14 @@ class PackConfig:
     max_side: int = 1024  # store images with this longest side (downscaled only); 0 keeps original bytes
     jpeg_quality: int = 95  # quality of re-encoded JPEGs
     shard_max_samples: int = 500  # at most this many samples per shard
-    shard_max_bytes: int = 1_000_000_000  # at most this many bytes per shard (approximate, before tar headers)
-    workers: int = 2  # worker processes that decode and re-encode
+    shard_max_bytes: int = 1_000_000_000  # at most about this many bytes per shard (tar headers counted)
+    workers: int = 2  # worker processes that decode and re-encode (output is the same for any count)
     on_error: str = "raise"  # bad case: raise (stop, name the files) or skip (report and go on)
 
 
 @dataclass
 class ModelConfig:
-    encoder_weights: Optional[str] = "imagenet"  # null (random), imagenet (torchvision cache) or a state-dict file
+    encoder_weights: str | None = "imagenet"  # null (random), imagenet (torchvision cache) or a state-dict file
     freeze_encoder: bool = False  # no gradients to the encoder; its BatchNorm statistics stay fixed
     unfreeze_after_epochs: int = 0  # with freeze_encoder: train the encoder too from this epoch on (0 = never)
     decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32, 24])  # widths, deep to shallow
@@ -69,7 +69,7 @@ class LossConfig:
     iou_weight: float = 1.0  # weight of (1 - soft IoU)
     smooth: float = 1.0  # smoothing term added to soft Dice/IoU numerator and denominator
     per_image: bool = True  # soft Dice/IoU per image then averaged (false: over the whole batch)
-    pos_weight: Optional[float] = None  # BCE weight of lesion pixels (null = 1)
+    pos_weight: float | None = None  # BCE weight of lesion pixels (null = 1)
 
 
 @dataclass
@@ -106,10 +106,10 @@ class TrainConfig:
 class TrackingConfig:
     backend: str = "wandb"  # wandb or none
     project: str = "lesionseg"  # W&B project
-    run_name: Optional[str] = None  # W&B run name (default: the output_dir's name)
-    group: Optional[str] = None  # W&B group
+    run_name: str | None = None  # W&B run name (default: the output_dir's name)
+    group: str | None = None  # W&B group
     mode: str = "offline"  # offline, online or disabled; the WANDB_MODE environment variable wins
-    dir: Optional[str] = None  # where W&B writes its files (default: output_dir)
+    dir: str | None = None  # where W&B writes its files (default: output_dir)
     log_images: int = 4  # validation images logged with prediction/truth overlays
 
 
@@ -123,7 +123,11 @@ class InferConfig:
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
     save_overlays: bool = False  # write overlay JPEGs to overlays/
-    report: bool = True  # write report.html after merging
+    report: bool = True  # write report.html (and the thumbnails it shows) after merging
+    post_threads: int = 0  # threads that upsample, threshold, encode PNGs and score (0 = min(4, CPUs))
+    overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
+    report_images: int = 60  # overlay thumbnails shown in report.html, worst Dice first
+    shard_splits: list[str] = field(default_factory=list)  # shard-folder inputs: splits to read ([] = all)
 
 
 @dataclass
@@ -209,6 +213,9 @@ def validate(cfg: Config) -> Config:
     _check(i.num_workers >= 0, "infer.num_workers", i.num_workers, "must be >= 0")
     _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
     _check(0 < i.threshold < 1, "infer.threshold", i.threshold, "must be in (0, 1)")
+    _check(i.post_threads >= 0, "infer.post_threads", i.post_threads, "must be >= 0")
+    _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")
+    _check(i.report_images >= 0, "infer.report_images", i.report_images, "must be >= 0")
     return cfg
 
 

@@ -1,0 +1,303 @@
+"""Find ISIC 2016 Part 1 image/mask pairs in folders or in the official zips, and read them.
+
+Accepted sources: an ISIC root holding the official folders (or zips), the official zips
+themselves (read in place, never extracted), or a plain image folder plus a mask folder.
+Images pair with masks by id: `ISIC_0000000.jpg` <-> `ISIC_0000000_Segmentation.png`
+(`_segmentation.png`, `.jpeg` and `.png` images too). The split hint comes from the official
+names (`…_Test_…` = test); anything else is training data unless the source is written
+`test=PATH`.
+
+Structural problems (image without mask, mask without image, duplicate ids, unsafe zip member
+names, empty input) are found here; content problems (size mismatch, non-binary mask,
+unreadable file) when a case is read. Each names the files involved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image
+
+from lesionseg.data.images import IMAGE_EXTENSIONS, ImageError, load_image, load_mask
+from lesionseg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+MASK_RE = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
+TEST_RE = re.compile(r"ISBI2016_ISIC_Part1_Test_", re.IGNORECASE)
+MAX_MEMBER_BYTES = 1 << 30  # a zip member bigger than this (uncompressed) is refused
+IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+
+
+class DataError(UserError, ValueError):
+    """A problem with the input data set; the message names the files."""
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A file on disk, or a member of a zip file read in place (picklable for worker processes)."""
+
+    path: str
+    member: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else self.path
+
+    @property
+    def name(self) -> str:
+        """The file's base name (of the member for zips)."""
+        return PurePosixPath(self.member).name if self.member else Path(self.path).name
+
+    def read_bytes(self) -> bytes:
+        """The file's bytes; errors name the file."""
+        try:
+            if self.member is None:
+                return Path(self.path).read_bytes()
+            return _zip(self.path).read(self.member)
+        except (OSError, zipfile.BadZipFile, KeyError, EOFError, RuntimeError) as e:
+            raise DataError(f"{self}: cannot be read ({e})") from None
+
+    def size(self) -> int:
+        """Size in bytes (uncompressed, for zip members)."""
+        if self.member is None:
+            return Path(self.path).stat().st_size
+        return _zip(self.path).getinfo(self.member).file_size
+
+
+def _zip(path: str) -> zipfile.ZipFile:
+    """One open ZipFile per zip and process: reading a member then costs no directory scan.
+    Keyed by process id (a forked worker must not share its parent's file offset) and by
+    modification time and size (a rewritten zip is reopened)."""
+    st = Path(path).stat()
+    return _open_zip(path, os.getpid(), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _open_zip(path: str, pid: int, mtime_ns: int, size: int) -> zipfile.ZipFile:
+    return zipfile.ZipFile(path)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One ISIC case: its id, image, mask (None only when masks are optional) and split hint."""
+
+    id: str
+    image: FileRef
+    mask: FileRef | None
+    split: str  # "train" or "test"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A case (or file) that cannot be used, and why."""
+
+    id: str | None
+    files: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{', '.join(self.files)}: {self.reason}"
+
+
+def _classify(name: str) -> tuple[str, str] | None:
+    """('mask'|'image', id) for a file name, or None for files that are neither."""
+    if name.startswith(".") or name in IGNORED_NAMES:
+        return None
+    m = MASK_RE.match(name)
+    if m:
+        return "mask", m.group("id")
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image", name[: -len(suffix)]
+    return None
+
+
+def _unsafe_member(name: str) -> bool:
+    """Absolute paths, drive letters, backslashes or '..' parts: never trust such a name."""
+    return (name.startswith(("/", "\\")) or "\\" in name or re.match(r"^[A-Za-z]:", name) is not None
+            or ".." in PurePosixPath(name).parts)
+
+
+def _parse_source(source: str | Path) -> tuple[Path, str | None]:
+    """`PATH` or `SPLIT=PATH` (train/test) -> (path, forced split or None)."""
+    text = str(source)
+    for split in SPLITS:
+        prefix = f"{split}="
+        if text.startswith(prefix) and not Path(text).exists():
+            return Path(text[len(prefix):]), split
+    return Path(text), None
+
+
+def _split_of(parts: str, forced: str | None) -> str:
+    if forced:
+        return forced
+    return "test" if TEST_RE.search(parts) else "train"
+
+
+class _Collector:
+    """Collects image and mask refs by id, and the problems met on the way."""
+
+    def __init__(self) -> None:
+        self.images: dict[str, list[tuple[FileRef, str]]] = defaultdict(list)
+        self.masks: dict[str, list[FileRef]] = defaultdict(list)
+        self.problems: list[Problem] = []
+        self.files_seen = 0
+
+    def add(self, ref: FileRef, location: str, forced: str | None) -> None:
+        kind_id = _classify(ref.name)
+        if kind_id is None:
+            return
+        self.files_seen += 1
+        kind, cid = kind_id
+        if "." in cid:
+            self.problems.append(Problem(cid, (str(ref),), "the id part of the name holds a '.'; "
+                                        "shard keys cannot (rename the file)"))
+            return
+        if kind == "mask":
+            self.masks[cid].append(ref)
+        else:
+            self.images[cid].append((ref, _split_of(location, forced)))
+
+    def add_zip(self, path: Path, forced: str | None) -> None:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+        except (OSError, zipfile.BadZipFile) as e:
+            self.problems.append(Problem(None, (str(path),), f"not a readable zip file ({e})"))
+            return
+        for info in infos:
+            if info.is_dir():
+                continue
+            parts = PurePosixPath(info.filename).parts
+            if any(p in IGNORED_NAMES for p in parts):
+                continue
+            if _unsafe_member(info.filename):
+                self.problems.append(Problem(None, (f"{path}:{info.filename}",),
+                                             "unsafe member name in zip (absolute or '..' path)"))
+                continue
+            if info.file_size > MAX_MEMBER_BYTES:
+                self.problems.append(Problem(None, (f"{path}:{info.filename}",),
+                                             f"member of {info.file_size} bytes is too big"))
+                continue
+            self.add(FileRef(str(path), info.filename), f"{path.name}/{info.filename}", forced)
+
+    def add_dir(self, folder: Path, forced: str | None) -> None:
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder).parts
+            if any(p in IGNORED_NAMES or p.startswith(".") for p in rel):
+                continue
+            if path.is_file() and path.suffix.lower() == ".zip":
+                self.add_zip(path, forced)
+            elif path.is_file():
+                self.add(FileRef(str(path)), str(path), forced)
+
+
+def _pair(col: _Collector, require_masks: bool) -> tuple[list[Case], list[Problem]]:
+    """Match images with masks by id; every unmatched or duplicated file becomes a Problem."""
+    cases, problems = [], list(col.problems)
+    for cid in sorted(set(col.images) | set(col.masks)):
+        images, masks = col.images.get(cid, []), col.masks.get(cid, [])
+        if len(images) > 1:
+            problems.append(Problem(cid, tuple(str(r) for r, _ in images),
+                                    f"duplicate id {cid}: {len(images)} images"))
+        elif len(masks) > 1:
+            problems.append(Problem(cid, tuple(str(r) for r in masks),
+                                    f"duplicate id {cid}: {len(masks)} masks"))
+        elif not images:
+            problems.append(Problem(cid, (str(masks[0]),), "mask without image"))
+        elif not masks and require_masks:
+            problems.append(Problem(cid, (str(images[0][0]),),
+                                    f"image without mask (expected {cid}_Segmentation.png)"))
+        else:
+            ref, split = images[0]
+            cases.append(Case(cid, ref, masks[0] if masks else None, split))
+    return cases, problems
+
+
+def report_problems(problems: list[Problem], what: str = "skipped") -> None:
+    """Print every skipped case with its reason to stderr: skipping is never silent."""
+    if not problems:
+        return
+    print(f"{what} {len(problems)} bad case(s):", file=sys.stderr)
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+
+
+def raise_problems(problems: list[Problem]) -> None:
+    """Raise one DataError naming the first problem and how many more there are."""
+    if not problems:
+        return
+    more = f" (+{len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    raise DataError(f"{problems[0]}{more}; fix the input or use --on-error skip to skip bad cases")
+
+
+def find_cases(sources: list[str | Path], on_error: str = "raise", *, require_masks: bool = True,
+               problems: list[Problem] | None = None) -> list[Case]:
+    """All cases in `sources` (folders, official zips, files; `test=PATH` forces the split),
+    sorted by id.
+
+    on_error="raise": the first problem stops with a DataError naming the files.
+    on_error="skip": bad cases are left out and printed as a report (and appended to
+    `problems` when given). An input with no case at all is always an error."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if not sources:
+        raise DataError("no source given: pass an ISIC root, the official zips or image/mask folders")
+    col = _Collector()
+    for source in sources:
+        path, forced = _parse_source(source)
+        if path.is_dir():
+            col.add_dir(path, forced)
+        elif path.is_file() and path.suffix.lower() == ".zip":
+            col.add_zip(path, forced)
+        elif path.is_file():
+            col.add(FileRef(str(path)), str(path), forced)
+        else:
+            raise DataError(f"{path}: source does not exist")
+    cases, found = _pair(col, require_masks)
+    if on_error == "raise":
+        raise_problems(found)
+    else:
+        report_problems(found)
+    if problems is not None:
+        problems.extend(found)
+    if not cases:
+        names = ", ".join(str(s) for s in sources)
+        raise DataError(f"{names}: no usable image/mask pairs found ({col.files_seen} image files "
+                        "seen; expected ISIC_0000000.jpg with ISIC_0000000_Segmentation.png)")
+    return cases
+
+
+def decode_case(case: Case, image_bytes: bytes, mask_bytes: bytes | None,
+                min_size: int | None = None) -> tuple[Image.Image, Image.Image | None, dict[str, Any]]:
+    """Decode a case's bytes through the one image loader: (RGB image, L 0/255 mask, meta).
+
+    The mask must have the image's display size and be binary; errors name the files.
+    With `min_size` the image may come back reduced (JPEG draft); the mask never does."""
+    image, size = load_image(image_bytes, str(case.image), min_size=min_size)
+    mask = None
+    if mask_bytes is not None and case.mask is not None:
+        try:
+            mask = load_mask(mask_bytes, str(case.mask), expected_size=size)
+        except ImageError as e:
+            raise ImageError(f"{e} (case {case.id}, image {case.image})") from None
+    meta = {"id": case.id, "orig_size": [size[0], size[1]], "split": case.split,
+            "source": str(case.image)}
+    return image, mask, meta
+
+
+def read_case(case: Case, min_size: int | None = None
+              ) -> tuple[Image.Image, Image.Image | None, dict[str, Any]]:
+    """Read and decode one case: (RGB PIL image, L 0/255 mask or None, meta dict)."""
+    mask_bytes = case.mask.read_bytes() if case.mask is not None else None
+    return decode_case(case, case.image.read_bytes(), mask_bytes, min_size=min_size)

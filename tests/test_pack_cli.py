@@ -1,0 +1,60 @@
+"""The pack job as a user runs it (`python jobs/pack.py`), and the verify command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lesionseg.cli import main
+from lesionseg.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pack_job_subprocess(isic_zips: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards" / "isic"
+    zips = sorted(isic_zips.glob("*.zip"))
+    cmd = [sys.executable, "jobs/pack.py", *[a for z in zips for a in ("--source", str(z))],
+           "--out", str(out), "--max-side", "96", "--workers", "2", "--val-fraction", "0.2",
+           "--no-progress", "pack.shard_max_samples=3", "pack.jpeg_quality=90"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "packed 20 cases (train" in proc.stdout and "test 4)" in proc.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["max_side"] == 96 and manifest["options"]["jpeg_quality"] == 90
+    assert manifest["options"]["val_fraction"] == 0.2
+    assert all(s["samples"] <= 3 for s in manifest["shards"])
+    assert load_config(out / "config.yaml").pack.shard_max_samples == 3
+
+
+def test_verify_command(packed_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(packed_shards), "--decode"]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for p in packed_shards.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    shard = folder / "test-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "test-000000.tar: sha256 differs" in out
+
+
+def test_pack_errors_are_one_line(isic_root: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
+    rc = main(["pack", "--source", str(isic_root), "--out", str(tmp_path / "o"), "--max-side", "8"])
+    assert rc == 2 and "config key 'pack.max_side'" in capsys.readouterr().err
+    rc = main(["pack", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing: source does not exist" in err and len(err.strip().splitlines()) == 1
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err

@@ -1,0 +1,247 @@
+"""Packing and reading shards: every id once, masks binary and aligned, determinism across
+worker counts, manifest written last, verify catching damage, bad cases named or skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionseg.config import PackConfig
+from lesionseg.data.images import encode_png
+from lesionseg.data.isic import DataError, find_cases, read_case
+from lesionseg.data.shards import (
+    MANIFEST,
+    SPLITS,
+    decode_sample,
+    is_val,
+    iter_raw,
+    iter_samples,
+    pack,
+    read_manifest,
+    split_urls,
+    stored_size,
+    verify,
+)
+from lesionseg.data.synthetic import OFFICIAL_NAMES
+from lesionseg.errors import UserError
+from lesionseg.files import sha256_file
+
+TRAIN_IMG = OFFICIAL_NAMES[("train", "image")]
+TRAIN_GT = OFFICIAL_NAMES[("train", "mask")]
+QUIET = {"progress": False}
+
+
+def _all_samples(folder: Path) -> dict[str, list]:
+    return {s: list(iter_samples(folder, s)) for s in SPLITS}
+
+
+def test_pack_then_read_every_id_once(packed_shards: Path, isic_root: Path) -> None:
+    samples = _all_samples(packed_shards)
+    ids = [x.id for s in SPLITS for x in samples[s]]
+    assert sorted(ids) == [f"ISIC_{i:07d}" for i in range(20)]  # each exactly once
+    assert [x.id for x in samples["test"]] == [f"ISIC_{i:07d}" for i in range(16, 20)]
+    for split in ("train", "val"):
+        assert all(is_val(x.id, 0, 0.25) == (split == "val") for x in samples[split])
+    cases = {c.id: c for c in find_cases([isic_root])}
+    for split in SPLITS:
+        for x in samples[split]:
+            assert x.meta["split"] == split and x.meta["id"] == x.id
+            assert x.image.mode == "RGB" and x.mask.mode == "L" and x.image.size == x.mask.size
+            assert max(x.image.size) <= 128
+            mask = np.asarray(x.mask)
+            assert set(np.unique(mask).tolist()) <= {0, 255}
+            src = Image.open(cases[x.id].image.path)
+            assert x.meta["orig_size"] == [src.height, src.width]
+            assert (x.image.height, x.image.width) == stored_size(src.height, src.width, 128)
+            # aligned: the stored mask is the source mask resized like the image, and the
+            # stored image is the source image resized (not flipped or transposed)
+            src_mask = Image.open(cases[x.id].mask.path).resize(x.mask.size, Image.NEAREST)
+            assert np.array_equal(mask, np.asarray(src_mask))
+            small = np.asarray(src.convert("RGB").resize(x.image.size, Image.BILINEAR), np.float32)
+            assert np.abs(np.asarray(x.image, np.float32) - small).mean() < 8
+
+
+def test_manifest(packed_shards: Path) -> None:
+    m = read_manifest(packed_shards)
+    assert m["total_samples"] == 20 and m["splits"]["test"]["count"] == 4
+    assert m["options"]["max_side"] == 128 and "workers" not in m["options"]
+    assert sum(m["splits"][s]["count"] for s in SPLITS) == 20
+    for entry in m["shards"]:
+        path = packed_shards / entry["name"]
+        assert entry["samples"] <= 4 and entry["sha256"] == sha256_file(path)
+        assert entry["bytes"] == path.stat().st_size
+        with tarfile.open(path) as tar:
+            assert all(t.mtime == 0 and t.uid == 0 and t.uname == "lesionseg" for t in tar)
+    assert split_urls(packed_shards, "train") == [
+        str(packed_shards.resolve() / n) for n in m["splits"]["train"]["shards"]]
+    assert verify(packed_shards, decode=True) == []
+
+
+def test_same_shards_whatever_the_worker_count(isic_root: Path, tmp_path: Path) -> None:
+    hashes = []
+    for workers in (1, 2):
+        cfg = PackConfig(workers=workers, max_side=96, shard_max_samples=6)
+        m = pack([isic_root], tmp_path / f"w{workers}", cfg, **QUIET)
+        hashes.append([(s["name"], s["sha256"]) for s in m["shards"]])
+    assert hashes[0] == hashes[1]
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
+
+
+def test_verify_catches_a_flipped_byte(packed_shards: Path, tmp_path: Path) -> None:
+    folder = _copy(packed_shards, tmp_path)
+    shard = folder / read_manifest(folder)["shards"][1]["name"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01  # inside the first member's data
+    shard.write_bytes(bytes(data))
+    problems = verify(folder)
+    assert len(problems) == 1 and shard.name in problems[0] and "sha256" in problems[0]
+
+
+def test_verify_missing_and_unlisted(packed_shards: Path, tmp_path: Path) -> None:
+    folder = _copy(packed_shards, tmp_path)
+    first = read_manifest(folder)["shards"][0]["name"]
+    (folder / first).rename(folder / "train-000099.tar")
+    problems = verify(folder)
+    assert any(first in p and "missing" in p for p in problems)
+    assert any("train-000099.tar" in p and "not listed" in p for p in problems)
+
+
+def test_max_side_zero_keeps_original_jpeg(isic_root: Path, tmp_path: Path) -> None:
+    pack([isic_root], tmp_path / "orig", PackConfig(max_side=0, workers=1), **QUIET)
+    cases = {c.id: c for c in find_cases([isic_root])}
+    raws = list(iter_raw(split_urls(tmp_path / "orig", "test")))
+    assert raws and all(r["jpg"] == cases[r["__key__"]].image.read_bytes() for r in raws)
+
+
+def test_exif_rotated_source_is_reencoded_upright(make_isic, tmp_path: Path) -> None:
+    root = make_isic(1)
+    path = root / TRAIN_IMG / "ISIC_0000000.jpg"
+    upright = Image.open(path)
+    w, h = upright.size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = stored turned 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif.tobytes())
+    pack([root], tmp_path / "s", PackConfig(max_side=0, val_fraction=0, workers=1), **QUIET)
+    raw = next(iter_raw(split_urls(tmp_path / "s", "train")))
+    assert raw["jpg"] != path.read_bytes()
+    sample = decode_sample(raw)
+    assert sample.image.size == (w, h) == sample.mask.size and sample.meta["orig_size"] == [h, w]
+    assert Image.open(io.BytesIO(raw["jpg"])).getexif().get(0x0112, 1) == 1
+
+
+def test_shards_bounded_by_bytes(isic_root: Path, tmp_path: Path) -> None:
+    limit = 40_000
+    m = pack([isic_root], tmp_path / "b", PackConfig(shard_max_bytes=limit, workers=1), **QUIET)
+    assert len(m["shards"]) > 3
+    for entry in m["shards"]:
+        assert entry["bytes"] <= limit + 10240 or entry["samples"] == 1
+
+
+def test_rerun_replaces_stale_shards(isic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    pack([isic_root], out, PackConfig(shard_max_samples=2, workers=1, max_side=64), **QUIET)
+    many = sorted(p.name for p in out.glob("*.tar"))
+    m = pack([isic_root], out, PackConfig(shard_max_samples=50, workers=1, max_side=64), **QUIET)
+    assert len(many) > 3 and sorted(p.name for p in out.glob("*.tar")) == sorted(
+        s["name"] for s in m["shards"])
+    assert verify(out) == []
+
+
+def _break(root: Path) -> None:
+    """Case 1 gets a grey (non-binary) mask, case 2 a truncated image."""
+    size = Image.open(root / TRAIN_IMG / "ISIC_0000001.jpg").size
+    (root / TRAIN_GT / "ISIC_0000001_Segmentation.png").write_bytes(
+        encode_png(Image.new("L", size, 100)))
+    img = root / TRAIN_IMG / "ISIC_0000002.jpg"
+    img.write_bytes(img.read_bytes()[:-400])
+
+
+def test_bad_case_stops_and_leaves_no_manifest(make_isic, tmp_path: Path) -> None:
+    root = make_isic(4)
+    out = tmp_path / "s"
+    pack([root], out, PackConfig(workers=1), **QUIET)
+    assert (out / MANIFEST).is_file()
+    _break(root)
+    with pytest.raises(UserError, match=r"ISIC_0000001_Segmentation\.png: mask is not binary"):
+        pack([root], out, PackConfig(workers=2), **QUIET)
+    assert not (out / MANIFEST).exists() and not list(out.glob(".*partial"))
+    with pytest.raises(UserError, match="no manifest.json"):
+        read_manifest(out)
+
+
+def test_bad_cases_skipped_with_report(make_isic, tmp_path: Path, capsys) -> None:
+    root = make_isic(4)
+    _break(root)
+    (root / TRAIN_GT / "ISIC_0000003_Segmentation.png").unlink()
+    m = pack([root], tmp_path / "s", PackConfig(on_error="skip", workers=2), **QUIET)
+    assert m["total_samples"] == 1
+    reasons = {s["id"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"ISIC_0000001", "ISIC_0000002", "ISIC_0000003"}
+    assert "not binary" in reasons["ISIC_0000001"] and "truncated" in reasons["ISIC_0000002"]
+    assert "image without mask" in reasons["ISIC_0000003"]
+    err = capsys.readouterr().err
+    assert err.count("bad case(s):") == 2 and "ISIC_0000002.jpg" in err  # discovery + content
+    assert [x.id for x in iter_samples(tmp_path / "s", "train")] + [
+        x.id for x in iter_samples(tmp_path / "s", "val")] == ["ISIC_0000000"]
+
+
+def test_all_cases_bad_is_an_error(make_isic, tmp_path: Path) -> None:
+    root = make_isic(3)
+    _break(root)
+    (root / TRAIN_GT / "ISIC_0000000_Segmentation.png").write_bytes(encode_png(Image.new("L", (5, 5))))
+    with pytest.raises(DataError, match="every case was bad"):
+        pack([root], tmp_path / "s", PackConfig(on_error="skip", workers=1), **QUIET)
+
+
+def test_read_manifest_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("{broken")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"shards": []}))
+    with pytest.raises(UserError, match="not a lesionseg shard manifest"):
+        read_manifest(tmp_path)
+
+
+def test_split_urls_unknown_split(packed_shards: Path) -> None:
+    with pytest.raises(UserError, match="unknown split 'valid'"):
+        split_urls(packed_shards, "valid")
+
+
+def test_decode_sample_min_size_keeps_alignment(packed_shards: Path) -> None:
+    raw = max(iter_raw(split_urls(packed_shards, "train")), key=lambda r: len(r["jpg"]))
+    full = decode_sample(raw)
+    small = decode_sample(raw, min_size=16)
+    assert small.image.size == small.mask.size and small.image.size[0] < full.image.size[0]
+    expect = np.asarray(full.mask.resize(small.image.size, Image.NEAREST))
+    assert np.array_equal(np.asarray(small.mask), expect)
+    with pytest.raises(DataError, match="sample has no .png entry"):
+        decode_sample({k: v for k, v in raw.items() if k != "png"})
+
+
+def test_val_split_is_stable() -> None:
+    ids = [f"ISIC_{i:07d}" for i in range(5000)]
+    chosen = [cid for cid in ids if is_val(cid, 0, 0.1)]
+    assert 400 < len(chosen) < 600
+    assert chosen == [cid for cid in ids if is_val(cid, 0, 0.1)]
+    assert set(chosen) <= {cid for cid in ids if is_val(cid, 0, 0.2)}  # growing the fraction adds
+    assert chosen != [cid for cid in ids if is_val(cid, 1, 0.1)]
+
+
+def test_pack_from_zips_in_parallel(isic_zips: Path, tmp_path: Path) -> None:
+    read_case(find_cases([isic_zips])[0])  # the parent now holds open zip handles
+    m = pack([isic_zips], tmp_path / "z", PackConfig(workers=2, max_side=64), **QUIET)
+    assert m["total_samples"] == 20 and verify(tmp_path / "z", decode=True) == []
+    sources = [x.meta["source"] for x in iter_samples(tmp_path / "z", "test")]
+    assert all(".zip:ISBI2016_ISIC_Part1_Test_Data/" in s for s in sources)
