@@ -1,0 +1,102 @@
+"""Per-image confusion counts and the ISIC 2016 Part 1 scores computed from them.
+
+The definitions are those of the official scorer (isic-challenge-scoring): masks are binarized
+at > 128, and per image: accuracy, Dice, Jaccard, sensitivity, specificity and thresholded
+Jaccard (Jaccard if ≥ 0.65, else 0); means are macro averages over images. Edge cases as there:
+Jaccard = Dice = 1 when truth and prediction are both empty, sensitivity = 1 when the truth has
+no lesion pixel, specificity = 1 when it has no background pixel.
+
+Distributed code gathers the integer counts (with image ids) and scores them once, so no
+process ever averages averages and no image is counted twice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRIC_NAMES = ("accuracy", "dice", "jaccard", "sensitivity", "specificity", "threshold_jaccard")
+
+# The official challenge threshold below which an image's Jaccard counts as 0.
+JACCARD_THRESHOLD = 0.65
+
+# Columns of the counts tensor.
+TP, FP, FN, TN = 0, 1, 2, 3
+
+
+def binarize(x: torch.Tensor) -> torch.Tensor:
+    """The ISIC rule: bool masks as they are, integer masks (0-255) > 128.
+
+    Floats are refused: probabilities need the model's threshold, which is the caller's choice.
+    """
+    if x.dtype == torch.bool:
+        return x
+    if x.is_floating_point() or x.is_complex():
+        raise TypeError(f"binarize expects bool or integer (0-255) masks, got {x.dtype}; "
+                        "threshold probabilities first (e.g. prob > 0.5)")
+    return x > 128
+
+
+def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    """(H, W), (N, H, W) or (N, 1, H, W) → (N, H, W)."""
+    if x.ndim == 2:
+        return x.unsqueeze(0)
+    if x.ndim == 3:
+        return x
+    if x.ndim == 4 and x.shape[1] == 1:
+        return x[:, 0]
+    raise ValueError(f"{name}: expected (H, W), (N, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
+
+
+def confusion_counts(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-image (tp, fp, fn, tn) as an int64 tensor of shape (N, 4), on the inputs' device."""
+    p, t = _as_batch(binarize(pred), "pred"), _as_batch(binarize(truth), "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
+    p, t = p.flatten(1), t.flatten(1)
+    if p.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.long, device=p.device)
+    # Per image, whole-tensor count_nonzero: on the CPU torch's per-dim integer reductions cost
+    # ~10 ns/pixel (0.7 s for a 4288x2848 mask), count_nonzero ~1 ns. fp, fn, tn follow from
+    # tp and the two totals.
+    n = p.shape[1]
+    rows = []
+    for pi, ti in zip(p, t, strict=True):
+        tp, pred_pos, true_pos = (torch.count_nonzero(pi & ti), torch.count_nonzero(pi),
+                                  torch.count_nonzero(ti))
+        rows.append(torch.stack([tp, pred_pos - tp, true_pos - tp, n - pred_pos - true_pos + tp]))
+    return torch.stack(rows).long()
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, when_empty: float) -> torch.Tensor:
+    """num / den, or `when_empty` where den is 0 (the scorer's "freebie" cases)."""
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.full_like(num, when_empty))
+
+
+def scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The six ISIC scores per image (float64 tensors of shape (N,)) from (N, 4) counts."""
+    if counts.ndim != 2 or counts.shape[1] != 4:
+        raise ValueError(f"counts must have shape (N, 4), got {tuple(counts.shape)}")
+    c = counts.to(torch.float64)
+    tp, fp, fn, tn = c.unbind(dim=1)
+    jaccard = _ratio(tp, tp + fp + fn, 1.0)
+    return {
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn, 1.0),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn, 1.0),
+        "jaccard": jaccard,
+        "sensitivity": _ratio(tp, tp + fn, 1.0),
+        "specificity": _ratio(tn, tn + fp, 1.0),
+        "threshold_jaccard": torch.where(jaccard >= JACCARD_THRESHOLD, jaccard,
+                                         torch.zeros_like(jaccard)),
+    }
+
+
+def summarize(counts: torch.Tensor) -> dict[str, float]:
+    """Macro means of the six scores over images, plus "images": N (NaN means when N = 0)."""
+    per_image = scores(counts)
+    n = int(counts.shape[0])
+    out: dict[str, float] = {
+        name: (float(per_image[name].mean()) if n else float("nan")) for name in METRIC_NAMES
+    }
+    out["images"] = n
+    return out
