@@ -125,6 +125,7 @@ class InferConfig:
     save_overlays: bool = False  # write overlay JPEGs to overlays/
     report: bool = True  # write report.html (and the thumbnails it shows) after merging
     post_threads: int = 0  # threads that upsample, threshold, encode PNGs and score (0 = min(4, CPUs))
+    num_threads: int = 0  # torch CPU threads per process (0 = torch's default); 1 on busy shared CPUs
     overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
     report_images: int = 60  # overlay thumbnails shown in report.html, worst Dice first
     shard_splits: list[str] = field(default_factory=list)  # shard-folder inputs: splits to read ([] = all)
@@ -214,6 +215,7 @@ def validate(cfg: Config) -> Config:
     _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
     _check(0 < i.threshold < 1, "infer.threshold", i.threshold, "must be in (0, 1)")
     _check(i.post_threads >= 0, "infer.post_threads", i.post_threads, "must be >= 0")
+    _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")
     _check(i.report_images >= 0, "infer.report_images", i.report_images, "must be >= 0")
     return cfg

@@ -1,0 +1,758 @@
+"""Batch inference: masks, per-image ISIC metrics, a summary and a report for whole folders,
+archives and shard folders, split across processes (`accelerate launch`) and jobs (Slurm).
+
+Pipeline per process: `sources.collect` → this (part, rank)'s items minus those already done →
+DataLoader workers read and decode (JPEG draft) and resize with the eval transform → batched
+forward (inference mode, channels_last, AMP on CUDA, optional flip TTA) → a thread pool
+upsamples each probability map to the original size once, thresholds, writes the mask PNG,
+scores it against the truth, and the main thread appends one row per image to its part file.
+
+Restartable: a mask is written (temporary name + rename) before its row, rows are appended
+one fsynced line at a time, and a rerun skips every id that already has a row. When a part's
+processes finish they leave done markers; whoever sees every part done merges the part files
+into metrics.csv, errors.csv, summary.json and report.html (`--merge DIR` does it by hand).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from lesionseg.config import Config, InferConfig, load_config, to_dict
+from lesionseg.data.images import encode_jpeg, encode_png, load_image, load_mask, write_mask
+from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
+from lesionseg.data.transforms import eval_transform
+from lesionseg.errors import UserError
+from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
+from lesionseg.metrics import METRIC_NAMES, confusion_counts, scores, summarize
+
+log = logging.getLogger(__name__)
+
+PARTS = "parts"  # under --out: per (part, rank) row files, done markers, run.json
+MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"
+ROW_FILE_RE = re.compile(r"^rows-p(\d+)-r(\d+)\.jsonl$")
+DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
+THUMB_SIDE = 256  # longest side of the report's thumbnails
+# metrics.csv columns: DESIGN.md's contract first, then counts and bookkeeping.
+METRIC_COLUMNS = ("id", "height", "width", "dice", "iou", "accuracy", "sensitivity",
+                  "specificity", "threshold_jaccard", "tp", "fp", "fn", "tn", "status", "reason",
+                  "input")
+ERROR_COLUMNS = ("input", "id", "reason")
+# Run settings that must match when a part resumes or joins an existing --out.
+SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
+                  "threshold", "tta", "shard_splits")
+
+
+class InferenceError(UserError):
+    """An output folder or setting that prevents the run (names the file or option)."""
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `jobs/infer.py` / `lesionseg infer`; unset flags take InferConfig defaults."""
+    d = InferConfig()
+    parser.description = """\
+Segment every image in folders, archives (.zip, .tar, .tar.gz) and packed shard folders.
+Writes under --out: masks/<id>_Segmentation.png (original size and orientation, 0/255, ready
+for the ISIC scorer), metrics.csv (per image with truth), errors.csv (every input that failed),
+summary.json and report.html. Rerun with the same --out to resume where a run stopped.
+Under `accelerate launch` the images are split across processes; --num-shards/--shard-index
+(or a Slurm array) split them across jobs, and the last part to finish merges."""
+    parser.epilog = """examples:
+  python jobs/infer.py --checkpoint runs/demo/best.pt --input ISIC2016/ --out out/
+  python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --tta
+  accelerate launch jobs/infer.py --checkpoint best.pt --input shards/isic2016 --out out/
+  python jobs/infer.py --merge out/   # combine the parts of an array job by hand"""
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="best.pt or last.pt from a training run (required unless --merge)")
+    parser.add_argument("--input", metavar="PATH", action="append", default=[],
+                        help="image folder (recursive), image file, .zip, .tar/.tar.gz/.tgz, "
+                             "packed shard folder, ISIC root or official zip; repeatable")
+    parser.add_argument("--masks", metavar="PATH", action="append", default=[],
+                        help="ground-truth folder or zip, matched by id "
+                             "(ISIC_0000000_Segmentation.png) or by file stem; repeatable")
+    parser.add_argument("--out", metavar="DIR", help="output folder (required unless --merge)")
+    parser.add_argument("--num-shards", type=int, metavar="N",
+                        help="split the images into N job parts (default: SLURM_ARRAY_TASK_COUNT "
+                             "or 1)")
+    parser.add_argument("--shard-index", type=int, metavar="I",
+                        help="which part this job runs, 0..N-1 (default: SLURM_ARRAY_TASK_ID "
+                             "minus SLURM_ARRAY_TASK_MIN, or 0)")
+    parser.add_argument("--merge", metavar="DIR",
+                        help="only merge the parts under DIR into metrics.csv, errors.csv, "
+                             "summary.json and report.html, then exit")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help=f"images per forward pass (default {d.batch_size})")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help=f"decode worker processes per process (default {d.num_workers})")
+    parser.add_argument("--image-size", type=int, metavar="S",
+                        help="side the model sees (default: the checkpoint's data.image_size)")
+    parser.add_argument("--threshold", type=float, metavar="P",
+                        help=f"probability above which a pixel is lesion (default {d.threshold})")
+    parser.add_argument("--tta", action="store_true", default=None,
+                        help="average with horizontally and vertically flipped predictions")
+    parser.add_argument("--save-probs", action="store_true", default=None,
+                        help="also write 8-bit probability PNGs to probs/")
+    parser.add_argument("--save-overlays", action="store_true", default=None,
+                        help="also write overlay JPEGs (prediction red, truth green) to overlays/")
+    parser.add_argument("--no-report", action="store_true", default=None,
+                        help="do not write report.html (nor its thumbnails)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="YAML config; its infer: section sets defaults for the flags above")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. infer.post_threads=4 infer.mixed_precision=no")
+
+
+FLAG_KEYS = {"batch_size": "batch_size", "workers": "num_workers", "image_size": "image_size",
+             "threshold": "threshold", "tta": "tta", "save_probs": "save_probs",
+             "save_overlays": "save_overlays"}
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults <- --config <- key=value <- explicit flags (the most specific wins)."""
+    overrides = list(args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"infer.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    if args.no_report:
+        overrides.append("infer.report=false")
+    return load_config(args.config, overrides)
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the job (or only the merge); failures of single images never fail the job."""
+    if args.merge:
+        report = None if args.no_report is None else not args.no_report
+        merge(args.merge, report=report)
+        return 0
+    missing = [f for f, v in (("--checkpoint", args.checkpoint), ("--input", args.input),
+                              ("--out", args.out)) if not v]
+    if missing:
+        raise InferenceError(f"missing {', '.join(missing)} (or use --merge DIR)")
+    cfg = config_from_args(args)
+    num_shards, shard_index = job_part(args.num_shards, args.shard_index)
+    run_inference(args.checkpoint, args.input, args.out, cfg, masks=args.masks,
+                  num_shards=num_shards, shard_index=shard_index)
+    return 0
+
+
+def job_part(num_shards: int | None, shard_index: int | None,
+             env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(N, I) from the flags, else from a Slurm array (`--array=0-9:2` gives index 0..4)."""
+    env = os.environ if env is None else env
+    if num_shards is None:
+        num_shards = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    if shard_index is None:
+        if "SLURM_ARRAY_TASK_ID" in env and num_shards > 1:
+            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
+            shard_index = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
+        else:
+            shard_index = 0
+    if num_shards < 1:
+        raise InferenceError(f"--num-shards must be at least 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise InferenceError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    return num_shards, shard_index
+
+
+# --------------------------------------------------------------------------- decoding (workers)
+
+
+class ItemDataset(Dataset):
+    """Reads and decodes items in DataLoader workers. A failing item never raises: it comes
+    back as {"error": reason} so that one bad file cannot stop the batch."""
+
+    def __init__(self, items: list[Item], image_size: int, preview_side: int) -> None:
+        self.items, self.image_size, self.preview_side = items, image_size, preview_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        try:
+            return {"index": index, **decode_item(item, self.image_size, self.preview_side)}
+        except UserError as e:
+            return {"index": index, "error": str(e)}
+        except Exception as e:  # any reader/decoder failure is this item's, not the batch's
+            log.debug("decoding %s failed", item.origin, exc_info=True)
+            return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
+
+
+def decode_item(item: Item, image_size: int, preview_side: int) -> dict[str, Any]:
+    """Image → eval-transformed float tensor; truth → packed bits at the original size."""
+    data = item.image.read()
+    img, display = load_image(data, item.origin, min_size=image_size)
+    size = item.orig_size or display
+    x, _ = eval_transform(img, None, image_size)
+    out: dict[str, Any] = {"image": x, "size": size, "truth_bits": None, "truth_error": None,
+                           "truth_note": "", "preview": None}
+    if preview_side:
+        preview = img.copy()
+        preview.thumbnail((preview_side, preview_side), Image.BILINEAR)
+        out["preview"] = np.asarray(preview)
+    if item.truth is not None:
+        try:
+            truth, note = read_truth(item, size, display)
+            out["truth_bits"], out["truth_note"] = np.packbits(np.asarray(truth) > 128), note
+        except UserError as e:
+            out["truth_error"] = str(e)
+        except Exception as e:  # unreadable truth: the prediction is still written
+            out["truth_error"] = f"{item.truth.origin}: {type(e).__name__}: {e}"
+    return out
+
+
+def read_truth(item: Item, size: tuple[int, int],
+               stored: tuple[int, int]) -> tuple[Image.Image, str]:
+    """The truth mask at `size` (h, w). A shard's mask stored downscaled with its image is
+    resized (nearest) to the original size; any other size mismatch is an error."""
+    assert item.truth is not None
+    data = item.truth.read()
+    if item.truth_scaled and stored != size:
+        mask = load_mask(data, item.truth.origin, expected_size=stored)
+        return (mask.resize((size[1], size[0]), Image.NEAREST),
+                f"truth resized from the shard's {stored[1]}x{stored[0]}")
+    return load_mask(data, item.truth.origin, expected_size=size), ""
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decoded images; keep per-item extras (and failures) as lists."""
+    good = [s for s in samples if "error" not in s]
+    images = torch.stack([s.pop("image") for s in good]) if good else None
+    return {"images": images, "good": good, "failed": [s for s in samples if "error" in s]}
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class Predictor:
+    """The model on its device; `__call__` maps a float batch to probabilities at S×S."""
+
+    model: torch.nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    tta: bool
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        if self.tta:
+            x = torch.cat([x, x.flip(-1), x.flip(-2)])
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+               else contextlib.nullcontext())
+        with amp:
+            probs = torch.sigmoid(self.model(x).float())[:, 0]
+        if self.tta:
+            probs = (probs[:n] + probs[n:2 * n].flip(-1) + probs[2 * n:].flip(-2)) / 3
+        return probs.float().cpu()
+
+
+def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
+    """`infer.mixed_precision` → autocast dtype (auto: fp16 on CUDA, none elsewhere)."""
+    if setting == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
+
+
+def load_predictor(checkpoint: str | Path, cfg: InferConfig,
+                   device: torch.device) -> tuple[Predictor, Config, dict[str, Any]]:
+    """Model from a checkpoint, on `device`, channels_last, in eval mode."""
+    from lesionseg.checkpoint import build_model_from_checkpoint
+
+    model, ckpt_cfg, meta = build_model_from_checkpoint(checkpoint)
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    return Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta), ckpt_cfg, meta
+
+
+# --------------------------------------------------------------------------- per image outputs
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What to write for each image, and where."""
+
+    out: Path
+    threshold: float
+    save_probs: bool
+    save_overlays: bool
+    thumbs: bool
+
+
+def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
+    """Upsample one probability map to the original size, threshold, write the mask (and
+    optional extras), score it against the truth; returns the image's row. Runs in a thread."""
+    h, w = sample["size"]
+    full = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    pred = full > spec.threshold
+    write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred.numpy())
+    if spec.save_probs:
+        probs8 = (full * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+        atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png",
+                           encode_png(Image.fromarray(probs8, mode="L"), compress_level=1))
+    del full
+    row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
+                           "status": "no_truth", "reason": ""}
+    truth = None
+    if sample["truth_error"]:
+        row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")
+    elif sample["truth_bits"] is not None:
+        bits = np.unpackbits(sample["truth_bits"], count=h * w).reshape(h, w)
+        truth = torch.from_numpy(bits).bool()
+        tp, fp, fn, tn = confusion_counts(pred, truth)[0].tolist()
+        row.update(status="ok", reason=sample["truth_note"], tp=tp, fp=fp, fn=fn, tn=tn)
+    if sample["preview"] is not None:
+        write_previews(item.id, sample["preview"], pred, truth, spec)
+    return row
+
+
+def write_previews(image_id: str, preview: np.ndarray, pred: torch.Tensor,
+                   truth: torch.Tensor | None, spec: OutputSpec) -> None:
+    """Overlay JPEG (prediction filled red, truth outlined green) and/or report thumbnail."""
+    overlay = render_overlay(preview, pred, truth)
+    if spec.save_overlays:
+        atomic_write_bytes(spec.out / OVERLAYS / f"{image_id}_overlay.jpg", encode_jpeg(overlay, 90))
+    if spec.thumbs:
+        overlay.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
+        atomic_write_bytes(spec.out / THUMBS / f"{image_id}.jpg", encode_jpeg(overlay, 80))
+
+
+def _mask_at(mask: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """A full-size bool mask as an L image at (width, height) = size (nearest)."""
+    img = Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L")
+    return img.resize(size, Image.NEAREST)
+
+
+def render_overlay(preview: np.ndarray, pred: torch.Tensor,
+                   truth: torch.Tensor | None) -> Image.Image:
+    """The image with the predicted lesion tinted red and the truth's outline in green."""
+    base = Image.fromarray(preview, mode="RGB")
+    pred_small = np.asarray(_mask_at(pred, base.size)) > 0
+    arr = np.asarray(base).astype(np.float32)
+    arr[pred_small] = arr[pred_small] * 0.55 + np.array([255, 0, 0], np.float32) * 0.45
+    if truth is not None:
+        t = _mask_at(truth, base.size)
+        edge = np.asarray(t) ^ np.asarray(t.filter(ImageFilter.MinFilter(3)))
+        arr[edge > 0] = (0, 255, 0)
+    return Image.fromarray(arr.round().astype(np.uint8), mode="RGB")
+
+
+# --------------------------------------------------------------------------- part files
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The complete rows of a part file (a torn last line, from a kill, is ignored)."""
+    rows = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: skipping a malformed row", path)
+    return rows
+
+
+class RowLog:
+    """One process's append-only row file: whole lines only, each flushed and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_torn_tail()
+        self.file = open(path, "ab")  # noqa: SIM115 (held open across appends; see close)
+
+    def _drop_torn_tail(self) -> None:
+        """Truncate a last line without its newline (the process died mid-write)."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a torn last row (%d bytes)", self.path, len(data) - keep)
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row, sort_keys=True).encode("utf-8") + b"\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def done_ids(parts_dir: Path) -> set[str]:
+    """Ids with a row in any part file: finished (or recorded as failed) by an earlier run."""
+    ids: set[str] = set()
+    for path in sorted(parts_dir.glob("rows-*.jsonl")):
+        ids.update(r["id"] for r in read_rows(path) if "id" in r)
+    return ids
+
+
+def check_signature(parts_dir: Path, signature: dict[str, Any]) -> None:
+    """Record this run's settings, or refuse to mix with a different run in the same --out."""
+    path = parts_dir / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        differ = [k for k in SIGNATURE_KEYS if previous.get("signature", {}).get(k) != signature[k]]
+        if differ:
+            raise InferenceError(
+                f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "
+                "use a new --out (or the same settings to resume)")
+
+
+def parts_done(parts_dir: Path, num_shards: int) -> tuple[bool, list[int]]:
+    """(all parts done, missing parts): a part is done when every rank of some world size
+    left its marker."""
+    markers: dict[tuple[int, int], set[int]] = {}
+    for path in parts_dir.glob("done-*.json"):
+        m = DONE_FILE_RE.match(path.name)
+        if m:
+            part, rank, world = (int(g) for g in m.groups())
+            markers.setdefault((part, world), set()).add(rank)
+    missing = [p for p in range(num_shards)
+               if not any(part == p and len(ranks) == world for (part, world), ranks in markers.items())]
+    return not missing, missing
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _distributed() -> Any:
+    """Accelerate's process state (1 process under plain python).
+
+    PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without `cpu=True` a CPU
+    launch of N processes would give N processes that each think they are alone (and do
+    all the work). So: CPU when asked, or when there is no CUDA."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
+                  cfg: Config | None = None, *, masks: list[str | Path] = (),
+                  num_shards: int = 1, shard_index: int = 0) -> dict[str, Any] | None:
+    """Process this job part's share of `inputs` in this process; returns the merged summary
+    when this process finished the last part (else None)."""
+    cfg = cfg or load_config(None, [])
+    threads = torch.get_num_threads()
+    if cfg.infer.num_threads:
+        torch.set_num_threads(cfg.infer.num_threads)
+    try:
+        return _run(checkpoint, inputs, Path(out), cfg, list(masks), num_shards, shard_index)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Config,
+         masks: list[str | Path], num_shards: int, shard_index: int) -> dict[str, Any] | None:
+    """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
+    and merge if it was the last one."""
+    icfg = cfg.infer
+    state = _distributed()
+    if not state.is_main_process:
+        logging.getLogger("lesionseg").setLevel(logging.WARNING)
+    parts_dir = out / PARTS
+    parts_dir.mkdir(parents=True, exist_ok=True)
+
+    predictor, ckpt_cfg, meta = load_predictor(checkpoint, icfg, state.device)
+    image_size = icfg.image_size or ckpt_cfg.data.image_size
+    run_cfg = _run_config(ckpt_cfg, icfg, image_size)
+    signature = {
+        "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
+        "masks": [str(Path(p).resolve()) for p in masks],
+        "checkpoint_sha256": sha256_file(checkpoint), "image_size": image_size,
+        "threshold": icfg.threshold, "tta": icfg.tta, "shard_splits": list(icfg.shard_splits),
+    }
+    check_signature(parts_dir, signature)
+    inventory = collect(inputs, masks, tuple(icfg.shard_splits))
+    _write_run_files(parts_dir, signature, checkpoint, meta, run_cfg, inventory, shard_index,
+                     state.process_index)
+
+    mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
+    finished = done_ids(parts_dir)
+    todo = read_order([it for it in mine if it.id not in finished])
+    log.info("part %d/%d, process %d/%d: %d images (%d of %d already done); %d inputs skipped "
+             "as not images, %d input errors", shard_index, num_shards, state.process_index,
+             state.num_processes, len(todo), len(mine) - len(todo), len(mine),
+             sum(inventory.skipped.values()), len(inventory.errors))
+
+    spec = OutputSpec(out, icfg.threshold, icfg.save_probs, icfg.save_overlays, icfg.report)
+    row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
+    try:
+        stats = process_items(todo, predictor, image_size, icfg, spec, row_log,
+                              show_progress=state.is_local_main_process)
+    finally:
+        row_log.close()
+    stats.update(part=shard_index, rank=state.process_index, world_size=state.num_processes,
+                 assigned=len(mine))
+    atomic_write_text(parts_dir / f"done-p{shard_index:04d}-r{state.process_index:03d}-of-"
+                      f"{state.num_processes:03d}.json", json.dumps(stats, indent=1))
+    complete, missing = parts_done(parts_dir, num_shards)
+    if not complete:
+        log.info("part %d, process %d finished; part(s) %s still running or not started (the "
+                 "last process to finish merges; or run --merge %s)", shard_index,
+                 state.process_index, ", ".join(map(str, missing)), out)
+        return None
+    return merge(out)
+
+
+def _run_config(ckpt_cfg: Config, icfg: InferConfig, image_size: int) -> Config:
+    """The checkpoint's config with this run's infer section (image_size resolved)."""
+    from dataclasses import replace
+
+    return replace(ckpt_cfg, infer=replace(icfg, image_size=image_size))
+
+
+def _write_run_files(parts_dir: Path, signature: dict, checkpoint: str | Path, meta: dict,
+                     run_cfg: Config, inventory: Inventory, part: int, rank: int) -> None:
+    """run.json (settings, checkpoint, config) and this part's inventory (input errors and
+    skip counts, the same for every part; the merge takes the union)."""
+    if rank == 0:
+        run = {"signature": signature, "checkpoint": {"path": str(Path(checkpoint).resolve()),
+                                                      "sha256": signature["checkpoint_sha256"],
+                                                      "meta": _plain(meta)},
+               "config": to_dict(run_cfg)}
+        atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
+        inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
+               "images": len(inventory.items) + len(inventory.errors),
+               "masks_found": inventory.masks_found, "masks_unused": inventory.masks_unused}
+        atomic_write_text(parts_dir / f"inventory-p{part:04d}.json", json.dumps(inv, indent=1))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy of checkpoint metadata (numbers, strings, lists, dicts)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_side: int,
+                pin_memory: bool) -> DataLoader:
+    """Workers decode and resize; batches keep failures alongside the good images."""
+    workers = min(icfg.num_workers, max(1, math.ceil(len(items) / icfg.batch_size)))
+    return DataLoader(ItemDataset(items, image_size, preview_side), batch_size=icfg.batch_size,
+                      shuffle=False, num_workers=workers, collate_fn=collate,
+                      pin_memory=pin_memory, persistent_workers=False,
+                      prefetch_factor=2 if workers else None)
+
+
+def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg: InferConfig,
+                  spec: OutputSpec, row_log: RowLog, show_progress: bool = True) -> dict[str, Any]:
+    """The loop: decode (workers) → forward (here) → finish (threads) → rows (here)."""
+    start = time.perf_counter()
+    counts = {"images": 0, "errors": 0, "forward_s": 0.0}
+    if not items:
+        return _loop_stats(counts, time.perf_counter() - start)
+    preview_side = icfg.overlay_max_side if spec.save_overlays else (THUMB_SIDE if spec.thumbs else 0)
+    loader = make_loader(items, image_size, icfg, preview_side,
+                         pin_memory=predictor.device.type == "cuda")
+    batches = iter(loader)  # fork the decode workers now, before any thread exists here
+    threads = icfg.post_threads or min(4, os.cpu_count() or 1)
+    max_pending = 2 * threads + icfg.batch_size  # bounds memory: full-size maps live only here
+    bar = tqdm(total=len(items), unit="img", disable=not show_progress, desc="infer")
+    pending: set[cf.Future] = set()
+
+    def record(row: dict[str, Any]) -> None:
+        row_log.append(row)
+        counts["errors"] += row["status"] == "error"
+        counts["images"] += 1
+        bar.update(1)
+
+    def drain(limit: int) -> None:
+        """Record every finished image; block until at most `limit` are still pending."""
+        while True:
+            for fut in [f for f in pending if f.done()]:
+                pending.discard(fut)
+                record(fut.result())
+            if len(pending) <= limit:
+                return
+            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish") as pool:
+        for batch in batches:
+            for failed in batch["failed"]:
+                item = items[failed["index"]]
+                record({"id": item.id, "input": item.origin, "status": "error",
+                        "reason": failed["error"]})
+            if batch["images"] is None:
+                continue
+            t0 = time.perf_counter()
+            probs = predictor(batch["images"])
+            counts["forward_s"] += time.perf_counter() - t0
+            for sample, prob in zip(batch["good"], probs, strict=True):
+                drain(max_pending - 1)
+                pending.add(pool.submit(_finish_safely, items[sample["index"]], sample, prob, spec))
+        drain(0)
+    bar.close()
+    return _loop_stats(counts, time.perf_counter() - start)
+
+
+def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
+    return {"images": counts["images"], "errors": counts["errors"], "seconds": round(seconds, 3),
+            "forward_seconds": round(counts["forward_s"], 3),
+            "images_per_s": round(counts["images"] / seconds, 3) if counts["images"] else None}
+
+
+def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
+    """`finish_item`, with a failure recorded as the image's error row instead of raised."""
+    try:
+        return finish_item(item, sample, prob, spec)
+    except UserError as e:
+        return {"id": item.id, "input": item.origin, "status": "error", "reason": str(e)}
+    except OSError as e:  # disk full, permissions: the row says so, the next image may work
+        return {"id": item.id, "input": item.origin, "status": "error",
+                "reason": f"writing outputs failed: {e}"}
+    except (MemoryError, ValueError) as e:  # e.g. a huge (but not bomb-sized) image
+        return {"id": item.id, "input": item.origin, "status": "error",
+                "reason": f"{item.origin}: {type(e).__name__}: {e}"}
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _collect_rows(parts_dir: Path) -> list[dict[str, Any]]:
+    """All part rows, one per id (an 'ok' row wins over others), sorted by id."""
+    best: dict[str, dict[str, Any]] = {}
+    rank = {"ok": 0, "failed": 1, "no_truth": 2, "error": 3}
+    for path in sorted(parts_dir.glob("rows-*.jsonl")):
+        for row in read_rows(path):
+            old = best.get(row["id"])
+            if old is None or rank.get(row["status"], 9) < rank.get(old["status"], 9):
+                best[row["id"]] = row
+    return [best[k] for k in sorted(best)]
+
+
+def _with_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Add the six ISIC scores (from lesionseg.metrics) to every 'ok' row; return the counts."""
+    scored = [r for r in rows if r["status"] == "ok"]
+    counts = torch.tensor([[r["tp"], r["fp"], r["fn"], r["tn"]] for r in scored],
+                          dtype=torch.int64).reshape(-1, 4)
+    if scored:
+        per_image = {k: v.tolist() for k, v in scores(counts).items()}
+        for i, row in enumerate(scored):
+            for name in METRIC_NAMES:
+                row[name] = per_image[name][i]
+            row["iou"] = row["jaccard"]
+    return rows, counts
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
+    """Combine every part under `out` into metrics.csv, errors.csv, summary.json (and
+    report.html): rows deduplicated by id and sorted. Safe to run again at any time."""
+    from lesionseg.report import write_report
+
+    out = Path(out)
+    parts_dir = out / PARTS
+    if not (parts_dir / "run.json").is_file():
+        raise InferenceError(f"{out}: no inference run here (missing {PARTS}/run.json)")
+    run = json.loads((parts_dir / "run.json").read_text())
+    num_shards = run["signature"]["num_shards"]
+    complete, missing = parts_done(parts_dir, num_shards)
+    if not complete:
+        log.warning("%s: part(s) %s not finished; merging what is there", out,
+                    ", ".join(map(str, missing)))
+    if complete:
+        _remove_stale_temps(out)
+    rows, counts = _with_scores(_collect_rows(parts_dir))
+    inventory = _merged_inventory(parts_dir)
+    metric_rows = [r for r in rows if r["status"] in ("ok", "failed")]
+    error_rows = inventory["errors"] + [
+        {"input": r["input"], "id": r["id"], "reason": r["reason"]}
+        for r in rows if r["status"] in ("error", "failed")]
+    error_rows.sort(key=lambda e: (e["id"], e["input"]))
+    _write_csv(out / "metrics.csv", METRIC_COLUMNS, metric_rows)
+    _write_csv(out / "errors.csv", ERROR_COLUMNS, error_rows)
+    summary = _summary(run, rows, counts, inventory, error_rows, parts_dir, complete, missing)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    if report if report is not None else run["config"]["infer"]["report"]:
+        write_report(out / "report.html", summary, metric_rows, out / THUMBS)
+    log.info("merged %d images into %s: %d scored, mean Dice %s, %d errors", len(rows), out,
+             int(counts.shape[0]), _fmt(summary["means"].get("dice")), len(error_rows))
+    return summary
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temporary files a killed writer left (`.<name>.*.tmp`): the ISIC scorer would
+    pair them by the id in their names. Only once every part is done, so no writer is live."""
+    for folder in (MASKS, PROBS, OVERLAYS, THUMBS):
+        for tmp in (out / folder).glob(".*.tmp"):
+            log.warning("removing %s, left by a killed writer", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else "n/a"
+
+
+def _merged_inventory(parts_dir: Path) -> dict[str, Any]:
+    """Input errors and skip counts (every part found the same; union of their files)."""
+    errors: dict[tuple[str, str], dict[str, str]] = {}
+    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0}
+    for path in sorted(parts_dir.glob("inventory-p*.json")):
+        inv = json.loads(path.read_text())
+        for e in inv["errors"]:
+            errors[(e["input"], e["id"])] = e
+        for key in ("skipped", "images", "masks_found", "masks_unused"):
+            merged[key] = inv[key]
+    merged["errors"] = list(errors.values())
+    return merged
+
+
+def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
+             error_rows: list[dict], parts_dir: Path, complete: bool, missing: list[int]) -> dict:
+    """summary.json: macro means, counts, failures, checkpoint, config, throughput."""
+    means = summarize(counts)
+    means["iou"] = means["jaccard"]
+    status = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "no_truth", "error")}
+    timing = [json.loads(p.read_text()) for p in sorted(parts_dir.glob("done-*.json"))]
+    return {
+        "complete": complete, "missing_parts": missing, "num_shards": run["signature"]["num_shards"],
+        "images_found": inventory["images"],
+        "masks_written": status["ok"] + status["failed"] + status["no_truth"],
+        "scored": status["ok"], "metrics_failed": status["failed"], "without_truth": status["no_truth"],
+        "errors": len(error_rows), "skipped_files": inventory["skipped"],
+        "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],
+        "means": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()},
+        "failures": [{"id": e["id"], "input": e["input"], "reason": e["reason"]} for e in error_rows],
+        "checkpoint": run["checkpoint"], "config": run["config"],
+        "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),
+                       "note": "sum over processes of images/s in their last session",
+                       "processes": timing},
+    }

@@ -1,0 +1,410 @@
+"""lesionseg.inference end to end on tiny synthetic data: every input kind, parts + merge,
+resume after a kill, bad inputs, the job script and a 2-process accelerate run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesionseg import inference
+from lesionseg.checkpoint import save_weights
+from lesionseg.cli import main
+from lesionseg.config import PackConfig, load_config
+from lesionseg.data.images import load_image
+from lesionseg.data.shards import pack
+from lesionseg.data.synthetic import write_isic_dataset
+from lesionseg.data.transforms import eval_transform
+from lesionseg.metrics import confusion_counts, scores
+from lesionseg.model import MobileNetEncoderDecoder
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+IMAGE_SIZE = 64
+N_CASES = 6
+TRAIN_DIR = "ISBI2016_ISIC_Part1_Training_Data"
+TRUTH_DIR = "ISBI2016_ISIC_Part1_Training_GroundTruth"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Six synthetic ISIC cases (≤ 160 px) and a random model whose head bias is shifted so
+    that its masks are neither empty nor full (a test of identical masks must mean something)."""
+    root = tmp_path_factory.mktemp("infer")
+    isic = write_isic_dataset(root / "isic", N_CASES, seed=3, min_side=48, max_side=160)
+    torch.manual_seed(0)
+    model = MobileNetEncoderDecoder().eval()
+    images = sorted((isic / TRAIN_DIR).glob("*.jpg"))
+    batch = torch.stack([eval_transform(load_image(p.read_bytes())[0], None, IMAGE_SIZE)[0]
+                         for p in images])
+    with torch.no_grad():
+        model.decoder.head.bias -= model(batch).median()
+    cfg = load_config(None, ["model.encoder_weights=null", f"data.image_size={IMAGE_SIZE}"])
+    ckpt = save_weights(root / "best.pt", model.state_dict(), cfg)
+    return {"root": root, "isic": isic, "images": isic / TRAIN_DIR, "truth": isic / TRUTH_DIR,
+            "ckpt": ckpt}
+
+
+def infer(data: dict[str, Path], out: Path, *inputs: Path | str, extra: tuple[str, ...] = ()) -> int:
+    """Run the infer command in this process, as `jobs/infer.py` would."""
+    argv = ["infer", "--checkpoint", str(data["ckpt"]), "--out", str(out), "--workers", "0",
+            "--batch-size", "2"]
+    for p in inputs:
+        argv += ["--input", str(p)]
+    # One torch thread: on 2 cores busy with other work, 2 threads run ~10x slower. Overrides
+    # go last (argparse takes key=value items as one group).
+    return main(argv + list(extra) + ["infer.num_threads=1"])
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def mask_arrays(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((out / "masks").iterdir())}
+
+
+def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_path: Path) -> None:
+    images, truth = data["images"], data["truth"]
+    zpath, tpath = tmp_path / "cases.zip", tmp_path / "cases.tar.gz"
+    with zipfile.ZipFile(zpath, "w") as zf, tarfile.open(tpath, "w:gz") as tf:
+        for p in sorted(images.glob("*.jpg")):
+            zf.write(p, f"imgs/{p.name}")
+            tf.add(p, f"imgs/{p.name}")
+    shards = tmp_path / "shards"
+    pack([data["isic"]], shards, PackConfig(max_side=0, workers=1, val_fraction=0.3), progress=False)
+
+    runs = {"folder": (data["isic"],), "zip": (zpath, "--masks", truth),
+            "tar": (tpath, "--masks", truth), "shards": (shards,)}
+    results = {}
+    for name, (src, *masks) in runs.items():
+        out = tmp_path / f"out-{name}"
+        assert infer(data, out, src, extra=tuple(str(m) for m in masks)) == 0
+        results[name] = (mask_arrays(out), read_csv(out / "metrics.csv"))
+
+    ref_masks, ref_rows = results["folder"]
+    assert len(ref_masks) == N_CASES and len(ref_rows) == N_CASES
+    fractions = [float((m > 0).mean()) for m in ref_masks.values()]
+    assert 0 < np.mean(fractions) < 1, "the test model should predict some lesion and background"
+    for name, (masks, rows) in results.items():
+        assert masks.keys() == ref_masks.keys(), name
+        for key, mask in masks.items():
+            assert np.array_equal(mask, ref_masks[key]), f"{name}: {key} differs from the folder run"
+        strip = [{k: v for k, v in r.items() if k != "input"} for r in rows]
+        assert strip == [{k: v for k, v in r.items() if k != "input"} for r in ref_rows], name
+
+    # Masks: original size, mode L, 0/255 only, and nothing but masks in masks/.
+    out = tmp_path / "out-folder"
+    for row in ref_rows:
+        mask = Image.open(out / "masks" / f"{row['id']}_Segmentation.png")
+        original = Image.open(images / f"{row['id']}.jpg")
+        assert mask.mode == "L" and mask.size == original.size
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert all(p.name.endswith("_Segmentation.png") for p in (out / "masks").iterdir())
+
+    # metrics.csv agrees with lesionseg.metrics computed on the written masks.
+    for row in ref_rows:
+        pred = torch.from_numpy(np.array(Image.open(out / "masks" / f"{row['id']}_Segmentation.png")))
+        gt = torch.from_numpy(np.array(Image.open(truth / f"{row['id']}_Segmentation.png")))
+        counts = confusion_counts(pred, gt)
+        expect = {k: float(v[0]) for k, v in scores(counts).items()}
+        assert [int(row[k]) for k in ("tp", "fp", "fn", "tn")] == counts[0].tolist()
+        for name in ("dice", "accuracy", "sensitivity", "specificity", "threshold_jaccard"):
+            assert float(row[name]) == pytest.approx(expect[name], abs=1e-12)
+        assert float(row["iou"]) == pytest.approx(expect["jaccard"], abs=1e-12)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["scored"] == N_CASES and summary["errors"] == 0
+    assert summary["checkpoint"]["sha256"] and summary["config"]["infer"]["image_size"] == IMAGE_SIZE
+    assert summary["means"]["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in ref_rows]))
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and html.count("data:image/jpeg;base64,") == N_CASES
+
+
+def test_official_zips_equal_the_isic_root(data: dict[str, Path], isic_root: Path,
+                                           isic_zips: Path, tmp_path: Path) -> None:
+    """The four official zips, read in place (train and test, images and truth), give the same
+    masks and metrics as the unpacked ISIC root (shared conftest fixtures, 20 cases)."""
+    zips = sorted(isic_zips.rglob("*.zip"))
+    assert len(zips) == 4
+    a, b = tmp_path / "root", tmp_path / "zips"
+    assert infer(data, a, isic_root, extra=("--no-report",)) == 0
+    assert infer(data, b, *zips, extra=("--no-report",)) == 0
+    rows_a, rows_b = read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")
+    assert len(rows_a) == 20
+    strip = [{k: v for k, v in r.items() if k != "input"} for r in rows_a]
+    assert strip == [{k: v for k, v in r.items() if k != "input"} for r in rows_b]
+    masks_a, masks_b = mask_arrays(a), mask_arrays(b)
+    assert masks_a.keys() == masks_b.keys()
+    assert all(np.array_equal(masks_a[k], masks_b[k]) for k in masks_a)
+
+
+class RedLogit(torch.nn.Module):
+    """A per-pixel model (logit = 10·red − 5): flip-equivariant, so TTA must change nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1] * 10 - 5
+
+
+def test_tta_flips_back_exactly() -> None:
+    x = torch.rand(3, 3, 40, 56)
+    plain = inference.Predictor(RedLogit(), torch.device("cpu"), None, tta=False)(x)
+    tta = inference.Predictor(RedLogit(), torch.device("cpu"), None, tta=True)(x)
+    assert plain.shape == (3, 40, 56)
+    assert torch.allclose(plain, tta, atol=1e-6)
+    assert torch.allclose(plain, torch.sigmoid(x[:, 0] * 10 - 5), atol=1e-6)
+
+
+def test_tta_probs_and_bf16(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert infer(data, out, data["isic"], extra=("--tta", "--save-probs", "--no-report",
+                                                 "infer.mixed_precision=bf16")) == 0
+    for mask_path in sorted((out / "masks").iterdir()):
+        image_id = mask_path.name[: -len("_Segmentation.png")]
+        prob = np.asarray(Image.open(out / "probs" / f"{image_id}_prob.png"))
+        mask = np.asarray(Image.open(mask_path))
+        assert prob.shape == mask.shape == np.asarray(Image.open(data["images"] / f"{image_id}.jpg")).shape[:2]
+        # The mask is the (unquantized) probability > 0.5; the PNG holds it rounded to 1/255.
+        assert np.array_equal(mask[prob >= 129] > 0, np.ones((prob >= 129).sum(), bool))
+        assert not mask[prob <= 126].any()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["infer"]["tta"] and summary["config"]["infer"]["mixed_precision"] == "bf16"
+
+
+def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: Path) -> None:
+    shards = tmp_path / "small"
+    pack([data["isic"]], shards, PackConfig(max_side=40, workers=1), progress=False)
+    out = tmp_path / "out"
+    assert infer(data, out, shards, extra=("--no-report",)) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == N_CASES and not (out / "report.html").exists()
+    for row in rows:
+        size = Image.open(data["images"] / f"{row['id']}.jpg").size
+        assert Image.open(out / "masks" / f"{row['id']}_Segmentation.png").size == size
+        if max(size) > 40:
+            assert row["status"] == "ok" and "truth resized" in row["reason"]
+
+
+def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert infer(data, one, data["isic"], extra=("--save-overlays",)) == 0
+    assert infer(data, two, data["isic"], extra=("--save-overlays", "--num-shards", "2",
+                                                  "--shard-index", "1")) == 0
+    assert not (two / "metrics.csv").exists()  # part 0 has not run: no merge yet
+    assert infer(data, two, data["isic"], extra=("--save-overlays", "--num-shards", "2",
+                                                  "--shard-index", "0")) == 0
+    for name in ("metrics.csv", "errors.csv"):
+        assert (two / name).read_text() == (one / name).read_text()
+    assert mask_arrays(two).keys() == mask_arrays(one).keys()
+    assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(two).values(),
+                                                    mask_arrays(one).values(), strict=True))
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s1["means"] == s2["means"] and s2["num_shards"] == 2 and s2["complete"]
+    assert len(list((two / "overlays").glob("*_overlay.jpg"))) == N_CASES
+    # --merge by hand is idempotent; another run's settings are refused in the same --out.
+    assert main(["infer", "--merge", str(two)]) == 0
+    assert (two / "metrics.csv").read_text() == (one / "metrics.csv").read_text()
+    assert infer(data, two, data["isic"], extra=("--num-shards", "3")) == 2
+
+
+def test_injected_crash_then_rerun_completes(data: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real = inference.finish_item
+    calls = {"n": 0}
+
+    def crash_after_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("injected crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "finish_item", crash_after_three)
+    monkeypatch.setenv("LESIONSEG_TEST", "1")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        infer(data, out, data["isic"], extra=("infer.post_threads=1",))
+    rows_file = next((out / "parts").glob("rows-*.jsonl"))
+    assert 1 <= len(inference.read_rows(rows_file)) <= 3
+    assert not (out / "metrics.csv").exists()
+    monkeypatch.setattr(inference, "finish_item", real)
+    assert infer(data, out, data["isic"]) == 0
+    ids = [r["id"] for r in inference.read_rows(rows_file)]
+    assert len(ids) == len(set(ids)) == N_CASES
+    assert len(read_csv(out / "metrics.csv")) == N_CASES
+
+
+def test_job_script_killed_midway_then_rerun(data: dict[str, Path], tmp_path: Path) -> None:
+    """`python jobs/infer.py` in a subprocess, SIGKILLed after its first rows; a torn last
+    line is added as a kill mid-write would leave; the rerun finishes with no duplicates."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(40):  # copies of the six cases under new ids, to give the kill some time
+        src = sorted(data["images"].glob("*.jpg"))[i % N_CASES]
+        shutil.copy(src, many / f"case{i:03d}.jpg")
+    out = tmp_path / "out"
+    cmd = [PY, str(REPO / "jobs" / "infer.py"), "--checkpoint", str(data["ckpt"]), "--input",
+           str(many), "--out", str(out), "--workers", "0", "--batch-size", "1",
+           "--image-size", "256"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    rows_file = out / "parts" / "rows-p0000-r000.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if rows_file.exists() and len(inference.read_rows(rows_file)) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    before = len(inference.read_rows(rows_file))
+    assert before < 40 and not (out / "metrics.csv").exists()
+    with open(rows_file, "ab") as f:
+        f.write(b'{"id": "case999", "status": "o')  # torn write
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = [r["id"] for r in inference.read_rows(rows_file)]
+    assert len(ids) == len(set(ids)) == 40
+    assert rows_file.read_bytes().endswith(b"\n")
+    assert len(list((out / "masks").iterdir())) == 40
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_written"] == 40 and summary["without_truth"] == 40
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width×height pixels: enough for the bomb check, which reads headers."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_recorded_and_the_batch_goes_on(data: dict[str, Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))  # 50 wide, 40 high
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: displayed 40 wide, 50 high
+    good = _save(rgb, "JPEG")
+    files = {
+        "zero.jpg": b"",
+        "truncated.jpg": good[: len(good) // 2],
+        "text.png": b"this is not an image",
+        "bomb.png": _png_header_only(30000, 30000),
+        "rgba.png": _save(rgb.convert("RGBA"), "PNG"),
+        "cmyk.jpg": _save(rgb.convert("CMYK"), "JPEG"),
+        "gray.png": _save(rgb.convert("L"), "PNG"),
+        "palette.png": _save(rgb.convert("P"), "PNG"),
+        "deep.png": _save(Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257), "PNG"),
+        "rotated.jpg": _save(rgb, "JPEG", exif=exif.tobytes()),
+        "wrongsize.jpg": good,
+        "wrongsize_Segmentation.png": _save(Image.new("L", (30, 30), 255), "PNG"),
+        "zeroone.jpg": good,
+        "zeroone_Segmentation.png": _save(Image.new("L", (50, 40), 1), "PNG"),
+        "rotated_Segmentation.png": _save(Image.new("L", (40, 50), 255), "PNG"),
+        "notes.txt": b"skipped and counted",
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    # Archive members with '..' and absolute names, in a zip and a tar.
+    zpath, tpath = tmp_path / "evil.zip", tmp_path / "evil.tar"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("../../zipescape.jpg", good)
+        zf.writestr("/abs/zipabs.jpg", good)
+    with tarfile.open(tpath, "w") as tf:
+        for name in ("../../tarescape.jpg", "/abs/tarabs.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = len(good)
+            tf.addfile(info, io.BytesIO(good))
+    out = tmp_path / "deep" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    assert infer(data, out, folder, zpath, tpath, extra=("--workers", "2")) == 0
+
+    errors = {r["id"]: r["reason"] for r in read_csv(out / "errors.csv")}
+    assert "empty file" in errors["zero"]
+    assert "truncated" in errors["truncated"] or "corrupt" in errors["truncated"]
+    assert "not an image" in errors["text"]
+    assert "decompression bomb" in errors["bomb"]
+    assert "truth unusable" in errors["wrongsize"] and "30x30" in errors["wrongsize"]
+    assert set(errors) == {"zero", "truncated", "text", "bomb", "wrongsize"}
+
+    masks = {p.name[: -len("_Segmentation.png")]: Image.open(p) for p in (out / "masks").iterdir()}
+    for key in ("rgba", "cmyk", "gray", "palette", "deep", "wrongsize", "zeroone",
+                "zipescape", "zipabs", "tarescape", "tarabs"):
+        assert masks[key].size == (50, 40) and masks[key].mode == "L", key
+    assert masks["rotated"].size == (40, 50)  # display orientation
+    rows = {r["id"]: r for r in read_csv(out / "metrics.csv")}
+    assert rows["wrongsize"]["status"] == "failed" and rows["wrongsize"]["dice"] == ""
+    assert rows["zeroone"]["status"] == "ok" and int(rows["zeroone"]["fn"]) + int(rows["zeroone"]["tp"]) == 2000
+    assert rows["rotated"]["status"] == "ok"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_files"] == {"not an image (by extension)": 1}
+    assert summary["errors"] == 5 and summary["masks_written"] == 12
+    # Nothing was written outside --out.
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert all(out in p.parents or p == out or p in out.parents for p in created)
+
+
+def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    assert main(["infer", "--input", str(data["isic"])]) == 2
+    assert "missing --checkpoint, --out" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    assert main(["infer", "--checkpoint", str(bad), "--input", str(data["isic"]), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert main(["infer", "--merge", str(tmp_path / "nothing")]) == 2
+    assert inference.job_part(None, None, {"SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_ID": "7",
+                                            "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_STEP": "2"}) == (5, 2)
+    assert inference.job_part(None, None, {}) == (1, 0)
+
+
+def test_two_processes_with_accelerate_equal_one(data: dict[str, Path], tmp_path: Path) -> None:
+    accelerate = Path(PY).parent / "accelerate"
+    if not accelerate.exists():
+        pytest.skip("accelerate launcher not installed next to this python")
+    args = ["--checkpoint", str(data["ckpt"]), "--input", str(data["isic"]), "--workers", "1",
+            "--batch-size", "1", "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    one = subprocess.run([PY, str(REPO / "jobs" / "infer.py"), *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", "0",
+                          str(REPO / "jobs" / "infer.py"), *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = sorted((tmp_path / "two" / "parts").glob("rows-*.jsonl"))
+    assert [p.name for p in rows] == ["rows-p0000-r000.jsonl", "rows-p0000-r001.jsonl"]
+    assert all(inference.read_rows(p) for p in rows)
+    assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
+    assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(tmp_path / "two").values(),
+                                                    mask_arrays(tmp_path / "one").values(), strict=True))

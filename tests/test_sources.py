@@ -1,0 +1,157 @@
+"""lesionseg.data.sources: enumerating inference inputs, matching truth, splitting the work."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionseg.data import sources
+from lesionseg.data.sources import (
+    SKIP_HIDDEN,
+    SKIP_NOT_IMAGE,
+    Item,
+    SourceError,
+    assign,
+    collect,
+    read_order,
+    sanitize_id,
+)
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _png_mask(size: tuple[int, int] = (40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size, 255).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _add_tar(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path) -> Path:
+    """A folder with images, a mask, a non-image, hidden files and a nested zip and tar."""
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(_jpeg(0))
+    (root / "sub" / "b.png").write_bytes(_png_mask())  # an image that happens to be a PNG
+    (root / "a_Segmentation.png").write_bytes(_png_mask())
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.jpg").write_bytes(_jpeg(1))
+    (root / "__MACOSX").mkdir()
+    (root / "__MACOSX" / "._a.jpg").write_bytes(b"resource fork")
+    with zipfile.ZipFile(root / "pack.zip", "w") as zf:
+        zf.writestr("z/c.jpg", _jpeg(2))
+        zf.writestr("../escape.jpg", _jpeg(3))
+        zf.writestr("readme.md", "x")
+    with tarfile.open(root / "pack.tar.gz", "w:gz") as tf:
+        _add_tar(tf, "/abs/d.jpg", _jpeg(4))
+        _add_tar(tf, "t/e f.jpg", _jpeg(5))
+    return root
+
+
+def test_collect_folder_archives_and_skips(mixed: Path) -> None:
+    inv = collect([mixed])
+    ids = [it.id for it in inv.items]
+    assert ids == ["a", "b", "c", "d", "e_f", "escape"]
+    assert inv.skipped[SKIP_NOT_IMAGE] == 2  # notes.txt, readme.md
+    assert inv.skipped[SKIP_HIDDEN] == 2  # .hidden.jpg, __MACOSX/._a.jpg
+    by_id = {it.id: it for it in inv.items}
+    assert by_id["a"].truth is not None and by_id["a"].truth.name == "a_Segmentation.png"
+    assert by_id["c"].truth is None
+    assert by_id["escape"].origin.endswith("pack.zip:../escape.jpg")
+    # Every item reads back its own bytes, also after a pickle round trip (DataLoader workers).
+    for item in inv.items:
+        again = pickle.loads(pickle.dumps(item))
+        Image.open(io.BytesIO(again.image.read())).verify()
+    assert by_id["d"].image.read() == _jpeg(4)
+
+
+def test_masks_matched_by_isic_number_and_stem(tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    (images / "ISIC_0000001.jpg").write_bytes(_jpeg(0))
+    (images / "lesion7.jpg").write_bytes(_jpeg(1))
+    (images / "ISIC_0000002_downsampled.jpg").write_bytes(_jpeg(2))
+    (images / "orphan.jpg").write_bytes(_jpeg(3))
+    (masks / "ISIC_0000001_Segmentation.png").write_bytes(_png_mask())
+    (masks / "lesion7.png").write_bytes(_png_mask())  # by stem
+    (masks / "ISIC_0000002_segmentation.png").write_bytes(_png_mask())  # by ISIC number
+    (masks / "unused_Segmentation.png").write_bytes(_png_mask())
+    mzip = tmp_path / "masks.zip"
+    with zipfile.ZipFile(mzip, "w") as zf:
+        zf.writestr("GT/orphan_Segmentation.png", _png_mask())
+    inv = collect([images], masks=[masks, mzip])
+    truth = {it.id: (it.truth.name if it.truth else None) for it in inv.items}
+    assert truth == {"ISIC_0000001": "ISIC_0000001_Segmentation.png",
+                     "ISIC_0000002_downsampled": "ISIC_0000002_segmentation.png",
+                     "lesion7": "lesion7.png", "orphan": "orphan_Segmentation.png"}
+    assert inv.masks_found == 5 and inv.masks_unused == 1
+
+
+def test_duplicate_ids_keep_one_and_report_the_rest(tmp_path: Path) -> None:
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "same.jpg").write_bytes(_jpeg(0))
+    (tmp_path / "x" / "same.png").write_bytes(_png_mask())
+    inv = collect([tmp_path / "x", tmp_path / "y"])
+    assert [it.id for it in inv.items] == ["same"]
+    assert inv.items[0].origin.endswith("x/same.jpg")
+    assert len(inv.errors) == 2
+    assert all(e["id"] == "same" and "duplicate id" in e["reason"] for e in inv.errors)
+
+
+def test_sanitize_id_never_keeps_path_parts() -> None:
+    assert sanitize_id("ISIC_0000000") == "ISIC_0000000"
+    assert sanitize_id("..") == "unnamed"
+    assert sanitize_id("a/../../b c") == "a_.._.._b_c"
+    assert "/" not in sanitize_id("/etc/passwd") and "\\" not in sanitize_id("C:\\x\\y")
+    assert not sanitize_id(".hidden").startswith(".")
+
+
+def test_missing_input_and_empty_input_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        collect([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(SourceError, match="no images found"):
+        collect([tmp_path / "empty"])
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(SourceError, match="not a readable zip"):
+        collect([tmp_path / "bad.zip"])
+
+
+def test_assign_covers_every_item_exactly_once() -> None:
+    items = [Item(f"id{i:03d}", sources.Blob("file", f"/x/{i}.jpg")) for i in range(23)]
+    seen = []
+    for shards, world in ((1, 1), (3, 2), (4, 3)):
+        seen = [it.id for part in range(shards) for rank in range(world)
+                for it in assign(items, shards, part, world, rank)]
+        assert sorted(seen) == sorted(it.id for it in items)
+    with pytest.raises(SourceError):
+        assign(items, 2, 2)
+
+
+def test_read_order_puts_compressed_tars_in_archive_order(mixed: Path) -> None:
+    inv = collect([mixed])
+    order = read_order(inv.items)
+    gz = [it for it in order if it.image.path.endswith(".tar.gz")]
+    assert order[-len(gz):] == gz
+    assert [it.image.offset for it in gz] == sorted(it.image.offset for it in gz)
