@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     name, rest = argv[0], argv[1:]
     setup_logging()
     parser, run = build_parser(name, prog)
-    args = parser.parse_args(rest)
+    # Intermixed: `key=value` overrides may stand between or before the flags.
+    args = parser.parse_intermixed_args(rest)
     try:
         return int(run(args) or 0)
     except UserError as e:

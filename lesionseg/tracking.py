@@ -1,0 +1,144 @@
+"""Experiment tracking with Weights & Biases through Accelerate's trackers (main process only).
+
+What is logged: the resolved config (at start), the training scalars and validation metrics
+(`accelerator.log`, with the optimizer step carried by the resumed state, so steps only ever
+increase), and at each validation `tracking.log_images` images with prediction and truth masks
+as W&B mask overlays.
+
+Offline by default: `tracking.mode` (offline, online, disabled), overridden by the WANDB_MODE
+environment variable when it is set; files go under `tracking.dir` (default: the run folder),
+`<dir>/wandb/offline-run-*`; sync later with `wandb sync <that folder>`.
+`tracking.backend=none` turns tracking off entirely.
+
+Requeued runs: the run folder keeps the W&B run id in `wandb_run_id`.
+- online: every segment of the run logs into that same W&B run (`resume="allow"`).
+- offline: W&B cannot resume an offline run, and syncing two offline folders with one id
+  overwrites the first's history, so every segment after the first gets its own id
+  (`<id>-2`, `<id>-3`, …, counted in `wandb_segments`) in one W&B group (tracking.group, or
+  the run id): sync them all and view the group.
+
+Crashes: W&B keeps an offline run's records in memory and writes them to the `.wandb` file
+every few seconds (and on exit), so a run killed at once may lose its last records; the
+resolved config is therefore also written at start as `lesionseg-config.yaml` into the W&B run's
+files folder (as well as `config.yaml` in the run folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lesionseg.config import Config, to_dict, to_yaml
+from lesionseg.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id"
+SEGMENTS_FILE = "wandb_segments"
+CONFIG_COPY = "lesionseg-config.yaml"
+CLASS_LABELS = {0: "background", 1: "lesion"}
+
+
+def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
+    """The `Accelerator(...)` arguments for tracking: log_with only when the backend is wandb."""
+    if cfg.tracking.backend == "wandb":
+        return {"log_with": "wandb", "project_dir": tracking_dir(cfg)}
+    return {"project_dir": cfg.train.output_dir}
+
+
+def tracking_dir(cfg: Config) -> str:
+    """Where W&B writes its files: tracking.dir, or the run folder."""
+    return cfg.tracking.dir or cfg.train.output_dir
+
+
+def wandb_mode(cfg: Config) -> str:
+    """offline, online or disabled: WANDB_MODE when set, otherwise tracking.mode."""
+    return os.environ.get("WANDB_MODE") or cfg.tracking.mode
+
+
+def run_identity(run_dir: Path, mode: str) -> tuple[str, str, int]:
+    """(W&B run id, base id, segment number) for this start of the run in `run_dir`.
+
+    The base id is created once and kept in `wandb_run_id`; offline segments after the first
+    get `<base>-<n>` (see the module docstring for why). Main process only: it writes files.
+    """
+    id_file, seg_file = run_dir / RUN_ID_FILE, run_dir / SEGMENTS_FILE
+    base = id_file.read_text().strip() if id_file.is_file() else ""
+    if not base:
+        base = secrets.token_hex(4)
+        atomic_write_text(id_file, base + "\n")
+    segment = 1
+    if seg_file.is_file():
+        try:
+            segment = int(seg_file.read_text().strip() or 0) + 1
+        except ValueError:
+            segment = 1
+    atomic_write_text(seg_file, f"{segment}\n")
+    run_id = base if mode != "offline" or segment == 1 else f"{base}-{segment}"
+    return run_id, base, segment
+
+
+def start(accelerator: Any, cfg: Config, run_dir: Path, resumed_step: int = 0) -> None:
+    """Start the W&B run (main process only; nothing when tracking.backend is none)."""
+    if cfg.tracking.backend != "wandb" or not accelerator.is_main_process:
+        return
+    mode = wandb_mode(cfg)
+    run_id, base, segment = run_identity(run_dir, mode)
+    folder = Path(tracking_dir(cfg))
+    folder.mkdir(parents=True, exist_ok=True)
+    name = cfg.tracking.run_name or Path(cfg.train.output_dir).resolve().name
+    if run_id != base:
+        name = f"{name}-{segment}"
+    init = {"id": run_id, "resume": "allow", "name": name, "dir": str(folder), "mode": mode,
+            "group": cfg.tracking.group or (base if mode == "offline" else None)}
+    accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg),
+                              init_kwargs={"wandb": init})
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    files_dir = getattr(run, "dir", None)
+    if files_dir:
+        atomic_write_text(Path(files_dir) / CONFIG_COPY, to_yaml(cfg))
+    log.info("W&B run %s (%s, %s%s) under %s", run_id, mode, f"segment {segment}",
+             f", resumed at step {resumed_step}" if resumed_step else "", folder)
+
+
+def overlay_image(image: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor | None,
+                  caption: str) -> Any:
+    """A `wandb.Image` of one RGB float image (3×H×W, [0, 1]) with its prediction and truth
+    (H×W or 1×H×W, bool or {0, 1}) as class masks 0 = background, 1 = lesion."""
+    import wandb
+
+    rgb = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    rgb = rgb.permute(1, 2, 0).cpu().numpy()
+    masks = {"prediction": {"mask_data": _mask_array(pred), "class_labels": CLASS_LABELS}}
+    if truth is not None:
+        masks["ground_truth"] = {"mask_data": _mask_array(truth), "class_labels": CLASS_LABELS}
+    return wandb.Image(rgb, masks=masks, caption=caption)
+
+
+def _mask_array(mask: torch.Tensor) -> np.ndarray:
+    """H×W uint8 {0, 1} numpy array from a bool / {0, 1} tensor of H×W or 1×H×W."""
+    m = mask.detach().cpu()
+    if m.ndim == 3:
+        m = m[0]
+    return (m > 0).to(torch.uint8).numpy()
+
+
+def log_overlays(accelerator: Any, cfg: Config,
+                 samples: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
+                 step: int) -> None:
+    """Log (id, image, prediction, truth) samples as overlays under `val/overlays`."""
+    if cfg.tracking.backend != "wandb" or not accelerator.is_main_process or not samples:
+        return
+    images = [overlay_image(img, pred, truth, sid) for sid, img, pred, truth in samples]
+    accelerator.log({"val/overlays": images}, step=step)
+
+
+def finish(accelerator: Any) -> None:
+    """Flush and close the trackers (writes the last records of an offline run)."""
+    accelerator.end_training()

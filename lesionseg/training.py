@@ -1,0 +1,1239 @@
+"""The training job: `accelerate launch jobs/train.py [--config FILE] [key=value …]`.
+
+One file, read top to bottom: command line → data pipeline → model and optimizer → the loop
+(like the Accelerate examples: `prepare`, `accumulate`, `backward`, `save_state`) → outputs.
+The same code runs on one CPU, one GPU, or many GPUs on many nodes.
+
+Data (WebDataset shards, see shards/README.md):
+- Training: every rank reads its own endless, seeded stream of shards (a fresh permutation of
+  all train shards per cycle, dealt round-robin to the world's `world × num_workers` "lanes")
+  through a seeded shuffle buffer, and yields exactly `steps_per_epoch × grad_accum_steps`
+  micro-batches per epoch, batched inside the DataLoader workers; so no rank ever waits on
+  another, whatever the shard count. Lane l of rank r in epoch e is fully determined by
+  (train.seed, e, r, l), and each augmentation by (seed, e, r, l, position, sample id).
+- The WebDataset loader is NOT given to `accelerator.prepare` (it would re-split or dispatch
+  the already rank-split stream); batches are moved to the device here.
+- Validation: every val sample exactly once whatever the world size (sample i goes to lane
+  i mod lanes), per-image confusion counts gathered with their ids after the loop, deduplicated,
+  then averaged. Scored at data.image_size: the whole image resized (`eval_transform`, as
+  inference does), the mask with nearest; inference scores at the original size instead.
+
+Resume (`train.resume=auto|none|PATH`): states are written with `accelerator.save_state` to
+`<output_dir>/states/.tmp-step-N`, then renamed to `step-N`, so a kill leaves only complete
+states; the newest `train.keep_states` are kept. A state holds model, optimizer, scheduler,
+RNG and a `Progress` (epoch, micro-batch, optimizer step, best metric). On resume the epoch's
+pipeline is rebuilt and each worker skips the raw samples of the batches already done before
+decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
+train.num_threads (torch CPU threads; set it > 0 for exactness on CPU), a CPU run killed
+at any moment and resumed ends with bit-identical weights (tested). On GPU,
+train.deterministic=true is needed too (not verified: no GPU here).
+
+Signals: SIGTERM or SIGUSR1 asks to stop; ranks agree at the next optimizer-step boundary
+(one tiny all-reduce per step, which also carries "my data failed", so no rank is ever left
+waiting in a collective), save a state and exit with status 75 (`EXIT_RESUME`: rerun/requeue
+the same command). Each rank exits 75; torchrun/accelerate launch then report a failure
+(status 1) themselves. DataLoader workers ignore both signals (see `_WorkerSignals`).
+
+Outputs in train.output_dir: config.yaml (at start), best.pt (best val train.best_metric),
+last.pt (end), metrics.jsonl (one line per validation), states/, W&B files (tracking.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import itertools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lesionseg.config import Config, ConfigError, load_config, save_config, was_set
+from lesionseg.data.transforms import AugmentParams, eval_transform, generator_for, train_transform
+from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError
+
+log = logging.getLogger(__name__)
+
+STATES = "states"
+TMP_PREFIX = ".tmp-"
+PROGRESS_FILE = "progress.json"  # written into a state last, before its rename
+METRICS_FILE = "metrics.jsonl"
+RELAUNCH_ENV = "LESIONSEG_RELAUNCHED"  # set on the torch.distributed.run we start ourselves
+NO_RELAUNCH_ENV = "LESIONSEG_NO_RELAUNCH"
+# A lane that reads this many shards in a row without one sample gives up (all bad or empty).
+MAX_EMPTY_SHARDS = 64
+
+# Demo defaults, applied when data.shards is null and the user did not set the key.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "model.encoder_weights": None,  # offline machine: no ImageNet weights
+    "data.image_size": 128,
+    "data.batch_size": 8,
+    "optim.lr": 3e-3,
+    "optim.encoder_lr_mult": 1.0,  # a random encoder must learn as fast as the decoder
+    "optim.epochs": 8,
+    "optim.warmup_steps": 20,
+    "train.val_every_steps": 0,
+    "train.log_every_steps": 10,
+}
+DEMO_SOURCE_SIDES = (160, 480)  # min/max longest side of the demo's synthetic images
+DEMO_PACK_MAX_SIDE = 320  # demo images are stored at most this large
+
+EPILOG = """configuration: defaults <- --config FILE.yaml <- key=value overrides (later wins).
+Every key, its default and a one-line explanation: lesionseg/config.py (sections data, model,
+loss, optim, train, tracking); the resolved tree is saved as <train.output_dir>/config.yaml.
+
+most used keys:
+  data.shards=DIR            packed shard folder (jobs/pack.py); null = build and train a demo set
+  data.image_size=384        training/validation side;  data.batch_size=8 (per process)
+  data.num_workers=2         decode+augment workers per process
+  model.encoder_weights=imagenet|null|FILE    model.freeze_encoder=false
+  optim.lr=0.001  optim.epochs=30  optim.max_steps=0 (>0 wins)  optim.grad_accum_steps=1
+  train.mixed_precision=no|bf16|fp16          train.seed=0
+  train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR
+  train.val_every_steps=0 (0 = every epoch)   train.best_metric=dice
+  train.num_threads=0 (set >0 for bit-exact CPU resume)
+  tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
+
+examples:
+  python jobs/train.py                                   # demo data, a few minutes on a CPU
+  accelerate launch jobs/train.py data.shards=shards/isic2016 train.mixed_precision=bf16
+  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+      --mixed_precision no --dynamo_backend no jobs/train.py data.shards=…   # 2 CPU ranks
+
+outputs in train.output_dir: best.pt, last.pt (weights-only), config.yaml, metrics.jsonl,
+states/step-N (full states for resume), wandb/ (tracking.backend=wandb).
+demo (data.shards=null): shards/demo is built once; unless set, model.encoder_weights=null,
+data.image_size=128, optim.epochs=8, optim.lr=0.003 (see DEMO_DEFAULTS in training.py).
+
+exit status: 0 done, 2 bad config/input, 75 stopped by SIGTERM/SIGUSR1 after saving a
+state (rerun the same command to resume), 1 other failure."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (non-finite losses, another rank failed); the message says why."""
+
+
+class DataError(UserError, ValueError):
+    """A bad shard or sample met while training; the message names it."""
+
+
+# ============================================================================ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `lesionseg train` / `jobs/train.py`."""
+    parser.description = (
+        "Train the MobileNetV2 encoder-decoder on packed WebDataset shards with Accelerate: one "
+        "CPU, one GPU or many (use `accelerate launch` for several processes). Without "
+        "data.shards it builds a small synthetic demo set and trains on it.")
+    parser.epilog = EPILOG
+    parser.add_argument("--config", metavar="FILE.yaml", default=None,
+                        help="YAML file with config sections (data:, model:, optim:, train:, …)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.lr=0.0005 data.batch_size=16")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the train job; returns the exit status (0, or EXIT_RESUME after a stop signal)."""
+    maybe_relaunch_cpu_ranks()
+    cfg = load_config(args.config, args.overrides)
+    demo = cfg.data.shards is None
+    if demo:
+        apply_demo_defaults(cfg, args.config, args.overrides)
+    if not was_set("train.mixed_precision", args.config, args.overrides):
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+        if launcher in ("fp16", "bf16"):  # `accelerate launch --mixed_precision X` as the default
+            cfg.train.mixed_precision = launcher
+    return train(cfg, demo=demo)
+
+
+def apply_demo_defaults(cfg: Config, config_file: str | None, overrides: list[str]) -> None:
+    """Demo settings for every key in DEMO_DEFAULTS that the user did not set."""
+    for key, value in DEMO_DEFAULTS.items():
+        if not was_set(key, config_file, overrides):
+            section, name = key.split(".")
+            setattr(getattr(cfg, section), name, value)
+
+
+def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str]) -> int:
+    """N when this process is the single one `accelerate launch --cpu --num_processes N`
+    started (1 otherwise). Accelerate's simple launcher starts ONE process for that command
+    and tells it nothing about N, so the parent's command line is where N can be read."""
+    dist_env = ("WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", RELAUNCH_ENV)
+    if any(env.get(k) for k in dist_env):
+        return 1
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
+        return 1
+    if not any("accelerate" in a for a in parent_argv[:2]) or "launch" not in parent_argv:
+        return 1
+    for i, arg in enumerate(parent_argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = None
+            if arg.startswith(flag + "="):
+                value = arg[len(flag) + 1:]
+            elif arg == flag and i + 1 < len(parent_argv):
+                value = parent_argv[i + 1]
+            if value is not None and value.isdigit():
+                return int(value)
+    return 1
+
+
+def _parent_argv() -> list[str]:
+    """The parent process's command line (Linux /proc; empty elsewhere)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def maybe_relaunch_cpu_ranks() -> None:
+    """Turn `accelerate launch --cpu --num_processes N` (N > 1), which starts one process, into
+    N real gloo ranks by re-executing under torch.distributed.run (set LESIONSEG_NO_RELAUNCH=1
+    to only warn)."""
+    n = requested_cpu_processes(os.environ, _parent_argv())
+    if n <= 1:
+        return
+    if os.environ.get(NO_RELAUNCH_ENV) == "1":
+        log.warning("`accelerate launch --cpu --num_processes %d` started ONE process; this run "
+                    "uses 1 process. For %d CPU ranks use: ACCELERATE_USE_CPU=true accelerate "
+                    "launch --multi_gpu --num_processes %d --num_machines 1 …", n, n, n)
+        return
+    log.warning("`accelerate launch --cpu --num_processes %d` starts only one process; "
+                "relaunching as %d CPU (gloo) ranks with torch.distributed.run", n, n)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", **{RELAUNCH_ENV: "1"})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={n}", sys.argv[0], *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+# ============================================================================ data
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """The shard folder, its train/val shard paths and counts (from manifest.json)."""
+
+    folder: str
+    train_urls: tuple[str, ...]
+    val_urls: tuple[str, ...]
+    train_count: int
+    val_count: int
+
+
+def plan_data(folder: str) -> DataPlan:
+    """Read the manifest and check that train and val shards exist; errors name the folder."""
+    from lesionseg.data.shards import read_manifest, split_urls
+
+    if not Path(folder).is_dir():
+        raise DataError(f"data.shards={folder}: folder not found (pack one with jobs/pack.py)")
+    manifest = read_manifest(folder)
+    counts = {s: int(manifest["splits"][s].get("count", 0)) for s in ("train", "val")}
+    urls = {s: tuple(split_urls(folder, s)) for s in ("train", "val")}
+    for split in ("train", "val"):
+        if counts[split] == 0 or not urls[split]:
+            hint = " (pack with pack.val_fraction > 0)" if split == "val" else ""
+            raise DataError(f"data.shards={folder}: no {split} samples in its manifest{hint}")
+        for url in urls[split]:
+            if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
+                raise DataError(f"{url}: shard listed in {folder}/manifest.json is missing")
+    return DataPlan(folder, urls["train"], urls["val"], counts["train"], counts["val"])
+
+
+_WARNED_SHARDS: set[str] = set()
+
+
+def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (`__key__`, `__url__`, ext → bytes) of one shard, streamed with WebDataset's
+    tar reader. A corrupt shard is a DataError naming it, or (on_error=skip) a warning and
+    the end of that shard."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = None
+    try:
+        stream = gopen(url)
+        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    except Exception as e:  # tarfile, OS, zlib and webdataset errors come in many types
+        msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {_first_line(e)})"
+        if on_error != "skip":
+            raise DataError(msg + "; repack it, or set data.on_error=skip") from None
+        if url not in _WARNED_SHARDS:  # a lane may come back to it every cycle: warn once
+            _WARNED_SHARDS.add(url)
+            log.warning("%s; skipping the rest of this shard (every time it is read)", msg)
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def _first_line(e: BaseException) -> str:
+    """First line of an exception's first argument, without webdataset's ' @ <file>' tail."""
+    text = str(e.args[0]) if e.args else str(e)
+    return (text.strip().splitlines() or [type(e).__name__])[0].split(" @ <")[0]
+
+
+def lane_shards(urls: tuple[str, ...], seed: int, epoch: int, lane: int,
+                lanes: int) -> Iterator[str]:
+    """Endless shard sequence of one lane: each cycle is a seeded permutation of all shards,
+    dealt round-robin to the `lanes` lanes, so lanes read distinct shards where there are
+    enough of them and every shard is read about equally often."""
+    position = 0
+    for cycle in itertools.count():
+        order = list(urls)
+        random.Random(f"{seed}/{epoch}/{cycle}").shuffle(order)
+        for url in order:
+            if position % lanes == lane:
+                yield url
+            position += 1
+
+
+def lane_samples(urls: tuple[str, ...], seed: int, epoch: int, lane: int, lanes: int,
+                 on_error: str) -> Iterator[dict[str, Any]]:
+    """The endless raw-sample stream of a lane (shards in `lane_shards` order)."""
+    empty = 0
+    for url in lane_shards(urls, seed, epoch, lane, lanes):
+        n = 0
+        for sample in read_shard(url, on_error):
+            n += 1
+            yield sample
+        empty = 0 if n else empty + 1
+        if empty >= MAX_EMPTY_SHARDS:
+            raise DataError(f"{len(urls)} train shard(s) starting with {urls[0]}: "
+                            f"{MAX_EMPTY_SHARDS} shards in a row gave no sample")
+
+
+def shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """A seeded shuffle buffer: fill `size` items, then emit a random one per new item."""
+    buffer: list[Any] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _decode(raw: dict[str, Any], min_size: int) -> Any:
+    from lesionseg.data.shards import decode_sample
+
+    return decode_sample(raw, min_size=min_size)
+
+
+def _collate(ids: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
+             skipped: list[str]) -> dict[str, Any]:
+    return {"id": ids, "image": torch.stack(images), "mask": torch.stack(masks),
+            "skipped": skipped}
+
+
+class TrainStream(IterableDataset):
+    """One rank's micro-batches of one epoch, `start` … `batches - 1`, built inside workers.
+
+    Batch i comes from lane i mod W (W = DataLoader workers, ≥ 1) as that lane's (i // W)-th
+    batch; DataLoader worker w yields the batches i ≡ start + w (mod W), which is exactly the
+    order the DataLoader hands them out in. Skipped batches are skipped as raw bytes.
+    """
+
+    def __init__(self, urls: tuple[str, ...], cfg: Config, epoch: int, rank: int, world: int,
+                 batches: int, start: int = 0) -> None:
+        super().__init__()
+        self.urls, self.epoch, self.rank, self.world = urls, epoch, rank, world
+        self.batches, self.start = batches, start
+        self.seed, self.batch_size = cfg.train.seed, cfg.data.batch_size
+        self.buffer, self.on_error = cfg.data.shuffle_buffer, cfg.data.on_error
+        self.augment = AugmentParams.from_config(cfg.data)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        first = self.start + worker
+        if first >= self.batches:
+            return
+        lane = first % workers
+        lane_id = self.rank * workers + lane
+        stream = shuffled(
+            lane_samples(self.urls, self.seed, self.epoch, lane_id, self.world * workers,
+                         self.on_error),
+            self.buffer, random.Random(f"{self.seed}/{self.epoch}/{lane_id}/shuffle"))
+        numbered = enumerate(stream)
+        skip = (first // workers) * self.batch_size
+        if skip:
+            next(itertools.islice(numbered, skip - 1, skip), None)
+        for _ in range(first, self.batches, workers):
+            items = list(itertools.islice(numbered, self.batch_size))
+            yield self._batch(items, lane_id)
+
+    def _batch(self, items: list[tuple[int, dict[str, Any]]], lane_id: int) -> dict[str, Any]:
+        """Decode and augment; with on_error=skip a bad sample's slot is refilled with a good
+        sample of the same batch (deterministic, and every batch keeps its size)."""
+        ids, images, masks, skipped = [], [], [], []
+        for index, raw in items:
+            try:
+                sample = _decode(raw, self.augment.size)
+                g = generator_for(self.seed, self.epoch, lane_id, index, sample.id)
+                image, mask = train_transform(sample.image, sample.mask, self.augment, g)
+            except (UserError, OSError, ValueError) as e:
+                if self.on_error != "skip":
+                    raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
+                                    "samples)") from None
+                skipped.append(_first_line(e))
+                continue
+            ids.append(sample.id)
+            images.append(image)
+            masks.append(mask)
+        if not ids:
+            raise DataError(f"every sample of a training batch was bad, e.g. {skipped[0]}")
+        for k in range(len(items) - len(ids)):
+            ids.append(ids[k])
+            images.append(images[k])
+            masks.append(masks[k])
+        return _collate(ids, images, masks, skipped)
+
+
+class ValStream(IterableDataset):
+    """A rank's share of the val samples, each exactly once: sample i (counted over the val
+    shards in order) belongs to lane i mod (world × workers). Yields eval-transformed batches."""
+
+    def __init__(self, urls: tuple[str, ...], cfg: Config, rank: int, world: int) -> None:
+        super().__init__()
+        self.urls, self.rank, self.world = urls, rank, world
+        self.size, self.batch_size = cfg.data.image_size, cfg.data.batch_size
+        self.on_error = cfg.data.on_error
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        lane, lanes = self.rank * workers + worker, self.world * workers
+        ids, images, masks, skipped = [], [], [], []
+        position = 0
+        for url in self.urls:
+            for raw in read_shard(url, self.on_error):
+                mine = position % lanes == lane
+                position += 1
+                if not mine:
+                    continue
+                try:
+                    sample = _decode(raw, self.size)
+                    image, mask = eval_transform(sample.image, sample.mask, self.size)
+                except (UserError, OSError, ValueError) as e:
+                    if self.on_error != "skip":
+                        raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
+                                        "samples)") from None
+                    skipped.append(_first_line(e))
+                    continue
+                ids.append(sample.id)
+                images.append(image)
+                masks.append(mask)
+                if len(ids) == self.batch_size:
+                    yield _collate(ids, images, masks, skipped)
+                    ids, images, masks, skipped = [], [], [], []
+        if ids or skipped:
+            yield (_collate(ids, images, masks, skipped) if ids
+                   else {"id": [], "image": None, "mask": None, "skipped": skipped})
+
+
+class _WorkerSignals:
+    """DataLoader `worker_init_fn`: workers ignore SIGUSR1, and SIGTERM until released.
+
+    A stop signal sent to the whole process group (Slurm does) must not kill the workers: the
+    main process decides when to stop, and a dead worker would make PyTorch raise in the
+    main process at a random point (its SIGCHLD handler). But workers that ignore SIGTERM for
+    good could not be terminated at shutdown, so `release` (set when their loader is closed
+    and at interpreter exit) makes SIGTERM end them again.
+    """
+
+    def __init__(self, release: Any) -> None:
+        self.release = release
+
+    def __call__(self, _worker_id: int) -> None:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, _signum: int, _frame: Any) -> None:
+        if self.release.is_set():
+            os._exit(0)
+
+
+_OPEN_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _release_all_workers() -> None:
+    """At exit, before multiprocessing terminates the workers, let SIGTERM end them."""
+    for loader in list(_OPEN_LOADERS):
+        loader.release_workers()
+
+
+class Loader:
+    """A DataLoader over an already-batched iterable (batch_size=None) whose workers are shut
+    down by `close()` (use it as a context manager), also when an error is on its way up."""
+
+    def __init__(self, dataset: IterableDataset, cfg: Config, device: torch.device) -> None:
+        workers = cfg.data.num_workers
+        self._release = multiprocessing.Event() if workers else None
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                                 pin_memory=cfg.data.pin_memory and device.type == "cuda",
+                                 worker_init_fn=_WorkerSignals(self._release) if workers else None,
+                                 prefetch_factor=2 if workers else None, persistent_workers=False)
+        self._iterator: Any = None
+        _OPEN_LOADERS.add(self)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._iterator = iter(self.loader)
+        return self._iterator
+
+    def release_workers(self) -> None:
+        if self._release is not None:
+            self._release.set()
+
+    def close(self) -> None:
+        """Stop the workers now (PyTorch would only do it when the iterator is collected)."""
+        self.release_workers()
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        _OPEN_LOADERS.discard(self)
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def worker_error(e: BaseException) -> str:
+    """One line from an exception that may carry a DataLoader worker's whole traceback."""
+    text = str(e)
+    if "Original Traceback" in text:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        last = lines[-1] if lines else text
+        head, sep, tail = last.partition(": ")
+        return tail if sep and "." in head and " " not in head else last
+    return _first_line(e)
+
+
+# ============================================================================ schedule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps per epoch, total steps and epochs, and the micro-batches per epoch."""
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    accum: int
+
+    def micro_batches(self, epoch: int) -> int:
+        """Micro-batches each rank runs in `epoch` (the last epoch may be partial)."""
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        return max(0, steps) * self.accum
+
+
+def plan_schedule(cfg: Config, train_count: int, world: int) -> Schedule:
+    """Steps per epoch from the train count (or optim.steps_per_epoch), total from epochs or
+    optim.max_steps (which wins when > 0)."""
+    o = cfg.optim
+    per_step = cfg.data.batch_size * world * o.grad_accum_steps
+    spe = o.steps_per_epoch or max(1, train_count // per_step)
+    total = o.max_steps if o.max_steps > 0 else o.epochs * spe
+    return Schedule(spe, total, math.ceil(total / spe), o.grad_accum_steps)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` optimizer steps, then cosine from 1 to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ============================================================================ model, optimizer
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The encoder-decoder of the config (frozen encoder if asked), channels_last if asked."""
+    from lesionseg.model import MobileNetEncoderDecoder
+
+    model = MobileNetEncoderDecoder(encoder_weights=cfg.model.encoder_weights,
+                                    freeze_encoder=cfg.model.freeze_encoder,
+                                    decoder_channels=tuple(cfg.model.decoder_channels))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with two groups: decoder at optim.lr, encoder at optim.lr × encoder_lr_mult.
+    Frozen encoder parameters stay in their group; without gradients AdamW leaves them alone."""
+    o = cfg.optim
+    groups = [{"params": list(model.decoder_parameters()), "lr": o.lr, "name": "decoder"},
+              {"params": list(model.encoder_parameters()), "lr": o.lr * o.encoder_lr_mult,
+               "name": "encoder"}]
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+# ============================================================================ progress, states
+
+
+@dataclass
+class Progress:
+    """Where training stands; registered with Accelerate so it is part of every state."""
+
+    epoch: int = 0  # current epoch
+    micro: int = 0  # micro-batches of this epoch already done (a multiple of grad_accum_steps)
+    step: int = 0  # optimizer steps done
+    best: float = -math.inf  # best validation train.best_metric so far
+    best_step: int = -1
+    bad_steps: int = 0  # non-finite losses in a row
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if hasattr(self, key):
+                setattr(self, key, value)
+
+
+def state_dirs(run_dir: Path) -> list[Path]:
+    """Complete states under run_dir/states, oldest first (by optimizer step)."""
+    root = run_dir / STATES
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and (p / PROGRESS_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
+    """The state to resume from: train.resume=auto (newest complete, or none), none, or a path."""
+    choice = cfg.train.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        states = state_dirs(run_dir)
+        return states[-1] if states else None
+    path = Path(choice)
+    if not (path / PROGRESS_FILE).is_file():
+        raise ConfigError(f"train.resume={choice}: not a complete training state (expected a "
+                          f"{run_dir / STATES}/step-NNNNNNN folder holding {PROGRESS_FILE})")
+    return path
+
+
+def save_training_state(accelerator: Any, run_dir: Path, progress: Progress, keep: int) -> Path:
+    """accelerator.save_state into a temporary folder, then an atomic rename to step-N; prune
+    to the newest `keep`. All ranks call this (each writes its RNG state)."""
+    root = run_dir / STATES
+    final = root / f"step-{progress.step:07d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
+        if final.exists():  # the same step saved again (e.g. stopped right after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in state_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("state saved: %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ============================================================================ signals, agreement
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop stops at the next optimizer-step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @property
+    def is_set(self) -> bool:
+        return self.signal is not None
+
+
+def agree(accelerator: Any, *flags: bool) -> list[bool]:
+    """Whether any rank has each flag set (one tiny all-reduce; free with one process)."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum")
+    return [bool(v > 0) for v in t.tolist()]
+
+
+# ============================================================================ validation
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def validation_counts(model: torch.nn.Module, loader: Any, device: torch.device,
+                      precision: str = "no", keep_images: int = 0,
+                      channels_last: bool = True) -> tuple[list[tuple[str, list[int]]], list, int]:
+    """(id, [tp, fp, fn, tn]) for every sample of the loader, the first `keep_images`
+    (id, image, prediction, truth) for overlays, and the number of skipped samples.
+    Prediction = logit > 0 (probability > 0.5), at the loader's resolution."""
+    from lesionseg.metrics import confusion_counts
+
+    results: list[tuple[str, list[int]]] = []
+    kept: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    skipped = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            skipped += len(batch["skipped"])
+            for msg in batch["skipped"]:
+                log.warning("skipped a bad val sample: %s", msg)
+            if not batch["id"]:
+                continue
+            x = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            truth = batch["mask"].to(device, non_blocking=True) > 0
+            with _autocast(device, precision):
+                logits = model(x)
+            pred = logits.float() > 0
+            counts = confusion_counts(pred, truth).cpu().tolist()
+            results.extend(zip(batch["id"], counts, strict=True))
+            for i in range(min(len(batch["id"]), keep_images - len(kept))):
+                kept.append((batch["id"][i], batch["image"][i], pred[i].cpu(), truth[i].cpu()))
+    return results, kept, skipped
+
+
+def summarize_results(results: list[tuple[str, list[int]]]) -> dict[str, float]:
+    """Deduplicate (id, counts) by id and take the macro means (lesionseg.metrics.summarize)."""
+    from lesionseg.metrics import summarize
+
+    unique = dict(results)
+    ordered = [unique[key] for key in sorted(unique)]  # the same summation order everywhere
+    counts = torch.tensor(ordered, dtype=torch.long).reshape(-1, 4)
+    return summarize(counts)
+
+
+def _sync_buffers(accelerator: Any, model: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics: DDP broadcasts them at the start of each
+    forward, so after the last step each rank still holds the ones from its own batch."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan,
+             cfg: Config) -> tuple[dict[str, float], list]:
+    """Validate on every val sample exactly once across all ranks; errors on any rank stop
+    all ranks (collected before the one gather, so no rank waits on a failed one)."""
+    from accelerate.utils import gather_object
+
+    net = accelerator.unwrap_model(model)
+    _sync_buffers(accelerator, net)
+    dataset = ValStream(data.val_urls, cfg, accelerator.process_index, accelerator.num_processes)
+    keep = cfg.tracking.log_images if accelerator.is_main_process else 0
+    results, kept, skipped, error = [], [], 0, None
+    try:
+        with Loader(dataset, cfg, accelerator.device) as loader:
+            results, kept, skipped = validation_counts(
+                net, loader, accelerator.device, cfg.train.mixed_precision, keep,
+                cfg.model.channels_last)
+    except Exception as e:  # reported to every rank below, then raised
+        if not isinstance(e, UserError):
+            log.exception("validation failed on rank %d", accelerator.process_index)
+            if accelerator.num_processes == 1:
+                raise
+        error = worker_error(e) if accelerator.num_processes == 1 else \
+            f"rank {accelerator.process_index}: {worker_error(e)}"
+    finally:
+        model.train()
+    gathered = gather_object([(results, error, skipped)])
+    errors = [err for _, err, _ in gathered if err]
+    if errors:
+        raise DataError(f"validation failed: {errors[0]}")
+    metrics = summarize_results([r for res, _, _ in gathered for r in res])
+    metrics["skipped"] = sum(s for _, _, s in gathered)
+    if metrics["images"] != data.val_count - metrics["skipped"]:
+        log.warning("validated %d images but the manifest lists %d val samples",
+                    metrics["images"], data.val_count)
+    return metrics, kept
+
+
+def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path | None = None,
+                        image_size: int | None = None, batch_size: int = 8,
+                        num_workers: int = 0) -> dict[str, float]:
+    """Val metrics of a best.pt/last.pt in ONE process (the reference the distributed
+    validation must match). shards/image_size default to the checkpoint's config."""
+    from lesionseg.checkpoint import build_model_from_checkpoint
+
+    model, cfg, _ = build_model_from_checkpoint(checkpoint)
+    cfg.data.batch_size, cfg.data.num_workers = batch_size, num_workers
+    if image_size:
+        cfg.data.image_size = image_size
+    data = plan_data(str(shards or cfg.data.shards))
+    device = torch.device("cpu")
+    with Loader(ValStream(data.val_urls, cfg, 0, 1), cfg, device) as loader:
+        results, _, _ = validation_counts(model, loader, device, "no", 0, channels_last=False)
+    return summarize_results(results)
+
+
+# ============================================================================ the loop
+
+
+@dataclass
+class StepStats:
+    """Sums over logged optimizer steps (reset after each log line)."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    skipped_samples: int = 0
+
+    def add(self, stats: dict[str, float], images: int, seconds: float) -> None:
+        for k, v in stats.items():
+            self.values[k] = self.values.get(k, 0.0) + v
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
+
+    def mean(self) -> dict[str, float]:
+        out = {f"train/{k}": v / max(1, self.steps) for k, v in self.values.items()}
+        out["train/images_per_s"] = self.images / max(self.seconds, 1e-9)
+        out["train/step_time"] = self.seconds / max(1, self.steps)
+        return out
+
+
+def fetch_batches(it: Iterator[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], str | None]:
+    """The next n micro-batches, or the error (one line) that stopped reading them."""
+    batches = []
+    try:
+        for _ in range(n):
+            batches.append(next(it))
+    except StopIteration:
+        return batches, "the training pipeline ended early (internal error)"
+    except Exception as e:  # any worker error; reported to every rank by the caller
+        if not isinstance(e, UserError):
+            log.exception("reading training data failed")
+        return batches, worker_error(e)
+    return batches, None
+
+
+def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, loss_fn: Any,
+               batches: list[dict[str, Any]], cfg: Config) -> tuple[dict[str, float], bool]:
+    """One optimizer step over the micro-batches (accumulated, clipped). Returns the world's
+    mean loss components and grad norm, and whether the step was applied (False when any rank's
+    loss or the gradient norm was non-finite: the step is skipped on every rank)."""
+    device = accelerator.device
+    # Summed on the device (no host sync per micro-batch): loss, bce, dice, iou, non-finite.
+    local = torch.zeros(5, device=device)
+    for i, batch in enumerate(batches):
+        with accelerator.accumulate(model):
+            x = batch["image"].to(device, non_blocking=True)
+            if cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch["mask"].to(device, non_blocking=True).float()
+            logits = model(x)
+            loss, parts = loss_fn(logits, y)
+            accelerator.backward(loss)
+            values = torch.stack([loss.detach(), parts["bce"], parts["dice"], parts["iou"]]).float()
+            finite = torch.isfinite(values).all()
+            local += torch.cat([torch.where(finite, values, torch.zeros_like(values)),
+                                (~finite).float().reshape(1)])
+            if i < len(batches) - 1:
+                continue
+            if not accelerator.sync_gradients:
+                raise TrainingError("gradient accumulation is out of step with the batches "
+                                    "(internal error)")
+            total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 \
+                else local
+            total = total.cpu()
+            max_norm = cfg.optim.grad_clip or float("inf")
+            norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+            # fp16: the grad scaler skips overflowing steps itself; that is not a bad step.
+            bad = bool(total[4] > 0) or (not math.isfinite(norm)
+                                         and cfg.train.mixed_precision != "fp16")
+            if not bad:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    n = len(batches) * accelerator.num_processes
+    stats = {"loss": float(total[0]) / n, "bce": float(total[1]) / n,
+             "dice": float(total[2]) / n, "iou": float(total[3]) / n, "grad_norm": norm}
+    return stats, not bad
+
+
+def set_encoder_frozen(accelerator: Any, model: Any, optimizer: Any,
+                       frozen: bool) -> tuple[Any, Any]:
+    """Freeze/unfreeze the encoder of a prepared model. DDP registers only the parameters that
+    need gradients when it is built, so the model and optimizer are prepared again."""
+    net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if net.encoder_frozen == frozen:
+        return model, optimizer
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+    net.set_encoder_frozen(frozen)
+    accelerator.free_memory()
+    model, optimizer = accelerator.prepare(net, raw_optimizer)
+    model.train()
+    return model, optimizer
+
+
+def make_accelerator(cfg: Config) -> Any:
+    """The Accelerator: mixed precision, accumulation (not tied to a prepared loader), trackers."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    from lesionseg import tracking
+
+    accum = GradientAccumulationPlugin(num_steps=cfg.optim.grad_accum_steps,
+                                       sync_with_dataloader=False)
+    extra: dict[str, Any] = {}
+    if cfg.model.compile:
+        extra["dynamo_backend"] = "inductor"
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_plugin=accum,
+                       **tracking.accelerator_kwargs(cfg), **extra)
+
+
+def configure_torch(cfg: Config) -> None:
+    """Thread count and determinism switches (both matter for bit-exact resume)."""
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def build_demo_data(accelerator: Any, cfg: Config) -> str:
+    """Build the synthetic demo set once (main process; the others wait) and return its folder.
+    Reused while its manifest exists with the configured number of cases."""
+    from lesionseg.data.shards import MANIFEST, pack
+    from lesionseg.data.synthetic import write_isic_dataset
+
+    out = Path(cfg.data.demo_dir)
+    source = Path(f"{cfg.data.demo_dir}-source")
+    if accelerator.is_main_process:
+        manifest = out / MANIFEST
+        current = None
+        if manifest.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                current = json.loads(manifest.read_text()).get("total_samples")
+        if current != cfg.data.demo_cases:
+            log.info("building the demo data set: %d synthetic cases in %s, packed to %s",
+                     cfg.data.demo_cases, source, out)
+            shutil.rmtree(source, ignore_errors=True)
+            write_isic_dataset(source, cfg.data.demo_cases, seed=0,
+                               min_side=DEMO_SOURCE_SIDES[0], max_side=DEMO_SOURCE_SIDES[1],
+                               progress=True)
+            pack_cfg = cfg.pack
+            pack_cfg.max_side = min(pack_cfg.max_side or DEMO_PACK_MAX_SIDE, DEMO_PACK_MAX_SIDE)
+            pack_cfg.shard_max_samples = min(pack_cfg.shard_max_samples,
+                                             max(8, cfg.data.demo_cases // 4))
+            pack_cfg.val_fraction = pack_cfg.val_fraction or 0.1
+            pack([source], out, pack_cfg, progress=True)
+    accelerator.wait_for_everyone()
+    return str(out)
+
+
+def write_metrics_line(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one validation record to metrics.jsonl (main process)."""
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _scalar_line(values: dict[str, float]) -> str:
+    return " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in values.items())
+
+
+def train(cfg: Config, demo: bool = False) -> int:
+    """Train with the resolved config; returns 0, or EXIT_RESUME after a stop signal."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lesionseg import tracking
+    from lesionseg.checkpoint import save_weights
+    from lesionseg.losses import SegmentationLoss
+
+    configure_torch(cfg)
+    for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per save here
+        logging.getLogger(name).setLevel(logging.WARNING)
+    accelerator = make_accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    if not main:  # progress lines from the main process only; warnings from every rank
+        log.setLevel(logging.WARNING)
+    run_dir = Path(cfg.train.output_dir)
+    if demo:
+        cfg.data.shards = build_demo_data(accelerator, cfg)
+    data = plan_data(cfg.data.shards)
+    schedule = plan_schedule(cfg, data.train_count, world)
+    lanes = world * max(1, cfg.data.num_workers)
+    if len(data.train_urls) < lanes and main:
+        log.warning("%d train shard(s) for %d reader lanes (processes × data.num_workers): "
+                    "lanes share shards; pack more shards (pack.shard_max_samples) for "
+                    "better mixed epochs", len(data.train_urls), lanes)
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg)
+    o = cfg.optim
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, schedule.total_steps, o.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped once per optimizer step here; Accelerate's prepared scheduler
+    # would step it num_processes times per step. Registered so it is part of every state.
+    accelerator.register_for_checkpointing(scheduler)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress)
+    loss_fn = SegmentationLoss(cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.loss.iou_weight,
+                               smooth=cfg.loss.smooth, per_image=cfg.loss.per_image,
+                               pos_weight=cfg.loss.pos_weight)
+
+    resume_from = resolve_resume(cfg, run_dir)
+    if resume_from is not None:
+        accelerator.wait_for_everyone()
+        accelerator.load_state(str(resume_from))
+        log.info("resumed from %s: epoch %d, micro-batch %d, step %d", resume_from,
+                 progress.epoch, progress.micro, progress.step)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    tracking.start(accelerator, cfg, run_dir, progress.step)
+
+    global_batch = cfg.data.batch_size * world * o.grad_accum_steps
+    if main:
+        log.info("training: world size %d (%s), device %s, mixed precision %s, batch %d per "
+                 "process × %d accumulation steps = effective batch %d; %d steps (%d epochs "
+                 "of %d), %d train / %d val images%s", world, accelerator.distributed_type.value,
+                 accelerator.device, cfg.train.mixed_precision, cfg.data.batch_size,
+                 o.grad_accum_steps, global_batch, schedule.total_steps, schedule.epochs,
+                 schedule.steps_per_epoch, data.train_count, data.val_count,
+                 f", demo data in {data.folder}" if demo else "")
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        with logging_redirect_tqdm():  # log lines print above the progress bar
+            status, model = _loop(accelerator, cfg, data, schedule, model, optimizer,
+                                  scheduler, progress, loss_fn, run_dir, stop, resume_from)
+    finally:
+        stop.restore()
+    if status == EXIT_RESUME:
+        tracking.finish(accelerator)
+        return status
+    if main:
+        net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        last_val = progress.extra.get("last_val", {})
+        save_weights(run_dir / "last.pt", net.state_dict(), cfg, step=progress.step,
+                     epoch=progress.epoch, val=last_val)
+        log.info("done: %d steps; best val %s %.4f at step %d; weights in %s and %s",
+                 progress.step, cfg.train.best_metric, progress.best, progress.best_step,
+                 run_dir / "best.pt", run_dir / "last.pt")
+        if demo:
+            log.info("This was a DEMO on synthetic data (%s), not ISIC. To train on ISIC 2016: "
+                     "python jobs/pack.py --source ISIC2016/ --out shards/isic2016, then "
+                     "accelerate launch jobs/train.py data.shards=shards/isic2016 "
+                     "model.encoder_weights=imagenet", data.folder)
+    accelerator.wait_for_everyone()
+    tracking.finish(accelerator)
+    return EXIT_OK
+
+
+def count_bad_steps(progress: Progress, applied: bool, max_bad: int) -> None:
+    """Count skipped (non-finite) steps in a row; too many is a TrainingError."""
+    progress.bad_steps = 0 if applied else progress.bad_steps + 1
+    if applied:
+        return
+    log.warning("step %d: non-finite loss or gradient; step skipped (%d in a row)",
+                progress.step, progress.bad_steps)
+    if progress.bad_steps >= max_bad:
+        raise TrainingError(
+            f"{progress.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
+            f"(step {progress.step}); lower optim.lr, raise optim.warmup_steps, use "
+            "train.mixed_precision=bf16 or no, or check the data (train.max_bad_steps)")
+
+
+def log_train_scalars(accelerator: Any, stats: StepStats, optimizer: Any, progress: Progress,
+                      bar: Any) -> None:
+    """Means since the last log line, learning rates and epoch: to the trackers, the progress
+    bar and the log (main process)."""
+    values = stats.mean()
+    values["train/lr"] = optimizer.param_groups[0]["lr"]
+    values["train/lr_encoder"] = optimizer.param_groups[1]["lr"]
+    values["train/epoch"] = progress.epoch
+    accelerator.log(values, step=progress.step)
+    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+    if accelerator.is_main_process:
+        log.info("step %d: %s", progress.step, _scalar_line(values))
+
+
+def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Config,
+                           progress: Progress, run_dir: Path) -> None:
+    """Validate, log metrics and overlays, append metrics.jsonl, and write best.pt when the
+    val train.best_metric improved (main process writes; every rank updates `progress`)."""
+    from lesionseg import tracking
+    from lesionseg.checkpoint import save_weights
+
+    metrics, overlays = evaluate(accelerator, model, data, cfg)
+    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
+    tracking.log_overlays(accelerator, cfg, overlays, progress.step)
+    progress.extra["last_val"] = metrics
+    main = accelerator.is_main_process
+    if main:
+        log.info("step %d validation: %s", progress.step, _scalar_line(metrics))
+        write_metrics_line(run_dir, {"step": progress.step, "epoch": progress.epoch, **metrics})
+    value = metrics[cfg.train.best_metric]
+    if value > progress.best:
+        progress.best, progress.best_step = value, progress.step
+        if main:
+            net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
+                         epoch=progress.epoch, val=metrics, best_metric=cfg.train.best_metric)
+
+
+def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, model: Any,
+          optimizer: Any, scheduler: Any, progress: Progress, loss_fn: Any, run_dir: Path,
+          stop: StopFlag, resume_from: Path | None) -> tuple[int, Any]:
+    """The epochs and steps: fetch, agree, step, log, validate, save. Returns the status (0 or
+    EXIT_RESUME) and the prepared model (prepared anew if the encoder was unfrozen)."""
+    from tqdm import tqdm
+
+    rank, world, main = accelerator.process_index, accelerator.num_processes, \
+        accelerator.is_main_process
+    t, o = cfg.train, cfg.optim
+    last_saved = progress.step if resume_from is not None else -1
+    global_batch = cfg.data.batch_size * world * o.grad_accum_steps
+    stats, skipped_total = StepStats(), 0
+    bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="train", unit="step",
+               disable=not main, dynamic_ncols=True)
+    loader: Loader | None = None
+    loader_it: Iterator[dict[str, Any]] | None = None
+    unfreeze = cfg.model.freeze_encoder and cfg.model.unfreeze_after_epochs > 0
+    model.train()
+    try:
+        while progress.step < schedule.total_steps:
+            started = time.perf_counter()
+            if loader_it is None:
+                if unfreeze and progress.epoch >= cfg.model.unfreeze_after_epochs:
+                    model, optimizer = set_encoder_frozen(accelerator, model, optimizer, False)
+                    log.info("epoch %d: encoder unfrozen", progress.epoch)
+                    unfreeze = False
+                dataset = TrainStream(data.train_urls, cfg, progress.epoch, rank, world,
+                                      schedule.micro_batches(progress.epoch), progress.micro)
+                loader = Loader(dataset, cfg, accelerator.device)
+                loader_it = iter(loader)
+            batches, error = fetch_batches(loader_it, o.grad_accum_steps)
+            # One all-reduce per step: every rank learns whether any rank was asked to stop or
+            # failed to read its batches, before anyone enters the step's collectives.
+            stopping, failed = agree(accelerator, stop.is_set, error is not None)
+            if failed and not stopping:  # (a stop wins: the saved state needs no data)
+                raise DataError(error if error else "another process failed reading its "
+                                "training data; see its error above")
+            if stopping:
+                if progress.step != last_saved:
+                    save_training_state(accelerator, run_dir, progress, t.keep_states)
+                log.info("stop requested (signal): state saved at step %d; exiting with %d so "
+                         "the job is rerun to resume", progress.step, EXIT_RESUME)
+                return EXIT_RESUME, model
+            for b in batches:
+                stats.skipped_samples += len(b["skipped"])
+                for msg in b["skipped"]:
+                    log.warning("rank %d: skipped a bad training sample: %s", rank, msg)
+
+            step_stats, applied = train_step(accelerator, model, optimizer, loss_fn, batches, cfg)
+            scheduler.step()
+            progress.step += 1
+            progress.micro += o.grad_accum_steps
+            count_bad_steps(progress, applied, t.max_bad_steps)
+            epoch_done = progress.micro >= schedule.micro_batches(progress.epoch)
+            if epoch_done:
+                progress.epoch += 1
+                progress.micro = 0
+                loader.close()
+                loader = loader_it = None
+            elapsed = time.perf_counter() - started
+            stats.add(step_stats, global_batch, elapsed)
+            bar.update(1)
+            if progress.step % t.log_every_steps == 0 or progress.step == schedule.total_steps:
+                log_train_scalars(accelerator, stats, optimizer, progress, bar)
+                skipped_total += stats.skipped_samples
+                stats = StepStats()
+
+            last = progress.step == schedule.total_steps
+            validate = last or (t.val_every_steps > 0 and progress.step % t.val_every_steps == 0) \
+                or (t.val_every_steps == 0 and epoch_done)
+            if validate:
+                validate_and_keep_best(accelerator, model, data, cfg, progress, run_dir)
+            if validate or (t.save_every_steps and progress.step % t.save_every_steps == 0):
+                save_training_state(accelerator, run_dir, progress, t.keep_states)
+                last_saved = progress.step
+    finally:
+        bar.close()
+        if loader is not None:
+            loader.close()
+    skipped_total += stats.skipped_samples
+    if skipped_total:
+        log.warning("rank %d skipped %d bad training samples in this segment", rank,
+                    skipped_total)
+    return EXIT_OK, model

@@ -1,0 +1,129 @@
+"""W&B tracking: run identity across requeues, overlay images, and an offline run's files.
+
+The offline run's `.wandb` file is a LevelDB-style log of protobuf records (wandb 0.31 no
+longer ships a Python reader), decoded here with the `Record` message wandb ships.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lesionseg.tracking import CONFIG_COPY, RUN_ID_FILE, overlay_image, run_identity
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 32768  # LevelDB log block size used by wandb's transaction log
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path) -> Iterator[object]:
+    """Every protobuf Record of an offline run's run-*.wandb file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            raw = chunk
+        elif kind == FIRST:
+            pending = chunk
+            continue
+        elif kind == MIDDLE:
+            pending += chunk
+            continue
+        else:
+            raw = pending + chunk
+        record = pb.Record()
+        record.ParseFromString(raw)
+        yield record
+
+
+def history_rows(run_dir: Path) -> list[dict[str, object]]:
+    """The logged history rows ({key: value}) of an offline run folder."""
+    rows = []
+    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                         for i in record.history.item})
+    return rows
+
+
+def test_run_identity_keeps_the_id_and_numbers_offline_segments(tmp_path):
+    first = run_identity(tmp_path, "offline")
+    base = (tmp_path / RUN_ID_FILE).read_text().strip()
+    assert first == (base, base, 1)
+    assert run_identity(tmp_path, "offline") == (f"{base}-2", base, 2)
+    assert run_identity(tmp_path, "online") == (base, base, 3)  # online resumes the same run
+
+
+def test_overlay_image_carries_prediction_and_truth_masks():
+    image = torch.rand(3, 16, 20)
+    pred = torch.zeros(1, 16, 20, dtype=torch.bool)
+    pred[0, 4:8, 5:9] = True
+    truth = torch.zeros(16, 20, dtype=torch.uint8)
+    truth[3:9, 4:10] = 1
+    img = overlay_image(image, pred, truth, "ISIC_0000001")
+    assert set(img._masks) == {"prediction", "ground_truth"}
+    assert img._masks["prediction"]._val["mask_data"].sum() == 16
+    assert img._masks["ground_truth"]._val["class_labels"] == {0: "background", 1: "lesion"}
+
+
+@pytest.mark.slow
+def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
+    out = tmp_path / "run"
+    args = [f"data.shards={packed_shards}", "data.image_size=64", "data.batch_size=2",
+            "data.num_workers=0", "model.encoder_weights=null", "optim.max_steps=4",
+            "train.val_every_steps=2", "train.log_every_steps=1", "train.num_threads=1",
+            "tracking.backend=wandb", "tracking.log_images=2", f"train.output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [Path(p) for p in glob.glob(str(out / "wandb" / "offline-run-*"))]
+    assert len(runs) == 1
+    run = runs[0]
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    assert run.name.endswith(run_id)
+    assert "optim" in (run / "files" / CONFIG_COPY).read_text()
+
+    rows = history_rows(run)
+    train_rows = [row for row in rows if "train/loss" in row]
+    assert [row["_step"] for row in train_rows] == [1, 2, 3, 4]
+    for key in ("train/bce", "train/dice", "train/iou", "train/lr", "train/grad_norm",
+                "train/images_per_s"):
+        assert all(key in row for row in train_rows), key
+    val_rows = [row for row in rows if "val/dice" in row]
+    assert [row["_step"] for row in val_rows] == [2, 4]
+    overlays = [row for row in rows if "val/overlays/_type" in row]
+    assert len(overlays) == 2 and all(row["val/overlays/count"] == 2 for row in overlays)
+    masks = overlays[0]["val/overlays/all_masks"]
+    assert all(set(m) == {"prediction", "ground_truth"} for m in masks)
+    for row in overlays:  # every image and mask file a row refers to was written
+        files = row["val/overlays/filenames"] + [
+            m[kind]["path"] for m in row["val/overlays/all_masks"] for kind in m]
+        assert len(files) == 6 and all((run / "files" / f).is_file() for f in files), files
+
+    configs = [rec for rec in wandb_records(next(run.glob("run-*.wandb")))
+               if rec.WhichOneof("record_type") == "config"]
+    keys = {item.key for rec in configs for item in rec.config.update}
+    assert {"data", "model", "optim", "train", "tracking"} <= keys

@@ -1,0 +1,353 @@
+"""The training job: pipeline units, and end-to-end runs of `jobs/train.py` as a user runs it.
+
+End-to-end runs are tiny (64 px, batch 2, a few steps, one CPU thread per process) and use the
+shared `packed_shards` fixture (10 train samples in 3 shards, 6 val samples in 2 shards).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lesionseg.config import Config, load_config
+from lesionseg.errors import EXIT_RESUME, EXIT_USAGE
+from lesionseg.metrics import METRIC_NAMES
+from lesionseg.training import (
+    DataError,
+    TrainStream,
+    ValStream,
+    build_model,
+    evaluate_checkpoint,
+    lr_factor,
+    plan_data,
+    plan_schedule,
+    requested_cpu_processes,
+    shuffled,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "jobs" / "train.py"
+# Small and fast; one thread per process so that runs are also bit-reproducible.
+TINY = ["data.image_size=64", "data.batch_size=2", "data.num_workers=1",
+        "model.encoder_weights=null", "tracking.backend=none", "train.num_threads=1",
+        "train.log_every_steps=1", "optim.warmup_steps=1"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(args: list[str], cwd: Path | None = None,
+              timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python jobs/train.py ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(args: list[str], log: Path) -> subprocess.Popen:
+    """The same, in the background, output to `log`."""
+    out = open(log, "w")  # noqa: SIM115 - the child process holds it
+    return subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args], env=_env(),
+                            stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `path` exists (the run must still be going)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended (status {proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.05)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["state_dict"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_cfg(**data: object) -> Config:
+    cfg = load_config(None, ["data.image_size=48", "data.batch_size=2", "data.shuffle_buffer=4"])
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg
+
+
+# ============================================================================ units
+
+
+def test_schedule_from_counts_and_max_steps():
+    cfg = load_config(None, ["data.batch_size=2", "optim.grad_accum_steps=2", "optim.epochs=3"])
+    s = plan_schedule(cfg, train_count=40, world=2)
+    assert (s.steps_per_epoch, s.total_steps, s.epochs) == (5, 15, 3)
+    assert s.micro_batches(0) == 10 and s.micro_batches(3) == 0
+    cfg = load_config(None, ["data.batch_size=2", "optim.max_steps=7", "optim.steps_per_epoch=3"])
+    s = plan_schedule(cfg, train_count=1000, world=1)
+    assert (s.total_steps, s.epochs, s.micro_batches(2)) == (7, 3, 1)
+
+
+def test_lr_warmup_then_cosine():
+    factors = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == pytest.approx(1.0) and factors[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
+
+
+def test_seeded_shuffle_buffer_is_a_permutation():
+    out = list(shuffled(iter(range(50)), 8, random.Random(1)))
+    assert sorted(out) == list(range(50)) and out != list(range(50))
+    assert out == list(shuffled(iter(range(50)), 8, random.Random(1)))
+
+
+def _ids(loader: DataLoader) -> list[list[str]]:
+    return [b["id"] for b in loader]
+
+
+def test_train_stream_is_deterministic_and_resume_skips_exactly(packed_shards):
+    """With 2 workers: a stream started at batch 3 yields exactly batches 3… of the full one
+    (ids and pixels), and every rank yields the same number of batches."""
+    urls = plan_data(str(packed_shards)).train_urls
+    cfg = tiny_cfg()
+
+    def batches(rank: int, start: int) -> list[dict]:
+        ds = TrainStream(urls, cfg, epoch=1, rank=rank, world=2, batches=7, start=start)
+        return list(DataLoader(ds, batch_size=None, num_workers=2))
+
+    full, again, resumed = batches(0, 0), batches(0, 0), batches(0, 3)
+    other_rank = batches(1, 0)
+    assert len(full) == len(other_rank) == 7 and len(resumed) == 4
+    assert [b["id"] for b in full] == [b["id"] for b in again]
+    assert [b["id"] for b in full] != [b["id"] for b in other_rank]
+    for a, b in zip(full[3:], resumed, strict=True):
+        assert a["id"] == b["id"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert full[0]["image"].shape == (2, 3, 48, 48) and full[0]["mask"].dtype == torch.uint8
+
+
+def test_val_stream_covers_every_sample_exactly_once(packed_shards):
+    data = plan_data(str(packed_shards))
+    cfg = tiny_cfg()
+    seen = []
+    for rank in range(2):
+        loader = DataLoader(ValStream(data.val_urls, cfg, rank, 2), batch_size=None,
+                            num_workers=2)
+        seen += [i for b in loader for i in b["id"]]
+    assert len(seen) == len(set(seen)) == data.val_count
+
+
+def test_missing_or_empty_shard_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="folder not found"):
+        plan_data(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="manifest.json"):
+        plan_data(str(tmp_path / "empty"))
+
+
+def _shard_without_mask(packed_shards: Path, out: Path) -> tuple[str, str]:
+    """Copy train-000000.tar dropping the first sample's .png; returns (url, that id)."""
+    src = packed_shards / "train-000000.tar"
+    dropped = None
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        for member in tin:
+            key, ext = member.name.split(".", 1)
+            if dropped is None and ext == "png":
+                dropped = key
+                continue
+            tout.addfile(member, io.BytesIO(tin.extractfile(member).read()))
+    return str(out), dropped
+
+
+def test_sample_without_mask_raises_or_is_skipped(packed_shards, tmp_path):
+    url, missing = _shard_without_mask(packed_shards, tmp_path / "train-000000.tar")
+    with pytest.raises(DataError, match=f"{missing}.*png.*data.on_error=skip"):
+        list(TrainStream((url,), tiny_cfg(), 0, 0, 1, batches=3))
+    batches = list(TrainStream((url,), tiny_cfg(on_error="skip"), 0, 0, 1, batches=3))
+    assert all(len(b["id"]) == 2 for b in batches)  # refilled from the same batch
+    skipped = [m for b in batches for m in b["skipped"]]
+    assert skipped and all(missing in m for m in skipped)
+
+
+def test_cpu_launch_with_one_process_is_detected():
+    parent = ["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--cpu",
+              "--num_processes", "2", "jobs/train.py"]
+    env = {"ACCELERATE_USE_CPU": "True"}
+    assert requested_cpu_processes(env, parent) == 2
+    assert requested_cpu_processes(env, [*parent[:4], "--num-processes=3"]) == 3
+    assert requested_cpu_processes({**env, "WORLD_SIZE": "2"}, parent) == 1  # real ranks
+    assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False"}, parent) == 1
+    assert requested_cpu_processes(env, ["bash", "run.sh"]) == 1
+
+
+# ============================================================================ end to end
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_weights_config_and_states(packed_shards, tmp_path):
+    out = tmp_path / "run"
+    r = run_train(["--config", str(ROOT / "tests" / "train_tiny.yaml"),
+                   f"data.shards={packed_shards}", "optim.max_steps=4",
+                   "train.val_every_steps=2", "train.keep_states=1", f"train.output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 1" in r.stderr and "effective batch 2" in r.stderr
+    for name in ("best.pt", "last.pt"):
+        payload = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert payload["state_dict"] and payload["meta"]["step"] in (2, 4)
+    assert torch.load(out / "last.pt", weights_only=True)["meta"]["step"] == 4
+    cfg = load_config(out / "config.yaml")
+    assert cfg.data.shards == str(packed_shards) and cfg.optim.max_steps == 4
+    assert cfg.data.image_size == 64 and cfg.model.encoder_weights is None  # from the YAML
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4] and all(x["images"] == 6 for x in lines)
+    assert [p.name for p in (out / "states").iterdir()] == ["step-0000004"]
+
+
+@pytest.mark.slow
+def test_two_ranks_finish_and_match_one_process_evaluation(packed_shards, tmp_path):
+    """2 gloo ranks on 3 train shards (uneven per rank) finish; the distributed validation
+    of the final weights equals a 1-process evaluation of last.pt."""
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).with_name("accelerate")
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), str(TRAIN_SCRIPT), f"data.shards={packed_shards}", *TINY,
+           "optim.max_steps=8", "optim.lr=0.01", "optim.encoder_lr_mult=1",
+           f"train.output_dir={out}"]
+    r = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "world size 2 (MULTI_CPU)" in r.stderr
+    distributed = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert distributed["step"] == 8 and distributed["images"] == 6
+    single = evaluate_checkpoint(out / "last.pt", batch_size=4)
+    for name in METRIC_NAMES:
+        assert distributed[name] == single[name], name
+
+
+@pytest.mark.slow
+def test_bf16_autocast_with_gradient_accumulation(packed_shards, tmp_path):
+    out = tmp_path / "run"
+    r = run_train([f"data.shards={packed_shards}", *TINY, "optim.max_steps=2",
+                   "train.mixed_precision=bf16", "optim.grad_accum_steps=2",
+                   f"train.output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mixed precision bf16" in r.stderr
+    assert "× 2 accumulation steps = effective batch 4" in r.stderr
+    state = load_state_dict(out / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_stop_signal_then_kill_then_resume_ends_identical(packed_shards, tmp_path):
+    """Reference run A; run B gets SIGUSR1 (state saved, exit 75), resumes, is SIGKILLed at a
+    random moment, resumes again: B's last.pt equals A's bit for bit (BN statistics too).
+    Two workers, gradient accumulation and mid-epoch states exercise the data position."""
+    args = [f"data.shards={packed_shards}", *TINY, "data.num_workers=2",
+            "optim.grad_accum_steps=2", "optim.max_steps=9", "optim.steps_per_epoch=4",
+            "train.save_every_steps=1", "train.val_every_steps=3", "train.keep_states=2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_train([*args, f"train.output_dir={a}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    proc = start_train([*args, f"train.output_dir={b}"], tmp_path / "b1.log")
+    wait_for(b / "states" / "step-0000002", proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == EXIT_RESUME, (tmp_path / "b1.log").read_text()[-3000:]
+    stopped_at = max(int(p.name.split("-")[1]) for p in (b / "states").glob("step-*"))
+    assert 2 <= stopped_at < 9
+
+    proc = start_train([*args, f"train.output_dir={b}"], tmp_path / "b2.log")
+    wait_for(b / "states" / f"step-{stopped_at + 1:07d}", proc)
+    time.sleep(random.uniform(0.0, 0.8))
+    proc.kill()
+    proc.wait(timeout=60)
+    log2 = (tmp_path / "b2.log").read_text()
+    assert f"step {stopped_at}" in log2 and "resumed from" in log2
+
+    r = run_train([*args, f"train.output_dir={b}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    sa, sb = load_state_dict(a / "last.pt"), load_state_dict(b / "last.pt")
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert any("running_mean" in k for k in sa)
+
+
+@pytest.mark.slow
+def test_frozen_encoder_is_unchanged_by_training(packed_shards, tmp_path):
+    from accelerate.utils import set_seed
+
+    out = tmp_path / "run"
+    r = run_train([f"data.shards={packed_shards}", *TINY, "optim.max_steps=3",
+                   "model.freeze_encoder=true", f"train.output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = load_state_dict(out / "last.pt")
+    set_seed(0)  # train.seed: the same initial weights as the run
+    initial = build_model(load_config(out / "config.yaml")).state_dict()
+    encoder = [k for k in initial if k.startswith("encoder.")]
+    decoder = [k for k in initial if k.startswith("decoder.") and "weight" in k]
+    assert all(torch.equal(initial[k], trained[k]) for k in encoder)  # BN statistics too
+    assert any(not torch.equal(initial[k], trained[k]) for k in decoder)
+
+
+@pytest.mark.slow
+def test_no_argument_default_builds_demo_data_and_trains(tmp_path):
+    """`python jobs/train.py` with only shortening overrides: builds the demo set under
+    shards/demo, trains, writes best.pt and says it was demo data."""
+    r = run_train(["data.demo_cases=12", "data.image_size=64", "data.batch_size=2",
+                   "optim.max_steps=2", "tracking.backend=none", "data.num_workers=0"],
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "shards" / "demo" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "demo" / "best.pt").is_file()
+    assert "DEMO on synthetic data" in r.stderr and "data.shards=" in r.stderr
+    cfg = load_config(tmp_path / "runs" / "demo" / "config.yaml")
+    assert cfg.model.encoder_weights is None and cfg.data.shards == "shards/demo"
+
+
+@pytest.mark.slow
+def test_corrupt_shard_is_a_clear_one_line_error(packed_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(packed_shards, shards)
+    bad = shards / "train-000001.tar"
+    data = bytearray(bad.read_bytes())
+    data[0:1024] = os.urandom(1024)  # the first tar header and part of the first file
+    bad.write_bytes(bytes(data))
+    r = run_train([f"data.shards={shards}", *TINY, "optim.max_steps=6",
+                   f"train.output_dir={tmp_path / 'run'}"], timeout=180)
+    assert r.returncode == EXIT_USAGE, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "train-000001.tar" in last and "corrupt" in last and "Traceback" not in r.stderr
+
+
+def test_non_finite_steps_are_counted_and_too_many_abort():
+    from lesionseg.training import Progress, TrainingError, count_bad_steps
+
+    progress = Progress(step=7)
+    count_bad_steps(progress, applied=False, max_bad=3)
+    count_bad_steps(progress, applied=True, max_bad=3)  # a good step resets the count
+    assert progress.bad_steps == 0
+    count_bad_steps(progress, applied=False, max_bad=3)
+    count_bad_steps(progress, applied=False, max_bad=3)
+    with pytest.raises(TrainingError, match="3 optimizer steps in a row.*non-finite"):
+        count_bad_steps(progress, applied=False, max_bad=3)
