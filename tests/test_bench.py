@@ -1,0 +1,62 @@
+"""Smoke test of the real bench code on tiny sizes: every case runs in its own process and
+bench.json carries the machine, the ratios at top level and positive figures. Not timed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lesionseg.bench import CASES, RATIOS, BenchPlan, format_table, peer_available, run_bench
+from lesionseg.cli import main
+
+TINY = BenchPlan(images=3, min_side=64, max_side=160, image_size=64, batch_size=2, warmup=0,
+                 repeats=1, data_batches=1, loop_steps=1, train_workers=1, infer_workers=1,
+                 race_cases=24, race_sides=(64, 128), race_size=64, race_budget_s=1.0,
+                 race_slice_s=0.5)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_bench_all_cases_tiny(tmp_path: Path) -> None:
+    doc = run_bench(TINY, CASES, tmp_path, threads=1)
+    doc = json.loads(json.dumps(doc))  # what bench.json holds
+
+    for key in ("cpu", "cores", "torch", "threads", "device"):
+        assert doc["machine"][key], key
+    for name in RATIOS:
+        assert name in doc, name
+        if name == "train_speedup_vs_smp" and not peer_available():
+            assert doc[name] is None
+        else:
+            assert _positive(doc[name]), (name, doc[name])
+        assert doc["targets"][name]["met"] in (True, False)
+
+    data, train, infer = (doc["cases"][c] for c in CASES)
+    for case in (data, train, infer):
+        assert _positive(case["memory"]["peak_rss_mb"])
+    assert _positive(data["shards_images_per_s"]["median"])
+    assert _positive(data["folder_images_per_s"]["median"])
+    assert all(_positive(s["median"]) for s in train["step_s"].values())
+    assert _positive(train["loop"]["loop_step_s"]["mean"])
+    assert _positive(train["loop"]["pure_step_s"]["mean"])
+    ours = train["model"]["ours"]
+    assert ours["params"] > ours["trainable_params"] - 1 > 1_000_000
+    assert _positive(ours["gmacs_384"])
+    assert train["model"]["ours_frozen_encoder"]["trainable_params"] < ours["params"]
+    assert 0 <= train["race"]["ours"]["val_dice"] <= 1 and train["race"]["ours"]["steps"] > 0
+    for key in ("job_images_per_s", "naive_images_per_s", "forward_images_per_s"):
+        assert _positive(infer[key]), key
+
+    table = format_table(doc)
+    assert "data_speedup_vs_folder" in table and "peak RSS" in table
+
+
+def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "data", "--repeats", "0", "--workdir", str(tmp_path)]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
