@@ -56,7 +56,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,23 @@ def _decode(raw: dict[str, Any], min_size: int) -> Any:
     return decode_sample(raw, min_size=min_size)
 
 
+def _prepare(raw: dict[str, Any], min_size: int, on_error: str, skipped: list[str],
+             transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+             ) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    """Decode one raw sample and transform it: (id, image, mask). A bad sample raises
+    DataError, or with data.on_error=skip is recorded in `skipped` and gives None."""
+    try:
+        sample = _decode(raw, min_size)
+        image, mask = transform(sample)
+    except (UserError, OSError, ValueError) as e:
+        if on_error != "skip":
+            raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
+                            "samples)") from None
+        skipped.append(_first_line(e))
+        return None
+    return sample.id, image, mask
+
+
 def _collate(ids: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
              skipped: list[str]) -> dict[str, Any]:
     return {"id": ids, "image": torch.stack(images), "mask": torch.stack(masks),
@@ -389,19 +406,14 @@ class TrainStream(IterableDataset):
         sample of the same batch (deterministic, and every batch keeps its size)."""
         ids, images, masks, skipped = [], [], [], []
         for index, raw in items:
-            try:
-                sample = _decode(raw, self.augment.size)
-                g = generator_for(self.seed, self.epoch, lane_id, index, sample.id)
-                image, mask = train_transform(sample.image, sample.mask, self.augment, g)
-            except (UserError, OSError, ValueError) as e:
-                if self.on_error != "skip":
-                    raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
-                                    "samples)") from None
-                skipped.append(_first_line(e))
+            done = _prepare(raw, self.augment.size, self.on_error, skipped, lambda s, i=index: (
+                train_transform(s.image, s.mask, self.augment,
+                                generator_for(self.seed, self.epoch, lane_id, i, s.id))))
+            if done is None:
                 continue
-            ids.append(sample.id)
-            images.append(image)
-            masks.append(mask)
+            ids.append(done[0])
+            images.append(done[1])
+            masks.append(done[2])
         if not ids:
             raise DataError(f"every sample of a training batch was bad, e.g. {skipped[0]}")
         for k in range(len(items) - len(ids)):
@@ -433,18 +445,13 @@ class ValStream(IterableDataset):
                 position += 1
                 if not mine:
                     continue
-                try:
-                    sample = _decode(raw, self.size)
-                    image, mask = eval_transform(sample.image, sample.mask, self.size)
-                except (UserError, OSError, ValueError) as e:
-                    if self.on_error != "skip":
-                        raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
-                                        "samples)") from None
-                    skipped.append(_first_line(e))
+                done = _prepare(raw, self.size, self.on_error, skipped,
+                                lambda s: eval_transform(s.image, s.mask, self.size))
+                if done is None:
                     continue
-                ids.append(sample.id)
-                images.append(image)
-                masks.append(mask)
+                ids.append(done[0])
+                images.append(done[1])
+                masks.append(done[2])
                 if len(ids) == self.batch_size:
                     yield _collate(ids, images, masks, skipped)
                     ids, images, masks, skipped = [], [], [], []
