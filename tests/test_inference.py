@@ -408,3 +408,17 @@ def test_two_processes_with_accelerate_equal_one(data: dict[str, Path], tmp_path
     assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
     assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(tmp_path / "two").values(),
                                                     mask_arrays(tmp_path / "one").values(), strict=True))
+
+
+def test_masks_folder_scores_the_same_in_the_official_isic_scorer(data: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """The masks/ folder goes to the official ISIC scorer as it is, and the scorer's macro means
+    equal summary.json's (the scorer is in the [dev] extra; this is the contract's proof)."""
+    scoring = pytest.importorskip("isic_challenge_scoring")
+    out = tmp_path / "out"
+    assert infer(data, out, data["images"], extra=("--masks", str(data["truth"]))) == 0
+    official = scoring.SegmentationScore.from_dir(data["truth"], out / "masks").to_dict()
+    ours = json.loads((out / "summary.json").read_text())["means"]
+    assert ours["images"] == N_CASES
+    for name in ("accuracy", "dice", "jaccard", "sensitivity", "specificity", "threshold_jaccard"):
+        assert ours[name] == pytest.approx(official["macro_average"][name], abs=1e-12), name
