@@ -12,6 +12,7 @@ process ever averages averages and no image is counted twice.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 METRIC_NAMES = ("accuracy", "dice", "jaccard", "sensitivity", "specificity", "threshold_jaccard")
@@ -58,9 +59,18 @@ def confusion_counts(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     # Per image, whole-tensor count_nonzero: on the CPU torch's per-dim integer reductions cost
     # ~10 ns/pixel (0.7 s for a 4288x2848 mask), count_nonzero ~1 ns. fp, fn, tn follow from
     # tp and the two totals.
+    # On the CPU numpy's count_nonzero over the same memory is another ~15x faster (2 vs 35 ms
+    # on a 13 MP mask), which matters in the inference job's per-image finishing threads.
     n = p.shape[1]
     rows = []
     for pi, ti in zip(p, t, strict=True):
+        if pi.device.type == "cpu":
+            a, b = pi.numpy(), ti.numpy()
+            tp, pred_pos, true_pos = (int(np.count_nonzero(a & b)), int(np.count_nonzero(a)),
+                                      int(np.count_nonzero(b)))
+            rows.append(torch.tensor([tp, pred_pos - tp, true_pos - tp,
+                                      n - pred_pos - true_pos + tp], dtype=torch.long))
+            continue
         tp, pred_pos, true_pos = (torch.count_nonzero(pi & ti), torch.count_nonzero(pi),
                                   torch.count_nonzero(ti))
         rows.append(torch.stack([tp, pred_pos - tp, true_pos - tp, n - pred_pos - true_pos + tp]))
