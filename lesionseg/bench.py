@@ -46,7 +46,7 @@ CASES = ("data", "train", "infer")
 SCHEMA = "lesionseg-bench/1"
 SOURCE_SEED = 0  # seed of the full-size synthetic source (data and infer cases)
 RACE_SEED = 1  # seed of the demo-sized data set of the equal-time training race
-SMALL_STORE_FACTOR = 4 / 3  # data case: also shards stored at this × image_size (512 for 384)
+OTHER_STORE_SIDE = 1024  # data case: also shards stored with this longest side (more detail)
 RACE_VAL_FRACTION = 0.2  # of the race's cases, validated (more than the default: less noise)
 PEER_NAME = 'smp.Unet("mobilenet_v2", encoder_weights=None)'
 MACS_SIDE = 384  # multiply-accumulates are counted for one image of this side
@@ -124,7 +124,7 @@ def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
     if quick:
         plan = dataclasses.replace(
             plan, images=16, repeats=3, data_batches=2, loop_steps=5, race_cases=200,
-            race_sides=(160, 480), race_size=128, race_budget_s=60.0, race_slice_s=6.0)
+            race_sides=(160, 480), race_size=128, race_budget_s=90.0, race_slice_s=6.0)
     return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("case", nargs="?", default="all", choices=(*CASES, "all"),
                         help="which benchmark to run (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer images and repeats, a 60 s training race at 128² "
+                        help="fewer images and repeats, a 90 s training race at 128² "
                              "(about 5-8 minutes on 2 cores)")
     parser.add_argument("--out", default="bench.json", metavar="FILE",
                         help="where to write the JSON results (default: bench.json)")
@@ -462,7 +462,7 @@ class FolderLoader:
         import torch
 
         from lesionseg.data.images import load_image, load_mask
-        from lesionseg.data.transforms import generator_for, train_transform
+        from lesionseg.data.transforms import generator_for, stack_images, train_transform
 
         images, masks = [], []
         for _ in range(self.batch_size):
@@ -474,7 +474,7 @@ class FolderLoader:
             images.append(x)
             masks.append(y)
             self.position += 1
-        return {"image": torch.stack(images), "mask": torch.stack(masks)}
+        return {"image": stack_images(images), "mask": torch.stack(masks)}
 
 
 def shard_loader(shards: Path, cfg: Any, workers: int) -> Any:
@@ -494,10 +494,17 @@ def shard_loader(shards: Path, cfg: Any, workers: int) -> Any:
 def data_stage_costs(pairs: list[tuple[Path, Path]], shards: Path,
                      cfg: Any) -> dict[str, Any]:
     """Milliseconds per image (one thread) of each stage, for both paths: decode (shard
-    sample at a reduced JPEG scale vs the full-size files) and the same training transform."""
+    sample at the JPEG scale its drawn crop needs vs the full-size files) and the same
+    training transform."""
     from lesionseg.data.images import load_image, load_mask
-    from lesionseg.data.shards import decode_sample, iter_raw, split_urls
-    from lesionseg.data.transforms import AugmentParams, generator_for, train_transform
+    from lesionseg.data.shards import decode_sample, iter_raw, raw_image_size, split_urls
+    from lesionseg.data.transforms import (
+        AugmentParams,
+        apply_augmentation,
+        draw_augmentation,
+        generator_for,
+        train_transform,
+    )
 
     augment = AugmentParams.from_config(cfg.data)
     raws = list(iter_raw(split_urls(shards, "train")))
@@ -506,9 +513,10 @@ def data_stage_costs(pairs: list[tuple[Path, Path]], shards: Path,
                            "folder_transform"), 0.0)
     for i, raw in enumerate(raws):
         t0 = time.perf_counter()
-        sample = decode_sample(raw, min_size=augment.size)
+        aug = draw_augmentation(*raw_image_size(raw), augment, generator_for(0, i))
+        sample = decode_sample(raw, draft_size=aug.decode_size())
         t1 = time.perf_counter()
-        train_transform(sample.image, sample.mask, augment, generator_for(0, i))
+        apply_augmentation(sample.image, sample.mask, aug)
         spent["shard_decode"] += t1 - t0
         spent["shard_transform"] += time.perf_counter() - t1
     for i, (image_bytes, mask_bytes, image_name, mask_name) in enumerate(files):
@@ -537,24 +545,24 @@ def bench_data(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     cfg = _config([f"data.image_size={plan.image_size}", f"data.batch_size={plan.batch_size}"])
     folder = FolderLoader(pairs, plan.batch_size, cfg.data)
     images = plan.data_batches * plan.batch_size
-    # The same pipeline on shards stored smaller: how much the stored size (pack.max_side)
-    # decides, for a choice between image quality and decode time.
-    small_side = round(plan.image_size * SMALL_STORE_FACTOR)
-    small, _ = packed(source, workdir / f"shards-full-{small_side}", max_side=small_side)
+    # The same pipeline on shards stored larger: how much the stored size (pack.max_side)
+    # decides, for a choice between image detail and decode time.
+    other_side = OTHER_STORE_SIDE
+    other, _ = packed(source, workdir / f"shards-full-{other_side}", max_side=other_side)
     with shard_loader(shards, cfg, workers=0) as loader, \
-            shard_loader(small, cfg, workers=0) as small_loader:
-        pipeline, small_pipeline = iter(loader), iter(small_loader)
+            shard_loader(other, cfg, workers=0) as other_loader:
+        pipeline, other_pipeline = iter(loader), iter(other_loader)
         log.info("data: first shard batches (fill the %d-sample shuffle buffers)",
                  cfg.data.shuffle_buffer)
         next(pipeline)
-        next(small_pipeline)
+        next(other_pipeline)
 
         def rate(fn: Callable[[], Any]) -> float:
             return images / timed(lambda: [fn() for _ in range(plan.data_batches)])
 
         runs = interleaved({"folder": lambda: rate(folder.next_batch),
                             "shards": lambda: rate(lambda: next(pipeline)),
-                            "shards_small": lambda: rate(lambda: next(small_pipeline))},
+                            "shards_other": lambda: rate(lambda: next(other_pipeline))},
                            plan.warmup, plan.repeats)
     shard_s, folder_s = stats(runs["shards"]), stats(runs["folder"])
     stages = data_stage_costs(pairs, shards, cfg)
@@ -573,8 +581,8 @@ def bench_data(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         "pack_workers": cfg.pack.workers,
         "shards_images_per_s": shard_s, "folder_images_per_s": folder_s,
         "stages_ms_per_image": stages,
-        f"shards_max_side_{small_side}_images_per_s": stats(runs["shards_small"]),
-        f"speedup_at_max_side_{small_side}": _r(statistics.median(runs["shards_small"])
+        f"shards_max_side_{other_side}_images_per_s": stats(runs["shards_other"]),
+        f"speedup_at_max_side_{other_side}": _r(statistics.median(runs["shards_other"])
                                                 / folder_s["median"]),
         "ratios": {"data_speedup_vs_folder": _r(speedup)},
     }
@@ -652,6 +660,9 @@ def direct_step(v: StepVariant, loss_fn: Any, x: Any, y: Any, grad_clip: float) 
     the same sequence as training.train_step on one process; returns the loss."""
     import torch
 
+    from lesionseg.data.transforms import to_float_images
+
+    x = to_float_images(x)
     if v.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=v.amp or torch.bfloat16, enabled=v.amp is not None):
@@ -1004,7 +1015,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
 
     from lesionseg.checkpoint import build_model_from_checkpoint
     from lesionseg.data.images import load_image
-    from lesionseg.data.transforms import eval_transform
+    from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
     from lesionseg.inference import load_predictor, run_inference
 
     source = full_size_source(workdir, plan)
@@ -1015,8 +1026,9 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     naive_model, _, _ = build_model_from_checkpoint(ckpt)
     predictor, _, _ = load_predictor(ckpt, cfg.infer, torch.device("cpu"))
     log.info("infer: decoding %d images for the pure-forward baseline", len(pairs))
-    tensors = torch.stack([eval_transform(load_image(p.read_bytes(), str(p))[0], None,
-                                          plan.image_size)[0] for p, _ in pairs])
+    tensors = to_float_images(stack_images([
+        eval_transform(load_image(p.read_bytes(), str(p))[0], None, plan.image_size)[0]
+        for p, _ in pairs]))
     runs_dir = workdir / "infer-runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     counter = {"n": 0}

@@ -44,7 +44,9 @@ class DataConfig:
 class PackConfig:
     val_fraction: float = 0.1  # fraction of training cases sent to val, chosen by a hash of (seed, id)
     split_seed: int = 0  # seed of the train/val split
-    max_side: int = 1024  # store images with this longest side (downscaled only); 0 keeps original bytes
+    # Store images with this longest side (downscaled only), 4/3 of the default image_size so
+    # that whole-image crops are not upsampled; 0 keeps the original bytes.
+    max_side: int = 512
     jpeg_quality: int = 95  # quality of re-encoded JPEGs
     shard_max_samples: int = 500  # at most this many samples per shard
     shard_max_bytes: int = 1_000_000_000  # at most about this many bytes per shard (tar headers counted)
@@ -57,7 +59,7 @@ class ModelConfig:
     encoder_weights: str | None = "imagenet"  # null (random), imagenet (torchvision cache) or a state-dict file
     freeze_encoder: bool = False  # no gradients to the encoder; its BatchNorm statistics stay fixed
     unfreeze_after_epochs: int = 0  # with freeze_encoder: train the encoder too from this epoch on (0 = never)
-    decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32, 24])  # widths, deep to shallow
+    decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32])  # widths at strides 16, 8, 4, 2
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = False  # torch.compile the model
 
@@ -180,8 +182,8 @@ def validate(cfg: Config) -> Config:
     _check(p.shard_max_samples >= 1, "pack.shard_max_samples", p.shard_max_samples, "must be >= 1")
     _check(p.shard_max_bytes >= 1, "pack.shard_max_bytes", p.shard_max_bytes, "must be >= 1")
     _check(p.workers >= 1, "pack.workers", p.workers, "must be >= 1")
-    _check(len(m.decoder_channels) == 5, "model.decoder_channels", m.decoder_channels,
-           "needs 5 widths (strides 16, 8, 4, 2, 1)")
+    _check(len(m.decoder_channels) == 4, "model.decoder_channels", m.decoder_channels,
+           "needs 4 widths (strides 16, 8, 4, 2)")
     _check(all(c >= 1 for c in m.decoder_channels), "model.decoder_channels", m.decoder_channels,
            "widths must be >= 1")
     _check(m.unfreeze_after_epochs >= 0, "model.unfreeze_after_epochs", m.unfreeze_after_epochs, "must be >= 0")

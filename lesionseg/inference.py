@@ -32,18 +32,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lesionseg.config import Config, InferConfig, load_config, to_dict
-from lesionseg.data.images import encode_jpeg, encode_png, load_image, load_mask, write_mask
+from lesionseg.data.cv import cv2
+from lesionseg.data.images import encode_grey_png, encode_jpeg, load_image, load_mask, write_mask
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
-from lesionseg.data.transforms import eval_transform
+from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
-from lesionseg.metrics import METRIC_NAMES, confusion_counts, scores, summarize
+from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 
 log = logging.getLogger(__name__)
 
@@ -203,21 +203,23 @@ class ItemDataset(Dataset):
 
 
 def decode_item(item: Item, image_size: int, preview_side: int) -> dict[str, Any]:
-    """Image → eval-transformed float tensor; truth → packed bits at the original size."""
+    """Image → eval-transformed tensor; truth → packed bits (1 = lesion) at the original size,
+    row-major, h*w bits; preview → an RGB array of at most preview_side pixels a side."""
     data = item.image.read()
     img, display = load_image(data, item.origin, min_size=image_size)
     size = item.orig_size or display
     x, _ = eval_transform(img, None, image_size)
     out: dict[str, Any] = {"image": x, "size": size, "truth_bits": None, "truth_error": None,
                            "truth_note": "", "preview": None}
-    if preview_side:
-        preview = img.copy()
-        preview.thumbnail((preview_side, preview_side), Image.BILINEAR)
-        out["preview"] = np.asarray(preview)
+    if preview_side:  # img is not needed any more: shrink it in place (no copy)
+        img.thumbnail((preview_side, preview_side), Image.BILINEAR)
+        out["preview"] = np.asarray(img)
     if item.truth is not None:
         try:
             truth, note = read_truth(item, size, display)
-            out["truth_bits"], out["truth_note"] = np.packbits(np.asarray(truth) > 128), note
+            # load_mask gives exactly 0/255, so packbits' "nonzero" is the ISIC "> 128". Packed,
+            # the truth crosses to the main process as 1/8 of the bytes (pickled, not shm).
+            out["truth_bits"], out["truth_note"] = np.packbits(np.asarray(truth)), note
         except UserError as e:
             out["truth_error"] = str(e)
         except Exception as e:  # unreadable truth: the prediction is still written
@@ -241,7 +243,7 @@ def read_truth(item: Item, size: tuple[int, int],
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack the decoded images; keep per-item extras (and failures) as lists."""
     good = [s for s in samples if "error" not in s]
-    images = torch.stack([s.pop("image") for s in good]) if good else None
+    images = stack_images([s.pop("image") for s in good]) if good else None
     return {"images": images, "good": good, "failed": [s for s in samples if "error" in s]}
 
 
@@ -250,7 +252,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class Predictor:
-    """The model on its device; `__call__` maps a float batch to probabilities at S×S."""
+    """The model on its device; `__call__` maps a uint8 (or float [0, 1]) batch to
+    probabilities at S×S."""
 
     model: torch.nn.Module
     device: torch.device
@@ -259,7 +262,8 @@ class Predictor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = to_float_images(images.to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
         n = x.shape[0]
         if self.tta:
             x = torch.cat([x, x.flip(-1), x.flip(-2)])
@@ -305,15 +309,21 @@ class OutputSpec:
 
 def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
     """Upsample one probability map to the original size, threshold, write the mask (and
-    optional extras), score it against the truth; returns the image's row. Runs in a thread."""
+    optional extras), score it against the truth; returns the image's row. Runs in a thread.
+
+    The upsampling is bilinear with pixel centres aligned (as F.interpolate with
+    align_corners=False) in float32, by cv2 (~4x cheaper than torch on one thread); the
+    prediction is exactly "probability > infer.threshold", compared in float32 (as torch does
+    with a Python float). The mask stays a uint8 0/255 array from the compare to the PNG; the
+    scores come from it and the 0/1 truth bits without any bool or tensor copies."""
     h, w = sample["size"]
-    full = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    pred = full > spec.threshold
-    write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred.numpy())
-    if spec.save_probs:
-        probs8 = (full * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
-        atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png",
-                           encode_png(Image.fromarray(probs8, mode="L"), compress_level=1))
+    p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
+    full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
+    pred = cv2.compare(full, float(spec.threshold), cv2.CMP_GT)  # uint8: 255 where prob > t
+    write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
+    if spec.save_probs:  # round(prob * 255), ties to even as torch's round
+        probs8 = cv2.convertScaleAbs(full, alpha=255.0)
+        atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png", encode_grey_png(probs8))
     del full
     row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
                            "status": "no_truth", "reason": ""}
@@ -321,17 +331,16 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     if sample["truth_error"]:
         row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")
     elif sample["truth_bits"] is not None:
-        bits = np.unpackbits(sample["truth_bits"], count=h * w).reshape(h, w)
-        truth = torch.from_numpy(bits).bool()
-        tp, fp, fn, tn = confusion_counts(pred, truth)[0].tolist()
+        truth = np.unpackbits(sample["truth_bits"], count=h * w).reshape(h, w)  # uint8 0/1
+        tp, fp, fn, tn = binary_counts(pred, truth)
         row.update(status="ok", reason=sample["truth_note"], tp=tp, fp=fp, fn=fn, tn=tn)
     if sample["preview"] is not None:
         write_previews(item.id, sample["preview"], pred, truth, spec)
     return row
 
 
-def write_previews(image_id: str, preview: np.ndarray, pred: torch.Tensor,
-                   truth: torch.Tensor | None, spec: OutputSpec) -> None:
+def write_previews(image_id: str, preview: np.ndarray, pred: np.ndarray,
+                   truth: np.ndarray | None, spec: OutputSpec) -> None:
     """Overlay JPEG (prediction filled red, truth outlined green) and/or report thumbnail."""
     overlay = render_overlay(preview, pred, truth)
     if spec.save_overlays:
@@ -341,24 +350,37 @@ def write_previews(image_id: str, preview: np.ndarray, pred: torch.Tensor,
         atomic_write_bytes(spec.out / THUMBS / f"{image_id}.jpg", encode_jpeg(overlay, 80))
 
 
-def _mask_at(mask: torch.Tensor, size: tuple[int, int]) -> Image.Image:
-    """A full-size bool mask as an L image at (width, height) = size (nearest)."""
-    img = Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L")
-    return img.resize(size, Image.NEAREST)
+def _mask_at(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """A full-size mask (nonzero = lesion) as a 0/255 L image at (width, height) = size, by
+    nearest neighbour (pixel centres, as PIL's NEAREST). Only the output pixels are touched."""
+    arr = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.uint8)
+    small = cv2.resize(arr, size, interpolation=cv2.INTER_NEAREST_EXACT)
+    return Image.fromarray(cv2.compare(small, 0, cv2.CMP_GT), mode="L")
 
 
-def render_overlay(preview: np.ndarray, pred: torch.Tensor,
-                   truth: torch.Tensor | None) -> Image.Image:
-    """The image with the predicted lesion tinted red and the truth's outline in green."""
-    base = Image.fromarray(preview, mode="RGB")
-    pred_small = np.asarray(_mask_at(pred, base.size)) > 0
-    arr = np.asarray(base).astype(np.float32)
-    arr[pred_small] = arr[pred_small] * 0.55 + np.array([255, 0, 0], np.float32) * 0.45
+def render_overlay(preview: np.ndarray, pred: np.ndarray | torch.Tensor,
+                   truth: np.ndarray | torch.Tensor | None) -> Image.Image:
+    """The image with the predicted lesion tinted red and the truth's outline in green.
+
+    Whole-array arithmetic (np.where) and cv2.erode: boolean fancy indexing of the RGB pixels
+    and PIL's sort-based MinFilter cost ~3 ms each on a 256-pixel preview."""
+    size = (preview.shape[1], preview.shape[0])
+    arr = preview.astype(np.float32)
+    tinted = arr * 0.55 + _RED * 0.45
+    arr = np.where(np.asarray(_mask_at(pred, size))[..., None] > 0, tinted, arr)
+    out = arr.round().astype(np.uint8)
     if truth is not None:
-        t = _mask_at(truth, base.size)
-        edge = np.asarray(t) ^ np.asarray(t.filter(ImageFilter.MinFilter(3)))
-        arr[edge > 0] = (0, 255, 0)
-    return Image.fromarray(arr.round().astype(np.uint8), mode="RGB")
+        t = np.asarray(_mask_at(truth, size))
+        # Outline: the mask minus its 3x3 erosion (outside the image counts as the nearest pixel).
+        edge = t ^ cv2.erode(t, _KERNEL_3X3, borderType=cv2.BORDER_REPLICATE)
+        out[edge > 0] = (0, 255, 0)
+    return Image.fromarray(out, mode="RGB")
+
+
+_RED = np.array([255, 0, 0], np.float32)
+_KERNEL_3X3 = np.ones((3, 3), np.uint8)
 
 
 # --------------------------------------------------------------------------- part files

@@ -109,11 +109,13 @@ def start(accelerator: Any, cfg: Config, run_dir: Path, resumed_step: int = 0) -
 
 def overlay_image(image: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor | None,
                   caption: str) -> Any:
-    """A `wandb.Image` of one RGB float image (3×H×W, [0, 1]) with its prediction and truth
-    (H×W or 1×H×W, bool or {0, 1}) as class masks 0 = background, 1 = lesion."""
+    """A `wandb.Image` of one RGB image (3×H×W, uint8 or float in [0, 1]) with its prediction
+    and truth (H×W or 1×H×W, bool or {0, 1}) as class masks 0 = background, 1 = lesion."""
     import wandb
 
-    rgb = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    rgb = image.detach()
+    if rgb.dtype != torch.uint8:
+        rgb = (rgb.float().clamp(0, 1) * 255).round().to(torch.uint8)
     rgb = rgb.permute(1, 2, 0).cpu().numpy()
     masks = {"prediction": {"mask_data": _mask_array(pred), "class_labels": CLASS_LABELS}}
     if truth is not None:

@@ -65,7 +65,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lesionseg.config import Config, ConfigError, load_config, save_config, was_set
-from lesionseg.data.transforms import AugmentParams, eval_transform, generator_for, train_transform
+from lesionseg.data.transforms import (
+    AugmentParams,
+    apply_augmentation,
+    draw_augmentation,
+    eval_transform,
+    generator_for,
+    stack_images,
+    to_float_images,
+)
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError
 
 log = logging.getLogger(__name__)
@@ -238,6 +246,7 @@ class DataPlan:
     val_urls: tuple[str, ...]
     train_count: int
     val_count: int
+    max_side: int = 0  # pack.max_side the shards were packed with (0: original sizes)
 
 
 def plan_data(folder: str) -> DataPlan:
@@ -256,7 +265,17 @@ def plan_data(folder: str) -> DataPlan:
         for url in urls[split]:
             if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
                 raise DataError(f"{url}: shard listed in {folder}/manifest.json is missing")
-    return DataPlan(folder, urls["train"], urls["val"], counts["train"], counts["val"])
+    stored = int(manifest.get("options", {}).get("max_side") or 0)
+    return DataPlan(folder, urls["train"], urls["val"], counts["train"], counts["val"], stored)
+
+
+def check_stored_size(data: DataPlan, image_size: int) -> None:
+    """Warn when the shards were packed too small for data.image_size: every crop would be
+    upsampled (blurred) before the network sees it."""
+    if data.max_side and data.max_side * 3 < image_size * 4:
+        log.warning("data.image_size=%d but %s was packed at pack.max_side=%d: whole-image crops "
+                    "are upsampled; re-pack with pack.max_side >= %d for full detail",
+                    image_size, data.folder, data.max_side, math.ceil(image_size * 4 / 3))
 
 
 _WARNED_SHARDS: set[str] = set()
@@ -335,32 +354,47 @@ def shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[
     yield from buffer
 
 
-def _decode(raw: dict[str, Any], min_size: int) -> Any:
+def _augmented(raw: dict[str, Any], params: AugmentParams,
+               g: torch.Generator) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """A training sample: the augmentation is drawn from the stored size (header only), then
+    the JPEG is decoded at the smallest DCT scale that still holds the drawn crop at full
+    resolution, and warped once."""
+    from lesionseg.data.shards import decode_sample, raw_image_size
+
+    height, width = raw_image_size(raw)
+    aug = draw_augmentation(height, width, params, g)
+    sample = decode_sample(raw, draft_size=aug.decode_size())
+    image, mask = apply_augmentation(sample.image, sample.mask, aug)
+    return sample.id, image, mask
+
+
+def _evaluated(raw: dict[str, Any], size: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """A validation sample: the whole image resized to size×size (`eval_transform`)."""
     from lesionseg.data.shards import decode_sample
 
-    return decode_sample(raw, min_size=min_size)
+    sample = decode_sample(raw, min_size=size)
+    image, mask = eval_transform(sample.image, sample.mask, size)
+    return sample.id, image, mask
 
 
-def _prepare(raw: dict[str, Any], min_size: int, on_error: str, skipped: list[str],
-             transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-             ) -> tuple[str, torch.Tensor, torch.Tensor] | None:
-    """Decode one raw sample and transform it: (id, image, mask). A bad sample raises
-    DataError, or with data.on_error=skip is recorded in `skipped` and gives None."""
+def _prepare(make: Callable[[], tuple[str, torch.Tensor, torch.Tensor]], on_error: str,
+             skipped: list[str]) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+    """Decode and transform one raw sample: (id, image, mask). A bad sample raises DataError,
+    or with data.on_error=skip is recorded in `skipped` and gives None."""
     try:
-        sample = _decode(raw, min_size)
-        image, mask = transform(sample)
+        return make()
     except (UserError, OSError, ValueError) as e:
         if on_error != "skip":
             raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
                             "samples)") from None
         skipped.append(_first_line(e))
         return None
-    return sample.id, image, mask
 
 
 def _collate(ids: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
              skipped: list[str]) -> dict[str, Any]:
-    return {"id": ids, "image": torch.stack(images), "mask": torch.stack(masks),
+    """uint8 images stacked channels_last (float conversion happens on the device), masks."""
+    return {"id": ids, "image": stack_images(images), "mask": torch.stack(masks),
             "skipped": skipped}
 
 
@@ -406,9 +440,9 @@ class TrainStream(IterableDataset):
         sample of the same batch (deterministic, and every batch keeps its size)."""
         ids, images, masks, skipped = [], [], [], []
         for index, raw in items:
-            done = _prepare(raw, self.augment.size, self.on_error, skipped, lambda s, i=index: (
-                train_transform(s.image, s.mask, self.augment,
-                                generator_for(self.seed, self.epoch, lane_id, i, s.id))))
+            g = generator_for(self.seed, self.epoch, lane_id, index, raw.get("__key__"))
+            done = _prepare(lambda raw=raw, g=g: _augmented(raw, self.augment, g),
+                            self.on_error, skipped)
             if done is None:
                 continue
             ids.append(done[0])
@@ -445,8 +479,8 @@ class ValStream(IterableDataset):
                 position += 1
                 if not mine:
                     continue
-                done = _prepare(raw, self.size, self.on_error, skipped,
-                                lambda s: eval_transform(s.image, s.mask, self.size))
+                done = _prepare(lambda raw=raw: _evaluated(raw, self.size), self.on_error,
+                                skipped)
                 if done is None:
                     continue
                 ids.append(done[0])
@@ -755,7 +789,7 @@ def validation_counts(model: torch.nn.Module, loader: Any, device: torch.device,
                 log.warning("skipped a bad val sample: %s", msg)
             if not batch["id"]:
                 continue
-            x = batch["image"].to(device, non_blocking=True)
+            x = to_float_images(batch["image"].to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             truth = batch["mask"].to(device, non_blocking=True) > 0
@@ -894,7 +928,7 @@ def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, loss_fn
     local = torch.zeros(5, device=device)
     for i, batch in enumerate(batches):
         with accelerator.accumulate(model):
-            x = batch["image"].to(device, non_blocking=True)
+            x = to_float_images(batch["image"].to(device, non_blocking=True))
             if cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["mask"].to(device, non_blocking=True).float()
@@ -1033,6 +1067,8 @@ def train(cfg: Config, demo: bool = False) -> int:
     if demo:
         cfg.data.shards = build_demo_data(accelerator, cfg)
     data = plan_data(cfg.data.shards)
+    if main:
+        check_stored_size(data, cfg.data.image_size)
     schedule = plan_schedule(cfg, data.train_count, world)
     lanes = world * max(1, cfg.data.num_workers)
     if len(data.train_urls) < lanes and main:

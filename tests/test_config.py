@@ -20,7 +20,9 @@ from lesionseg.config import (
 def test_defaults_are_valid() -> None:
     cfg = load_config()
     assert isinstance(cfg, Config)
-    assert cfg.pack.val_fraction == 0.1 and cfg.pack.max_side == 1024
+    assert cfg.pack.val_fraction == 0.1 and cfg.pack.max_side == 512
+    # Whole-image crops at the default image_size are never upsampled from the stored size.
+    assert cfg.pack.max_side * 3 >= cfg.data.image_size * 4
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -13,7 +13,9 @@ from PIL import Image
 from lesionseg.data import images
 from lesionseg.data.images import (
     ImageError,
+    encode_grey_png,
     encode_jpeg,
+    encode_mask_png,
     encode_png,
     load_image,
     load_mask,
@@ -150,3 +152,67 @@ def test_mask_from_array_and_write(tmp_path: Path) -> None:
     assert back.mode == "L" and np.array_equal(np.asarray(back), np.eye(4, dtype=np.uint8) * 255)
     with pytest.raises(ValueError, match="2-D"):
         mask_from_array(np.zeros((2, 2, 2)))
+
+
+def _mask_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    cases = []
+    for h, w in ((1, 1), (1, 7), (9, 1), (31, 45), (300, 257)):
+        yy, xx = np.mgrid[:h, :w]
+        disk = (yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (max(h, w) / 3) ** 2
+        for m in (np.zeros((h, w), bool), np.ones((h, w), bool), rng.random((h, w)) > 0.5, disk):
+            cases.append(m.astype(np.uint8) * 255)
+    return cases
+
+
+def test_mask_png_round_trips_exactly_as_mode_l(tmp_path: Path) -> None:
+    """The fast mask encoder (cv2: no row filter, zlib level 1) writes 8-bit greyscale PNGs that PIL
+    reads back as mode L, pixel for pixel, and that pass PIL's CRC/structure check."""
+    for arr in _mask_cases():
+        data = encode_mask_png(arr)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        assert data[24:26] == bytes([8, 0])  # bit depth 8, colour type 0 (greyscale)
+        Image.open(io.BytesIO(data)).verify()
+        back = Image.open(io.BytesIO(data))
+        assert back.format == "PNG" and back.mode == "L" and back.size == arr.shape[::-1]
+        assert np.array_equal(np.asarray(back), arr)
+    # A 1000x1000 disk: no bigger than PIL's compress_level=1 PNG.
+    yy, xx = np.mgrid[:1000, :1000]
+    disk = ((yy - 500) ** 2 + (xx - 400) ** 2 < 300 ** 2).astype(np.uint8) * 255
+    assert len(encode_mask_png(disk)) < len(encode_png(Image.fromarray(disk), compress_level=1))
+
+
+def test_write_mask_takes_every_mask_form_and_refuses_grey(tmp_path: Path) -> None:
+    arr = _mask_cases()[-1]  # the 300x257 disk
+    forms = {"bool": arr > 0, "01": (arr > 0).astype(np.uint8), "0255": arr,
+             "pil": Image.fromarray(arr, mode="L"), "noncontiguous": np.asfortranarray(arr)}
+    for name, form in forms.items():
+        path = write_mask(tmp_path / f"{name}_Segmentation.png", form)
+        back = Image.open(path)
+        assert back.mode == "L" and np.array_equal(np.asarray(back), arr), name
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temporary left behind
+    grey = arr // 2
+    with pytest.raises(ValueError, match="0 and 255"):
+        encode_mask_png(grey)
+    with pytest.raises(ValueError, match="0 and 255"):
+        encode_mask_png((arr > 0).astype(np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_mask_png(arr > 0)
+    with pytest.raises(ValueError, match="0 and 255"):
+        write_mask(tmp_path / "grey.png", Image.fromarray(grey, mode="L"))
+    with pytest.raises(ValueError, match="mode L"):
+        write_mask(tmp_path / "one.png", Image.fromarray(arr).convert("1"))
+    # A grey uint8 array is binarized as mask_from_array does (> 128), as before.
+    path = write_mask(tmp_path / "g.png", np.array([[0, 128, 129, 255]], np.uint8))
+    assert np.asarray(Image.open(path)).tolist() == [[0, 0, 255, 255]]
+
+
+def test_grey_png_round_trips_exactly() -> None:
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[:200, :300]
+    smooth = (127.5 + 127.5 * np.sin(yy / 17.0) * np.cos(xx / 23.0)).round().astype(np.uint8)
+    for arr in (smooth, rng.integers(0, 256, (37, 1), dtype=np.uint8), np.zeros((1, 1), np.uint8)):
+        back = Image.open(io.BytesIO(encode_grey_png(arr)))
+        assert back.mode == "L" and np.array_equal(np.asarray(back), arr)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_grey_png(smooth.astype(np.float32))

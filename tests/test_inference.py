@@ -30,7 +30,7 @@ from lesionseg.config import PackConfig, load_config
 from lesionseg.data.images import load_image
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
-from lesionseg.data.transforms import eval_transform
+from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.metrics import confusion_counts, scores
 from lesionseg.model import MobileNetEncoderDecoder
 
@@ -51,8 +51,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = MobileNetEncoderDecoder().eval()
     images = sorted((isic / TRAIN_DIR).glob("*.jpg"))
-    batch = torch.stack([eval_transform(load_image(p.read_bytes())[0], None, IMAGE_SIZE)[0]
-                         for p in images])
+    batch = to_float_images(stack_images([
+        eval_transform(load_image(p.read_bytes())[0], None, IMAGE_SIZE)[0] for p in images]))
     with torch.no_grad():
         model.decoder.head.bias -= model(batch).median()
     cfg = load_config(None, ["model.encoder_weights=null", f"data.image_size={IMAGE_SIZE}"])
@@ -422,3 +422,119 @@ def test_masks_folder_scores_the_same_in_the_official_isic_scorer(data: dict[str
     assert ours["images"] == N_CASES
     for name in ("accuracy", "dice", "jaccard", "sensitivity", "specificity", "threshold_jaccard"):
         assert ours[name] == pytest.approx(official["macro_average"][name], abs=1e-12), name
+
+
+# --------------------------------------------------------------------------- finish_item units
+
+
+def _finish(tmp_path: Path, prob: torch.Tensor, size: tuple[int, int], threshold: float,
+            truth: np.ndarray | None = None, preview: np.ndarray | None = None,
+            save_probs: bool = False) -> tuple[dict, np.ndarray]:
+    """Run finish_item on one hand-made sample; returns its row and the written mask."""
+    from lesionseg.data.sources import Blob, Item
+
+    item = Item(id="ISIC_0000001", image=Blob("file", str(tmp_path / "ISIC_0000001.jpg")))
+    sample = {"size": size, "truth_bits": None if truth is None else np.packbits(truth > 0),
+              "truth_error": None, "truth_note": "", "preview": preview}
+    spec = inference.OutputSpec(tmp_path, threshold, save_probs, preview is not None,
+                                preview is not None)
+    row = inference.finish_item(item, sample, prob, spec)
+    mask = Image.open(tmp_path / "masks" / "ISIC_0000001_Segmentation.png")
+    assert mask.mode == "L" and mask.size == (size[1], size[0])
+    arr = np.asarray(mask)
+    assert set(np.unique(arr)) <= {0, 255}
+    return row, arr
+
+
+def _reference(prob: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """The float path the job used before cv2: torch bilinear, pixel centres aligned."""
+    import torch.nn.functional as F
+
+    return F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.99])
+def test_finish_item_mask_is_probability_above_threshold(tmp_path: Path, threshold: float) -> None:
+    """The mask is bilinear(prob) > threshold at the original size, as torch's float path gives
+    it (pixels within 1e-5 of the threshold may go either way: float rounding), and the row's
+    counts are those of the written mask against the truth."""
+    g = torch.Generator().manual_seed(int(threshold * 100))
+    low = torch.rand(1, 1, 6, 9, generator=g) * 1.2 - 0.1
+    prob = torch.nn.functional.interpolate(low, size=(64, 64), mode="bicubic")[0, 0].clamp(0, 1)
+    size = (301, 457)  # non-integer scales, h != w
+    full = _reference(prob, size)
+    truth = np.asarray(torch.rand(size, generator=g) > 0.5)
+    row, mask = _finish(tmp_path, prob, size, threshold, truth=truth)
+    expect = full > threshold
+    assert 0 < expect.mean() < 1, "the map should cross the threshold"
+    clear = np.abs(full - threshold) > 1e-5
+    assert np.array_equal((mask > 0)[clear], expect[clear])
+    assert ((mask > 0) != expect).sum() <= (~clear).sum()
+    counts = confusion_counts(torch.from_numpy(mask.copy()), torch.from_numpy(truth))[0].tolist()
+    assert row["status"] == "ok" and [row[k] for k in ("tp", "fp", "fn", "tn")] == counts
+    assert (row["height"], row["width"]) == size
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.99, 1 / 3])
+def test_finish_item_threshold_is_strict_at_float32(tmp_path: Path, threshold: float) -> None:
+    """A map exactly at float32(threshold) is background; one float32 step above is lesion."""
+    at = np.float32(threshold)
+    for value, lesion in ((at, False), (np.nextafter(at, np.float32(1)), True),
+                          (np.nextafter(at, np.float32(0)), False)):
+        prob = torch.full((48, 48), float(value), dtype=torch.float32)
+        row, mask = _finish(tmp_path, prob, (97, 131), threshold)
+        assert (mask == (255 if lesion else 0)).all(), (threshold, value)
+        assert row["status"] == "no_truth"
+
+
+def test_finish_item_probs_and_previews(tmp_path: Path) -> None:
+    """--save-probs holds round(prob * 255) of the upsampled map (±1 where float rounding
+    lands on a tie); the overlay shows the prediction in red and the truth's outline in green."""
+    g = torch.Generator().manual_seed(5)
+    prob = torch.nn.functional.interpolate(torch.rand(1, 1, 5, 5, generator=g), size=(32, 32),
+                                           mode="bilinear")[0, 0]
+    size = (120, 200)
+    truth = np.zeros(size, bool)
+    truth[30:90, 50:150] = True
+    preview = np.full((60, 100, 3), 128, np.uint8)
+    _finish(tmp_path, prob, size, 0.5, truth=truth, preview=preview, save_probs=True)
+    probs = np.asarray(Image.open(tmp_path / "probs" / "ISIC_0000001_prob.png")).astype(int)
+    expect = np.round(_reference(prob, size) * 255).astype(int)
+    assert probs.shape == size and np.abs(probs - expect).max() <= 1
+    assert (probs != expect).mean() < 1e-3
+    assert Image.open(tmp_path / "overlays" / "ISIC_0000001_overlay.jpg").size == (100, 60)
+    assert Image.open(tmp_path / "thumbs" / "ISIC_0000001.jpg").size == (100, 60)
+
+
+def test_render_overlay_colours_prediction_and_truth_outline() -> None:
+    preview = np.full((20, 30, 3), 128, np.uint8)
+    pred = np.zeros((200, 300), np.uint8)
+    pred[:, :150] = 255  # left half
+    truth = np.zeros((200, 300), np.uint8)
+    truth[50:150, 100:200] = 1  # preview rows 5..14, columns 10..19
+    truth[:, 260:] = 1  # preview columns 26..29: the image border itself is not an outline
+    out = np.asarray(inference.render_overlay(preview, pred, truth))
+    red = np.round(np.float32(128) * np.float32(0.55) + np.float32(255) * np.float32(0.45))
+    grey_tint = np.round(np.float32(128) * np.float32(0.55))
+    assert out[0, 0].tolist() == [red, grey_tint, grey_tint]  # predicted, not an edge
+    assert out[0, 20].tolist() == [128, 128, 128]  # background
+    for y, x in ((5, 12), (14, 12), (9, 10), (9, 19), (0, 26), (19, 26), (9, 26)):
+        assert out[y, x].tolist() == [0, 255, 0], (y, x)  # outlines
+    assert out[9, 14].tolist() == [red, grey_tint, grey_tint]  # inside the square, predicted
+    assert out[9, 17].tolist() == [128, 128, 128]  # inside the square, not predicted
+    for y, x in ((0, 28), (9, 29), (19, 29), (9, 27)):
+        assert out[y, x].tolist() == [128, 128, 128], (y, x)  # inside, along the border
+
+
+def test_decode_item_packs_the_truth_and_shrinks_the_preview(data: dict[str, Path]) -> None:
+    from lesionseg.data.images import load_mask
+    from lesionseg.data.sources import collect
+
+    for item in collect([data["isic"]]).items[:3]:
+        sample = inference.decode_item(item, IMAGE_SIZE, 32)
+        h, w = sample["size"]
+        truth = np.asarray(load_mask(item.truth.read(), expected_size=(h, w)))
+        bits = np.unpackbits(sample["truth_bits"], count=h * w).reshape(h, w)
+        assert np.array_equal(bits, truth > 128) and sample["truth_error"] is None
+        assert max(sample["preview"].shape[:2]) == min(32, max(h, w))
+        assert sample["preview"].dtype == np.uint8 and sample["preview"].shape[2] == 3

@@ -138,3 +138,35 @@ def test_cuda_tensors():
     assert torch.equal(counts.cpu(), confusion_counts(pred.cpu(), truth.cpu()))
     assert scores(counts)["jaccard"].is_cuda
     assert summarize(counts)["jaccard"] == pytest.approx(0.75)
+
+
+def test_binary_counts_equal_confusion_counts():
+    """The inference job's cv2 counting (uint8, 0 = background, nonzero = lesion) gives the
+    counts of `confusion_counts` on the bool masks, whatever the nonzero values."""
+    import numpy as np
+
+    from lesionseg.metrics import binary_counts
+
+    rng = np.random.default_rng(0)
+    for h, w, p_pred, p_true in ((1, 1, 0.5, 0.5), (7, 13, 0.0, 0.0), (7, 13, 1.0, 1.0),
+                                 (7, 13, 0.0, 1.0), (64, 97, 0.3, 0.6), (301, 257, 0.5, 0.05)):
+        pred = rng.random((h, w)) < p_pred
+        truth = rng.random((h, w)) < p_true
+        expect = tuple(confusion_counts(torch.from_numpy(pred), torch.from_numpy(truth))[0].tolist())
+        as_255, as_01 = pred.astype(np.uint8) * 255, truth.astype(np.uint8)
+        assert binary_counts(as_255, as_01) == expect
+        odd = rng.integers(1, 256, (h, w), dtype=np.uint8) * pred  # any nonzero value is lesion
+        assert binary_counts(odd, truth.astype(np.uint8) * 7) == expect
+        assert sum(expect) == h * w
+
+
+def test_binary_counts_refuse_other_inputs():
+    import numpy as np
+
+    from lesionseg.metrics import binary_counts
+
+    a = np.zeros((4, 5), np.uint8)
+    with pytest.raises(TypeError, match="uint8"):
+        binary_counts(a.astype(bool), a)
+    with pytest.raises(ValueError, match="shape"):
+        binary_counts(a, np.zeros((5, 4), np.uint8))

@@ -103,9 +103,13 @@ def test_encoder_skips_and_decoder_widths():
     feats = encoder(torch.rand(1, 3, 64, 64))
     assert [f.shape[1] for f in feats] == list(MobileNetEncoder.out_channels)
     assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]  # strides 2, 4, 8, 16, 32
-    decoder = CustomDecoder(decoder_channels=(16, 16, 8, 8, 4))
+    decoder = CustomDecoder(decoder_channels=(16, 16, 8, 8))
     assert decoder(feats).shape == (1, 1, 64, 64)
-    with pytest.raises(ValueError, match="5 encoder and 5 decoder widths"):
+    # Full 3×3 fusion at strides 16 and 8, depthwise + pointwise at strides 4 and 2.
+    kinds = [type(stage.conv).__name__ for stage in decoder.stages]
+    assert kinds == ["Conv2d", "Conv2d", "Sequential", "Sequential"]
+    assert decoder.stages[3].conv[0].groups == 8 + 16  # depthwise over upsampled + skip
+    with pytest.raises(ValueError, match="5 encoder and 4 decoder widths"):
         CustomDecoder(decoder_channels=(16, 8))
 
 

@@ -156,7 +156,7 @@ def infer_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lesionseg.config import load_config
     from lesionseg.data.images import load_image
     from lesionseg.data.synthetic import write_isic_dataset
-    from lesionseg.data.transforms import eval_transform
+    from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
     from lesionseg.model import MobileNetEncoderDecoder
 
     root = tmp_path_factory.mktemp("slurm-infer")
@@ -164,7 +164,8 @@ def infer_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = MobileNetEncoderDecoder().eval()
     images = sorted(isic.rglob("*.jpg"))
-    batch = torch.stack([eval_transform(load_image(p.read_bytes())[0], None, 64)[0] for p in images])
+    batch = to_float_images(stack_images([eval_transform(load_image(p.read_bytes())[0], None, 64)[0]
+                                          for p in images]))
     with torch.no_grad():
         model.decoder.head.bias -= model(batch).median()
     cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64"])

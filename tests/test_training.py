@@ -31,6 +31,7 @@ from lesionseg.training import (
     TrainStream,
     ValStream,
     build_model,
+    check_stored_size,
     evaluate_checkpoint,
     lr_factor,
     plan_data,
@@ -142,6 +143,20 @@ def test_train_stream_is_deterministic_and_resume_skips_exactly(packed_shards):
         assert a["id"] == b["id"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert full[0]["image"].shape == (2, 3, 48, 48) and full[0]["mask"].dtype == torch.uint8
+    # uint8 and channels_last all the way to the device, where they become floats.
+    assert full[0]["image"].dtype == torch.uint8
+    assert full[0]["image"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_shards_packed_smaller_than_the_training_size_warn(packed_shards, caplog):
+    data = plan_data(str(packed_shards))
+    assert data.max_side == json.loads((packed_shards / "manifest.json").read_text())[
+        "options"]["max_side"]
+    with caplog.at_level("WARNING", logger="lesionseg.training"):
+        check_stored_size(data, data.max_side * 3 // 4)
+        assert not caplog.records
+        check_stored_size(data, data.max_side)
+    assert "re-pack with pack.max_side >=" in caplog.text
 
 
 def test_val_stream_covers_every_sample_exactly_once(packed_shards):

@@ -1,4 +1,5 @@
-"""Joint image+mask transforms: binary, aligned masks; seeded determinism; the eval resize."""
+"""Joint image+mask transforms: binary, aligned masks; seeded determinism; the eval resize;
+decoding at the crop's JPEG scale; the colour matrix; uint8 channels_last batches."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import pytest
 import torch
 from PIL import Image
 
+from lesionseg.data.images import encode_jpeg, encode_png
+from lesionseg.data.shards import decode_sample, raw_image_size
 from lesionseg.data.transforms import (
+    LUMA,
     AugmentParams,
+    _colour,
+    apply_augmentation,
     augment_seed,
     crop_params,
+    draw_augmentation,
     eval_transform,
     generator_for,
-    to_tv_tensors,
+    stack_images,
+    to_float_images,
     train_transform,
 )
 
@@ -35,8 +43,7 @@ def test_train_transform_shapes_types_and_binary_mask():
     params = AugmentParams(size=64)
     for i in range(20):
         x, m = train_transform(image, mask, params, generator_for(0, 0, i, "id"))
-        assert x.shape == (3, 64, 64) and x.dtype == torch.float32
-        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+        assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
         assert m.shape == (1, 64, 64) and m.dtype == torch.uint8
         assert set(m.unique().tolist()) <= {0, 1}
 
@@ -48,7 +55,7 @@ def _disagreement(params: AugmentParams, draws: int = 30) -> float:
     bad = total = 0
     for i in range(draws):
         x, m = train_transform(image, mask, params, generator_for(1, 0, i, "id"))
-        bad += int(((x[0] > 0.5) != (m[0] == 1)).sum())
+        bad += int(((x[0] > 127) != (m[0] == 1)).sum())
         total += m[0].numel()
     return bad / total
 
@@ -94,7 +101,7 @@ def test_no_augmentation_is_a_plain_resized_crop():
     x, m = train_transform(image, mask, params, generator_for(0))
     ref_x, ref_m = eval_transform(image, mask, 64)
     assert torch.equal(m, ref_m)
-    assert torch.allclose(x, ref_x, atol=1 / 255)
+    assert (x.int() - ref_x.int()).abs().max() <= 1
 
 
 def test_eval_transform_resizes_the_whole_image():
@@ -111,12 +118,74 @@ def test_eval_transform_resizes_the_whole_image():
     assert none is None and torch.equal(x_only, x)
 
 
-def test_to_tv_tensors_accepts_01_and_bool_masks_and_rejects_size_mismatch():
+def test_transforms_refuse_wrong_modes_and_sizes():
     image, mask = _pair(32, 32)
-    m01 = torch.from_numpy((np.asarray(mask) > 0).astype(np.uint8))
-    _, a = to_tv_tensors(image, mask)
-    _, b = to_tv_tensors(image, m01)
-    _, c = to_tv_tensors(image, m01.bool())
-    assert torch.equal(a, b) and torch.equal(a, c)
     with pytest.raises(ValueError, match="differ in size"):
-        to_tv_tensors(image, Image.new("L", (16, 32)))
+        eval_transform(image, Image.new("L", (16, 32)), 16)
+    with pytest.raises(ValueError, match="RGB"):
+        train_transform(image.convert("L"), mask, AugmentParams(16), generator_for(0))
+    with pytest.raises(ValueError, match="L \\(0/255\\)"):
+        eval_transform(image, mask.convert("RGB"), 16)
+    aug = draw_augmentation(32, 32, AugmentParams(16), generator_for(0))
+    with pytest.raises(ValueError, match="drawn for 32x32"):
+        apply_augmentation(image, Image.new("L", (16, 16)), aug)
+
+
+def test_image_decoded_at_a_reduced_scale_stays_aligned_with_the_full_mask():
+    """The crop is drawn from the stored size, the image decoded smaller (as a JPEG draft
+    would), the mask kept full: the warped red channel must still match the warped mask."""
+    image, mask = _pair(360, 480)
+    small = image.resize((240, 180), Image.BILINEAR)
+    params = AugmentParams(size=64, scale_min=0.5, color_jitter=0)
+    bad = total = 0
+    for i in range(20):
+        aug = draw_augmentation(360, 480, params, generator_for(2, i))
+        x, m = apply_augmentation(small, mask, aug)
+        bad += int(((x[0] > 127) != (m[0] == 1)).sum())
+        total += m.numel()
+    assert bad / total < 0.01
+
+
+def test_decode_size_asks_for_no_less_than_the_crop_needs_and_drafts_the_jpeg():
+    params = AugmentParams(size=64, scale_min=0.9, rotate_degrees=0, color_jitter=0)
+    aug = draw_augmentation(600, 800, params, generator_for(0))
+    want_w, want_h = aug.decode_size()
+    _, _, ch, cw = aug.crop
+    assert want_w * cw / 800 >= 64 - 1e-6 and want_h * ch / 600 >= 64 - 1e-6
+    assert want_w <= 800 and want_h <= 600
+    image, mask = _pair(600, 800)
+    raw = {"__key__": "x", "jpg": encode_jpeg(image, 95), "png": encode_png(mask),
+           "json": b'{"id": "x"}'}
+    assert raw_image_size(raw) == (600, 800)
+    sample = decode_sample(raw, draft_size=(want_w, want_h))
+    assert sample.image.width < 800 and sample.image.width >= want_w  # a reduced DCT scale
+    assert sample.mask.size == (800, 600)  # the mask stays at the stored size
+    x_draft, m_draft = apply_augmentation(sample.image, sample.mask, aug)
+    full = decode_sample(raw)
+    x_full, m_full = apply_augmentation(full.image, full.mask, aug)
+    assert torch.equal(m_draft, m_full)
+    assert (x_draft.float() - x_full.float()).abs().mean() < 3  # same content, other scale
+
+
+def test_colour_matrix_is_brightness_then_contrast_then_saturation():
+    rng = np.random.default_rng(0)
+    img = rng.integers(40, 200, (16, 16, 3), dtype=np.uint8)
+    b, c, s = 1.1, 0.8, 1.3
+    x = img.astype(np.float64) * b
+    x = c * x + (1 - c) * (x @ np.array(LUMA)).mean()
+    x = s * x + (1 - s) * (x @ np.array(LUMA))[..., None]
+    ref = np.clip(np.round(x), 0, 255)
+    assert np.abs(_colour(img, b, c, s).astype(np.float64) - ref).max() <= 1
+
+
+def test_batches_are_uint8_channels_last_and_become_floats_in_0_1():
+    image, mask = _pair()
+    xs = [train_transform(image, mask, AugmentParams(32), generator_for(i))[0] for i in range(3)]
+    batch = stack_images(xs)
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.uint8
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch[1], xs[1])
+    f = to_float_images(batch)
+    assert f.dtype == torch.float32 and f.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(f * 255, batch.float(), atol=1e-3)
+    assert to_float_images(f) is f

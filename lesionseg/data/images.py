@@ -17,6 +17,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from lesionseg.data.cv import cv2
 from lesionseg.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(src: Source, name: str | None = None,
-               min_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def load_image(src: Source, name: str | None = None, min_size: int | None = None,
+               draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """Decode an image to RGB in its display orientation.
 
     With `min_size`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter
     side still holds `min_size` pixels (PIL draft): far fewer pixels to decode when the
-    consumer resizes down anyway. Returns the RGB image and the full display (height, width).
+    consumer resizes down anyway. With `draft_size` = (width, height) in display orientation,
+    at the smallest DCT scale at least that large (the training crop's need). Other formats
+    decode at full size. Returns the RGB image and the full display (height, width).
     """
     name = _name(src, name)
     img = _open(src, name)
@@ -129,6 +132,12 @@ def load_image(src: Source, name: str | None = None,
         scale = max(1, min(w, h) // min_size)
         if scale >= 2:
             img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
+    elif draft_size and img.format == "JPEG":
+        want_w, want_h = draft_size
+        if (size[1], size[0]) != img.size:  # stored transposed (EXIF orientation 5-8)
+            want_w, want_h = want_h, want_w
+        if want_w * 2 <= img.width and want_h * 2 <= img.height:
+            img.draft("RGB", (max(1, want_w), max(1, want_h)))
     img = _load_pixels(img, name)
     if _orientation(img) != 1:  # transpose only when needed: it copies the pixels
         img = ImageOps.exif_transpose(img)
@@ -140,6 +149,12 @@ def load_image(src: Source, name: str | None = None,
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, size
+
+
+def peek_size(src: Source, name: str | None = None) -> tuple[int, int]:
+    """(height, width) in display orientation, from the header only (nothing decoded)."""
+    name = _name(src, name)
+    return display_size(_open(src, name))
 
 
 def load_mask(src: Source, name: str | None = None,
@@ -192,11 +207,69 @@ def mask_from_array(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(binary.astype(np.uint8) * 255, mode="L")
 
 
+# PNG settings for binary masks: no row filter (PIL's per-row adaptive filter search is most of
+# its 35-45 ms on a 13 MP mask and buys nothing on 0/255 runs) and zlib's default strategy at
+# `compress_level` (1: its fast matcher). Measured on the bench's masks against PIL at level 1:
+# ~2.7x cheaper to encode, ~8% smaller, ~2x faster to decode. zlib's RLE strategy encodes no
+# faster and is 3x smaller again, but its distance-1 matches make every reader (the ISIC scorer
+# included) inflate ~4x slower. cv2 (libpng) writes a plain 8-bit greyscale PNG: PIL reads it
+# back as mode L, pixel for pixel.
+_MASK_PNG_FLAGS = (cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_DEFAULT,
+                   cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE)
+
+
+def is_binary_255(arr: np.ndarray) -> bool:
+    """Whether a uint8 array holds only the values 0 and 255 (one ~1 ns/pixel cv2 pass)."""
+    if arr.dtype != np.uint8 or arr.size == 0:
+        return arr.dtype == np.uint8
+    return cv2.countNonZero(cv2.inRange(arr.reshape(arr.shape[0], -1), 1, 254)) == 0
+
+
+def _png_l(arr: np.ndarray, compress_level: int, flags: tuple[int, ...] = _MASK_PNG_FLAGS) -> bytes:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr),
+                           [cv2.IMWRITE_PNG_COMPRESSION, compress_level, *flags])
+    if not ok:
+        raise ValueError(f"PNG encoding of a {arr.shape[1]}x{arr.shape[0]} image failed")
+    return buf.tobytes()
+
+
+def encode_grey_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
+    """Any HxW uint8 array (e.g. an 8-bit probability map) as 8-bit greyscale PNG bytes that PIL
+    reads back as mode L, identical. The Sub row filter at zlib level 1: on smooth maps as small
+    as PIL's compress_level=1 output at ~2.5x less CPU."""
+    arr = np.asarray(arr)
+    if arr.ndim != 2 or arr.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 array, got {arr.dtype} {arr.shape}")
+    return _png_l(arr, compress_level, (cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_DEFAULT,
+                                        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB))
+
+
+def encode_mask_png(mask: np.ndarray, compress_level: int = 1) -> bytes:
+    """An HxW uint8 0/255 array as 8-bit greyscale PNG bytes (read back by PIL as mode L,
+    identical), encoded with the mask settings above. Refuses anything else."""
+    arr = np.asarray(mask)
+    if arr.ndim != 2 or arr.dtype != np.uint8:
+        raise ValueError(f"mask must be a 2-D uint8 array, got {arr.dtype} {arr.shape}")
+    if not is_binary_255(arr):
+        raise ValueError("mask must hold only the values 0 and 255")
+    return _png_l(arr, compress_level)
+
+
 def write_mask(path: str | Path, mask: Image.Image | np.ndarray, compress_level: int = 1) -> Path:
-    """Write an ISIC-submission mask (mode L, 0/255 PNG) atomically."""
+    """Write an ISIC-submission mask (mode L, 0/255 PNG) atomically.
+
+    `mask`: a mode-L 0/255 image, or an array as `mask_from_array` takes it; a uint8 array that
+    is already 0/255 is encoded as it is (no copy)."""
     from lesionseg.files import atomic_write_bytes
 
-    img = mask if isinstance(mask, Image.Image) else mask_from_array(mask)
-    if img.mode != "L":
-        raise ValueError(f"mask image must be mode L, got {img.mode}")
-    return atomic_write_bytes(path, encode_png(img, compress_level=compress_level))
+    if isinstance(mask, Image.Image):
+        if mask.mode != "L":
+            raise ValueError(f"mask image must be mode L, got {mask.mode}")
+        arr = np.asarray(mask)
+        if not is_binary_255(arr):
+            raise ValueError("mask image must hold only the values 0 and 255")
+    else:
+        arr = np.asarray(mask)
+        if not (arr.ndim == 2 and is_binary_255(arr)):
+            arr = np.asarray(mask_from_array(arr))
+    return atomic_write_bytes(path, _png_l(arr, compress_level))

@@ -40,6 +40,7 @@ from lesionseg.data.images import (
     encode_png,
     load_image,
     load_mask,
+    peek_size,
 )
 from lesionseg.data.isic import (
     Case,
@@ -402,12 +403,16 @@ def _entry(sample: dict[str, Any], exts: tuple[str, ...], where: str) -> bytes:
     raise DataError(f"{where}: sample has no .{exts[0]} entry (has {sorted(sample)})")
 
 
-def decode_sample(sample: dict[str, Any], min_size: int | None = None) -> Sample:
+def decode_sample(sample: dict[str, Any], min_size: int | None = None,
+                  draft_size: tuple[int, int] | None = None) -> Sample:
     """Decode a raw WebDataset sample (`__key__`, `jpg`, `png`, `json` bytes) to a Sample.
 
     With `min_size` the JPEG is decoded at a reduced DCT scale whose shorter side still holds
     min_size pixels (much faster when the consumer resizes down) and the mask is resized to
-    the decoded image's size with nearest neighbour, so the two stay aligned."""
+    the decoded image's size with nearest neighbour, so the two stay aligned. With
+    `draft_size` (width, height) the JPEG is decoded at the smallest DCT scale at least that
+    large and the mask is left at the stored size (for `apply_augmentation`, which maps both
+    from the stored size's coordinates)."""
     key = sample.get("__key__", "?")
     where = f"{sample.get('__url__', 'shard')}:{key}"
     try:
@@ -415,11 +420,17 @@ def decode_sample(sample: dict[str, Any], min_size: int | None = None) -> Sample
     except ValueError as e:
         raise DataError(f"{where}.json: not valid JSON ({e})") from None
     image, size = load_image(_entry(sample, ("jpg", "jpeg"), where), f"{where}.jpg",
-                             min_size=min_size)
+                             min_size=min_size, draft_size=draft_size)
     mask = load_mask(_entry(sample, ("png",), where), f"{where}.png", expected_size=size)
-    if mask.size != image.size:
+    if draft_size is None and mask.size != image.size:
         mask = mask.resize(image.size, Image.NEAREST)
     return Sample(str(meta.get("id", key)), image, mask, meta)
+
+
+def raw_image_size(sample: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of a raw sample's stored image, read from its header alone."""
+    where = f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"
+    return peek_size(_entry(sample, ("jpg", "jpeg"), where), f"{where}.jpg")
 
 
 def _key_ext(name: str) -> tuple[str, str]:

@@ -1,18 +1,29 @@
 """Joint image+mask transforms: random training augmentation and the one eval resize.
 
-Both work on `tv_tensors.Image` / `tv_tensors.Mask` through `torchvision.transforms.v2`
-functionals, so every geometric op is applied to image and mask alike (the mask with nearest
-interpolation) and the mask stays exactly binary and aligned. Images stay uint8 through the
-geometry and colour ops and become float in [0, 1] last; masks come out as uint8 {0, 1}.
+Both work on PIL images in uint8 and return uint8 tensors: images 3×S×S whose memory is
+H×W×C (so a stacked batch is already channels_last), masks 1×S×S in {0, 1}. Float conversion
+happens once per batch, after the transfer to the device (`to_float_images`): a uint8 batch is
+a quarter of the bytes through worker shared memory, pinned memory and PCIe.
 
-Randomness never comes from a global or worker RNG: the training transform draws every
-parameter from an explicit `torch.Generator`, which the pipeline seeds from (seed, epoch,
-position, sample id) via `augment_seed`. The same sample at the same place in the same epoch is
-therefore augmented identically on every run, which is what makes resume exact.
+Training augmentation is ONE geometric resampling: random resized crop, flips, rotation and
+the resize to S×S compose into a single affine map that OpenCV applies with SIMD code
+(`cv2.warpAffine`: bilinear for the image, nearest for the mask, both on the same pixel-centre
+grid, so they stay aligned), followed by ONE colour pass (brightness, contrast and saturation
+compose into a 3×4 colour matrix, `cv2.transform`). Before decoding, `draw_augmentation` fixes
+the crop, so a JPEG can be decoded at the smallest DCT scale that still holds the crop at S×S
+(`Augmentation.decode_size`); where the source is still more than twice the output, the needed
+region is area-reduced by an integer factor first (bilinear alone would skip pixels and alias).
+OpenCV runs single-threaded (`lesionseg.data.cv`): the parallelism is the DataLoader's workers.
 
-`eval_transform` resizes the WHOLE image to size×size (no crop). Validation and inference both
-use it, so their inputs match; validation scores at that resolution (the mask is resized with
-nearest), inference scores at the original size after resizing the prediction back.
+Randomness never comes from a global or worker RNG: every parameter is drawn from an explicit
+`torch.Generator`, which the pipeline seeds from (seed, epoch, position, sample id) via
+`augment_seed`. The same sample at the same place in the same epoch is therefore augmented
+identically on every run, which is what makes resume exact.
+
+`eval_transform` resizes the WHOLE image to size×size (no crop; bilinear, antialiased; the
+mask with centre-aligned nearest). Validation and inference both use it, so their inputs match;
+validation scores at that resolution, inference scores at the original size after resizing
+the prediction back.
 """
 
 from __future__ import annotations
@@ -21,21 +32,21 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as F
+
+from lesionseg.data.cv import cv2
 
 # Aspect-ratio range of the random resized crop (torchvision's default).
 CROP_RATIO = (3 / 4, 4 / 3)
-# Masks are resized with nearest on the same half-pixel grid as the image's bilinear resize.
-# Plain NEAREST, torchvision's default for masks (and the only mode its resized_crop gives a
-# Mask), samples at floor(i * scale): shifted by up to half a source pixel against the image,
-# a visible misalignment when a crop is enlarged. So masks are cropped, then resized with this.
-MASK_RESIZE = InterpolationMode.NEAREST_EXACT
 # Attempts at a crop of the drawn area and aspect ratio before falling back to a centre crop.
 CROP_ATTEMPTS = 10
+# Luma weights (ITU-R 601, as torchvision and Pillow's "L" conversion use).
+LUMA = (0.299, 0.587, 0.114)
+# Above this many source pixels per output pixel, the source is area-reduced before bilinear
+# sampling (bilinear alone would skip pixels and alias).
+MAX_SAMPLING_STEP = 2.0
 
 
 def augment_seed(*parts: object) -> int:
@@ -63,7 +74,7 @@ class AugmentParams:
     scale_min: float = 0.3  # smallest crop area as a fraction of the image
     hflip: bool = True
     vflip: bool = True
-    rotate_degrees: float = 30.0  # rotation drawn uniformly in [-d, d]; corners filled with 0
+    rotate_degrees: float = 30.0  # rotation drawn uniformly in [-d, d]; outside the image: 0
     color_jitter: float = 0.2  # brightness/contrast/saturation factors in [1 - j, 1 + j]
 
     @classmethod
@@ -74,29 +85,41 @@ class AugmentParams:
                    rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter)
 
 
-def to_tv_tensors(image: Image.Image | torch.Tensor,
-                  mask: Image.Image | torch.Tensor | None) -> tuple[tv_tensors.Image,
-                                                                    tv_tensors.Mask | None]:
-    """RGB PIL (or uint8 3×H×W tensor) and L 0/255 mask → uint8 Image and {0, 1} uint8 Mask."""
-    img = tv_tensors.Image(F.pil_to_tensor(image) if isinstance(image, Image.Image) else image)
-    if img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
-        raise ValueError(f"expected an RGB uint8 image, got {img.dtype} {tuple(img.shape)}")
-    if mask is None:
-        return img, None
-    m = F.pil_to_tensor(mask) if isinstance(mask, Image.Image) else mask
-    if m.ndim == 2:
-        m = m.unsqueeze(0)
-    if m.shape[-2:] != img.shape[-2:]:
-        raise ValueError(f"mask {tuple(m.shape[-2:])} and image {tuple(img.shape[-2:])} differ "
-                         "in size")
-    return img, tv_tensors.Mask(_binary(m))
+@dataclass(frozen=True)
+class Augmentation:
+    """One drawn augmentation of an image of (height, width) = `source`: crop box (top, left,
+    h, w) in its pixels, flips, rotation in degrees, colour factors, output side."""
 
+    source: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    hflip: bool
+    vflip: bool
+    angle: float
+    brightness: float
+    contrast: float
+    saturation: float
+    size: int
 
-def _binary(m: torch.Tensor) -> torch.Tensor:
-    """0/255 (L masks), 0/1 or bool → uint8 {0, 1}; 0/255 is thresholded at 128 like ISIC."""
-    if m.dtype != torch.bool and m.numel() and int(m.max()) > 1:
-        return (m > 127).to(torch.uint8)
-    return (m > 0).to(torch.uint8)
+    def decode_size(self) -> tuple[int, int]:
+        """(width, height) the full image must be decoded at, at least, for the crop to hold
+        `size` pixels each way: what to ask a JPEG decoder's draft mode for."""
+        height, width = self.source
+        _, _, ch, cw = self.crop
+        return (min(width, math.ceil(width * self.size / cw)),
+                min(height, math.ceil(height * self.size / ch)))
+
+    def affine(self) -> tuple[float, ...]:
+        """Output pixel (u, v) → source (x, y), continuous coordinates (a pixel spans [i, i+1]),
+        as Pillow's AFFINE data (a, b, c, d, e, f): x = a u + b v + c, y = d u + e v + f."""
+        top, left, ch, cw = self.crop
+        s = self.size
+        sx = cw / s * (-1.0 if self.hflip else 1.0)
+        sy = ch / s * (-1.0 if self.vflip else 1.0)
+        cos, sin = math.cos(math.radians(self.angle)), math.sin(math.radians(self.angle))
+        a, b = sx * cos, sx * sin
+        d, e = -sy * sin, sy * cos
+        cx, cy = left + cw / 2, top + ch / 2
+        return (a, b, cx - (a + b) * s / 2, d, e, cy - (d + e) * s / 2)
 
 
 def _uniform(g: torch.Generator, low: float, high: float) -> float:
@@ -129,54 +152,157 @@ def crop_params(height: int, width: int, scale_min: float,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor,
-                    params: AugmentParams,
-                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random resized crop to size×size, flips, rotation, colour jitter, all drawn from `g`.
+def draw_augmentation(height: int, width: int, params: AugmentParams,
+                      g: torch.Generator) -> Augmentation:
+    """Draw every random parameter for an image of height × width from `g` (fixed order:
+    crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation)."""
+    crop = crop_params(height, width, params.scale_min, g)
+    hflip = params.hflip and float(torch.rand((), generator=g)) < 0.5
+    vflip = params.vflip and float(torch.rand((), generator=g)) < 0.5
+    angle = (_uniform(g, -params.rotate_degrees, params.rotate_degrees)
+             if params.rotate_degrees > 0 else 0.0)
+    j = params.color_jitter
+    b, c, s = ((_uniform(g, 1 - j, 1 + j) for _ in range(3)) if j > 0 else (1.0, 1.0, 1.0))
+    return Augmentation((height, width), crop, hflip, vflip, angle, b, c, s, params.size)
 
-    Returns (float32 3×S×S image in [0, 1], uint8 1×S×S mask in {0, 1}). The crop is taken from
-    the full image and resampled once (antialiased); rotation and jitter then run at S×S, which
-    is cheap. Rotated-in corners are black in the image and background (0) in the mask.
+
+def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray,
+                       aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `aug` to an RGB image and its 0/255 mask (PIL or H×W(×3) uint8 arrays) →
+    (uint8 3×S×S, uint8 1×S×S in {0, 1}).
+
+    The mask must be at `aug.source` size; the image may be smaller (decoded at a reduced JPEG
+    scale): its coordinates are scaled, so image and mask stay aligned. Outside the source the
+    image is black and the mask background.
     """
-    img, msk = to_tv_tensors(image, mask)
-    h, w = img.shape[-2:]
-    top, left, ch, cw = crop_params(h, w, params.scale_min, g)
-    size = [params.size, params.size]
-    img = F.resized_crop(img, top, left, ch, cw, size, antialias=True)
-    msk = F.resize(F.crop(msk, top, left, ch, cw), size, interpolation=MASK_RESIZE)
-    if params.hflip and float(torch.rand((), generator=g)) < 0.5:
-        img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
-    if params.vflip and float(torch.rand((), generator=g)) < 0.5:
-        img, msk = F.vertical_flip(img), F.vertical_flip(msk)
-    if params.rotate_degrees > 0:
-        angle = _uniform(g, -params.rotate_degrees, params.rotate_degrees)
-        img = F.rotate(img, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
-        msk = F.rotate(msk, angle, fill=0)  # tv_tensors.Mask: nearest, so values stay {0, 1}
-    if params.color_jitter > 0:
-        img = _jitter(img, params.color_jitter, g)
-    return F.to_dtype(img, torch.float32, scale=True).as_subclass(torch.Tensor), \
-        msk.as_subclass(torch.Tensor)
+    height, width = aug.source
+    src, msk = np.asarray(image), np.asarray(mask)
+    if msk.shape[:2] != (height, width):
+        raise ValueError(f"mask is {msk.shape[1]}x{msk.shape[0]} but the augmentation was "
+                         f"drawn for {width}x{height}")
+    s = aug.size
+    coeffs = aug.affine()
+    out = _sample(src, coeffs, src.shape[1] / width, src.shape[0] / height, s)
+    if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
+        out = _colour(out, aug.brightness, aug.contrast, aug.saturation)
+    warped = cv2.warpAffine(msk, _cv2_matrix(coeffs), (s, s),
+                            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return _image_tensor(out), _mask_tensor(warped)
 
 
-def _jitter(img: tv_tensors.Image, strength: float, g: torch.Generator) -> tv_tensors.Image:
-    """Brightness, contrast and saturation, each scaled by a factor in [1 - s, 1 + s]."""
-    b, c, s = (_uniform(g, 1 - strength, 1 + strength) for _ in range(3))
-    img = F.adjust_brightness(img, b)
-    img = F.adjust_contrast(img, c)
-    return F.adjust_saturation(img, s)
+def _cv2_matrix(coeffs: tuple[float, ...]) -> np.ndarray:
+    """Pillow-style AFFINE data (continuous coordinates, a pixel spans [i, i+1]) → OpenCV's
+    inverse map on pixel indices (pixel i is centred at i): x_idx = a u + b v + c', with
+    c' = c + (a + b) / 2 - 1/2 so that centres map to centres."""
+    a, b, c, d, e, f = coeffs
+    return np.array([[a, b, c + (a + b) / 2 - 0.5], [d, e, f + (d + e) / 2 - 0.5]])
 
 
-def eval_transform(image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor | None,
+def _sample(src: np.ndarray, coeffs: tuple[float, ...], fx: float, fy: float,
+            s: int) -> np.ndarray:
+    """Bilinear affine resampling of `src` (whose scale against the augmentation's source is
+    fx, fy) to s×s, area-reducing the needed region first where bilinear alone would skip
+    source pixels."""
+    a, b, c, d, e, f = coeffs
+    a, b, c, d, e, f = a * fx, b * fx, c * fx, d * fy, e * fy, f * fy
+    step = max(math.hypot(a, d), math.hypot(b, e))  # source pixels per output pixel
+    if step > MAX_SAMPLING_STEP:
+        factor = int(step)
+        xs = [a * u + b * v + c for u in (0, s) for v in (0, s)]
+        ys = [d * u + e * v + f for u in (0, s) for v in (0, s)]
+        # The region the output samples, widened to whole blocks of `factor` pixels.
+        x0 = max(0, (math.floor(min(xs)) - 1) // factor * factor)
+        y0 = max(0, (math.floor(min(ys)) - 1) // factor * factor)
+        x1 = min(src.shape[1], math.ceil(max(xs)) + 1)
+        y1 = min(src.shape[0], math.ceil(max(ys)) + 1)
+        w, h = (x1 - x0) // factor, (y1 - y0) // factor
+        if w > 0 and h > 0:
+            src = cv2.resize(src[y0:y0 + h * factor, x0:x0 + w * factor], (w, h),
+                             interpolation=cv2.INTER_AREA)
+            a, b, c = a / factor, b / factor, (c - x0) / factor
+            d, e, f = d / factor, e / factor, (f - y0) / factor
+    return cv2.warpAffine(src, _cv2_matrix((a, b, c, d, e, f)), (s, s),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+
+def _colour(img: np.ndarray, brightness: float, contrast: float,
+            saturation: float) -> np.ndarray:
+    """Brightness (scale), contrast (blend with the mean luma) and saturation (blend with each
+    pixel's luma), in that order, as one colour-matrix pass; results saturate to [0, 255]."""
+    r, g, b = cv2.mean(img)[:3]
+    mean = LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
+    # x → S(C(B x)) with B = b·I, C x = c·x + (1 - c)·b·mean, S = s·I + (1 - s)·1·lumaᵀ;
+    # S maps a grey offset to itself, so the offset stays (1 - c)·b·mean.
+    scale = brightness * contrast
+    offset = (1 - contrast) * brightness * mean
+    m = np.empty((3, 4), np.float32)
+    for i in range(3):
+        for k in range(3):
+            m[i, k] = scale * (1 - saturation) * LUMA[k] + (scale * saturation if k == i else 0.0)
+        m[i, 3] = offset
+    return cv2.transform(img, m)
+
+
+def _image_tensor(img: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 array → uint8 3×H×W tensor over that H×W×C memory (see `stack_images`)."""
+    return torch.from_numpy(np.require(img, np.uint8, ['C', 'W'])).permute(2, 0, 1)
+
+
+def _mask_tensor(msk: np.ndarray) -> torch.Tensor:
+    """H×W 0/255 array → uint8 1×H×W in {0, 1} (thresholded at 128, as ISIC does)."""
+    return torch.from_numpy((msk > 127).view(np.uint8)[None])
+
+
+def _check_pair(image: Image.Image, mask: Image.Image | None) -> None:
+    if not isinstance(image, Image.Image) or image.mode != "RGB":
+        raise ValueError(f"expected an RGB PIL image, got {type(image).__name__} "
+                         f"{getattr(image, 'mode', '')}".rstrip())
+    if mask is not None and (not isinstance(mask, Image.Image) or mask.mode != "L"):
+        raise ValueError(f"expected an L (0/255) PIL mask, got {type(mask).__name__} "
+                         f"{getattr(mask, 'mode', '')}".rstrip())
+    if mask is not None and mask.size != image.size:
+        raise ValueError(f"mask {mask.size} and image {image.size} differ in size")
+
+
+def train_transform(image: Image.Image, mask: Image.Image, params: AugmentParams,
+                    g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random resized crop to size×size, flips, rotation, colour jitter, all drawn from `g`,
+    on an already decoded image and mask of the same size (see `draw_augmentation` +
+    `apply_augmentation` for decoding at the crop's scale). Returns (uint8 3×S×S image,
+    uint8 1×S×S {0, 1} mask)."""
+    _check_pair(image, mask)
+    aug = draw_augmentation(mask.height, mask.width, params, g)
+    return apply_augmentation(image, mask, aug)
+
+
+def eval_transform(image: Image.Image, mask: Image.Image | None,
                    size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resize the whole image to size×size (bilinear, antialiased; no crop, aspect not kept).
 
-    Returns (float32 3×S×S image in [0, 1], uint8 1×S×S {0, 1} mask resized with nearest, or
-    None without a mask). Validation and inference both call this so that the model sees the
-    same input in both; inference resizes the prediction back to the original size itself.
+    Returns (uint8 3×S×S image, uint8 1×S×S {0, 1} mask resized with centre-aligned nearest,
+    or None without a mask). Validation and inference both call this so that the model sees
+    the same input in both; inference resizes the prediction back to the original size.
     """
-    img, msk = to_tv_tensors(image, mask)
-    img = F.resize(img, [size, size], antialias=True)
-    out_mask = None
-    if msk is not None:
-        out_mask = F.resize(msk, [size, size], interpolation=MASK_RESIZE).as_subclass(torch.Tensor)
-    return F.to_dtype(img, torch.float32, scale=True).as_subclass(torch.Tensor), out_mask
+    _check_pair(image, mask)
+    x = _image_tensor(np.asarray(image.resize((size, size), Image.BILINEAR)))
+    if mask is None:
+        return x, None
+    # Pillow's NEAREST samples at pixel centres (torchvision's NEAREST_EXACT), on the same grid
+    # as the image's resize.
+    return x, _mask_tensor(np.asarray(mask.resize((size, size), Image.NEAREST)))
+
+
+def to_float_images(x: torch.Tensor) -> torch.Tensor:
+    """A uint8 image batch (any device, any memory format) → float32 in [0, 1], same layout;
+    float input passes through unchanged."""
+    if x.dtype == torch.uint8:
+        return x.float().mul_(1 / 255)
+    return x
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack 3×H×W images into N×3×H×W with channels_last memory (what the model runs in;
+    torch.stack alone would make a contiguous NCHW copy)."""
+    return torch.stack([x.permute(1, 2, 0) for x in images]).permute(0, 3, 1, 2)
