@@ -935,17 +935,17 @@ def bench_train(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
 
 
 def bench_checkpoint(workdir: Path, image_size: int) -> Path:
-    """A seeded random-weight checkpoint (speed does not depend on the weights)."""
+    """A seeded random-weight checkpoint (speed does not depend on the weights), written
+    afresh each run so that it always has this version's architecture."""
     import torch
 
     from lesionseg.checkpoint import save_weights
     from lesionseg.training import build_model
 
     path = workdir / f"bench-model-{image_size}.pt"
-    if not path.is_file():
-        cfg = _config([f"data.image_size={image_size}"])
-        torch.manual_seed(0)
-        save_weights(path, build_model(cfg).state_dict(), cfg, note="random weights (bench)")
+    cfg = _config([f"data.image_size={image_size}"])
+    torch.manual_seed(0)
+    save_weights(path, build_model(cfg).state_dict(), cfg, note="random weights (bench)")
     return path
 
 

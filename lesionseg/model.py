@@ -12,6 +12,7 @@ loaded is a `WeightsError`, never a silent random initialization.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from lesionseg.errors import UserError
@@ -186,6 +188,34 @@ class MobileNetEncoderDecoder(nn.Module):
         if self.encoder_frozen:
             self.encoder.eval()
         return self
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with every BatchNorm folded into the convolution before it
+    (the encoder's conv-BN pairs and each decoder stage's fusion conv + BN).
+
+    The outputs are the same up to float rounding (max |Δlogit| ~ 1e-6 on random BN
+    statistics); on this CPU an eval BatchNorm costs as much as a conv, and the fused forward is
+    ~40% faster at 384², batch 8. For inference only: the copy cannot be trained (no BN).
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in fused.modules():
+        if isinstance(module, nn.Sequential):  # torchvision's Conv2dNormActivation, block.conv
+            names = list(module._modules)
+            for a, b in zip(names, names[1:], strict=False):
+                conv, bn = module._modules[a], module._modules[b]
+                if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+                    module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    module._modules[b] = nn.Identity()
+        elif isinstance(module, DecoderStage) and isinstance(module.bn, nn.BatchNorm2d):
+            if isinstance(module.conv, nn.Sequential):
+                module.conv[-1] = fuse_conv_bn_eval(module.conv[-1], module.bn)
+            else:
+                module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+            module.bn = nn.Identity()
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    return fused
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

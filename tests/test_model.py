@@ -19,6 +19,7 @@ from lesionseg.model import (
     MobileNetEncoder,
     MobileNetEncoderDecoder,
     WeightsError,
+    fuse_for_inference,
     imagenet_cache_path,
 )
 
@@ -89,6 +90,24 @@ def test_parameter_budget_and_groups(model):
     enc, dec = list(model.encoder_parameters()), list(model.decoder_parameters())
     assert {id(p) for p in enc}.isdisjoint(id(p) for p in dec)
     assert {id(p) for p in enc} | {id(p) for p in dec} == {id(p) for p in params}
+
+
+def test_inference_fusion_folds_every_batchnorm_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = MobileNetEncoderDecoder().eval()
+    for m in model.modules():  # non-trivial statistics, as a trained model has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    fused = fuse_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy
+    assert not any(p.requires_grad for p in fused.parameters())
+    x = torch.rand(2, 3, 96, 128)
+    with torch.no_grad():
+        assert torch.allclose(model(x), fused(x), atol=1e-4, rtol=1e-4)
 
 
 def test_normalization_is_a_buffer_in_the_state_dict(model):
