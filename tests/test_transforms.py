@@ -189,3 +189,21 @@ def test_batches_are_uint8_channels_last_and_become_floats_in_0_1():
     assert f.dtype == torch.float32 and f.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(f * 255, batch.float(), atol=1e-3)
     assert to_float_images(f) is f
+
+
+def test_a_large_source_is_area_reduced_first_and_stays_aligned():
+    """A crop many times the output (as from a full-size folder image) takes the reduce-then-
+    warp path: still aligned with the mask, and a flat image stays flat up to its border."""
+    image, mask = _pair(720, 960)
+    params = AugmentParams(size=32, scale_min=0.8, color_jitter=0)
+    bad = total = 0
+    for i in range(10):
+        x, m = train_transform(image, mask, params, generator_for(4, i))
+        bad += int(((x[0] > 127) != (m[0] == 1)).sum())
+        total += m.numel()
+    assert bad / total < 0.02
+    grey = Image.new("RGB", (960, 720), (100, 150, 200))
+    flat = AugmentParams(size=32, scale_min=0.5, rotate_degrees=0, color_jitter=0)
+    for i in range(10):
+        x, _ = train_transform(grey, Image.new("L", (960, 720), 0), flat, generator_for(5, i))
+        assert x.float().sub(torch.tensor([100, 150, 200])[:, None, None]).abs().max() <= 1

@@ -208,20 +208,20 @@ def _sample(src: np.ndarray, coeffs: tuple[float, ...], fx: float, fy: float,
     a, b, c, d, e, f = a * fx, b * fx, c * fx, d * fy, e * fy, f * fy
     step = max(math.hypot(a, d), math.hypot(b, e))  # source pixels per output pixel
     if step > MAX_SAMPLING_STEP:
-        factor = int(step)
         xs = [a * u + b * v + c for u in (0, s) for v in (0, s)]
         ys = [d * u + e * v + f for u in (0, s) for v in (0, s)]
-        # The region the output samples, widened to whole blocks of `factor` pixels.
-        x0 = max(0, (math.floor(min(xs)) - 1) // factor * factor)
-        y0 = max(0, (math.floor(min(ys)) - 1) // factor * factor)
-        x1 = min(src.shape[1], math.ceil(max(xs)) + 1)
-        y1 = min(src.shape[0], math.ceil(max(ys)) + 1)
-        w, h = (x1 - x0) // factor, (y1 - y0) // factor
-        if w > 0 and h > 0:
-            src = cv2.resize(src[y0:y0 + h * factor, x0:x0 + w * factor], (w, h),
-                             interpolation=cv2.INTER_AREA)
-            a, b, c = a / factor, b / factor, (c - x0) / factor
-            d, e, f = d / factor, e / factor, (f - y0) / factor
+        # The region the output samples, with a margin of one reduced pixel so that bilinear
+        # sampling near its edge reads image, not fill; clipped to the image.
+        k = int(step)
+        x0, y0 = max(0, math.floor(min(xs)) - k), max(0, math.floor(min(ys)) - k)
+        x1 = min(src.shape[1], math.ceil(max(xs)) + k)
+        y1 = min(src.shape[0], math.ceil(max(ys)) + k)
+        if x1 > x0 and y1 > y0:
+            w, h = max(1, round((x1 - x0) / k)), max(1, round((y1 - y0) / k))
+            src = cv2.resize(src[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_AREA)
+            rx, ry = (x1 - x0) / w, (y1 - y0) / h  # exact: reduced pixel i = [i·rx, (i+1)·rx)
+            a, b, c = a / rx, b / rx, (c - x0) / rx
+            d, e, f = d / ry, e / ry, (f - y0) / ry
     return cv2.warpAffine(src, _cv2_matrix((a, b, c, d, e, f)), (s, s),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
