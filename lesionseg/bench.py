@@ -67,16 +67,18 @@ RATIOS: dict[str, tuple[str, str, float, str]] = {
 EPILOG = """what each case measures (see lesionseg/bench.py for the method):
   data   training input pipeline (shards -> decoded, augmented 384² batches) in images/s per
          worker (one process, one thread, as a DataLoader worker) vs a plain folder loader on
-         the same full-size JPEGs (full PIL decode + the same transforms). Target >= 10x.
+         the same full-size JPEGs (full PIL decode + the same transforms); also shards packed
+         at 1024 px instead of the default 512. Target >= 10x.
   train  fwd+bwd+AdamW step at 384², batch 8: fp32, bf16 autocast, channels_last on/off, frozen
          encoder; smp U-Net (if installed); the real loop fed by the shard pipeline vs the pure
          step; val Dice of ours vs smp after the same wall-clock budget on the same demo data.
          Targets: >= 2.5x faster than smp, loop <= 1.15x pure step, Dice >= smp's.
-  infer  batch job images/s on full-size images with truth vs a naive per-image loop vs the
-         pure batched forward on pre-decoded tensors. Targets >= 3x naive, <= 1.3x forward.
+  infer  batch job images/s on full-size images with truth vs a naive per-image loop (the
+         checkpoint's model as loaded) vs the job's own pure batched forward (BatchNorm
+         folded) on pre-decoded tensors. Targets >= 3x naive, <= 1.3x forward.
 
 examples:
-  python jobs/bench.py all --quick --out bench.json          # 5-8 minutes on 2 cores
+  python jobs/bench.py all --quick --out bench.json          # 5-6 minutes on 2 cores
   python jobs/bench.py train --workdir /tmp/bench --threads 2
   python jobs/bench.py infer --images 64 --repeats 5
 
@@ -118,7 +120,7 @@ class BenchPlan:
 
 
 def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
-    """The full plan, or the --quick one (5-8 minutes on a quiet 2-core machine); overrides
+    """The full plan, or the --quick one (5-6 minutes on a quiet 2-core machine); overrides
     win."""
     plan = BenchPlan()
     if quick:
@@ -142,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which benchmark to run (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer images and repeats, a 90 s training race at 128² "
-                             "(about 5-8 minutes on 2 cores)")
+                             "(about 5-6 minutes on 2 quiet cores)")
     parser.add_argument("--out", default="bench.json", metavar="FILE",
                         help="where to write the JSON results (default: bench.json)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
