@@ -1,3 +1,3 @@
 """lesionseg: skin-lesion segmentation on ISIC 2016 as a job suite (pack, train, infer, bench)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

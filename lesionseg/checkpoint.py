@@ -15,10 +15,13 @@ import torch
 
 from lesionseg import __version__
 from lesionseg.config import Config, from_dict, to_dict
-from lesionseg.errors import UserError
+from lesionseg.errors import UserError, first_line
 from lesionseg.files import atomic_write_bytes
 
-FORMAT = "lesionseg-checkpoint/1"
+# /2: the decoder with separable high-resolution stages and a transposed-conv logit head
+# (lesionseg 0.2); /1 files hold the earlier decoder, whose weights do not fit.
+FORMAT = "lesionseg-checkpoint/2"
+OLDER_FORMATS = ("lesionseg-checkpoint/1",)
 
 
 class CheckpointError(UserError):
@@ -40,15 +43,27 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: Con
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str) -> Any:
+    """`torch.load(path, weights_only=True)` onto the CPU; a missing file raises
+    error("<path>: <missing> file not found"), an unreadable one error("<path>: not a readable
+    <unreadable> (<reason>)")."""
+    if not path.is_file():
+        raise error(f"{path}: {missing} file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors come in many types
+        raise error(f"{path}: not a readable {unreadable} ({first_line(e)})") from None
+
+
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
     """Read a checkpoint written by `save_weights`: (state_dict, config, meta)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors come in many types
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    payload = torch_load(path, CheckpointError, "checkpoint", "checkpoint")
+    if isinstance(payload, dict) and payload.get("format") in OLDER_FORMATS:
+        raise CheckpointError(
+            f"{path}: written by lesionseg {payload.get('lesionseg_version', '< 0.2')} "
+            f"({payload['format']}), whose decoder differs from this version's; retrain, or "
+            "use its encoder alone with model.encoder_weights=<this file>")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a lesionseg checkpoint (expected format {FORMAT}); "
                               "use best.pt or last.pt from a training run folder")
@@ -65,5 +80,5 @@ def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Conf
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not fit the model ({first_line(e)})") from None
     return model.eval(), cfg, meta

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-from lesionseg.errors import UserError
+from lesionseg.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
             return weights.get_state_dict(progress=True, check_hash=True)
         except Exception as e:  # URL, HTTP, hash and file errors come in many types
             raise WeightsError(f"model.encoder_weights=imagenet: download of {weights.url} "
-                               f"failed ({_first_line(e)})") from None
+                               f"failed ({first_line(e)})") from None
     raise WeightsError(
         f"model.encoder_weights=imagenet: ImageNet weights are not cached at {path}; on a "
         f"machine with internet fetch {weights.url} and put the file at that path (set "
@@ -280,12 +280,9 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load a state dict (weights only), unwrapping a {"state_dict": …} container."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: encoder weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors come in many types
-        raise WeightsError(f"{path}: not a readable state-dict file ({_first_line(e)})") from None
+    from lesionseg.checkpoint import torch_load
+
+    obj = torch_load(path, WeightsError, "encoder weights", "state-dict file")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -327,9 +324,3 @@ def _load_into(encoder: MobileNetEncoder, state: dict[str, torch.Tensor], origin
     if problems:
         raise WeightsError(f"{origin}: not MobileNetV2 encoder weights: {'; '.join(problems)}")
     encoder.load_state_dict(mapped, strict=True)
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message, for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

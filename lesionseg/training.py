@@ -74,7 +74,7 @@ from lesionseg.data.transforms import (
     stack_images,
     to_float_images,
 )
-from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError
+from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
         stream = gopen(url)
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     except Exception as e:  # tarfile, OS, zlib and webdataset errors come in many types
-        msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {_first_line(e)})"
+        msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {first_line(e)})"
         if on_error != "skip":
             raise DataError(msg + "; repack it, or set data.on_error=skip") from None
         if url not in _WARNED_SHARDS:  # a lane may come back to it every cycle: warn once
@@ -302,12 +302,6 @@ def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
     finally:
         if stream is not None:
             stream.close()
-
-
-def _first_line(e: BaseException) -> str:
-    """First line of an exception's first argument, without webdataset's ' @ <file>' tail."""
-    text = str(e.args[0]) if e.args else str(e)
-    return (text.strip().splitlines() or [type(e).__name__])[0].split(" @ <")[0]
 
 
 def lane_shards(urls: tuple[str, ...], seed: int, epoch: int, lane: int,
@@ -385,9 +379,9 @@ def _prepare(make: Callable[[], tuple[str, torch.Tensor, torch.Tensor]], on_erro
         return make()
     except (UserError, OSError, ValueError) as e:
         if on_error != "skip":
-            raise DataError(f"{_first_line(e)} (set data.on_error=skip to skip bad "
+            raise DataError(f"{first_line(e)} (set data.on_error=skip to skip bad "
                             "samples)") from None
-        skipped.append(_first_line(e))
+        skipped.append(first_line(e))
         return None
 
 
@@ -572,7 +566,7 @@ def worker_error(e: BaseException) -> str:
         last = lines[-1] if lines else text
         head, sep, tail = last.partition(": ")
         return tail if sep and "." in head and " " not in head else last
-    return _first_line(e)
+    return first_line(e)
 
 
 # ============================================================================ schedule

@@ -251,6 +251,17 @@ def test_checkpoint_round_trip(tmp_path, model):
         assert torch.equal(rebuilt(x), model(x))
 
 
+def test_older_checkpoint_is_a_clear_error_and_its_encoder_still_loads(tmp_path, model):
+    path = save_weights(tmp_path / "old.pt", model.state_dict(), Config())
+    payload = torch.load(path, weights_only=True)
+    payload["format"], payload["lesionseg_version"] = "lesionseg-checkpoint/1", "0.1.0"
+    torch.save(payload, path)
+    with pytest.raises(UserError, match=r"lesionseg 0\.1\.0 .*decoder differs.*retrain"):
+        build_model_from_checkpoint(path)
+    again = MobileNetEncoderDecoder(encoder_weights=path)  # the encoder part is unchanged
+    assert torch.equal(again.encoder.features[0][0].weight, model.encoder.features[0][0].weight)
+
+
 def test_torch_compile_traces_without_graph_breaks():
     torch.manual_seed(0)
     model = MobileNetEncoderDecoder(freeze_encoder=True)
