@@ -1,6 +1,6 @@
 """Joint image+mask transforms: random training augmentation and the one eval resize.
 
-Both work on PIL images in uint8 and return uint8 tensors: images 3×S×S whose memory is
+Both take PIL images (the augmentation also H×W(×C) uint8 arrays) and return uint8 tensors: images 3×S×S whose memory is
 H×W×C (so a stacked batch is already channels_last), masks 1×S×S in {0, 1}. Float conversion
 happens once per batch, after the transfer to the device (`to_float_images`): a uint8 batch is
 a quarter of the bytes through worker shared memory, pinned memory and PCIe.
@@ -12,11 +12,11 @@ grid, so they stay aligned), followed by ONE colour pass (brightness, contrast a
 compose into a 3×4 colour matrix, `cv2.transform`). Before decoding, `draw_augmentation` fixes
 the crop, so a JPEG can be decoded at the smallest DCT scale that still holds the crop at S×S
 (`Augmentation.decode_size`); where the source is still more than twice the output, the needed
-region is area-reduced by an integer factor first (bilinear alone would skip pixels and alias).
+region is area-reduced about an integer factor first (bilinear alone would skip pixels).
 OpenCV runs single-threaded (`lesionseg.data.cv`): the parallelism is the DataLoader's workers.
 
 Randomness never comes from a global or worker RNG: every parameter is drawn from an explicit
-`torch.Generator`, which the pipeline seeds from (seed, epoch, position, sample id) via
+`torch.Generator`, which the pipeline seeds from (seed, epoch, lane, position, sample key) via
 `augment_seed`. The same sample at the same place in the same epoch is therefore augmented
 identically on every run, which is what makes resume exact.
 
