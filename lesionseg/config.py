@@ -166,6 +166,11 @@ def validate(cfg: Config) -> Config:
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value == "False" and "no" in choices:
+            # YAML reads a bare `no` (or `off`, `false`) as the boolean false, which a str field
+            # keeps as "False": `train.mixed_precision=no` means "no".
+            value = "no"
+            setattr(getattr(cfg, section), name, value)
         _check(value in choices, key, value, f"choose one of {', '.join(choices)}")
     d, p, m, lo, o, t, i = cfg.data, cfg.pack, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.infer
     _check(d.image_size >= 32, "data.image_size", d.image_size, "must be at least 32")

@@ -104,3 +104,15 @@ def test_save_and_round_trip(tmp_path: Path) -> None:
     data["pack"]["future_option"] = 1
     data["future_section"] = {"x": 1}
     assert from_dict(data) == cfg
+
+
+def test_a_bare_no_is_the_choice_no_not_a_boolean(tmp_path) -> None:
+    """YAML parses `no` as false; for the mixed-precision choices it means "no"."""
+    cfg = load_config(None, ["train.mixed_precision=no", "infer.mixed_precision=no"])
+    assert cfg.train.mixed_precision == "no" and cfg.infer.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\ninfer:\n  mixed_precision: off\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.infer.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="data.on_error"):
+        load_config(None, ["data.on_error=no"])  # no "no" among its choices: still an error
