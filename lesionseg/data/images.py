@@ -265,11 +265,8 @@ def write_mask(path: str | Path, mask: Image.Image | np.ndarray, compress_level:
     if isinstance(mask, Image.Image):
         if mask.mode != "L":
             raise ValueError(f"mask image must be mode L, got {mask.mode}")
-        arr = np.asarray(mask)
-        if not is_binary_255(arr):
-            raise ValueError("mask image must hold only the values 0 and 255")
-    else:
-        arr = np.asarray(mask)
-        if not (arr.ndim == 2 and is_binary_255(arr)):
-            arr = np.asarray(mask_from_array(arr))
+        return atomic_write_bytes(path, encode_mask_png(np.asarray(mask), compress_level))
+    arr = np.asarray(mask)
+    if not (arr.ndim == 2 and is_binary_255(arr)):
+        arr = np.asarray(mask_from_array(arr))  # exactly 0/255 by construction
     return atomic_write_bytes(path, _png_l(arr, compress_level))
