@@ -2,8 +2,9 @@
 
 Data flows top to bottom through three modules: `MobileNetEncoder` (skip features at strides 2,
 4, 8, 16 and the deepest at 32), `CustomDecoder` (transposed-convolution upsampling, skip
-concatenation, conv-BN-ReLU; a last transposed conv to the logits) and `MobileNetEncoderDecoder`, which normalizes RGB in [0, 1] with
-ImageNet statistics held in a buffer, pads to a multiple of 32 and crops the logits back.
+concatenation, conv-BN-ReLU; a last transposed conv to the logits) and
+`MobileNetEncoderDecoder`, which normalizes RGB in [0, 1] with ImageNet statistics held in a
+buffer, pads to a multiple of 32 and crops the logits back.
 
 Encoder weights come from `None` (random), `"imagenet"` (torchvision's cache only, never a
 download unless LESIONSEG_ALLOW_DOWNLOAD=1) or a local state-dict file; anything that cannot be
