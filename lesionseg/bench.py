@@ -42,7 +42,7 @@ from lesionseg.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CASES = ("data", "train", "infer")
+CASES = ("data", "train", "infer", "accuracy")
 SCHEMA = "lesionseg-bench/1"
 SOURCE_SEED = 0  # seed of the full-size synthetic source (data and infer cases)
 RACE_SEED = 1  # seed of the demo-sized data set of the equal-time training race
@@ -50,6 +50,7 @@ OTHER_STORE_SIDE = 1024  # data case: also shards stored with this longest side 
 RACE_VAL_FRACTION = 0.2  # of the race's cases, validated (more than the default: less noise)
 PEER_NAME = 'smp.Unet("mobilenet_v2", encoder_weights=None)'
 MACS_SIDE = 384  # multiply-accumulates are counted for one image of this side
+SPEED_CASE_EPOCHS = 100  # the speed cases resolve the recipe as for a schedule this long
 
 # Ratio name -> (case, comparison, target, explanation). Scripts read the names at top level.
 RATIOS: dict[str, tuple[str, str, float, str]] = {
@@ -62,7 +63,17 @@ RATIOS: dict[str, tuple[str, str, float, str]] = {
     "infer_speedup_vs_naive": ("infer", ">=", 3.0, "batch job images/s ÷ naive loop images/s"),
     "infer_over_pure_forward": ("infer", "<=", 1.3,
                                 "batch job time ÷ pure batched forward time (same images)"),
+    "accuracy_margin_vs_plain": ("accuracy", ">=", 0.01,
+                                 "our test Dice − the plain script's, hard data, equal epochs"),
+    "accuracy_margin_vs_smp": ("accuracy", ">=", 0.02,
+                               "our test Dice − smp U-Net's (plain script), equal epochs"),
+    "accuracy_time_margin_vs_plain": ("accuracy", ">", 0.0,
+                                      "our test Dice − the plain script's, equal wall time"),
+    "accuracy_time_margin_vs_smp": ("accuracy", ">", 0.0,
+                                    "our test Dice − smp U-Net's, equal wall time"),
 }
+# Top-level test Dice of each trainer in the accuracy case (equal epochs), no target alone.
+ACCURACY_KEYS = ("accuracy_dice_ours", "accuracy_dice_smp", "accuracy_dice_plain")
 
 EPILOG = """what each case measures (see lesionseg/bench.py for the method):
   data   training input pipeline (shards -> decoded, augmented 384² batches) in images/s per
@@ -76,16 +87,24 @@ EPILOG = """what each case measures (see lesionseg/bench.py for the method):
   infer  batch job images/s on full-size images with truth vs a naive per-image loop (the
          checkpoint's model as loaded) vs the job's own pure batched forward (BatchNorm
          folded) on pre-decoded tensors. Targets >= 3x naive, <= 1.3x forward.
+  accuracy  hard synthetic ISIC-layout set (120 train, 40 test: faint borders, hair, rulers,
+         ink, bubbles, vignettes, dark skin): pack -> train -> infer with our defaults vs a
+         plain 50-line PyTorch script with our model and with smp's U-Net, 12 epochs at 256²
+         (--quick 128²), random encoders; official-scorer test Dice at equal epochs and at
+         equal wall time (the peers get our training command's seconds). Targets: ours >=
+         plain + 0.01 and >= smp + 0.02 at equal epochs, ahead of both at equal time.
 
 examples:
-  python jobs/bench.py all --quick --out bench.json          # 5-6 minutes on 2 cores
+  python jobs/bench.py all --quick --out bench.json          # ~12 minutes on 2 cores
+  python jobs/bench.py accuracy --quick                      # the accuracy case alone
   python jobs/bench.py train --workdir /tmp/bench --threads 2
   python jobs/bench.py infer --images 64 --repeats 5
 
 bench.json holds the machine, every figure, peak RSS per case, model parameters and
 multiply-accumulates, and at its top level the ratios data_speedup_vs_folder,
 train_speedup_vs_smp (null without segmentation-models-pytorch), train_loop_over_pure_step,
-infer_speedup_vs_naive and infer_over_pure_forward."""
+infer_speedup_vs_naive, infer_over_pure_forward, accuracy_dice_ours, accuracy_dice_plain,
+accuracy_dice_smp and the accuracy margins."""
 
 
 class BenchError(UserError):
@@ -117,6 +136,11 @@ class BenchPlan:
     race_slice_s: float = 10.0  # models alternate every this many training seconds
     race_lr: float = 3e-3  # constant learning rate (after warm-up) of both models in the race
     peer: bool = True  # include segmentation-models-pytorch when it is installed
+    accuracy_size: int = 256  # training side of the accuracy case
+    accuracy_epochs: int = 12  # epochs of every trainer in the accuracy case (equal epochs)
+    accuracy_train: int = 120  # hard training cases (the official train split)
+    accuracy_test: int = 40  # hard test cases scored
+    accuracy_sides: tuple[int, int] = (400, 4288)  # longest sides of the hard cases
 
 
 def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
@@ -126,7 +150,8 @@ def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
     if quick:
         plan = dataclasses.replace(
             plan, images=16, repeats=3, data_batches=2, loop_steps=5, race_cases=200,
-            race_sides=(160, 480), race_size=128, race_budget_s=90.0, race_slice_s=6.0)
+            race_sides=(160, 480), race_size=128, race_budget_s=90.0, race_slice_s=6.0,
+            accuracy_size=128)
     return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -220,6 +245,7 @@ def run_bench(plan: BenchPlan, cases: tuple[str, ...], workdir: Path, threads: i
                            "quick": quick, "plan": dataclasses.asdict(plan),
                            "machine": machine_info(threads)}
     doc.update(dict.fromkeys(RATIOS))
+    doc.update(dict.fromkeys(ACCURACY_KEYS))
     doc["cases"] = {}
     for case in cases:
         log.info("bench %s: starting (own process)", case)
@@ -228,6 +254,8 @@ def run_bench(plan: BenchPlan, cases: tuple[str, ...], workdir: Path, threads: i
         result["case_seconds"] = round(time.perf_counter() - t0, 1)
         doc["cases"][case] = result
         for name, value in result.get("ratios", {}).items():
+            doc[name] = value
+        for name, value in result.get("top_level", {}).items():
             doc[name] = value
         log.info("bench %s: done in %.0f s", case, result["case_seconds"])
     doc["targets"] = target_table(doc)
@@ -267,7 +295,8 @@ def _case_main(case: str, plan: BenchPlan, workdir: str, threads: int, result_fi
     setup_logging()
     if threads > 0:
         torch.set_num_threads(threads)
-    runner = {"data": bench_data, "train": bench_train, "infer": bench_infer}[case]
+    runner = {"data": bench_data, "train": bench_train, "infer": bench_infer,
+              "accuracy": bench_accuracy}[case]
     try:
         result = runner(plan, Path(workdir))
     except UserError as e:
@@ -420,10 +449,15 @@ def packed(source: Path, out: Path, **pack_overrides: Any) -> tuple[Path, float 
 
 
 def _config(overrides: list[str]) -> Any:
-    """A Config from the defaults plus overrides (encoder random: no download here)."""
+    """A Config from the defaults plus overrides (encoder random: no download here), its
+    automatic recipe resolved for a long schedule: the strong augmentation, the costliest one,
+    is what the speed cases measure."""
     from lesionseg.config import load_config
+    from lesionseg.recipe import resolve
 
-    return load_config(None, ["model.encoder_weights=null", "tracking.backend=none", *overrides])
+    cfg = load_config(None, ["model.encoder_weights=null", "tracking.backend=none", *overrides])
+    resolve(cfg, total_steps=SPEED_CASE_EPOCHS, steps_per_epoch=1)
+    return cfg
 
 
 def source_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -986,10 +1020,18 @@ def infer_stage_costs(source: Path, cfg: Any, predictor: Any, image_size: int,
     import torch
 
     from lesionseg.data.sources import collect
-    from lesionseg.inference import THUMB_SIDE, OutputSpec, decode_item, finish_item
+    from lesionseg.inference import (
+        THUMB_SIDE,
+        OutputSpec,
+        applied_postprocess,
+        decode_item,
+        finish_item,
+    )
 
     icfg = cfg.infer
-    spec = OutputSpec(out, icfg.threshold, icfg.save_probs, icfg.save_overlays, icfg.report)
+    post, _ = applied_postprocess(icfg, {})  # the bench checkpoint holds no choice: 0.5, none
+    spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
+                      post.steps)
     preview = icfg.overlay_max_side if icfg.save_overlays else (THUMB_SIDE if icfg.report else 0)
     items = collect([source]).items
     threads = torch.get_num_threads()
@@ -1024,7 +1066,8 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     pairs = source_pairs(source)
     ckpt = bench_checkpoint(workdir, plan.image_size)
     cfg = _config([f"infer.batch_size={plan.batch_size}",
-                   f"infer.num_workers={plan.infer_workers}"])
+                   f"infer.num_workers={plan.infer_workers}",
+                   "infer.tta=false"])  # one forward per image, like the naive loop
     naive_model, _, _ = build_model_from_checkpoint(ckpt)
     predictor, _, _ = load_predictor(ckpt, cfg.infer, torch.device("cpu"))
     log.info("infer: decoding %d images for the pure-forward baseline", len(pairs))
@@ -1087,6 +1130,33 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     }
 
 
+# ============================================================================ accuracy
+
+
+def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
+    """Test Dice on hard synthetic data: ours (the jobs, defaults) vs the plain script with our
+    model and with smp's U-Net, at equal epochs and equal wall time (lesionseg.accuracy)."""
+    from lesionseg import accuracy
+
+    aplan = accuracy.AccuracyPlan(
+        image_size=plan.accuracy_size, epochs=plan.accuracy_epochs,
+        train_cases=plan.accuracy_train, test_cases=plan.accuracy_test,
+        min_side=plan.accuracy_sides[0], max_side=plan.accuracy_sides[1])
+    result = accuracy.bench_accuracy(aplan, workdir / "accuracy",
+                                     with_peer=plan.peer and peer_available())
+    epochs, times = result["equal_epochs"], result["equal_time"]
+    ours = epochs["ours"]["dice"]
+    result["top_level"] = {f"accuracy_dice_{k}": epochs[k]["dice"] if k in epochs else None
+                           for k in ("ours", "plain", "smp")}
+    result["ratios"] = {
+        "accuracy_margin_vs_plain": _r(ours - epochs["plain"]["dice"]),
+        "accuracy_margin_vs_smp": _r(ours - epochs["smp"]["dice"]) if "smp" in epochs else None,
+        "accuracy_time_margin_vs_plain": _r(ours - times["plain"]["dice"]),
+        "accuracy_time_margin_vs_smp": _r(ours - times["smp"]["dice"]) if "smp" in times else None,
+    }
+    return result
+
+
 # ============================================================================ report
 
 
@@ -1095,7 +1165,8 @@ def target_table(doc: dict[str, Any]) -> dict[str, Any]:
     table = {}
     for name, (_, op, target, what) in RATIOS.items():
         value = doc.get(name)
-        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        met = None if value is None else {">=": value >= target, ">": value > target,
+                                          "<=": value <= target}[op]
         table[name] = {"value": value, "target": f"{op} {target:g}", "met": met, "what": what}
     race = doc.get("cases", {}).get("train", {}).get("race", {})
     if "ours" in race:
@@ -1170,6 +1241,15 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         st = i["stages_ms_per_image"]
         rows.append(("infer", "ms/img on 1 core: decode_item + finish_item",
                      _fmt(st["decode_item_ms"]), f"+ {_fmt(st['finish_item_ms'])}"))
+    if "accuracy" in cases:
+        a = cases["accuracy"]
+        for label, group in (("equal epochs", "equal_epochs"), ("equal time", "equal_time")):
+            for name, r in a[group].items():
+                if group == "equal_time" and name == "ours":
+                    continue
+                rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
+                             f"{a['image_size']}²", f"{_fmt(r['dice'])} / {_fmt(r['jaccard'])}",
+                             f"{r['epochs']} epochs, {_fmt(r['train_seconds'])} s"))
     for case, c in cases.items():
         m = c.get("memory", {})
         rows.append((case, "peak RSS (process / largest child), MB", _fmt(m.get("peak_rss_mb")),

@@ -31,11 +31,12 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held in the WebDataset shuffle buffer
     pin_memory: bool = True  # pinned host memory for faster host-to-GPU copies (CUDA only)
     on_error: str = "raise"  # a bad sample in a shard: raise (stop with its name) or skip (count and warn)
-    scale_min: float = 0.3  # random-resized-crop: smallest area fraction of the image
+    # Augmentation; null = chosen from the schedule's length (lesionseg/recipe.py).
+    scale_min: float | None = None  # random-resized-crop: smallest area fraction of the image
     hflip: bool = True  # random horizontal flips
     vflip: bool = True  # random vertical flips (lesions have no up/down)
-    rotate_degrees: float = 30.0  # random rotation range (+/-); corners outside the image are filled
-    color_jitter: float = 0.2  # brightness/contrast/saturation jitter strength; 0 turns it off
+    rotate_degrees: float | None = None  # random rotation range (+/-); corners outside are filled
+    color_jitter: float | None = None  # brightness/contrast/saturation jitter strength; 0 = off
     demo_cases: int = 160  # number of synthetic cases in the demo set built when shards is null
     demo_dir: str = "shards/demo"  # where the demo set's ISIC-layout source and shards are cached
 
@@ -76,14 +77,15 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # peak learning rate of the decoder
-    encoder_lr_mult: float = 0.1  # encoder learning rate = lr * this
+    # null = chosen from the encoder weights and the schedule (lesionseg/recipe.py).
+    lr: float | None = None  # peak learning rate of the decoder (auto: 3e-3 random, 1e-3 pretrained)
+    encoder_lr_mult: float | None = None  # encoder lr = lr * this (auto: 1 random, 0.1 pretrained)
     weight_decay: float = 1e-4  # AdamW weight decay
     epochs: int = 30  # epochs to train (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps to train; when > 0 it wins over epochs
     steps_per_epoch: int = 0  # optimizer steps per epoch; 0 = train images / (batch_size * world * grad_accum)
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
-    warmup_steps: int = 50  # linear warmup steps before the cosine decay
+    warmup_steps: int | None = None  # linear warmup steps before the cosine decay (auto: 5%)
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
     grad_clip: float = 1.0  # clip the gradient norm to this (0 = off)
 
@@ -95,13 +97,20 @@ class TrainConfig:
     output_dir: str = "runs/demo"  # the run folder: best.pt, last.pt, config.yaml, states/
     resume: str = "auto"  # auto (newest complete state in output_dir), none, or a state folder
     val_every_steps: int = 0  # validate every N optimizer steps (0 = at the end of every epoch)
-    best_metric: str = "dice"  # val metric that picks best.pt: dice, jaccard, threshold_jaccard, accuracy
+    # Which weights best.pt holds: final (the end of the schedule, as nnU-Net's
+    # checkpoint_final: the cosine decay anneals into them, while the best of many validations
+    # on a small val set is picked by its noise) or best (the best val train.best_metric).
+    select: str = "final"
+    best_metric: str = "dice"  # val metric logged as best (and picking best.pt with select=best)
     keep_states: int = 2  # full training states kept under output_dir/states
     save_every_steps: int = 0  # also save a state every N optimizer steps (0 = only at validation)
     log_every_steps: int = 10  # scalars logged every N optimizer steps
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
     num_threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
     deterministic: bool = False  # torch deterministic algorithms (needed for bit-exact resume on GPU)
+    # After training, choose the threshold and post-processing on the val set (by Jaccard) and
+    # store the choice in best.pt, where inference finds it.
+    tune_postprocess: bool = True
 
 
 @dataclass
@@ -120,8 +129,9 @@ class InferConfig:
     batch_size: int = 8  # images per forward pass
     num_workers: int = 2  # decode workers per process
     image_size: int = 0  # side the model sees; 0 = the checkpoint's data.image_size
-    threshold: float = 0.5  # probability above which a pixel is lesion
-    tta: bool = False  # average with horizontally/vertically flipped predictions
+    threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
+    postprocess: str = "auto"  # auto (the checkpoint's choice), none, largest, fill or largest+fill
+    tta: bool = True  # average with horizontally/vertically flipped predictions (3 forwards, as nnU-Net mirrors by default)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
     save_overlays: bool = False  # write overlay JPEGs to overlays/
@@ -150,9 +160,11 @@ _CHOICES = {
     "pack.on_error": ("raise", "skip"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.best_metric": ("dice", "jaccard", "threshold_jaccard", "accuracy"),
+    "train.select": ("final", "best"),
     "tracking.backend": ("wandb", "none"),
     "tracking.mode": ("offline", "online", "disabled"),
     "infer.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "infer.postprocess": ("auto", "none", "largest", "fill", "largest+fill"),
 }
 
 
@@ -177,9 +189,12 @@ def validate(cfg: Config) -> Config:
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be at least 1")
-    _check(0 < d.scale_min <= 1, "data.scale_min", d.scale_min, "must be in (0, 1]")
-    _check(0 <= d.rotate_degrees <= 180, "data.rotate_degrees", d.rotate_degrees, "must be in [0, 180]")
-    _check(0 <= d.color_jitter < 1, "data.color_jitter", d.color_jitter, "must be in [0, 1)")
+    _check(d.scale_min is None or 0 < d.scale_min <= 1, "data.scale_min", d.scale_min,
+           "must be in (0, 1], or null (auto)")
+    _check(d.rotate_degrees is None or 0 <= d.rotate_degrees <= 180, "data.rotate_degrees",
+           d.rotate_degrees, "must be in [0, 180], or null (auto)")
+    _check(d.color_jitter is None or 0 <= d.color_jitter < 1, "data.color_jitter",
+           d.color_jitter, "must be in [0, 1), or null (auto)")
     _check(d.demo_cases >= 8, "data.demo_cases", d.demo_cases, "must be at least 8")
     _check(0 <= p.val_fraction < 1, "pack.val_fraction", p.val_fraction, "must be in [0, 1)")
     _check(p.max_side == 0 or p.max_side >= 32, "pack.max_side", p.max_side, "must be 0 or >= 32")
@@ -198,14 +213,16 @@ def validate(cfg: Config) -> Config:
            (lo.bce_weight, lo.dice_weight, lo.iou_weight), "the three loss weights cannot all be zero")
     _check(lo.smooth >= 0, "loss.smooth", lo.smooth, "must be >= 0")
     _check(lo.pos_weight is None or lo.pos_weight > 0, "loss.pos_weight", lo.pos_weight, "must be > 0")
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(o.encoder_lr_mult >= 0, "optim.encoder_lr_mult", o.encoder_lr_mult, "must be >= 0")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be > 0, or null (auto)")
+    _check(o.encoder_lr_mult is None or o.encoder_lr_mult >= 0, "optim.encoder_lr_mult",
+           o.encoder_lr_mult, "must be >= 0, or null (auto)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     _check(o.epochs >= 1 or o.max_steps > 0, "optim.epochs", o.epochs, "must be >= 1 unless max_steps > 0")
     _check(o.max_steps >= 0, "optim.max_steps", o.max_steps, "must be >= 0")
     _check(o.steps_per_epoch >= 0, "optim.steps_per_epoch", o.steps_per_epoch, "must be >= 0")
     _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps,
+           "must be >= 0, or null (auto)")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0")
     _check(t.val_every_steps >= 0, "train.val_every_steps", t.val_every_steps, "must be >= 0")
@@ -220,7 +237,8 @@ def validate(cfg: Config) -> Config:
     _check(i.batch_size >= 1, "infer.batch_size", i.batch_size, "must be at least 1")
     _check(i.num_workers >= 0, "infer.num_workers", i.num_workers, "must be >= 0")
     _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
-    _check(0 < i.threshold < 1, "infer.threshold", i.threshold, "must be in (0, 1)")
+    _check(i.threshold is None or 0 < i.threshold < 1, "infer.threshold", i.threshold,
+           "must be in (0, 1), or null (the checkpoint's choice)")
     _check(i.post_threads >= 0, "infer.post_threads", i.post_threads, "must be >= 0")
     _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")

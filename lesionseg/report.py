@@ -54,6 +54,9 @@ def _summary_table(summary: dict[str, Any]) -> str:
             ("errors", summary.get("errors")),
             ("complete", summary.get("complete")),
             ("images/s", summary.get("throughput", {}).get("images_per_s")),
+            ("threshold", summary.get("threshold")),
+            ("post-processing", summary.get("postprocess")),
+            ("flip TTA", summary.get("tta")),
             ("checkpoint", summary.get("checkpoint", {}).get("path")),
             ("checkpoint sha256", summary.get("checkpoint", {}).get("sha256"))]
     rows += [(f"mean {k}", _num(v)) for k, v in means.items() if k not in ("images", "iou")]

@@ -34,7 +34,8 @@ waiting in a collective), save a state and exit with status 75 (`EXIT_RESUME`: r
 the same command). Each rank exits 75; torchrun/accelerate launch then report a failure
 (status 1) themselves. DataLoader workers ignore both signals (see `_WorkerSignals`).
 
-Outputs in train.output_dir: config.yaml (at start), best.pt (best val train.best_metric),
+Outputs in train.output_dir: config.yaml (at start), best.pt (the weights to use: the final
+ones, or with train.select=best those of the best val train.best_metric),
 last.pt (end), metrics.jsonl (one line per validation), states/, W&B files (tracking.py).
 """
 
@@ -75,6 +76,7 @@ from lesionseg.data.transforms import (
     to_float_images,
 )
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError, first_line
+from lesionseg.recipe import resolve as resolve_recipe
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +94,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "model.encoder_weights": None,  # offline machine: no ImageNet weights
     "data.image_size": 128,
     "data.batch_size": 8,
-    "optim.lr": 3e-3,
-    "optim.encoder_lr_mult": 1.0,  # a random encoder must learn as fast as the decoder
     "optim.epochs": 8,
-    "optim.warmup_steps": 20,
     "train.val_every_steps": 0,
     "train.log_every_steps": 10,
 }
@@ -111,10 +110,13 @@ most used keys:
   data.image_size=384        training/validation side;  data.batch_size=8 (per process)
   data.num_workers=2         decode+augment workers per process
   model.encoder_weights=imagenet|null|FILE    model.freeze_encoder=false
-  optim.lr=0.001  optim.epochs=30  optim.max_steps=0 (>0 wins)  optim.grad_accum_steps=1
+  optim.epochs=30  optim.max_steps=0 (>0 wins)  optim.grad_accum_steps=1
+  optim.lr, optim.encoder_lr_mult, optim.warmup_steps, data.scale_min, data.rotate_degrees,
+  data.color_jitter: null = chosen from the encoder weights and the schedule length (the
+  "recipe:" start-up line says what and why; lesionseg/recipe.py); set any to override
   train.mixed_precision=no|bf16|fp16          train.seed=0
   train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR
-  train.val_every_steps=0 (0 = every epoch)   train.best_metric=dice
+  train.val_every_steps=0 (0 = every epoch)   train.select=final|best (what best.pt holds)
   train.num_threads=0 (set >0 for bit-exact CPU resume)
   tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
 
@@ -127,7 +129,7 @@ examples:
 outputs in train.output_dir: best.pt, last.pt (weights-only), config.yaml, metrics.jsonl,
 states/step-N (full states for resume), wandb/ (tracking.backend=wandb).
 demo (data.shards=null): shards/demo is built once; unless set, model.encoder_weights=null,
-data.image_size=128, optim.epochs=8, optim.lr=0.003 (see DEMO_DEFAULTS in training.py).
+data.image_size=128, optim.epochs=8 (see DEMO_DEFAULTS in training.py).
 
 exit status: 0 done, 2 bad config/input, 75 stopped by SIGTERM/SIGUSR1 after saving a
 state (rerun the same command to resume), 1 other failure."""
@@ -1064,6 +1066,9 @@ def train(cfg: Config, demo: bool = False) -> int:
     if main:
         check_stored_size(data, cfg.data.image_size)
     schedule = plan_schedule(cfg, data.train_count, world)
+    recipe = resolve_recipe(cfg, schedule.total_steps, schedule.steps_per_epoch)
+    if main:
+        log.info("recipe: %s", recipe.describe())
     lanes = world * max(1, cfg.data.num_workers)
     if len(data.train_urls) < lanes and main:
         log.warning("%d train shard(s) for %d reader lanes (processes × data.num_workers): "
@@ -1124,8 +1129,18 @@ def train(cfg: Config, demo: bool = False) -> int:
         last_val = progress.extra.get("last_val", {})
         save_weights(run_dir / "last.pt", net.state_dict(), cfg, step=progress.step,
                      epoch=progress.epoch, val=last_val)
-        log.info("done: %d steps; best val %s %.4f at step %d; weights in %s and %s",
-                 progress.step, cfg.train.best_metric, progress.best, progress.best_step,
+        if cfg.train.select == "final":
+            save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
+                         epoch=progress.epoch, val=last_val, select="final")
+        if cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
+            from lesionseg.tuning import tune_checkpoint
+
+            tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size)
+        log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
+                 "%s weights (train.select); weights in %s and %s", progress.step,
+                 cfg.train.best_metric, progress.best, progress.best_step,
+                 last_val.get(cfg.train.best_metric, float("nan")),
+                 "final" if cfg.train.select == "final" else f"step {progress.best_step}",
                  run_dir / "best.pt", run_dir / "last.pt")
         if demo:
             log.info("This was a DEMO on synthetic data (%s), not ISIC. To train on ISIC 2016: "
@@ -1183,7 +1198,7 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
     value = metrics[cfg.train.best_metric]
     if value > progress.best:
         progress.best, progress.best_step = value, progress.step
-        if main:
+        if main and cfg.train.select == "best":
             net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
                          epoch=progress.epoch, val=metrics, best_metric=cfg.train.best_metric)

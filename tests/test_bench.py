@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from lesionseg.bench import CASES, RATIOS, BenchPlan, format_table, peer_available, run_bench
+from lesionseg.bench import (
+    ACCURACY_KEYS,
+    CASES,
+    RATIOS,
+    BenchPlan,
+    format_table,
+    peer_available,
+    run_bench,
+)
 from lesionseg.cli import main
 
 TINY = BenchPlan(images=3, min_side=64, max_side=160, image_size=64, batch_size=2, warmup=0,
                  repeats=1, data_batches=1, loop_steps=1, train_workers=1, infer_workers=1,
                  race_cases=24, race_sides=(64, 128), race_size=64, race_budget_s=1.0,
-                 race_slice_s=0.5)
+                 race_slice_s=0.5, accuracy_size=64, accuracy_epochs=1, accuracy_train=20,
+                 accuracy_test=3, accuracy_sides=(64, 160))
 
 
 def _positive(value: object) -> bool:
@@ -31,15 +40,19 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
         assert doc["machine"][key], key
     for name in RATIOS:
         assert name in doc, name
-        if name == "train_speedup_vs_smp" and not peer_available():
+        if name in ("train_speedup_vs_smp", "accuracy_margin_vs_smp",
+                    "accuracy_time_margin_vs_smp") and not peer_available():
             assert doc[name] is None
             assert doc["targets"][name]["met"] is None  # no peer, no verdict
+        elif name.startswith("accuracy_"):  # a difference of two scores: any sign
+            assert isinstance(doc[name], float) and -1 <= doc[name] <= 1, (name, doc[name])
+            assert doc["targets"][name]["met"] in (True, False)
         else:
             assert _positive(doc[name]), (name, doc[name])
             assert doc["targets"][name]["met"] in (True, False)
 
-    data, train, infer = (doc["cases"][c] for c in CASES)
-    for case in (data, train, infer):
+    data, train, infer, accuracy = (doc["cases"][c] for c in CASES)
+    for case in (data, train, infer, accuracy):
         assert _positive(case["memory"]["peak_rss_mb"])
     assert _positive(data["shards_images_per_s"]["median"])
     assert _positive(data["folder_images_per_s"]["median"])
@@ -53,9 +66,22 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
     assert 0 <= train["race"]["ours"]["val_dice"] <= 1 and train["race"]["ours"]["steps"] > 0
     for key in ("job_images_per_s", "naive_images_per_s", "forward_images_per_s"):
         assert _positive(infer[key]), key
+    # Accuracy: every trainer scored by the same scorer on the same 3 hard test cases; the top
+    # level holds their Dice, and the margins are exactly the differences.
+    runs = accuracy["equal_epochs"]
+    assert {"ours", "plain"} <= set(runs) and accuracy["data"]["difficulty"] == "hard"
+    for r in runs.values():
+        assert 0 <= r["dice"] <= 1 and 0 <= r["jaccard"] <= 1 and r["epochs"] == 1
+    assert doc["accuracy_dice_ours"] == runs["ours"]["dice"]
+    assert doc["accuracy_dice_plain"] == runs["plain"]["dice"]
+    assert doc["accuracy_margin_vs_plain"] == pytest.approx(
+        runs["ours"]["dice"] - runs["plain"]["dice"], abs=1e-4)
+    assert runs["ours"]["recipe"] and "optim.lr=" in runs["ours"]["recipe"]
+    assert set(ACCURACY_KEYS) <= set(doc)
 
     table = format_table(doc)
     assert "data_speedup_vs_folder" in table and "peak RSS" in table
+    assert "accuracy_margin_vs_plain" in table and "equal epochs: test Dice" in table
 
 
 def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

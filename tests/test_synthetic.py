@@ -11,7 +11,13 @@ import pytest
 from PIL import Image, ImageFilter
 
 from lesionseg.cli import main
-from lesionseg.data.synthetic import OFFICIAL_NAMES, render_case, write_isic_dataset
+from lesionseg.data.synthetic import (
+    OFFICIAL_NAMES,
+    render,
+    render_case,
+    render_hard_case,
+    write_isic_dataset,
+)
 from lesionseg.errors import UserError
 
 
@@ -69,6 +75,51 @@ def test_mask_marks_the_lesion() -> None:
         assert lum[m].mean() < lum[ring].mean() - 10
 
 
+def test_hard_cases_are_binary_aligned_and_whole() -> None:
+    """Hard masks: exactly 0/255, the lesion's size, one region without holes (hair and
+    bubbles never cut the mask), darker than the skin just outside for nearly every case
+    even when faint, and deterministic; the easy generator is untouched by the option."""
+    from lesionseg.postprocess import fill_holes, largest_component
+
+    darker = 0
+    for index in range(16):
+        image, mask = render_hard_case(2, index, 160, 320)
+        assert image.size == mask.size and image.mode == "RGB" and mask.mode == "L"
+        arr = np.asarray(mask)
+        assert set(np.unique(arr).tolist()) <= {0, 255}
+        m = arr > 0
+        assert 0.01 < m.mean() < 0.95
+        assert np.array_equal(fill_holes(arr), arr)
+        assert (largest_component(arr) > 0).sum() >= 0.95 * m.sum()
+        ring = np.asarray(mask.filter(ImageFilter.MaxFilter(21))) > 0
+        ring &= ~(np.asarray(mask.filter(ImageFilter.MaxFilter(9))) > 0)
+        lum = np.asarray(image.convert("L"), dtype=np.float32)
+        if ring.any() and np.median(lum[m]) < np.median(lum[ring]) - 3:
+            darker += 1
+    assert darker >= 13, f"only {darker} of 16 hard lesions are darker than their surroundings"
+    a, b = render_hard_case(2, 3, 160, 320), render("hard", 2, 3, 160, 320)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert np.array_equal(np.asarray(render("easy", 2, 3, 64, 96)[0]),
+                          np.asarray(render_case(2, 3, 64, 96)[0]))
+
+
+def test_hard_set_has_the_difficulties(tmp_path: Path) -> None:
+    """Across a hard set: some full-size images, some lesions touching the border, dark
+    skin, and images differing from their easy twin."""
+    shapes, touching, dark = [], 0, 0
+    for index in range(12):
+        image, mask = render_hard_case(0, index, 64, 4288)
+        shapes.append(image.size)
+        m = np.asarray(mask) > 0
+        touching += bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+        small = np.asarray(image.resize((64, 64)).convert("L"), dtype=np.float32)
+        dark += bool(np.median(small[~np.asarray(mask.resize((64, 64))).astype(bool)]) < 90)
+    assert (4288, 2848) in shapes
+    assert touching >= 2 and dark >= 2
+    with pytest.raises(UserError, match="choose one of easy, hard"):
+        write_isic_dataset(tmp_path, 1, 0, difficulty="medium")
+
+
 def test_full_size_case_is_fast() -> None:
     start = time.perf_counter()
     image, mask = render_case(0, 0, 4288, 4288)
@@ -93,3 +144,9 @@ def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with zipfile.ZipFile(out / "ISBI2016_ISIC_Part1_Test_Data.zip") as zf:
         img = Image.open(zf.open("ISBI2016_ISIC_Part1_Test_Data/ISIC_0000002.jpg"))
         assert max(img.size) <= 80
+    hard = tmp_path / "hard"
+    assert main(["synth", str(hard), "--train", "2", "--max-side", "96", "--hard"]) == 0
+    assert "(hard)" in capsys.readouterr().out
+    image = hard / "ISBI2016_ISIC_Part1_Training_Data" / "ISIC_0000001.jpg"
+    expected, _ = render_hard_case(0, 1, 64, 96)
+    assert Image.open(image).size == expected.size

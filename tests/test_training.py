@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from lesionseg.config import Config, load_config
 from lesionseg.errors import EXIT_RESUME, EXIT_USAGE
 from lesionseg.metrics import METRIC_NAMES
+from lesionseg.recipe import resolve as resolve_recipe
 from lesionseg.training import (
     DataError,
     TrainStream,
@@ -88,7 +89,9 @@ def free_port() -> int:
 
 
 def tiny_cfg(**data: object) -> Config:
+    """48 px, batch 2, the recipe resolved as for a long schedule (every augmentation on)."""
     cfg = load_config(None, ["data.image_size=48", "data.batch_size=2", "data.shuffle_buffer=4"])
+    resolve_recipe(cfg, total_steps=100, steps_per_epoch=1)
     for key, value in data.items():
         setattr(cfg.data, key, value)
     return cfg

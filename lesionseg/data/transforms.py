@@ -11,8 +11,8 @@ the resize to S×S compose into a single affine map that OpenCV applies with SIM
 grid, so they stay aligned), followed by ONE colour pass (brightness, contrast and saturation
 compose into a 3×4 colour matrix, `cv2.transform`). Before decoding, `draw_augmentation` fixes
 the crop, so a JPEG can be decoded at the smallest DCT scale that still holds the crop at S×S
-(`Augmentation.decode_size`); where the source is still more than twice the output, the needed
-region is area-reduced about an integer factor first (bilinear alone would skip pixels).
+(`Augmentation.decode_size`); where the source is still larger than the output, the needed
+region is area-averaged to the output's scale first (bilinear alone would skip pixels).
 OpenCV runs single-threaded (`lesionseg.data.cv`): the parallelism is the DataLoader's workers.
 
 Randomness never comes from a global or worker RNG: every parameter is drawn from an explicit
@@ -20,10 +20,12 @@ Randomness never comes from a global or worker RNG: every parameter is drawn fro
 `augment_seed`. The same sample at the same place in the same epoch is therefore augmented
 identically on every run, which is what makes resume exact.
 
-`eval_transform` resizes the WHOLE image to size×size (no crop; bilinear, antialiased; the
-mask with centre-aligned nearest). Validation and inference both use it, so their inputs match;
-validation scores at that resolution, inference scores at the original size after resizing
-the prediction back.
+`eval_transform` resizes the WHOLE image to size×size (no crop, aspect not kept) through the
+same resampler with the identity augmentation, so validation and inference see exactly what
+training sees for a whole-image crop; the random crop keeps the image's own aspect ratio (times
+a jitter around 1), so training differs from evaluation only by the deliberate zoom, flips,
+rotation and colour. Validation scores at that resolution, inference at the original size
+after resizing the prediction back.
 """
 
 from __future__ import annotations
@@ -38,15 +40,15 @@ from PIL import Image
 
 from lesionseg.data.cv import cv2
 
-# Aspect-ratio range of the random resized crop (torchvision's default).
+# Range of the random resized crop's aspect ratio relative to the image's own (torchvision's
+# range, taken relative: eval squashes the whole image, so relative is what the model sees).
 CROP_RATIO = (3 / 4, 4 / 3)
-# Attempts at a crop of the drawn area and aspect ratio before falling back to a centre crop.
-CROP_ATTEMPTS = 10
 # Luma weights (ITU-R 601, as torchvision and Pillow's "L" conversion use).
 LUMA = (0.299, 0.587, 0.114)
-# Above this many source pixels per output pixel, the source is area-reduced before bilinear
-# sampling (bilinear alone would skip pixels and alias).
-MAX_SAMPLING_STEP = 2.0
+# Above this many source pixels per output pixel (along either source axis), the sampled
+# region is area-reduced to about one source pixel per output pixel before the bilinear warp
+# (bilinear alone reads 2×2 pixels and would skip the others: aliasing, thin hairs broken).
+MAX_SAMPLING_STEP = 1.0
 
 
 def augment_seed(*parts: object) -> int:
@@ -79,7 +81,13 @@ class AugmentParams:
 
     @classmethod
     def from_config(cls, data_cfg: object) -> AugmentParams:
-        """Take the augmentation fields of a `DataConfig`."""
+        """Take the augmentation fields of a `DataConfig` (resolved: no null left, see
+        `lesionseg.recipe.resolve`)."""
+        missing = [k for k in ("scale_min", "rotate_degrees", "color_jitter")
+                   if getattr(data_cfg, k) is None]
+        if missing:
+            raise ValueError(f"augmentation keys {missing} are still null (auto): resolve the "
+                             "recipe first (lesionseg.recipe.resolve)")
         return cls(size=data_cfg.image_size, scale_min=data_cfg.scale_min,
                    hflip=data_cfg.hflip, vflip=data_cfg.vflip,
                    rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter)
@@ -128,28 +136,20 @@ def _uniform(g: torch.Generator, low: float, high: float) -> float:
 
 def crop_params(height: int, width: int, scale_min: float,
                 g: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop covering [scale_min, 1] of the area, aspect in
-    CROP_RATIO; the algorithm of torchvision's RandomResizedCrop, driven by `g`."""
-    area = height * width
-    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-    for _ in range(CROP_ATTEMPTS):
-        target = area * _uniform(g, scale_min, 1.0)
-        ratio = math.exp(_uniform(g, *log_ratio))
-        w = round(math.sqrt(target * ratio))
-        h = round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=g))
-            left = int(torch.randint(0, width - w + 1, (), generator=g))
-            return top, left, h, w
-    # Fallback: the largest centre crop within the ratio range.
-    in_ratio = width / height
-    if in_ratio < CROP_RATIO[0]:
-        w, h = width, round(width / CROP_RATIO[0])
-    elif in_ratio > CROP_RATIO[1]:
-        h, w = height, round(height * CROP_RATIO[1])
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    """(top, left, h, w) of a random crop covering a fraction s ∈ [scale_min, 1] of the image,
+    its aspect ratio the image's own times r, r log-uniform in CROP_RATIO narrowed to [s, 1/s]
+    so that the crop always fits. The crop is then squashed to S×S like the eval transform
+    squashes the whole image, so s = 1 is exactly the eval framing (a 3:2 image is not
+    centre-cropped to 4:3), and smaller crops zoom in around it."""
+    s = _uniform(g, scale_min, 1.0)
+    low = max(math.log(CROP_RATIO[0]), math.log(s))
+    high = min(math.log(CROP_RATIO[1]), -math.log(s))
+    r = math.exp(_uniform(g, low, high))
+    h = min(height, max(1, round(height * math.sqrt(s / r))))
+    w = min(width, max(1, round(width * math.sqrt(s * r))))
+    top = int(torch.randint(0, height - h + 1, (), generator=g))
+    left = int(torch.randint(0, width - w + 1, (), generator=g))
+    return top, left, h, w
 
 
 def draw_augmentation(height: int, width: int, params: AugmentParams,
@@ -202,23 +202,29 @@ def _cv2_matrix(coeffs: tuple[float, ...]) -> np.ndarray:
 def _sample(src: np.ndarray, coeffs: tuple[float, ...], fx: float, fy: float,
             s: int) -> np.ndarray:
     """Bilinear affine resampling of `src` (whose scale against the augmentation's source is
-    fx, fy) to s×s, area-reducing the needed region first where bilinear alone would skip
-    source pixels."""
+    fx, fy) to s×s. Where the map reduces (more than MAX_SAMPLING_STEP source pixels per
+    output pixel along a source axis), the region it samples is first area-averaged
+    (`cv2.INTER_AREA`, exact fractional box weights) to about one pixel per output pixel, so
+    every source pixel contributes, whatever the zoom: the same antialiasing for a training
+    crop and for the whole-image eval resize (`eval_transform` is this with the identity)."""
     a, b, c, d, e, f = coeffs
     a, b, c, d, e, f = a * fx, b * fx, c * fx, d * fy, e * fy, f * fy
-    step = max(math.hypot(a, d), math.hypot(b, e))  # source pixels per output pixel
-    if step > MAX_SAMPLING_STEP:
+    kx, ky = max(1.0, math.hypot(a, b)), max(1.0, math.hypot(d, e))  # source px per output px
+    if kx > MAX_SAMPLING_STEP or ky > MAX_SAMPLING_STEP:
         xs = [a * u + b * v + c for u in (0, s) for v in (0, s)]
         ys = [d * u + e * v + f for u in (0, s) for v in (0, s)]
         # The region the output samples, with a margin of one reduced pixel so that bilinear
         # sampling near its edge reads image, not fill; clipped to the image.
-        k = int(step)
-        x0, y0 = max(0, math.floor(min(xs)) - k), max(0, math.floor(min(ys)) - k)
-        x1 = min(src.shape[1], math.ceil(max(xs)) + k)
-        y1 = min(src.shape[0], math.ceil(max(ys)) + k)
+        mx, my = math.ceil(kx), math.ceil(ky)
+        x0, y0 = max(0, math.floor(min(xs)) - mx), max(0, math.floor(min(ys)) - my)
+        x1 = min(src.shape[1], math.ceil(max(xs)) + mx)
+        y1 = min(src.shape[0], math.ceil(max(ys)) + my)
         if x1 > x0 and y1 > y0:
-            w, h = max(1, round((x1 - x0) / k)), max(1, round((y1 - y0) / k))
-            src = cv2.resize(src[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_AREA)
+            w, h = max(1, round((x1 - x0) / kx)), max(1, round((y1 - y0) / ky))
+            if (w, h) != (x1 - x0, y1 - y0):
+                src = cv2.resize(src[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_AREA)
+            else:
+                src = src[y0:y1, x0:x1]
             rx, ry = (x1 - x0) / w, (y1 - y0) / h  # exact: reduced pixel i = [i·rx, (i+1)·rx)
             a, b, c = a / rx, b / rx, (c - x0) / rx
             d, e, f = d / ry, e / ry, (f - y0) / ry
@@ -277,21 +283,28 @@ def train_transform(image: Image.Image, mask: Image.Image, params: AugmentParams
     return apply_augmentation(image, mask, aug)
 
 
+def identity_augmentation(height: int, width: int, size: int) -> Augmentation:
+    """The augmentation that does nothing but squash the whole image to size×size."""
+    return Augmentation((height, width), (0, 0, height, width), False, False, 0.0, 1.0, 1.0,
+                        1.0, size)
+
+
 def eval_transform(image: Image.Image, mask: Image.Image | None,
                    size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Resize the whole image to size×size (bilinear, antialiased; no crop, aspect not kept).
+    """Resize the whole image to size×size (no crop, aspect not kept), exactly as training
+    resamples a whole-image crop: `apply_augmentation` with the identity augmentation (area
+    reduction, then bilinear; the mask with nearest on the same pixel grid).
 
-    Returns (uint8 3×S×S image, uint8 1×S×S {0, 1} mask resized with centre-aligned nearest,
-    or None without a mask). Validation and inference both call this so that the model sees
-    the same input in both; inference resizes the prediction back to the original size.
+    Returns (uint8 3×S×S image, uint8 1×S×S {0, 1} mask, or None without a mask). Validation
+    and inference both call this, so the model sees the same input in both, and the same as a
+    training crop covering the whole image; inference resizes the prediction back.
     """
     _check_pair(image, mask)
-    x = _image_tensor(np.asarray(image.resize((size, size), Image.BILINEAR)))
+    aug = identity_augmentation(image.height, image.width, size)
     if mask is None:
-        return x, None
-    # Pillow's NEAREST samples at pixel centres (torchvision's NEAREST_EXACT), on the same grid
-    # as the image's resize.
-    return x, _mask_tensor(np.asarray(mask.resize((size, size), Image.NEAREST)))
+        src = np.asarray(image)
+        return _image_tensor(_sample(src, aug.affine(), 1.0, 1.0, size)), None
+    return apply_augmentation(image, mask, aug)
 
 
 def to_float_images(x: torch.Tensor) -> torch.Tensor:

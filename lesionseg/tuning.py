@@ -1,0 +1,84 @@
+"""After training: choose the threshold and post-processing on the validation set, store it.
+
+The model's probabilities for every val sample are computed as the inference job computes them
+(the same BatchNorm-folded predictor, the eval transform, bilinear upsampling to the stored
+size), then `postprocess.choose` scores every threshold × post-processing combination by mean
+Jaccard against the stored val masks. The choice goes into best.pt's metadata
+(`meta["postprocess"]`, with the candidate table); `jobs/infer.py` applies it by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lesionseg.checkpoint import load_weights, save_weights
+from lesionseg.config import InferConfig
+from lesionseg.data.cv import cv2
+from lesionseg.data.shards import decode_sample, iter_raw
+from lesionseg.data.transforms import eval_transform, stack_images
+from lesionseg.inference import load_predictor
+from lesionseg.postprocess import Postprocess, choose
+
+log = logging.getLogger(__name__)
+
+MAX_SCORING_SIDE = 1024  # val maps larger than this are scored at this longest side (memory)
+TABLE_ROWS = 8  # best candidates kept in best.pt beside the choice
+
+
+def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
+                      batch_size: int = 8) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(probability maps, boolean truths) of every val sample, at the stored size (at most
+    MAX_SCORING_SIDE), predicted as `jobs/infer.py` predicts."""
+    predictor, _, _ = load_predictor(checkpoint, InferConfig(mixed_precision="no"),
+                                     torch.device("cpu"))
+    probs: list[np.ndarray] = []
+    truths: list[np.ndarray] = []
+    pending: list[tuple[torch.Tensor, np.ndarray]] = []
+
+    def flush() -> None:
+        out = predictor(stack_images([x for x, _ in pending]))
+        for p, (_, truth) in zip(out, pending, strict=True):
+            h, w = truth.shape
+            probs.append(cv2.resize(np.ascontiguousarray(p.numpy()), (w, h),
+                                    interpolation=cv2.INTER_LINEAR))
+            truths.append(truth)
+        pending.clear()
+
+    for raw in iter_raw(val_urls):
+        sample = decode_sample(raw)
+        image, mask = sample.image, sample.mask
+        scale = MAX_SCORING_SIDE / max(mask.size)
+        if scale < 1:
+            size = (max(1, round(mask.width * scale)), max(1, round(mask.height * scale)))
+            mask = mask.resize(size, 0)  # nearest
+        x, _ = eval_transform(image, None, image_size)
+        pending.append((x, np.asarray(mask) > 127))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return probs, truths
+
+
+def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int) -> Postprocess:
+    """Choose on the val set, write the choice into `checkpoint` (rewritten atomically) and
+    log it beside the default's score."""
+    probs, truths = val_probabilities(checkpoint, val_urls, image_size)
+    chosen, table = choose(probs, truths)
+    baseline = next(r["jaccard"] for r in table
+                    if r["threshold"] == 0.5 and r["postprocess"] == "none")
+    best = next(r["jaccard"] for r in table if r["threshold"] == chosen.threshold
+                and r["postprocess"] == chosen.name)
+    state_dict, cfg, meta = load_weights(checkpoint)
+    meta["postprocess"] = chosen.to_dict() | {
+        "val_images": len(probs), "val_jaccard": round(best, 5),
+        "val_jaccard_default": round(baseline, 5), "table": table[:TABLE_ROWS]}
+    save_weights(checkpoint, state_dict, cfg, **meta)
+    log.info("post-processing chosen on %d val images: threshold %.2f, %s (val Jaccard %.4f; "
+             "%.4f at 0.5 without post-processing); stored in %s", len(probs), chosen.threshold,
+             chosen.name, best, baseline, checkpoint)
+    return chosen

@@ -1,0 +1,198 @@
+"""Post-processing: the component filter, hole filling and the validation search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesionseg.checkpoint import save_weights
+from lesionseg.cli import main
+from lesionseg.config import load_config
+from lesionseg.data.images import load_image
+from lesionseg.data.synthetic import write_isic_dataset
+from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.errors import UserError
+from lesionseg.model import MobileNetEncoderDecoder
+from lesionseg.postprocess import (
+    CHOICES,
+    Postprocess,
+    choose,
+    fill_holes,
+    jaccard,
+    largest_component,
+)
+
+TRAIN_DIR = "ISBI2016_ISIC_Part1_Training_Data"
+TRUTH_DIR = "ISBI2016_ISIC_Part1_Training_GroundTruth"
+
+
+def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return ((y - cy) ** 2 + (x - cx) ** 2 <= r * r).astype(np.uint8) * 255
+
+
+def test_largest_component_removes_a_speck_and_keeps_the_lesion() -> None:
+    lesion = _disc(64, 64, 32, 32, 14)
+    speck = np.zeros_like(lesion)
+    speck[3:6, 55:58] = 255
+    out = largest_component(lesion | speck)
+    assert np.array_equal(out, lesion)
+    assert not largest_component(np.zeros((8, 8), np.uint8)).any()  # empty stays empty
+
+
+def test_fill_holes_fills_inside_but_not_bays_open_to_the_border() -> None:
+    lesion = _disc(64, 64, 32, 32, 16)
+    holed = lesion.copy()
+    holed[28:34, 28:34] = 0  # a hair crossing the centre
+    assert np.array_equal(fill_holes(holed), lesion)
+    # A lesion cut by the image edge: the background around it touches the border, stays.
+    edge = _disc(64, 64, 32, 0, 20)
+    assert np.array_equal(fill_holes(edge), edge)
+    # A ring: its inside is a hole.
+    ring = _disc(64, 64, 32, 32, 20) & ~_disc(64, 64, 32, 32, 10)
+    assert np.array_equal(fill_holes(ring), _disc(64, 64, 32, 32, 20))
+
+
+def test_postprocess_parse_apply_and_roundtrip() -> None:
+    assert [Postprocess.parse(c).name for c in CHOICES] == list(CHOICES)
+    pp = Postprocess.parse("largest+fill", 0.4)
+    assert pp.steps == ("largest", "fill") and pp.threshold == 0.4
+    assert Postprocess.from_dict(pp.to_dict()) == pp
+    with pytest.raises(UserError, match="choose one of"):
+        Postprocess.parse("biggest")
+    lesion = _disc(48, 48, 24, 24, 12)
+    noisy = lesion.copy()
+    noisy[22:26, 22:26] = 0
+    noisy[0:2, 0:2] = 255
+    assert np.array_equal(pp.apply(noisy), lesion)
+    assert np.array_equal(Postprocess().apply(noisy), noisy)
+
+
+def test_choose_finds_the_known_best_threshold() -> None:
+    """A timid model: lesion pixels have probabilities in [0.36, 0.45), background in
+    [0, 0.34): only the threshold 0.35 of the grid separates them, and no post-processing
+    step can help."""
+    rng = np.random.default_rng(0)
+    probs, truths = [], []
+    for _ in range(6):
+        truth = _disc(40, 40, 20, 20, rng.uniform(8, 14)) > 0
+        prob = np.where(truth, rng.uniform(0.36, 0.45, truth.shape),
+                        rng.uniform(0, 0.34, truth.shape)).astype(np.float32)
+        probs.append(prob)
+        truths.append(truth)
+    chosen, table = choose(probs, truths)
+    assert chosen.threshold == 0.35
+    assert table[0]["jaccard"] == pytest.approx(1.0)
+    assert {r["postprocess"] for r in table} == set(CHOICES)
+
+
+def test_choose_keeps_a_step_only_when_it_helps() -> None:
+    lesion = _disc(48, 48, 24, 24, 12)
+    speck = np.zeros_like(lesion)
+    speck[2:5, 2:5] = 255
+    clean = [lesion.astype(np.float32) / 255] * 4
+    chosen, _ = choose(clean, [lesion > 0] * 4)
+    assert chosen == Postprocess()  # nothing to gain: the default stays
+    specked = [(lesion | speck).astype(np.float32) / 255] * 4
+    chosen, _ = choose(specked, [lesion > 0] * 4)
+    assert chosen.steps == ("largest",) and chosen.threshold == 0.5
+
+
+def test_jaccard_empty_is_one() -> None:
+    empty = np.zeros((4, 4), bool)
+    assert jaccard(empty, empty) == 1.0
+    assert jaccard(empty, ~empty) == 0.0
+
+
+# --------------------------------------------------------------------------- stored and applied
+
+
+@pytest.fixture(scope="module")
+def noisy_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Six tiny synthetic cases and a random model whose masks are speckled (many regions,
+    holes): what post-processing exists to clean."""
+    root = tmp_path_factory.mktemp("pp")
+    isic = write_isic_dataset(root / "isic", 6, seed=3, min_side=48, max_side=160)
+    torch.manual_seed(0)
+    model = MobileNetEncoderDecoder().eval()
+    images = sorted((isic / TRAIN_DIR).glob("*.jpg"))
+    batch = to_float_images(stack_images([
+        eval_transform(load_image(p.read_bytes())[0], None, 64)[0] for p in images]))
+    with torch.no_grad():
+        model.decoder.head.bias -= model(batch).median()
+    cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64"])
+    plain = save_weights(root / "plain.pt", model.state_dict(), cfg)
+    # Its probabilities all lie within 0.48-0.52: near 0.5 the raw masks are speckled.
+    chosen = Postprocess.parse("largest+fill", 0.499)
+    tuned = save_weights(root / "tuned.pt", model.state_dict(), cfg,
+                         postprocess=chosen.to_dict() | {"val_images": 3})
+    return {"isic": isic, "images": isic / TRAIN_DIR, "truth": isic / TRUTH_DIR,
+            "plain": plain, "tuned": tuned}
+
+
+def _infer(ckpt: Path, images: Path, truth: Path, out: Path, *extra: str) -> dict:
+    argv = ["infer", "--checkpoint", str(ckpt), "--input", str(images), "--masks", str(truth),
+            "--out", str(out), "--workers", "0", "--batch-size", "2", *extra,
+            "infer.num_threads=1"]
+    assert main(argv) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def _masks(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted((out / "masks").glob("*.png"))}
+
+
+def test_a_checkpoints_choice_is_applied_reported_and_can_be_turned_off(
+        noisy_model: dict[str, Path], tmp_path: Path) -> None:
+    d = noisy_model
+    auto = _infer(d["tuned"], d["images"], d["truth"], tmp_path / "auto")
+    assert (auto["threshold"], auto["postprocess"]) == (0.499, "largest+fill")
+    report = (tmp_path / "auto" / "report.html").read_text()
+    assert "largest+fill" in report and "0.499" in report
+    for arr in _masks(tmp_path / "auto").values():  # one region, no holes
+        assert np.array_equal(largest_component(arr), arr)
+        assert np.array_equal(fill_holes(arr), arr)
+
+    off = _infer(d["tuned"], d["images"], d["truth"], tmp_path / "off", "--postprocess", "none")
+    assert (off["threshold"], off["postprocess"]) == (0.499, "none")
+    raw = _masks(tmp_path / "off")
+    assert any(not np.array_equal(largest_component(a), a) for a in raw.values())
+    # With the steps on, each mask is exactly the steps applied to the thresholded mask.
+    steps = Postprocess.parse("largest+fill", 0.499)
+    assert all(np.array_equal(steps.apply(raw[k]), v) for k, v in _masks(tmp_path / "auto").items())
+
+    given = _infer(d["tuned"], d["images"], d["truth"], tmp_path / "given", "--threshold", "0.501")
+    assert (given["threshold"], given["postprocess"]) == (0.501, "largest+fill")
+    # A checkpoint without a stored choice: 0.5 and nothing after it.
+    plain = _infer(d["plain"], d["images"], d["truth"], tmp_path / "plain")
+    assert (plain["threshold"], plain["postprocess"]) == (0.5, "none")
+
+
+def test_tuning_stores_the_validation_choice_in_the_checkpoint(
+        noisy_model: dict[str, Path], packed_shards: Path, tmp_path: Path) -> None:
+    """tune_checkpoint scores the val shards as inference would and writes choose()'s answer
+    (and its table) into best.pt; the weights are unchanged."""
+    from lesionseg.checkpoint import load_weights
+    from lesionseg.data.shards import split_urls
+    from lesionseg.tuning import tune_checkpoint, val_probabilities
+
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(d_bytes := noisy_model["plain"].read_bytes())
+    urls = tuple(split_urls(packed_shards, "val"))
+    probs, truths = val_probabilities(ckpt, urls, 64)
+    assert len(probs) == len(truths) > 0
+    assert all(p.shape == t.shape for p, t in zip(probs, truths, strict=True))
+    expected, _ = choose(probs, truths)
+    chosen = tune_checkpoint(ckpt, urls, 64)
+    assert chosen == expected
+    state, _, meta = load_weights(ckpt)
+    assert Postprocess.from_meta(meta) == chosen
+    assert meta["postprocess"]["val_images"] == len(probs) and meta["postprocess"]["table"]
+    before, _, _ = load_weights(noisy_model["plain"])
+    assert all(torch.equal(state[k], before[k]) for k in before)
+    assert d_bytes != ckpt.read_bytes()
