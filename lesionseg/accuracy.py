@@ -90,7 +90,7 @@ def load_resized(items: list[tuple[Path, Path]], size: int) -> tuple[torch.Tenso
     for image, mask in items:
         img = Image.open(image).convert("RGB").resize((size, size), Image.BILINEAR)
         msk = Image.open(mask).convert("L").resize((size, size), Image.NEAREST)
-        xs.append(torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+        xs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
         ys.append(torch.from_numpy((np.asarray(msk) > 127).astype(np.float32))[None])
     return torch.stack(xs).float() / 255, torch.stack(ys)
 

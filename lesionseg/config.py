@@ -83,7 +83,7 @@ class OptimConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     epochs: int = 30  # epochs to train (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer steps to train; when > 0 it wins over epochs
-    steps_per_epoch: int = 0  # optimizer steps per epoch; 0 = train images / (batch_size * world * grad_accum)
+    steps_per_epoch: int = 0  # optimizer steps per epoch; 0 = ceil(train images / (batch_size * world * grad_accum))
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
     warmup_steps: int | None = None  # linear warmup steps before the cosine decay (auto: 5%)
     min_lr_ratio: float = 0.01  # cosine decays to lr * this

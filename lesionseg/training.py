@@ -594,7 +594,7 @@ def plan_schedule(cfg: Config, train_count: int, world: int) -> Schedule:
     optim.max_steps (which wins when > 0)."""
     o = cfg.optim
     per_step = cfg.data.batch_size * world * o.grad_accum_steps
-    spe = o.steps_per_epoch or max(1, train_count // per_step)
+    spe = o.steps_per_epoch or max(1, math.ceil(train_count / per_step))  # every image once
     total = o.max_steps if o.max_steps > 0 else o.epochs * spe
     return Schedule(spe, total, math.ceil(total / spe), o.grad_accum_steps)
 
