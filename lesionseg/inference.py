@@ -41,7 +41,7 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.images import encode_grey_png, encode_jpeg, load_image, load_mask, write_mask
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
-from lesionseg.errors import UserError
+from lesionseg.errors import UserError, first_line
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 
@@ -321,7 +321,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     h, w = sample["size"]
     p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
     full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
-    pred = cv2.compare(full, float(spec.threshold), cv2.CMP_GT)  # uint8: 255 where prob > t
+    pred = above_threshold(full, spec.threshold)  # uint8: 255 where prob > t
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
     if spec.save_probs:  # round(prob * 255), ties to even as torch's round
         probs8 = cv2.convertScaleAbs(full, alpha=255.0)
@@ -339,6 +339,14 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     if sample["preview"] is not None:
         write_previews(item.id, sample["preview"], pred, truth, spec)
     return row
+
+
+def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 255 where `full` > threshold (float32 compare), else 0. cv2.compare reads a 1×1
+    array as a scalar and refuses "scalar op scalar", so a one-pixel image is done by numpy."""
+    if full.size == 1:
+        return np.where(full > np.float32(threshold), 255, 0).astype(np.uint8)
+    return cv2.compare(full, float(threshold), cv2.CMP_GT)
 
 
 def write_previews(image_id: str, preview: np.ndarray, pred: np.ndarray,
@@ -359,7 +367,7 @@ def _mask_at(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> Image.Im
     if arr.dtype != np.uint8:
         arr = arr.astype(np.uint8)
     small = cv2.resize(arr, size, interpolation=cv2.INTER_NEAREST_EXACT)
-    return Image.fromarray(cv2.compare(small, 0, cv2.CMP_GT), mode="L")
+    return Image.fromarray(above_threshold(small, 0), mode="L")
 
 
 def render_overlay(preview: np.ndarray, pred: np.ndarray | torch.Tensor,
@@ -646,7 +654,8 @@ def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """`finish_item`, with a failure recorded as the image's error row instead of raised."""
+    """`finish_item`, with any failure of this image (whatever its type: cv2.error, numpy,
+    Pillow, MemoryError) recorded as the image's error row instead of raised."""
     try:
         return finish_item(item, sample, prob, spec)
     except UserError as e:
@@ -654,9 +663,10 @@ def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec:
     except OSError as e:  # disk full, permissions: the row says so, the next image may work
         return {"id": item.id, "input": item.origin, "status": "error",
                 "reason": f"writing outputs failed: {e}"}
-    except (MemoryError, ValueError) as e:  # e.g. a huge (but not bomb-sized) image
+    except Exception as e:  # noqa: BLE001 (one image must never stop the batch)
+        log.debug("finishing %s failed", item.origin, exc_info=True)
         return {"id": item.id, "input": item.origin, "status": "error",
-                "reason": f"{item.origin}: {type(e).__name__}: {e}"}
+                "reason": f"{item.origin}: {type(e).__name__}: {first_line(e)}"}
 
 
 # --------------------------------------------------------------------------- merge

@@ -224,6 +224,10 @@ def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Pat
     assert infer(data, two, data["isic"], extra=("--num-shards", "3")) == 2
 
 
+class InjectedCrash(BaseException):
+    """Stands for the process dying (not an Exception: no per-image handler may catch it)."""
+
+
 def test_injected_crash_then_rerun_completes(data: dict[str, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
@@ -233,12 +237,12 @@ def test_injected_crash_then_rerun_completes(data: dict[str, Path], tmp_path: Pa
     def crash_after_three(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
-            raise RuntimeError("injected crash")
+            raise InjectedCrash("injected crash")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "finish_item", crash_after_three)
     monkeypatch.setenv("LESIONSEG_TEST", "1")
-    with pytest.raises(RuntimeError, match="injected crash"):
+    with pytest.raises(InjectedCrash, match="injected crash"):
         infer(data, out, data["isic"], extra=("infer.post_threads=1",))
     rows_file = next((out / "parts").glob("rows-*.jsonl"))
     assert 1 <= len(inference.read_rows(rows_file)) <= 3
@@ -369,6 +373,41 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(data: dict[str, Path], tm
     # Nothing was written outside --out.
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(out in p.parents or p == out or p in out.parents for p in created)
+
+
+def test_one_pixel_image_and_any_per_image_exception_do_not_stop_the_batch(
+        data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1x1 image gets its 1x1 mask (cv2.compare used to raise cv2.error on it, killing the
+    run and every rerun); an exception of any type in one image's finishing step becomes that
+    image's error row, and the run still merges, complete."""
+    import cv2
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "dot.png").write_bytes(_save(Image.new("RGB", (1, 1), (200, 40, 40)), "PNG"))
+    (folder / "dot_Segmentation.png").write_bytes(_save(Image.new("L", (1, 1), 255), "PNG"))
+    for p in sorted(data["images"].glob("*.jpg"))[:3]:
+        shutil.copy(p, folder / p.name)
+    bad_id = sorted(data["images"].glob("*.jpg"))[1].stem
+    real = inference.finish_item
+
+    def finish(item, *args, **kwargs):
+        if item.id == bad_id:
+            raise cv2.error("injected: not among the errors anyone expected")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "finish_item", finish)
+    out = tmp_path / "out"
+    assert infer(data, out, folder) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["masks_written"] == 3 and summary["errors"] == 1, summary["failures"]
+    errors = read_csv(out / "errors.csv")
+    assert [e["id"] for e in errors] == [bad_id] and "error" in errors[0]["reason"]
+    assert "injected" in errors[0]["reason"]
+    dot = Image.open(out / "masks" / "dot_Segmentation.png")
+    assert dot.size == (1, 1) and np.asarray(dot).item() in (0, 255)
+    rows = {r["id"]: r for r in read_csv(out / "metrics.csv")}
+    assert rows["dot"]["status"] == "ok" and int(rows["dot"]["tp"]) + int(rows["dot"]["fn"]) == 1
 
 
 def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,
