@@ -55,6 +55,7 @@ import random
 import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 import weakref
@@ -288,10 +289,19 @@ def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    from lesionseg.data.shards import listed_samples
+
     stream = None
     try:
         stream = gopen(url)
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        read = 0
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            read += 1
+            yield sample
+        listed = listed_samples(url)
+        if listed is not None and read != listed:  # tarfile stops silently at a bad header
+            raise tarfile.ReadError(f"{read} of the {listed} samples its manifest lists could "
+                                    "be read (a damaged tar header?)")
     except Exception as e:  # tarfile, OS, zlib and webdataset errors come in many types
         msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {first_line(e)})"
         if on_error != "skip":

@@ -410,6 +410,27 @@ def test_one_pixel_image_and_any_per_image_exception_do_not_stop_the_batch(
     assert rows["dot"]["status"] == "ok" and int(rows["dot"]["tp"]) + int(rows["dot"]["fn"]) == 1
 
 
+def test_tar_cut_short_by_a_damaged_header_is_in_errors_csv(data: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """tarfile ends a tar at a damaged header as if it were complete; the run must say so."""
+    tpath = tmp_path / "cases.tar"
+    with tarfile.open(tpath, "w") as tf:
+        for p in sorted(data["images"].glob("*.jpg")):
+            tf.add(p, p.name)
+    with tarfile.open(tpath) as tf:
+        fourth = tf.getmembers()[3].offset
+    raw = bytearray(tpath.read_bytes())
+    raw[fourth:fourth + 16] = b"\x8f" * 16
+    tpath.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    assert infer(data, out, tpath) == 0
+    errors = read_csv(out / "errors.csv")
+    assert [e["input"] for e in errors] == [str(tpath)]
+    assert "invalid tar header" in errors[0]["reason"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_written"] == 3 and summary["errors"] == 1
+
+
 def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     assert main(["infer", "--input", str(data["isic"])]) == 2

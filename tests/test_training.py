@@ -192,6 +192,29 @@ def _shard_without_mask(packed_shards: Path, out: Path) -> tuple[str, str]:
     return str(out), dropped
 
 
+def test_shard_cut_short_by_a_damaged_header_is_not_silently_shorter(packed_shards, tmp_path,
+                                                                      caplog):
+    """tarfile (and WebDataset's reader) end a tar at a damaged header as if it were complete:
+    read_shard checks the count against the manifest, so training never drops samples
+    silently (a DataError naming the shard; with data.on_error=skip, a warning)."""
+    from lesionseg.training import read_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(packed_shards, shards)
+    bad = shards / "train-000001.tar"
+    with tarfile.open(bad) as tf:
+        second_jpg = tf.getmembers()[3].offset
+    data = bytearray(bad.read_bytes())
+    data[second_jpg:second_jpg + 16] = b"\x8f" * 16
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000001.tar.*1 of the 4 samples"):
+        list(read_shard(str(bad), "raise"))
+    with caplog.at_level("WARNING"):
+        assert len(list(read_shard(str(bad), "skip"))) == 1
+    assert "1 of the 4 samples" in caplog.text
+    assert len(list(read_shard(str(shards / "train-000000.tar"), "raise"))) == 4
+
+
 def test_sample_without_mask_raises_or_is_skipped(packed_shards, tmp_path):
     url, missing = _shard_without_mask(packed_shards, tmp_path / "train-000000.tar")
     with pytest.raises(DataError, match=f"{missing}.*png.*data.on_error=skip"):

@@ -13,6 +13,7 @@ the same input gives byte-identical shards whatever the number of workers.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -395,6 +396,23 @@ def split_urls(folder: str | Path, split: str) -> list[str]:
     return [str(root / name) for name in manifest["splits"][split]["shards"]]
 
 
+@functools.lru_cache(maxsize=16)
+def _listed_samples(folder: str) -> dict[str, int]:
+    try:
+        shards = read_manifest(folder)["shards"]
+    except UserError:
+        return {}
+    return {e["name"]: int(e["samples"]) for e in shards
+            if isinstance(e, dict) and "name" in e and "samples" in e}
+
+
+def listed_samples(url: str) -> int | None:
+    """How many samples the manifest beside a shard says it holds (None: not listed there).
+    A reader compares it with what it read: tarfile ends a tar silently at a damaged header."""
+    path = Path(url)
+    return _listed_samples(str(path.parent)).get(path.name)
+
+
 def _entry(sample: dict[str, Any], exts: tuple[str, ...], where: str) -> bytes:
     for ext in exts:
         for key in (ext, f".{ext}"):
@@ -618,6 +636,7 @@ def verify_command(args: argparse.Namespace) -> int:
 
 __all__ = [
     "Sample", "ShardWriter", "add_pack_arguments", "add_verify_arguments",
-    "assign_split", "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples", "pack",
+    "assign_split", "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples",
+    "listed_samples", "pack",
     "pack_command", "read_manifest", "split_urls", "stored_size", "verify", "verify_command",
 ]
