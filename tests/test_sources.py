@@ -213,3 +213,29 @@ def test_a_shard_with_a_damaged_header_is_reported_against_its_manifest(
     assert "invalid tar header" in errors[0]["reason"]
     manifest_total = 20  # isic_root: 16 training + 4 test cases, all in the shards
     assert len(inv.items) == manifest_total - 3
+
+
+def test_compressed_tar_listing_stops_at_declared_size_limits(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing a compressed tar decompresses every member's data to reach the next header: a
+    few KB declaring GBs took a minute. Declared sizes are checked while listing (limits made
+    small here): the listing stops there, and the archive is reported once."""
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1 << 20)
+    one_big = tmp_path / "big.tar.gz"
+    with tarfile.open(one_big, "w:gz") as tf:
+        _add_tar(tf, "a.jpg", _jpeg(0))
+        _add_tar(tf, "zeros.bin", bytes(8 << 20))  # declares 8 MiB, > the 1 MiB member limit
+        _add_tar(tf, "after.jpg", _jpeg(1))
+    many = tmp_path / "many.tar.bz2"
+    with tarfile.open(many, "w:bz2") as tf:
+        for i in range(16):  # 16 x 512 KiB of zeros: each under the member limit
+            _add_tar(tf, f"z{i:02d}.bin", bytes(512 << 10))
+        _add_tar(tf, "after.jpg", _jpeg(1))
+    assert many.stat().st_size * 100 < 8 << 20  # sources.MAX_TAR_EXPANSION
+    for path, expect in ((one_big, "zeros.bin declares 8388608 bytes"),
+                         (many, "100x the archive's size")):
+        inv = collect([path])
+        assert [it.id for it in inv.items] == (["a"] if path == one_big else [])
+        assert len(inv.errors) == 1 and expect in inv.errors[0]["reason"], inv.errors
+        members, problem = sources.list_tar(path)
+        assert problem and len(members) < 17
