@@ -41,7 +41,7 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.images import encode_grey_png, encode_jpeg, load_image, load_mask, write_mask
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
-from lesionseg.errors import UserError, first_line
+from lesionseg.errors import UserError, environment_message, first_line, is_environmental
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 
@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Segment every image in folders, archives (.zip, .tar, .tar.gz) and packed shard folders.
 Writes under --out: masks/<id>_Segmentation.png (original size and orientation, 0/255, ready
 for the ISIC scorer), metrics.csv (per image with truth), errors.csv (every input that failed),
-summary.json and report.html. Rerun with the same --out to resume where a run stopped.
+summary.json and report.html. Rerun with the same --out to resume where a run stopped
+(a full disk or read-only folder stops the run with status 2; the rerun continues).
 Under `accelerate launch` the images are split across processes; --num-shards/--shard-index
 (or a Slurm array) split them across jobs, and the last part to finish merges."""
     parser.epilog = """examples:
@@ -102,6 +103,10 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
     parser.add_argument("--merge", metavar="DIR",
                         help="only merge the parts under DIR into metrics.csv, errors.csv, "
                              "summary.json and report.html, then exit")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="on a rerun, also redo the images that have an error row (by "
+                             "default only images without a row are done; failures of the "
+                             "machine, such as a full disk, never leave a row)")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help=f"images per forward pass (default {d.batch_size})")
     parser.add_argument("--workers", type=int, metavar="N",
@@ -154,7 +159,8 @@ def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     num_shards, shard_index = job_part(args.num_shards, args.shard_index)
     run_inference(args.checkpoint, args.input, args.out, cfg, masks=args.masks,
-                  num_shards=num_shards, shard_index=shard_index)
+                  num_shards=num_shards, shard_index=shard_index,
+                  retry_failed=args.retry_failed)
     return 0
 
 
@@ -197,6 +203,11 @@ class ItemDataset(Dataset):
             return {"index": index, **decode_item(item, self.image_size, self.preview_side)}
         except UserError as e:
             return {"index": index, "error": str(e)}
+        except OSError as e:
+            if is_environmental(e):  # an I/O error of the machine: stop, retried on rerun
+                return {"index": index, "error": environment_message(e, f"reading {item.origin}"),
+                        "environmental": True}
+            return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
         except Exception as e:  # any reader/decoder failure is this item's, not the batch's
             log.debug("decoding %s failed", item.origin, exc_info=True)
             return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
@@ -433,19 +444,27 @@ class RowLog:
                 os.fsync(f.fileno())
 
     def append(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row, sort_keys=True).encode("utf-8") + b"\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(json.dumps(row, sort_keys=True).encode("utf-8") + b"\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:  # a torn line is dropped when the file is opened again
+            raise InferenceError(environment_message(e, f"{self.path}: appending a row")) from None
 
     def close(self) -> None:
         self.file.close()
 
 
-def done_ids(parts_dir: Path) -> set[str]:
-    """Ids with a row in any part file: finished (or recorded as failed) by an earlier run."""
+RETRIED_STATUSES = ("error", "failed")  # rows that --retry-failed does again
+
+
+def done_ids(parts_dir: Path, retry_failed: bool = False) -> set[str]:
+    """Ids with a row in any part file: finished (or recorded as failed) by an earlier run;
+    with `retry_failed`, only those with a row that is not an error or a failed score."""
     ids: set[str] = set()
     for path in sorted(parts_dir.glob("rows-*.jsonl")):
-        ids.update(r["id"] for r in read_rows(path) if "id" in r)
+        ids.update(r["id"] for r in read_rows(path)
+                   if "id" in r and not (retry_failed and r.get("status") in RETRIED_STATUSES))
     return ids
 
 
@@ -492,21 +511,25 @@ def _distributed() -> Any:
 
 def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
                   cfg: Config | None = None, *, masks: list[str | Path] = (),
-                  num_shards: int = 1, shard_index: int = 0) -> dict[str, Any] | None:
+                  num_shards: int = 1, shard_index: int = 0,
+                  retry_failed: bool = False) -> dict[str, Any] | None:
     """Process this job part's share of `inputs` in this process; returns the merged summary
-    when this process finished the last part (else None)."""
+    when this process finished the last part (else None). `retry_failed` redoes the images
+    whose earlier row is an error."""
     cfg = cfg or load_config(None, [])
     threads = torch.get_num_threads()
     if cfg.infer.num_threads:
         torch.set_num_threads(cfg.infer.num_threads)
     try:
-        return _run(checkpoint, inputs, Path(out), cfg, list(masks), num_shards, shard_index)
+        return _run(checkpoint, inputs, Path(out), cfg, list(masks), num_shards, shard_index,
+                    retry_failed)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
 def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Config,
-         masks: list[str | Path], num_shards: int, shard_index: int) -> dict[str, Any] | None:
+         masks: list[str | Path], num_shards: int, shard_index: int,
+         retry_failed: bool = False) -> dict[str, Any] | None:
     """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
     and merge if it was the last one."""
     icfg = cfg.infer
@@ -531,7 +554,7 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
                      state.process_index)
 
     mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
-    finished = done_ids(parts_dir)
+    finished = done_ids(parts_dir, retry_failed)
     todo = read_order([it for it in mine if it.id not in finished])
     log.info("part %d/%d, process %d/%d: %d images (%d of %d already done); %d inputs skipped "
              "as not images, %d input errors", shard_index, num_shards, state.process_index,
@@ -628,9 +651,13 @@ def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg
                 return
             cf.wait(pending, return_when=cf.FIRST_COMPLETED)
 
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish") as pool:
+    # The bar closes also when a full disk stops the run, so the error is the last line.
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish") as pool, \
+            contextlib.closing(bar):
         for batch in batches:
             for failed in batch["failed"]:
+                if failed.get("environmental"):
+                    raise InferenceError(failed["error"])
                 item = items[failed["index"]]
                 record({"id": item.id, "input": item.origin, "status": "error",
                         "reason": failed["error"]})
@@ -643,7 +670,6 @@ def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg
                 drain(max_pending - 1)
                 pending.add(pool.submit(_finish_safely, items[sample["index"]], sample, prob, spec))
         drain(0)
-    bar.close()
     return _loop_stats(counts, time.perf_counter() - start)
 
 
@@ -655,14 +681,19 @@ def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
     """`finish_item`, with any failure of this image (whatever its type: cv2.error, numpy,
-    Pillow, MemoryError) recorded as the image's error row instead of raised."""
+    Pillow, MemoryError) recorded as the image's error row instead of raised. A failure of
+    the machine (disk full, read-only folder, I/O error) is not the image's: it stops the
+    run with an InferenceError and no row, so the rerun does the image again."""
     try:
         return finish_item(item, sample, prob, spec)
+    except OSError as e:
+        if is_environmental(e):  # disk full, read-only: stop; the rerun redoes this image
+            raise InferenceError(environment_message(
+                e, f"{spec.out}: writing the outputs of {item.id}")) from None
+        return {"id": item.id, "input": item.origin, "status": "error",
+                "reason": f"{item.origin}: writing outputs failed: {first_line(e)}"}
     except UserError as e:
         return {"id": item.id, "input": item.origin, "status": "error", "reason": str(e)}
-    except OSError as e:  # disk full, permissions: the row says so, the next image may work
-        return {"id": item.id, "input": item.origin, "status": "error",
-                "reason": f"writing outputs failed: {e}"}
     except Exception as e:  # noqa: BLE001 (one image must never stop the batch)
         log.debug("finishing %s failed", item.origin, exc_info=True)
         return {"id": item.id, "input": item.origin, "status": "error",

@@ -431,6 +431,85 @@ def test_tar_cut_short_by_a_damaged_header_is_in_errors_csv(data: dict[str, Path
     assert summary["masks_written"] == 3 and summary["errors"] == 1
 
 
+def _no_space(path: object = None) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([str(path)] if path else []))
+
+
+@pytest.mark.parametrize("where", ["mask", "row"])
+def test_disk_full_stops_in_one_line_and_the_rerun_retries(data: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture,
+                                                           where: str) -> None:
+    """No space left (while writing a mask, or appending a row): the run stops with one line,
+    status 2, and no error row; once space is back the rerun does every image, 0 errors (it
+    used to record "writing outputs failed" rows that every rerun treated as done, or exit 1)."""
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    if where == "mask":
+        real = inference.write_mask
+
+        def write_mask(path, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise _no_space(path)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(inference, "write_mask", write_mask)
+    else:
+        real_fsync = os.fsync
+        row_files: list[int] = []
+        real_open = inference.RowLog.__init__
+
+        def init(self, path):
+            real_open(self, path)
+            row_files.append(self.file.fileno())
+
+        def fsync(fd):
+            if fd in row_files:
+                calls["n"] += 1
+                if calls["n"] > 2:
+                    raise _no_space()
+            return real_fsync(fd)
+
+        monkeypatch.setattr(inference.RowLog, "__init__", init)
+        monkeypatch.setattr(inference.os, "fsync", fsync)
+    assert infer(data, out, data["isic"], extra=("infer.post_threads=1",)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and "rerun" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    rows = [r for p in (out / "parts").glob("rows-*.jsonl") for r in inference.read_rows(p)]
+    assert 2 <= len(rows) < N_CASES and all(r["status"] == "ok" for r in rows)
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert infer(data, out, data["isic"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["scored"] == N_CASES and summary["errors"] == 0
+
+
+def test_input_failures_are_final_unless_retry_failed(data: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real = inference.finish_item
+    bad_id = sorted(data["images"].glob("*.jpg"))[0].stem
+
+    def finish(item, *args, **kwargs):
+        if item.id == bad_id:
+            raise ValueError("injected: this image's own failure")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "finish_item", finish)
+    assert infer(data, out, data["isic"]) == 0
+    monkeypatch.undo()
+    assert infer(data, out, data["isic"]) == 0  # a plain rerun keeps the error: it is final
+    assert [e["id"] for e in read_csv(out / "errors.csv")] == [bad_id]
+    assert infer(data, out, data["isic"], extra=("--retry-failed",)) == 0
+    assert read_csv(out / "errors.csv") == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scored"] == N_CASES and summary["errors"] == 0
+
+
 def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     assert main(["infer", "--input", str(data["isic"])]) == 2
