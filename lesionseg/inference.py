@@ -38,7 +38,14 @@ from tqdm import tqdm
 
 from lesionseg.config import Config, InferConfig, load_config, to_dict
 from lesionseg.data.cv import cv2
-from lesionseg.data.images import encode_grey_png, encode_jpeg, load_image, load_mask, write_mask
+from lesionseg.data.images import (
+    encode_grey_png,
+    encode_jpeg,
+    load_image,
+    load_mask,
+    mask_orientation,
+    write_mask,
+)
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError, environment_message, first_line, is_environmental
@@ -248,7 +255,11 @@ def read_truth(item: Item, size: tuple[int, int],
         mask = load_mask(data, item.truth.origin, expected_size=stored)
         return (mask.resize((size[1], size[0]), Image.NEAREST),
                 f"truth resized from the shard's {stored[1]}x{stored[0]}")
-    return load_mask(data, item.truth.origin, expected_size=size), ""
+    mask = load_mask(data, item.truth.origin, expected_size=size)
+    orientation = mask_orientation(data, item.truth.origin)
+    note = (f"truth carries EXIF orientation {orientation}: read unrotated, as the ISIC scorer "
+            "reads it" if orientation != 1 else "")
+    return mask, note
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -566,6 +566,36 @@ def test_masks_folder_scores_the_same_in_the_official_isic_scorer(data: dict[str
 # --------------------------------------------------------------------------- finish_item units
 
 
+def test_truth_with_an_exif_orientation_scores_as_in_the_official_scorer(
+        data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A square truth PNG carrying EXIF orientation 6 (its image carries none): the scorer
+    reads its pixels as stored; so do we (we used to rotate it: Dice 0.338 vs 0.770), with a
+    warning and a note in the row."""
+    scoring = pytest.importorskip("isic_challenge_scoring")
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir()
+    truth.mkdir()
+    src = sorted(data["images"].glob("*.jpg"))[0]
+    Image.open(src).convert("RGB").resize((64, 64)).save(images / "ISIC_0000100.jpg")
+    arr = np.zeros((64, 64), np.uint8)
+    arr[:, :20] = 255  # the left edge: rotating it by 90 degrees moves it to the top
+    arr[40:, 30:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(truth / "ISIC_0000100_Segmentation.png", exif=exif.tobytes())
+    assert Image.open(truth / "ISIC_0000100_Segmentation.png").getexif().get(0x0112) == 6
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert infer(data, out, images, extra=("--masks", str(truth))) == 0
+    official = scoring.SegmentationScore.from_dir(truth, out / "masks").to_dict()
+    row = read_csv(out / "metrics.csv")[0]
+    for name in ("accuracy", "dice", "jaccard", "sensitivity", "specificity"):
+        ours = float(row["iou" if name == "jaccard" else name])
+        assert ours == pytest.approx(official["macro_average"][name], abs=1e-12), name
+    assert row["status"] == "ok" and "EXIF orientation 6" in row["reason"]
+    assert "EXIF orientation 6" in caplog.text
+
+
 def _finish(tmp_path: Path, prob: torch.Tensor, size: tuple[int, int], threshold: float,
             truth: np.ndarray | None = None, preview: np.ndarray | None = None,
             save_probs: bool = False) -> tuple[dict, np.ndarray]:
