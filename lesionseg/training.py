@@ -302,6 +302,8 @@ def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
         if listed is not None and read != listed:  # tarfile stops silently at a bad header
             raise tarfile.ReadError(f"{read} of the {listed} samples its manifest lists could "
                                     "be read (a damaged tar header?)")
+    except MemoryError:
+        raise  # not the shard's fault (e.g. data.batch_size or data.shuffle_buffer too large)
     except Exception as e:  # tarfile, OS, zlib and webdataset errors come in many types
         msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {first_line(e)})"
         if on_error != "skip":
@@ -601,6 +603,10 @@ def plan_schedule(cfg: Config, train_count: int, world: int) -> Schedule:
     """Steps per epoch from the train count (or optim.steps_per_epoch), total from epochs or
     optim.max_steps (which wins when > 0)."""
     o = cfg.optim
+    if cfg.data.batch_size > train_count:  # a worker would collect repeats until MemoryError
+        raise DataError(f"data.batch_size={cfg.data.batch_size} is more than the {train_count} "
+                        f"train samples of data.shards={cfg.data.shards}; use at most "
+                        f"{train_count}")
     per_step = cfg.data.batch_size * world * o.grad_accum_steps
     spe = o.steps_per_epoch or max(1, train_count // per_step)
     total = o.max_steps if o.max_steps > 0 else o.epochs * spe

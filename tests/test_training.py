@@ -107,6 +107,32 @@ def test_schedule_from_counts_and_max_steps():
     assert (s.total_steps, s.epochs, s.micro_batches(2)) == (7, 3, 1)
 
 
+def test_batch_size_beyond_the_train_split_is_a_clear_error():
+    """data.batch_size=10**8 passed and a worker collected samples until MemoryError."""
+    cfg = load_config(None, ["data.batch_size=100000000", "data.shards=shards/x"])
+    with pytest.raises(DataError, match=r"data.batch_size=100000000 is more than the 10 train "
+                                        r"samples of data.shards=shards/x; use at most 10"):
+        plan_schedule(cfg, train_count=10, world=1)
+    cfg.data.batch_size = 10
+    assert plan_schedule(cfg, train_count=10, world=1).steps_per_epoch == 1
+
+
+def test_memory_error_while_reading_is_not_blamed_on_the_shard(packed_shards, monkeypatch):
+    import webdataset.tariterators as tariterators
+
+    from lesionseg.training import read_shard
+
+    def out_of_memory(*_args, **_kwargs):
+        raise MemoryError()
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(tariterators, "group_by_keys", out_of_memory)
+    url = str(packed_shards / "train-000000.tar")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(MemoryError):
+            list(read_shard(url, on_error))
+
+
 def test_lr_warmup_then_cosine():
     factors = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
