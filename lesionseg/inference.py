@@ -479,16 +479,54 @@ def done_ids(parts_dir: Path, retry_failed: bool = False) -> set[str]:
     return ids
 
 
+SIGNATURE_FILE = "signature.json"  # under parts/: created exclusively by the first run
+
+
 def check_signature(parts_dir: Path, signature: dict[str, Any]) -> None:
-    """Record this run's settings, or refuse to mix with a different run in the same --out."""
-    path = parts_dir / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        differ = [k for k in SIGNATURE_KEYS if previous.get("signature", {}).get(k) != signature[k]]
-        if differ:
-            raise InferenceError(
-                f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "
-                "use a new --out (or the same settings to resume)")
+    """Claim the output folder for this run's settings, or refuse to mix with a different run.
+
+    The first run creates parts/signature.json exclusively (O_EXCL: of two runs racing into
+    one --out exactly one creates it); every other run, part or rank compares its settings
+    with it. Reading run.json instead left a window in which two runs with different
+    checkpoints both passed and mixed their rows."""
+    path = parts_dir / SIGNATURE_FILE
+    data = json.dumps({k: signature[k] for k in SIGNATURE_KEYS}, sort_keys=True).encode()
+    legacy = parts_dir / "run.json"  # an --out written before signature.json existed
+    if not path.exists() and legacy.exists():
+        _compare_signature(path, json.loads(legacy.read_text()).get("signature", {}), signature)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        _compare_signature(path, _read_signature(path), signature)
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(data + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_signature(path: Path, wait_s: float = 10.0) -> dict[str, Any]:
+    """The claimed signature; its creator may still be writing it (a few bytes): wait."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            raw = path.read_bytes()
+            if raw.endswith(b"\n"):
+                return json.loads(raw)
+        except ValueError:
+            pass
+        if time.monotonic() > deadline:
+            raise InferenceError(f"{path}: unreadable; delete it (or use a new --out) if no "
+                                 "other run is starting there")
+        time.sleep(0.05)
+
+
+def _compare_signature(path: Path, previous: dict[str, Any], signature: dict[str, Any]) -> None:
+    differ = [k for k in SIGNATURE_KEYS if previous.get(k) != signature[k]]
+    if differ:
+        raise InferenceError(
+            f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "
+            "use a new --out (or the same settings to resume)")
 
 
 def parts_done(parts_dir: Path, num_shards: int) -> tuple[bool, list[int]]:

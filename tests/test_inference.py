@@ -510,6 +510,41 @@ def test_input_failures_are_final_unless_retry_failed(data: dict[str, Path], tmp
     assert summary["scored"] == N_CASES and summary["errors"] == 0
 
 
+def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> None:
+    """The settings check read run.json, written later: two runs with different checkpoints
+    that started together both passed it (and mixed masks and rows). Now the first run claims
+    the folder exclusively; of two racing runs exactly one wins, every time."""
+    import threading
+
+    def signature(sha: str) -> dict:
+        return {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": sha,
+                "image_size": 64, "threshold": 0.5, "tta": False, "shard_splits": []}
+
+    for attempt in range(20):
+        parts = tmp_path / f"out{attempt}" / "parts"
+        parts.mkdir(parents=True)
+        barrier, outcome = threading.Barrier(2), {}
+
+        def run(sha: str, parts: Path = parts, barrier=barrier, outcome=outcome) -> None:
+            barrier.wait()
+            try:
+                inference.check_signature(parts, signature(sha))
+                outcome[sha] = "claimed"
+            except inference.InferenceError as e:
+                outcome[sha] = str(e)
+
+        threads = [threading.Thread(target=run, args=(sha,)) for sha in ("aaa", "bbb")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(v == "claimed" for v in outcome.values()) == [False, True], outcome
+        loser = next(v for v in outcome.values() if v != "claimed")
+        assert "different checkpoint_sha256" in loser and "new --out" in loser
+        inference.check_signature(parts, signature(next(k for k, v in outcome.items()
+                                                         if v == "claimed")))  # resume: fine
+
+
 def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     assert main(["infer", "--input", str(data["isic"])]) == 2

@@ -58,3 +58,27 @@ def test_pack_errors_are_one_line(isic_root: Path, tmp_path: Path,
     assert rc == 2 and "missing: source does not exist" in err and len(err.strip().splitlines()) == 1
     assert main(["verify", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_a_second_pack_into_a_folder_being_packed_is_refused(isic_root: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """Two packs into one --out: the later one deleted the earlier one's .partial shard (which
+    then crashed) and the two mixed their shards. Now the folder is locked while a pack
+    writes; the second gets one line and status 2, and touches nothing."""
+    from lesionseg.data import shards
+
+    out = tmp_path / "out"
+    out.mkdir()
+    partial = out / ".train-000000.tar.partial"
+    with shards._pack_lock(out):  # a pack in progress (in another process, for flock)
+        partial.write_bytes(b"being written")
+        rc = main(["pack", "--source", str(isic_root), "--out", str(out), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "another pack is writing into" in err[0]
+        assert partial.read_bytes() == b"being written"
+        assert not (out / "manifest.json").exists()
+    partial.unlink()
+    assert main(["pack", "--source", str(isic_root), "--out", str(out), "--no-progress",
+                 "--max-side", "64"]) == 0  # the lock went with its holder
+    assert main(["pack", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()

@@ -13,6 +13,8 @@ the same input gives byte-identical shards whatever the number of workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import io
@@ -297,12 +299,49 @@ def build_manifest(shards: list[dict[str, Any]], cfg: PackConfig, sources: list[
     }
 
 
+LOCK_FILE = ".pack.lock"  # in the output folder: held (flock) by the pack writing there
+
+
+@contextlib.contextmanager
+def _pack_lock(out: Path) -> Iterator[None]:
+    """Hold the output folder's pack lock: a second pack into the same folder would delete
+    this one's partial shards and mix the two. The lock goes with the process (flock), so a
+    killed pack never leaves a stale one."""
+    if out.exists() and not out.is_dir():
+        yield  # _prepare_out names the problem
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another pack is writing into this folder; wait for it to "
+                            "finish, or use another --out") from None
+        try:
+            yield
+        except BaseException:
+            if created:  # a pack that failed before writing anything leaves no folder
+                (out / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def pack(sources: list[str | Path], out: str | Path, cfg: PackConfig,
          progress: bool = True) -> dict[str, Any]:
     """Pack ISIC cases from `sources` into shards under `out`; returns the manifest.
 
     Bad cases stop the run (cfg.on_error="raise") or are left out and reported ("skip").
-    manifest.json is written last and atomically."""
+    manifest.json is written last and atomically. One pack at a time per folder (a lock)."""
+    with _pack_lock(Path(out)):
+        return _pack(sources, out, cfg, progress)
+
+
+def _pack(sources: list[str | Path], out: str | Path, cfg: PackConfig,
+          progress: bool) -> dict[str, Any]:
     validate(Config(pack=cfg))
     start = time.perf_counter()
     out = Path(out)
