@@ -242,11 +242,14 @@ class ShardWriter:
         self._tar = self._file = None
 
     def abort(self) -> None:
-        """Drop the shard being written (on error)."""
+        """Drop the shard being written (on error). Never raises: on a full disk closing the
+        file fails again (its buffer cannot be flushed), and the partial file must still go."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             final = self._path(len(self.shards))
-            final.with_name(f".{final.name}.partial").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                final.with_name(f".{final.name}.partial").unlink(missing_ok=True)
         self._tar = self._file = None
 
 
