@@ -51,6 +51,7 @@ from lesionseg.data.transforms import eval_transform, stack_images, to_float_ima
 from lesionseg.errors import UserError, environment_message, first_line, is_environmental
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
+from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -665,7 +666,8 @@ def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_s
     return DataLoader(ItemDataset(items, image_size, preview_side), batch_size=icfg.batch_size,
                       shuffle=False, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None,
+                      worker_init_fn=WorkerInit() if workers else None)
 
 
 def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg: InferConfig,

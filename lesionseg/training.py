@@ -79,6 +79,7 @@ from lesionseg.data.transforms import (
     to_float_images,
 )
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError, first_line
+from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +542,8 @@ class Loader:
         self._release = multiprocessing.Event() if workers else None
         self.loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                                  pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                                 worker_init_fn=_WorkerSignals(self._release) if workers else None,
+                                 worker_init_fn=WorkerInit(_WorkerSignals(self._release))
+                                 if workers else None,
                                  prefetch_factor=2 if workers else None, persistent_workers=False)
         self._iterator: Any = None
         _OPEN_LOADERS.add(self)

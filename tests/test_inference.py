@@ -3,6 +3,7 @@ resume after a kill, bad inputs, the job script and a 2-process accelerate run."
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -291,6 +292,63 @@ def test_job_script_killed_midway_then_rerun(data: dict[str, Path], tmp_path: Pa
     assert len(list((out / "masks").iterdir())) == 40
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masks_written"] == 40 and summary["without_truth"] == 40
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_decode_workers_die_with_a_killed_parent(data: dict[str, Path], tmp_path: Path) -> None:
+    """kill -9 of the job left its DataLoader workers running as orphans (parent pid 1) for
+    minutes; now the kernel kills them with the parent (PR_SET_PDEATHSIG)."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(60):
+        shutil.copy(sorted(data["images"].glob("*.jpg"))[i % N_CASES], many / f"case{i:03d}.jpg")
+    out = tmp_path / "out"
+    cmd = [PY, str(REPO / "jobs" / "infer.py"), "--checkpoint", str(data["ckpt"]), "--input",
+           str(many), "--out", str(out), "--workers", "2", "--batch-size", "1",
+           "--image-size", "256", "infer.num_threads=1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    rows_file = out / "parts" / "rows-p0000-r000.jsonl"
+    deadline = time.time() + 120
+    workers: list[int] = []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            workers = _children(proc.pid)
+            if len(workers) >= 2 and rows_file.exists() and inference.read_rows(rows_file):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None and len(workers) >= 2, "no decode workers seen"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, as the OOM killer or a user would
+        proc.wait()
+        deadline = time.time() + 3  # PyTorch's own watchdog looks every 5 s, when idle
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "decode workers outlived their parent"
+    finally:
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
