@@ -12,11 +12,13 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
                                 errno.EPERM})
 
 
-def is_environmental(e: BaseException) -> bool:
+def is_environmental(e: BaseException, reading: bool = False) -> bool:
     """Whether an exception is the machine's fault (disk full, read-only, I/O error,
     permissions): the run stops (one line, status 2) and a rerun retries, never a per-input
-    error row."""
-    return isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS
+    error row. `reading` an input, only an I/O error is: an unreadable file is the input's."""
+    if not isinstance(e, OSError):
+        return False
+    return e.errno == errno.EIO if reading else e.errno in ENVIRONMENT_ERRNOS
 
 
 def environment_message(e: OSError, doing: str) -> str:

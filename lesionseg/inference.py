@@ -212,7 +212,7 @@ class ItemDataset(Dataset):
         except UserError as e:
             return {"index": index, "error": str(e)}
         except OSError as e:
-            if is_environmental(e):  # an I/O error of the machine: stop, retried on rerun
+            if is_environmental(e, reading=True):  # an I/O error: stop, retried on rerun
                 return {"index": index, "error": environment_message(e, f"reading {item.origin}"),
                         "environmental": True}
             return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}

@@ -538,7 +538,7 @@ def test_disk_full_stops_in_one_line_and_the_rerun_retries(data: dict[str, Path]
     assert "No space left on device" in err[-1] and "rerun" in err[-1]
     assert "Traceback" not in "\n".join(err)
     rows = [r for p in (out / "parts").glob("rows-*.jsonl") for r in inference.read_rows(p)]
-    assert 2 <= len(rows) < N_CASES and all(r["status"] == "ok" for r in rows)
+    assert 1 <= len(rows) < N_CASES and all(r["status"] == "ok" for r in rows)
     assert not (out / "summary.json").exists()
     monkeypatch.undo()
     assert infer(data, out, data["isic"]) == 0
@@ -800,3 +800,24 @@ def test_decode_item_packs_the_truth_and_shrinks_the_preview(data: dict[str, Pat
         assert np.array_equal(bits, truth > 128) and sample["truth_error"] is None
         assert max(sample["preview"].shape[:2]) == min(32, max(h, w))
         assert sample["preview"].dtype == np.uint8 and sample["preview"].shape[2] == 3
+
+
+def test_an_io_error_reading_an_input_stops_but_a_missing_file_is_its_row(
+        data: dict[str, Path], tmp_path: Path) -> None:
+    """EIO while reading an input is the machine's (stop, retried on rerun); a file that
+    vanished or cannot be opened is that input's own failure (a row)."""
+    import errno
+
+    from lesionseg.data.sources import Blob, Item
+
+    class FailingBlob(Blob):
+        def read(self) -> bytes:
+            code = errno.EIO if "eio" in self.path else errno.ENOENT
+            raise OSError(code, os.strerror(code), self.path)
+
+    ds = inference.ItemDataset([Item("a", FailingBlob("file", "/x/eio.jpg")),
+                                Item("b", FailingBlob("file", "/x/gone.jpg"))], 64, 0)
+    eio, gone = ds[0], ds[1]
+    assert eio.get("environmental") and "Input/output error" in eio["error"]
+    assert "rerun" in eio["error"]
+    assert not gone.get("environmental") and "No such file" in gone["error"]
