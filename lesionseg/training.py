@@ -23,9 +23,9 @@ Resume (`train.resume=auto|none|PATH`, lesionseg/states.py): states are written 
 kill leaves only complete states; the newest `train.keep_states` are kept. A state holds
 model, optimizer, RNG, the scheduler and a `Progress` (epoch, micro-batch, optimizer step,
 best metric) as JSON, and a marker with every file's size and sha256; a damaged newest state
-is skipped for the next one, and no state file is unpickled beyond weights_only. On resume the epoch's
-pipeline is rebuilt and each worker skips the raw samples of the batches already done before
-decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
+is skipped for the next one, and no state file is unpickled beyond weights_only. On resume
+the epoch's pipeline is rebuilt and each worker skips the raw samples of the batches already
+done before decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
 train.num_threads (torch CPU threads; set it > 0 for exactness on CPU), a CPU run killed
 at any moment and resumed ends with bit-identical weights (tested). On GPU,
 train.deterministic=true is needed too (not verified: no GPU here).
