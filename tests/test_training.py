@@ -133,6 +133,21 @@ def test_memory_error_while_reading_is_not_blamed_on_the_shard(packed_shards, mo
             list(read_shard(url, on_error))
 
 
+def test_training_loader_workers_die_with_their_parent(packed_shards):
+    """Training's DataLoader workers arm the parent-death signal (lesionseg.workers) before
+    their signal set-up; the kill test lives in test_inference (same WorkerInit)."""
+    from lesionseg.training import Loader, _WorkerSignals
+    from lesionseg.workers import WorkerInit
+
+    cfg = tiny_cfg(num_workers=1)
+    dataset = ValStream(tuple(plan_data(str(packed_shards)).val_urls), cfg, 0, 1)
+    with Loader(dataset, cfg, torch.device("cpu")) as loader:
+        init = loader.loader.worker_init_fn
+        assert isinstance(init, WorkerInit) and isinstance(init.then, _WorkerSignals)
+        assert init.parent_pid == os.getpid()
+        assert sum(len(b["id"]) for b in loader) == 6  # workers start and run with it
+
+
 def test_lr_warmup_then_cosine():
     factors = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
