@@ -195,6 +195,9 @@ def choose_state(accelerator: Any, resume: str, run_dir: Path) -> Path | None:
 
 
 def _choose(resume: str, run_dir: Path) -> Path | None:
+    root = run_dir / STATES
+    for stale in root.glob(f"{TMP_PREFIX}*") if root.is_dir() else ():
+        shutil.rmtree(stale, ignore_errors=True)  # a save or prune that was killed midway
     if resume == "none":
         return None
     if resume != "auto":

@@ -124,10 +124,14 @@ def test_half_deleted_and_unmarked_states_are_not_chosen(two_states: Path, tmp_p
     """A state missing a listed file (a prune killed midway) or without its marker is skipped;
     with no intact state at all the error names the newest problem."""
     run = _copy(two_states, tmp_path)
+    half = run / "states" / ".tmp-removed-step-0000000"  # a prune killed midway
+    half.mkdir()
+    (half / "progress.json").write_text("{}")
     (run / "states" / "step-0000002" / "optimizer.bin").unlink()
     problem = states.state_problem(run / "states" / "step-0000002")
     assert problem and "optimizer.bin: missing" in problem
     assert states._choose("auto", run) == run / "states" / "step-0000001"
+    assert not half.exists()
     (run / "states" / "step-0000001" / "complete.json").unlink()
     assert (run / "states" / "step-0000001").is_dir()
     with pytest.raises(states.StateError, match="no intact training state.*complete.json"):
