@@ -12,7 +12,7 @@ import logging
 import sys
 
 from lesionseg import __version__
-from lesionseg.errors import EXIT_USAGE, UserError
+from lesionseg.errors import EXIT_USAGE, UserError, environment_message, is_environmental
 
 # name -> (module, add_arguments function, command function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -85,6 +85,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return int(run(args) or 0)
     except UserError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # disk full, read-only, I/O: the machine, not a bug; one line
+        if not is_environmental(e):
+            raise
+        print(f"{parser.prog}: error: {environment_message(e, 'writing')}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)

@@ -1,8 +1,31 @@
 """Errors a user can act on. The command line prints them as one line and exits with status 2."""
 
+import errno
+
 
 class UserError(Exception):
     """Bad input, configuration or environment; the message names the file or key and the problem."""
+
+
+# OSErrors of the machine rather than of an input: no space, quota, read-only, I/O, permission.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
+                                errno.EPERM})
+
+
+def is_environmental(e: BaseException, reading: bool = False) -> bool:
+    """Whether an exception is the machine's fault (disk full, read-only, I/O error,
+    permissions): the run stops (one line, status 2) and a rerun retries, never a per-input
+    error row. `reading` an input, only an I/O error is: an unreadable file is the input's."""
+    if not isinstance(e, OSError):
+        return False
+    return e.errno == errno.EIO if reading else e.errno in ENVIRONMENT_ERRNOS
+
+
+def environment_message(e: OSError, doing: str) -> str:
+    """One line: what failed, the system's reason and its file, and what to do."""
+    where = f" ({e.filename})" if e.filename else ""
+    return (f"{doing} failed: {e.strerror or e}{where}; free space or fix the folder's "
+            "permissions, then rerun the same command to continue")
 
 
 def first_line(e: BaseException) -> str:

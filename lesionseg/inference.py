@@ -38,14 +38,22 @@ from tqdm import tqdm
 
 from lesionseg.config import Config, InferConfig, load_config, to_dict
 from lesionseg.data.cv import cv2
-from lesionseg.data.images import encode_grey_png, encode_jpeg, load_image, load_mask, write_mask
+from lesionseg.data.images import (
+    encode_grey_png,
+    encode_jpeg,
+    load_image,
+    load_mask,
+    mask_orientation,
+    write_mask,
+)
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
-from lesionseg.errors import UserError
+from lesionseg.errors import UserError, environment_message, first_line, is_environmental
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 from lesionseg.postprocess import CHOICES as POSTPROCESS_CHOICES
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
+from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Segment every image in folders, archives (.zip, .tar, .tar.gz) and packed shard folders.
 Writes under --out: masks/<id>_Segmentation.png (original size and orientation, 0/255, ready
 for the ISIC scorer), metrics.csv (per image with truth), errors.csv (every input that failed),
-summary.json and report.html. Rerun with the same --out to resume where a run stopped.
+summary.json and report.html. Rerun with the same --out to resume where a run stopped
+(a full disk or read-only folder stops the run with status 2; the rerun continues).
 Under `accelerate launch` the images are split across processes; --num-shards/--shard-index
 (or a Slurm array) split them across jobs, and the last part to finish merges."""
     parser.epilog = """examples:
@@ -104,6 +113,10 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
     parser.add_argument("--merge", metavar="DIR",
                         help="only merge the parts under DIR into metrics.csv, errors.csv, "
                              "summary.json and report.html, then exit")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="on a rerun, also redo the images that have an error row (by "
+                             "default only images without a row are done; failures of the "
+                             "machine, such as a full disk, never leave a row)")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help=f"images per forward pass (default {d.batch_size})")
     parser.add_argument("--workers", type=int, metavar="N",
@@ -164,7 +177,8 @@ def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     num_shards, shard_index = job_part(args.num_shards, args.shard_index)
     run_inference(args.checkpoint, args.input, args.out, cfg, masks=args.masks,
-                  num_shards=num_shards, shard_index=shard_index)
+                  num_shards=num_shards, shard_index=shard_index,
+                  retry_failed=args.retry_failed)
     return 0
 
 
@@ -207,6 +221,11 @@ class ItemDataset(Dataset):
             return {"index": index, **decode_item(item, self.image_size, self.preview_side)}
         except UserError as e:
             return {"index": index, "error": str(e)}
+        except OSError as e:
+            if is_environmental(e, reading=True):  # an I/O error: stop, retried on rerun
+                return {"index": index, "error": environment_message(e, f"reading {item.origin}"),
+                        "environmental": True}
+            return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
         except Exception as e:  # any reader/decoder failure is this item's, not the batch's
             log.debug("decoding %s failed", item.origin, exc_info=True)
             return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
@@ -247,7 +266,11 @@ def read_truth(item: Item, size: tuple[int, int],
         mask = load_mask(data, item.truth.origin, expected_size=stored)
         return (mask.resize((size[1], size[0]), Image.NEAREST),
                 f"truth resized from the shard's {stored[1]}x{stored[0]}")
-    return load_mask(data, item.truth.origin, expected_size=size), ""
+    mask = load_mask(data, item.truth.origin, expected_size=size)
+    orientation = mask_orientation(data, item.truth.origin)
+    note = (f"truth carries EXIF orientation {orientation}: read unrotated, as the ISIC scorer "
+            "reads it" if orientation != 1 else "")
+    return mask, note
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -332,7 +355,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     h, w = sample["size"]
     p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
     full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
-    pred = cv2.compare(full, float(spec.threshold), cv2.CMP_GT)  # uint8: 255 where prob > t
+    pred = above_threshold(full, spec.threshold)  # uint8: 255 where prob > t
     if spec.steps:
         pred = Postprocess(spec.threshold, spec.steps).apply(pred)
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
@@ -354,6 +377,14 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     return row
 
 
+def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 255 where `full` > threshold (float32 compare), else 0. cv2.compare reads a 1×1
+    array as a scalar and refuses "scalar op scalar", so a one-pixel image is done by numpy."""
+    if full.size == 1:
+        return np.where(full > np.float32(threshold), 255, 0).astype(np.uint8)
+    return cv2.compare(full, float(threshold), cv2.CMP_GT)
+
+
 def write_previews(image_id: str, preview: np.ndarray, pred: np.ndarray,
                    truth: np.ndarray | None, spec: OutputSpec) -> None:
     """Overlay JPEG (prediction filled red, truth outlined green) and/or report thumbnail."""
@@ -372,7 +403,7 @@ def _mask_at(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> Image.Im
     if arr.dtype != np.uint8:
         arr = arr.astype(np.uint8)
     small = cv2.resize(arr, size, interpolation=cv2.INTER_NEAREST_EXACT)
-    return Image.fromarray(cv2.compare(small, 0, cv2.CMP_GT), mode="L")
+    return Image.fromarray(above_threshold(small, 0), mode="L")
 
 
 def render_overlay(preview: np.ndarray, pred: np.ndarray | torch.Tensor,
@@ -438,32 +469,78 @@ class RowLog:
                 os.fsync(f.fileno())
 
     def append(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row, sort_keys=True).encode("utf-8") + b"\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(json.dumps(row, sort_keys=True).encode("utf-8") + b"\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:  # a torn line is dropped when the file is opened again
+            raise InferenceError(environment_message(e, f"{self.path}: appending a row")) from None
 
     def close(self) -> None:
         self.file.close()
 
 
-def done_ids(parts_dir: Path) -> set[str]:
-    """Ids with a row in any part file: finished (or recorded as failed) by an earlier run."""
+RETRIED_STATUSES = ("error", "failed")  # rows that --retry-failed does again
+
+
+def done_ids(parts_dir: Path, retry_failed: bool = False) -> set[str]:
+    """Ids with a row in any part file: finished (or recorded as failed) by an earlier run;
+    with `retry_failed`, only those with a row that is not an error or a failed score."""
     ids: set[str] = set()
     for path in sorted(parts_dir.glob("rows-*.jsonl")):
-        ids.update(r["id"] for r in read_rows(path) if "id" in r)
+        ids.update(r["id"] for r in read_rows(path)
+                   if "id" in r and not (retry_failed and r.get("status") in RETRIED_STATUSES))
     return ids
 
 
+SIGNATURE_FILE = "signature.json"  # under parts/: created exclusively by the first run
+
+
 def check_signature(parts_dir: Path, signature: dict[str, Any]) -> None:
-    """Record this run's settings, or refuse to mix with a different run in the same --out."""
-    path = parts_dir / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        differ = [k for k in SIGNATURE_KEYS if previous.get("signature", {}).get(k) != signature[k]]
-        if differ:
-            raise InferenceError(
-                f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "
-                "use a new --out (or the same settings to resume)")
+    """Claim the output folder for this run's settings, or refuse to mix with a different run.
+
+    The first run creates parts/signature.json exclusively (O_EXCL: of two runs racing into
+    one --out exactly one creates it); every other run, part or rank compares its settings
+    with it. Reading run.json instead left a window in which two runs with different
+    checkpoints both passed and mixed their rows."""
+    path = parts_dir / SIGNATURE_FILE
+    data = json.dumps({k: signature[k] for k in SIGNATURE_KEYS}, sort_keys=True).encode()
+    legacy = parts_dir / "run.json"  # an --out written before signature.json existed
+    if not path.exists() and legacy.exists():
+        _compare_signature(path, json.loads(legacy.read_text()).get("signature", {}), signature)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        _compare_signature(path, _read_signature(path), signature)
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(data + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_signature(path: Path, wait_s: float = 10.0) -> dict[str, Any]:
+    """The claimed signature; its creator may still be writing it (a few bytes): wait."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            raw = path.read_bytes()
+            if raw.endswith(b"\n"):
+                return json.loads(raw)
+        except ValueError:
+            pass
+        if time.monotonic() > deadline:
+            raise InferenceError(f"{path}: unreadable; delete it (or use a new --out) if no "
+                                 "other run is starting there")
+        time.sleep(0.05)
+
+
+def _compare_signature(path: Path, previous: dict[str, Any], signature: dict[str, Any]) -> None:
+    differ = [k for k in SIGNATURE_KEYS if previous.get(k) != signature[k]]
+    if differ:
+        raise InferenceError(
+            f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "
+            "use a new --out (or the same settings to resume)")
 
 
 def parts_done(parts_dir: Path, num_shards: int) -> tuple[bool, list[int]]:
@@ -497,21 +574,25 @@ def _distributed() -> Any:
 
 def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
                   cfg: Config | None = None, *, masks: list[str | Path] = (),
-                  num_shards: int = 1, shard_index: int = 0) -> dict[str, Any] | None:
+                  num_shards: int = 1, shard_index: int = 0,
+                  retry_failed: bool = False) -> dict[str, Any] | None:
     """Process this job part's share of `inputs` in this process; returns the merged summary
-    when this process finished the last part (else None)."""
+    when this process finished the last part (else None). `retry_failed` redoes the images
+    whose earlier row is an error."""
     cfg = cfg or load_config(None, [])
     threads = torch.get_num_threads()
     if cfg.infer.num_threads:
         torch.set_num_threads(cfg.infer.num_threads)
     try:
-        return _run(checkpoint, inputs, Path(out), cfg, list(masks), num_shards, shard_index)
+        return _run(checkpoint, inputs, Path(out), cfg, list(masks), num_shards, shard_index,
+                    retry_failed)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
 def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Config,
-         masks: list[str | Path], num_shards: int, shard_index: int) -> dict[str, Any] | None:
+         masks: list[str | Path], num_shards: int, shard_index: int,
+         retry_failed: bool = False) -> dict[str, Any] | None:
     """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
     and merge if it was the last one."""
     icfg = cfg.infer
@@ -540,7 +621,7 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
                      state.process_index)
 
     mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
-    finished = done_ids(parts_dir)
+    finished = done_ids(parts_dir, retry_failed)
     todo = read_order([it for it in mine if it.id not in finished])
     log.info("part %d/%d, process %d/%d: %d images (%d of %d already done); %d inputs skipped "
              "as not images, %d input errors", shard_index, num_shards, state.process_index,
@@ -624,7 +705,8 @@ def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_s
     return DataLoader(ItemDataset(items, image_size, preview_side), batch_size=icfg.batch_size,
                       shuffle=False, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=2 if workers else None)
+                      prefetch_factor=2 if workers else None,
+                      worker_init_fn=WorkerInit() if workers else None)
 
 
 def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg: InferConfig,
@@ -659,9 +741,13 @@ def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg
                 return
             cf.wait(pending, return_when=cf.FIRST_COMPLETED)
 
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish") as pool:
+    # The bar closes also when a full disk stops the run, so the error is the last line.
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish") as pool, \
+            contextlib.closing(bar):
         for batch in batches:
             for failed in batch["failed"]:
+                if failed.get("environmental"):
+                    raise InferenceError(failed["error"])
                 item = items[failed["index"]]
                 record({"id": item.id, "input": item.origin, "status": "error",
                         "reason": failed["error"]})
@@ -674,7 +760,6 @@ def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg
                 drain(max_pending - 1)
                 pending.add(pool.submit(_finish_safely, items[sample["index"]], sample, prob, spec))
         drain(0)
-    bar.close()
     return _loop_stats(counts, time.perf_counter() - start)
 
 
@@ -685,17 +770,24 @@ def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """`finish_item`, with a failure recorded as the image's error row instead of raised."""
+    """`finish_item`, with any failure of this image (whatever its type: cv2.error, numpy,
+    Pillow, MemoryError) recorded as the image's error row instead of raised. A failure of
+    the machine (disk full, read-only folder, I/O error) is not the image's: it stops the
+    run with an InferenceError and no row, so the rerun does the image again."""
     try:
         return finish_item(item, sample, prob, spec)
+    except OSError as e:
+        if is_environmental(e):  # disk full, read-only: stop; the rerun redoes this image
+            raise InferenceError(environment_message(
+                e, f"{spec.out}: writing the outputs of {item.id}")) from None
+        return {"id": item.id, "input": item.origin, "status": "error",
+                "reason": f"{item.origin}: writing outputs failed: {first_line(e)}"}
     except UserError as e:
         return {"id": item.id, "input": item.origin, "status": "error", "reason": str(e)}
-    except OSError as e:  # disk full, permissions: the row says so, the next image may work
+    except Exception as e:  # noqa: BLE001 (one image must never stop the batch)
+        log.debug("finishing %s failed", item.origin, exc_info=True)
         return {"id": item.id, "input": item.origin, "status": "error",
-                "reason": f"writing outputs failed: {e}"}
-    except (MemoryError, ValueError) as e:  # e.g. a huge (but not bomb-sized) image
-        return {"id": item.id, "input": item.origin, "status": "error",
-                "reason": f"{item.origin}: {type(e).__name__}: {e}"}
+                "reason": f"{item.origin}: {type(e).__name__}: {first_line(e)}"}
 
 
 # --------------------------------------------------------------------------- merge

@@ -18,12 +18,14 @@ Data (WebDataset shards, see shards/README.md):
   then averaged. Scored at data.image_size: the whole image resized (`eval_transform`, as
   inference does), the mask with nearest; inference scores at the original size instead.
 
-Resume (`train.resume=auto|none|PATH`): states are written with `accelerator.save_state` to
-`<output_dir>/states/.tmp-step-N`, then renamed to `step-N`, so a kill leaves only complete
-states; the newest `train.keep_states` are kept. A state holds model, optimizer, scheduler,
-RNG and a `Progress` (epoch, micro-batch, optimizer step, best metric). On resume the epoch's
-pipeline is rebuilt and each worker skips the raw samples of the batches already done before
-decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
+Resume (`train.resume=auto|none|PATH`, lesionseg/states.py): states are written with
+`accelerator.save_state` to `<output_dir>/states/.tmp-step-N`, then renamed to `step-N`, so a
+kill leaves only complete states; the newest `train.keep_states` are kept. A state holds
+model, optimizer, RNG, the scheduler and a `Progress` (epoch, micro-batch, optimizer step,
+best metric) as JSON, and a marker with every file's size and sha256; a damaged newest state
+is skipped for the next one, and no state file is unpickled beyond weights_only. On resume
+the epoch's pipeline is rebuilt and each worker skips the raw samples of the batches already
+done before decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
 train.num_threads (torch CPU threads; set it > 0 for exactness on CPU), a CPU run killed
 at any moment and resumed ends with bit-identical weights (tested). On GPU,
 train.deterministic=true is needed too (not verified: no GPU here).
@@ -54,6 +56,7 @@ import random
 import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 import weakref
@@ -65,7 +68,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lesionseg.config import Config, ConfigError, load_config, save_config, was_set
+from lesionseg import states
+from lesionseg.config import Config, load_config, save_config, was_set
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,
@@ -77,12 +81,10 @@ from lesionseg.data.transforms import (
 )
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError, first_line
 from lesionseg.recipe import resolve as resolve_recipe
+from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
-STATES = "states"
-TMP_PREFIX = ".tmp-"
-PROGRESS_FILE = "progress.json"  # written into a state last, before its rename
 METRICS_FILE = "metrics.jsonl"
 RELAUNCH_ENV = "LESIONSEG_RELAUNCHED"  # set on the torch.distributed.run we start ourselves
 NO_RELAUNCH_ENV = "LESIONSEG_NO_RELAUNCH"
@@ -290,10 +292,21 @@ def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    from lesionseg.data.shards import listed_samples
+
     stream = None
     try:
         stream = gopen(url)
-        yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+        read = 0
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            read += 1
+            yield sample
+        listed = listed_samples(url)
+        if listed is not None and read != listed:  # tarfile stops silently at a bad header
+            raise tarfile.ReadError(f"{read} of the {listed} samples its manifest lists could "
+                                    "be read (a damaged tar header?)")
+    except MemoryError:
+        raise  # not the shard's fault (e.g. data.batch_size or data.shuffle_buffer too large)
     except Exception as e:  # tarfile, OS, zlib and webdataset errors come in many types
         msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {first_line(e)})"
         if on_error != "skip":
@@ -531,7 +544,8 @@ class Loader:
         self._release = multiprocessing.Event() if workers else None
         self.loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                                  pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                                 worker_init_fn=_WorkerSignals(self._release) if workers else None,
+                                 worker_init_fn=WorkerInit(_WorkerSignals(self._release))
+                                 if workers else None,
                                  prefetch_factor=2 if workers else None, persistent_workers=False)
         self._iterator: Any = None
         _OPEN_LOADERS.add(self)
@@ -593,6 +607,10 @@ def plan_schedule(cfg: Config, train_count: int, world: int) -> Schedule:
     """Steps per epoch from the train count (or optim.steps_per_epoch), total from epochs or
     optim.max_steps (which wins when > 0)."""
     o = cfg.optim
+    if cfg.data.batch_size > train_count:  # a worker would collect repeats until MemoryError
+        raise DataError(f"data.batch_size={cfg.data.batch_size} is more than the {train_count} "
+                        f"train samples of data.shards={cfg.data.shards}; use at most "
+                        f"{train_count}")
     per_step = cfg.data.batch_size * world * o.grad_accum_steps
     spe = o.steps_per_epoch or max(1, math.ceil(train_count / per_step))  # every image once
     total = o.max_steps if o.max_steps > 0 else o.epochs * spe
@@ -654,68 +672,6 @@ class Progress:
         for key, value in state.items():
             if hasattr(self, key):
                 setattr(self, key, value)
-
-
-def state_dirs(run_dir: Path) -> list[Path]:
-    """Complete states under run_dir/states, oldest first (by optimizer step)."""
-    root = run_dir / STATES
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith("step-") and (p / PROGRESS_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
-    """The state to resume from: train.resume=auto (newest complete, or none), none, or a path."""
-    choice = cfg.train.resume
-    if choice == "none":
-        return None
-    if choice == "auto":
-        states = state_dirs(run_dir)
-        return states[-1] if states else None
-    path = Path(choice)
-    if not (path / PROGRESS_FILE).is_file():
-        raise ConfigError(f"train.resume={choice}: not a complete training state (expected a "
-                          f"{run_dir / STATES}/step-NNNNNNN folder holding {PROGRESS_FILE})")
-    return path
-
-
-def save_training_state(accelerator: Any, run_dir: Path, progress: Progress, keep: int) -> Path:
-    """accelerator.save_state into a temporary folder, then an atomic rename to step-N; prune
-    to the newest `keep`. All ranks call this (each writes its RNG state)."""
-    root = run_dir / STATES
-    final = root / f"step-{progress.step:07d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
-        if final.exists():  # the same step saved again (e.g. stopped right after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in state_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        log.info("state saved: %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ============================================================================ signals, agreement
@@ -1083,18 +1039,17 @@ def train(cfg: Config, demo: bool = False) -> int:
         optimizer, lambda s: lr_factor(s, o.warmup_steps, schedule.total_steps, o.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
     # The scheduler is stepped once per optimizer step here; Accelerate's prepared scheduler
-    # would step it num_processes times per step. Registered so it is part of every state.
-    accelerator.register_for_checkpointing(scheduler)
+    # would step it num_processes times per step. It and `progress` are saved as JSON in
+    # every state (lesionseg.states), never registered with Accelerate (which unpickles).
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
     loss_fn = SegmentationLoss(cfg.loss.bce_weight, cfg.loss.dice_weight, cfg.loss.iou_weight,
                                smooth=cfg.loss.smooth, per_image=cfg.loss.per_image,
                                pos_weight=cfg.loss.pos_weight)
 
-    resume_from = resolve_resume(cfg, run_dir)
+    resume_from = states.choose_state(accelerator, cfg.train.resume, run_dir)
     if resume_from is not None:
         accelerator.wait_for_everyone()
-        accelerator.load_state(str(resume_from))
+        states.load_state(accelerator, resume_from, progress, scheduler)
         log.info("resumed from %s: epoch %d, micro-batch %d, step %d", resume_from,
                  progress.epoch, progress.micro, progress.step)
     if main:
@@ -1244,7 +1199,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                                 "training data; see its error above")
             if stopping:
                 if progress.step != last_saved:
-                    save_training_state(accelerator, run_dir, progress, t.keep_states)
+                    states.save_state(accelerator, run_dir, progress, scheduler, t.keep_states)
                 log.info("stop requested (signal): state saved at step %d; exiting with %d so "
                          "the job is rerun to resume", progress.step, EXIT_RESUME)
                 return EXIT_RESUME, model
@@ -1278,7 +1233,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
             if validate:
                 validate_and_keep_best(accelerator, model, data, cfg, progress, run_dir)
             if validate or (t.save_every_steps and progress.step % t.save_every_steps == 0):
-                save_training_state(accelerator, run_dir, progress, t.keep_states)
+                states.save_state(accelerator, run_dir, progress, scheduler, t.keep_states)
                 last_saved = progress.step
     finally:
         bar.close()

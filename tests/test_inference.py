@@ -3,6 +3,7 @@ resume after a kill, bad inputs, the job script and a 2-process accelerate run."
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -224,6 +225,10 @@ def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Pat
     assert infer(data, two, data["isic"], extra=("--num-shards", "3")) == 2
 
 
+class InjectedCrash(BaseException):
+    """Stands for the process dying (not an Exception: no per-image handler may catch it)."""
+
+
 def test_injected_crash_then_rerun_completes(data: dict[str, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
@@ -233,12 +238,12 @@ def test_injected_crash_then_rerun_completes(data: dict[str, Path], tmp_path: Pa
     def crash_after_three(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:
-            raise RuntimeError("injected crash")
+            raise InjectedCrash("injected crash")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(inference, "finish_item", crash_after_three)
     monkeypatch.setenv("LESIONSEG_TEST", "1")
-    with pytest.raises(RuntimeError, match="injected crash"):
+    with pytest.raises(InjectedCrash, match="injected crash"):
         infer(data, out, data["isic"], extra=("infer.post_threads=1",))
     rows_file = next((out / "parts").glob("rows-*.jsonl"))
     assert 1 <= len(inference.read_rows(rows_file)) <= 3
@@ -287,6 +292,63 @@ def test_job_script_killed_midway_then_rerun(data: dict[str, Path], tmp_path: Pa
     assert len(list((out / "masks").iterdir())) == 40
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masks_written"] == 40 and summary["without_truth"] == 40
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_decode_workers_die_with_a_killed_parent(data: dict[str, Path], tmp_path: Path) -> None:
+    """kill -9 of the job left its DataLoader workers running as orphans (parent pid 1) for
+    minutes; now the kernel kills them with the parent (PR_SET_PDEATHSIG)."""
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(60):
+        shutil.copy(sorted(data["images"].glob("*.jpg"))[i % N_CASES], many / f"case{i:03d}.jpg")
+    out = tmp_path / "out"
+    cmd = [PY, str(REPO / "jobs" / "infer.py"), "--checkpoint", str(data["ckpt"]), "--input",
+           str(many), "--out", str(out), "--workers", "2", "--batch-size", "1",
+           "--image-size", "256", "infer.num_threads=1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    rows_file = out / "parts" / "rows-p0000-r000.jsonl"
+    deadline = time.time() + 120
+    workers: list[int] = []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            workers = _children(proc.pid)
+            if len(workers) >= 2 and rows_file.exists() and inference.read_rows(rows_file):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None and len(workers) >= 2, "no decode workers seen"
+        os.kill(proc.pid, signal.SIGKILL)  # the parent only, as the OOM killer or a user would
+        proc.wait()
+        deadline = time.time() + 3  # PyTorch's own watchdog looks every 5 s, when idle
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), "decode workers outlived their parent"
+    finally:
+        for w in workers:
+            with contextlib.suppress(OSError):
+                os.kill(w, signal.SIGKILL)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -371,6 +433,176 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(data: dict[str, Path], tm
     assert all(out in p.parents or p == out or p in out.parents for p in created)
 
 
+def test_one_pixel_image_and_any_per_image_exception_do_not_stop_the_batch(
+        data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1x1 image gets its 1x1 mask (cv2.compare used to raise cv2.error on it, killing the
+    run and every rerun); an exception of any type in one image's finishing step becomes that
+    image's error row, and the run still merges, complete."""
+    import cv2
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "dot.png").write_bytes(_save(Image.new("RGB", (1, 1), (200, 40, 40)), "PNG"))
+    (folder / "dot_Segmentation.png").write_bytes(_save(Image.new("L", (1, 1), 255), "PNG"))
+    for p in sorted(data["images"].glob("*.jpg"))[:3]:
+        shutil.copy(p, folder / p.name)
+    bad_id = sorted(data["images"].glob("*.jpg"))[1].stem
+    real = inference.finish_item
+
+    def finish(item, *args, **kwargs):
+        if item.id == bad_id:
+            raise cv2.error("injected: not among the errors anyone expected")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "finish_item", finish)
+    out = tmp_path / "out"
+    assert infer(data, out, folder) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["masks_written"] == 3 and summary["errors"] == 1, summary["failures"]
+    errors = read_csv(out / "errors.csv")
+    assert [e["id"] for e in errors] == [bad_id] and "error" in errors[0]["reason"]
+    assert "injected" in errors[0]["reason"]
+    dot = Image.open(out / "masks" / "dot_Segmentation.png")
+    assert dot.size == (1, 1) and np.asarray(dot).item() in (0, 255)
+    rows = {r["id"]: r for r in read_csv(out / "metrics.csv")}
+    assert rows["dot"]["status"] == "ok" and int(rows["dot"]["tp"]) + int(rows["dot"]["fn"]) == 1
+
+
+def test_tar_cut_short_by_a_damaged_header_is_in_errors_csv(data: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """tarfile ends a tar at a damaged header as if it were complete; the run must say so."""
+    tpath = tmp_path / "cases.tar"
+    with tarfile.open(tpath, "w") as tf:
+        for p in sorted(data["images"].glob("*.jpg")):
+            tf.add(p, p.name)
+    with tarfile.open(tpath) as tf:
+        fourth = tf.getmembers()[3].offset
+    raw = bytearray(tpath.read_bytes())
+    raw[fourth:fourth + 16] = b"\x8f" * 16
+    tpath.write_bytes(bytes(raw))
+    out = tmp_path / "out"
+    assert infer(data, out, tpath) == 0
+    errors = read_csv(out / "errors.csv")
+    assert [e["input"] for e in errors] == [str(tpath)]
+    assert "invalid tar header" in errors[0]["reason"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_written"] == 3 and summary["errors"] == 1
+
+
+def _no_space(path: object = None) -> OSError:
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), *([str(path)] if path else []))
+
+
+@pytest.mark.parametrize("where", ["mask", "row"])
+def test_disk_full_stops_in_one_line_and_the_rerun_retries(data: dict[str, Path], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture,
+                                                           where: str) -> None:
+    """No space left (while writing a mask, or appending a row): the run stops with one line,
+    status 2, and no error row; once space is back the rerun does every image, 0 errors (it
+    used to record "writing outputs failed" rows that every rerun treated as done, or exit 1)."""
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    if where == "mask":
+        real = inference.write_mask
+
+        def write_mask(path, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise _no_space(path)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(inference, "write_mask", write_mask)
+    else:
+        real_fsync = os.fsync
+        row_files: list[int] = []
+        real_open = inference.RowLog.__init__
+
+        def init(self, path):
+            real_open(self, path)
+            row_files.append(self.file.fileno())
+
+        def fsync(fd):
+            if fd in row_files:
+                calls["n"] += 1
+                if calls["n"] > 2:
+                    raise _no_space()
+            return real_fsync(fd)
+
+        monkeypatch.setattr(inference.RowLog, "__init__", init)
+        monkeypatch.setattr(inference.os, "fsync", fsync)
+    assert infer(data, out, data["isic"], extra=("infer.post_threads=1",)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "No space left on device" in err[-1] and "rerun" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    rows = [r for p in (out / "parts").glob("rows-*.jsonl") for r in inference.read_rows(p)]
+    assert 1 <= len(rows) < N_CASES and all(r["status"] == "ok" for r in rows)
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert infer(data, out, data["isic"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["scored"] == N_CASES and summary["errors"] == 0
+
+
+def test_input_failures_are_final_unless_retry_failed(data: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real = inference.finish_item
+    bad_id = sorted(data["images"].glob("*.jpg"))[0].stem
+
+    def finish(item, *args, **kwargs):
+        if item.id == bad_id:
+            raise ValueError("injected: this image's own failure")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "finish_item", finish)
+    assert infer(data, out, data["isic"]) == 0
+    monkeypatch.undo()
+    assert infer(data, out, data["isic"]) == 0  # a plain rerun keeps the error: it is final
+    assert [e["id"] for e in read_csv(out / "errors.csv")] == [bad_id]
+    assert infer(data, out, data["isic"], extra=("--retry-failed",)) == 0
+    assert read_csv(out / "errors.csv") == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scored"] == N_CASES and summary["errors"] == 0
+
+
+def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> None:
+    """The settings check read run.json, written later: two runs with different checkpoints
+    that started together both passed it (and mixed masks and rows). Now the first run claims
+    the folder exclusively; of two racing runs exactly one wins, every time."""
+    import threading
+
+    def signature(sha: str) -> dict:
+        return {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": sha,
+                "image_size": 64, "threshold": 0.5, "tta": False, "shard_splits": []}
+
+    for attempt in range(20):
+        parts = tmp_path / f"out{attempt}" / "parts"
+        parts.mkdir(parents=True)
+        barrier, outcome = threading.Barrier(2), {}
+
+        def run(sha: str, parts: Path = parts, barrier=barrier, outcome=outcome) -> None:
+            barrier.wait()
+            try:
+                inference.check_signature(parts, signature(sha))
+                outcome[sha] = "claimed"
+            except inference.InferenceError as e:
+                outcome[sha] = str(e)
+
+        threads = [threading.Thread(target=run, args=(sha,)) for sha in ("aaa", "bbb")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(v == "claimed" for v in outcome.values()) == [False, True], outcome
+        loser = next(v for v in outcome.values() if v != "claimed")
+        assert "different checkpoint_sha256" in loser and "new --out" in loser
+        inference.check_signature(parts, signature(next(k for k, v in outcome.items()
+                                                         if v == "claimed")))  # resume: fine
+
+
 def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     assert main(["infer", "--input", str(data["isic"])]) == 2
@@ -425,6 +657,36 @@ def test_masks_folder_scores_the_same_in_the_official_isic_scorer(data: dict[str
 
 
 # --------------------------------------------------------------------------- finish_item units
+
+
+def test_truth_with_an_exif_orientation_scores_as_in_the_official_scorer(
+        data: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A square truth PNG carrying EXIF orientation 6 (its image carries none): the scorer
+    reads its pixels as stored; so do we (we used to rotate it: Dice 0.338 vs 0.770), with a
+    warning and a note in the row."""
+    scoring = pytest.importorskip("isic_challenge_scoring")
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir()
+    truth.mkdir()
+    src = sorted(data["images"].glob("*.jpg"))[0]
+    Image.open(src).convert("RGB").resize((64, 64)).save(images / "ISIC_0000100.jpg")
+    arr = np.zeros((64, 64), np.uint8)
+    arr[:, :20] = 255  # the left edge: rotating it by 90 degrees moves it to the top
+    arr[40:, 30:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(truth / "ISIC_0000100_Segmentation.png", exif=exif.tobytes())
+    assert Image.open(truth / "ISIC_0000100_Segmentation.png").getexif().get(0x0112) == 6
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        assert infer(data, out, images, extra=("--masks", str(truth))) == 0
+    official = scoring.SegmentationScore.from_dir(truth, out / "masks").to_dict()
+    row = read_csv(out / "metrics.csv")[0]
+    for name in ("accuracy", "dice", "jaccard", "sensitivity", "specificity"):
+        ours = float(row["iou" if name == "jaccard" else name])
+        assert ours == pytest.approx(official["macro_average"][name], abs=1e-12), name
+    assert row["status"] == "ok" and "EXIF orientation 6" in row["reason"]
+    assert "EXIF orientation 6" in caplog.text
 
 
 def _finish(tmp_path: Path, prob: torch.Tensor, size: tuple[int, int], threshold: float,
@@ -538,3 +800,24 @@ def test_decode_item_packs_the_truth_and_shrinks_the_preview(data: dict[str, Pat
         assert np.array_equal(bits, truth > 128) and sample["truth_error"] is None
         assert max(sample["preview"].shape[:2]) == min(32, max(h, w))
         assert sample["preview"].dtype == np.uint8 and sample["preview"].shape[2] == 3
+
+
+def test_an_io_error_reading_an_input_stops_but_a_missing_file_is_its_row(
+        data: dict[str, Path], tmp_path: Path) -> None:
+    """EIO while reading an input is the machine's (stop, retried on rerun); a file that
+    vanished or cannot be opened is that input's own failure (a row)."""
+    import errno
+
+    from lesionseg.data.sources import Blob, Item
+
+    class FailingBlob(Blob):
+        def read(self) -> bytes:
+            code = errno.EIO if "eio" in self.path else errno.ENOENT
+            raise OSError(code, os.strerror(code), self.path)
+
+    ds = inference.ItemDataset([Item("a", FailingBlob("file", "/x/eio.jpg")),
+                                Item("b", FailingBlob("file", "/x/gone.jpg"))], 64, 0)
+    eio, gone = ds[0], ds[1]
+    assert eio.get("environmental") and "Input/output error" in eio["error"]
+    assert "rerun" in eio["error"]
+    assert not gone.get("environmental") and "No such file" in gone["error"]

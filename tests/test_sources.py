@@ -155,3 +155,87 @@ def test_read_order_puts_compressed_tars_in_archive_order(mixed: Path) -> None:
     gz = [it for it in order if it.image.path.endswith(".tar.gz")]
     assert order[-len(gz):] == gz
     assert [it.image.offset for it in gz] == sorted(it.image.offset for it in gz)
+
+
+def _ten_image_tar(path: Path, compression: str = "") -> list[int]:
+    """A tar of ten small JPEGs; returns the byte offset of each member's header."""
+    with tarfile.open(path, f"w:{compression}" if compression else "w") as tf:
+        for i in range(10):
+            _add_tar(tf, f"img{i}.jpg", _jpeg(i, (8, 8)))
+    with tarfile.open(path) as tf:
+        return [m.offset for m in tf.getmembers()]
+
+
+def _damage_header(data: bytearray, offset: int) -> None:
+    data[offset:offset + 16] = b"\x8f" * 16  # the name field: the checksum no longer matches
+
+
+def test_a_damaged_tar_header_is_an_input_error_not_a_silent_end(tmp_path: Path) -> None:
+    """tarfile ends a listing at an invalid header past offset 0 as if the tar had ended:
+    the images before it are listed and the archive gets an error naming the early end."""
+    path = tmp_path / "ten.tar"
+    offsets = _ten_image_tar(path)
+    data = bytearray(path.read_bytes())
+    _damage_header(data, offsets[4])
+    path.write_bytes(bytes(data))
+    with tarfile.open(path) as tf:
+        assert len(tf.getmembers()) == 4  # what tarfile says, with no error
+    inv = collect([path])
+    assert sorted(it.id for it in inv.items) == [f"img{i}" for i in range(4)]
+    assert len(inv.errors) == 1 and inv.errors[0]["input"] == str(path)
+    assert "invalid tar header" in inv.errors[0]["reason"] and "after 4 member" in inv.errors[0]["reason"]
+    # A tar cut off at a member boundary (no end-of-archive blocks) is reported too.
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(bytes(path.read_bytes()[: offsets[4]]))
+    assert "end-of-archive" in collect([cut]).errors[0]["reason"]
+    # An intact tar, plain or compressed, has no error.
+    for name, comp in (("ok.tar", ""), ("ok.tar.gz", "gz"), ("ok.tar.bz2", "bz2")):
+        _ten_image_tar(tmp_path / name, comp)
+        inv = collect([tmp_path / name])
+        assert len(inv.items) == 10 and not inv.errors, name
+
+
+def test_a_shard_with_a_damaged_header_is_reported_against_its_manifest(
+        packed_shards: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    import shutil
+
+    shutil.copytree(packed_shards, shards)
+    bad = shards / "train-000001.tar"
+    with tarfile.open(bad) as tf:
+        members = tf.getmembers()
+    data = bytearray(bad.read_bytes())
+    _damage_header(data, members[3].offset)  # the second sample's .jpg
+    bad.write_bytes(bytes(data))
+    inv = collect([shards])
+    errors = [e for e in inv.errors if e["input"] == str(bad)]
+    assert len(errors) == 1 and "1 readable samples, manifest.json lists 4" in errors[0]["reason"]
+    assert "invalid tar header" in errors[0]["reason"]
+    manifest_total = 20  # isic_root: 16 training + 4 test cases, all in the shards
+    assert len(inv.items) == manifest_total - 3
+
+
+def test_compressed_tar_listing_stops_at_declared_size_limits(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing a compressed tar decompresses every member's data to reach the next header: a
+    few KB declaring GBs took a minute. Declared sizes are checked while listing (limits made
+    small here): the listing stops there, and the archive is reported once."""
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1 << 20)
+    one_big = tmp_path / "big.tar.gz"
+    with tarfile.open(one_big, "w:gz") as tf:
+        _add_tar(tf, "a.jpg", _jpeg(0))
+        _add_tar(tf, "zeros.bin", bytes(8 << 20))  # declares 8 MiB, > the 1 MiB member limit
+        _add_tar(tf, "after.jpg", _jpeg(1))
+    many = tmp_path / "many.tar.bz2"
+    with tarfile.open(many, "w:bz2") as tf:
+        for i in range(16):  # 16 x 512 KiB of zeros: each under the member limit
+            _add_tar(tf, f"z{i:02d}.bin", bytes(512 << 10))
+        _add_tar(tf, "after.jpg", _jpeg(1))
+    assert many.stat().st_size * 100 < 8 << 20  # sources.MAX_TAR_EXPANSION
+    for path, expect in ((one_big, "zeros.bin declares 8388608 bytes"),
+                         (many, "100x the archive's size")):
+        inv = collect([path])
+        assert [it.id for it in inv.items] == (["a"] if path == one_big else [])
+        assert len(inv.errors) == 1 and expect in inv.errors[0]["reason"], inv.errors
+        members, problem = sources.list_tar(path)
+        assert problem and len(members) < 17

@@ -110,6 +110,47 @@ def test_schedule_from_counts_and_max_steps():
     assert (s.total_steps, s.epochs, s.micro_batches(2)) == (7, 3, 1)
 
 
+def test_batch_size_beyond_the_train_split_is_a_clear_error():
+    """data.batch_size=10**8 passed and a worker collected samples until MemoryError."""
+    cfg = load_config(None, ["data.batch_size=100000000", "data.shards=shards/x"])
+    with pytest.raises(DataError, match=r"data.batch_size=100000000 is more than the 10 train "
+                                        r"samples of data.shards=shards/x; use at most 10"):
+        plan_schedule(cfg, train_count=10, world=1)
+    cfg.data.batch_size = 10
+    assert plan_schedule(cfg, train_count=10, world=1).steps_per_epoch == 1
+
+
+def test_memory_error_while_reading_is_not_blamed_on_the_shard(packed_shards, monkeypatch):
+    import webdataset.tariterators as tariterators
+
+    from lesionseg.training import read_shard
+
+    def out_of_memory(*_args, **_kwargs):
+        raise MemoryError()
+        yield  # a generator, like the real one
+
+    monkeypatch.setattr(tariterators, "group_by_keys", out_of_memory)
+    url = str(packed_shards / "train-000000.tar")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(MemoryError):
+            list(read_shard(url, on_error))
+
+
+def test_training_loader_workers_die_with_their_parent(packed_shards):
+    """Training's DataLoader workers arm the parent-death signal (lesionseg.workers) before
+    their signal set-up; the kill test lives in test_inference (same WorkerInit)."""
+    from lesionseg.training import Loader, _WorkerSignals
+    from lesionseg.workers import WorkerInit
+
+    cfg = tiny_cfg(num_workers=1)
+    dataset = ValStream(tuple(plan_data(str(packed_shards)).val_urls), cfg, 0, 1)
+    with Loader(dataset, cfg, torch.device("cpu")) as loader:
+        init = loader.loader.worker_init_fn
+        assert isinstance(init, WorkerInit) and isinstance(init.then, _WorkerSignals)
+        assert init.parent_pid == os.getpid()
+        assert sum(len(b["id"]) for b in loader) == 6  # workers start and run with it
+
+
 def test_lr_warmup_then_cosine():
     factors = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -193,6 +234,29 @@ def _shard_without_mask(packed_shards: Path, out: Path) -> tuple[str, str]:
                 continue
             tout.addfile(member, io.BytesIO(tin.extractfile(member).read()))
     return str(out), dropped
+
+
+def test_shard_cut_short_by_a_damaged_header_is_not_silently_shorter(packed_shards, tmp_path,
+                                                                      caplog):
+    """tarfile (and WebDataset's reader) end a tar at a damaged header as if it were complete:
+    read_shard checks the count against the manifest, so training never drops samples
+    silently (a DataError naming the shard; with data.on_error=skip, a warning)."""
+    from lesionseg.training import read_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(packed_shards, shards)
+    bad = shards / "train-000001.tar"
+    with tarfile.open(bad) as tf:
+        second_jpg = tf.getmembers()[3].offset
+    data = bytearray(bad.read_bytes())
+    data[second_jpg:second_jpg + 16] = b"\x8f" * 16
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000001.tar.*1 of the 4 samples"):
+        list(read_shard(str(bad), "raise"))
+    with caplog.at_level("WARNING"):
+        assert len(list(read_shard(str(bad), "skip"))) == 1
+    assert "1 of the 4 samples" in caplog.text
+    assert len(list(read_shard(str(shards / "train-000000.tar"), "raise"))) == 4
 
 
 def test_sample_without_mask_raises_or_is_skipped(packed_shards, tmp_path):

@@ -1,7 +1,8 @@
 """The one image loader and the one mask reader/writer, used by packing, training, inference
 and tests.
 
-Every decode goes through here so that all jobs agree on EXIF orientation, colour modes,
+Every decode goes through here so that all jobs agree on EXIF orientation (applied to images;
+never to masks, which are read as the ISIC scorer reads them), colour modes,
 16-bit scaling, truncated files and decompression bombs. Errors are `ImageError`s whose
 message names the file and the problem.
 """
@@ -157,17 +158,26 @@ def peek_size(src: Source, name: str | None = None) -> tuple[int, int]:
     return display_size(_open(src, name))
 
 
+def mask_orientation(src: Source, name: str | None = None) -> int:
+    """The EXIF orientation a mask file carries (1 = none), from its header."""
+    return _orientation(_open(src, _name(src, name)))
+
+
 def load_mask(src: Source, name: str | None = None,
               expected_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode a lesion mask to mode L with values exactly 0/255, in display orientation.
+    """Decode a lesion mask to mode L with values exactly 0/255, its pixels as stored.
 
+    As the official ISIC scorer reads masks: an EXIF orientation is NOT applied (the scorer
+    ignores it; applying it made our metrics and the scorer's disagree), only warned about.
     0/1 masks are scaled to 0/255 with a warning; any other value, or a size other than
     `expected_size` (height, width), is an ImageError naming the file.
     """
     name = _name(src, name)
     img = _load_pixels(_open(src, name), name)
-    if _orientation(img) != 1:  # transpose only when needed: it copies the pixels
-        img = ImageOps.exif_transpose(img)
+    orientation = _orientation(img)
+    if orientation != 1:
+        log.warning("%s: mask carries EXIF orientation %d; read as stored (unrotated), as the "
+                    "ISIC scorer reads it", name, orientation)
     img = _to_8bit(img)
     if img.mode != "L":
         img = img.convert("L")

@@ -13,6 +13,9 @@ the same input gives byte-identical shards whatever the number of workers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -245,11 +248,14 @@ class ShardWriter:
         self._tar = self._file = None
 
     def abort(self) -> None:
-        """Drop the shard being written (on error)."""
+        """Drop the shard being written (on error). Never raises: on a full disk closing the
+        file fails again (its buffer cannot be flushed), and the partial file must still go."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             final = self._path(len(self.shards))
-            final.with_name(f".{final.name}.partial").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                final.with_name(f".{final.name}.partial").unlink(missing_ok=True)
         self._tar = self._file = None
 
 
@@ -302,12 +308,49 @@ def build_manifest(shards: list[dict[str, Any]], cfg: PackConfig, sources: list[
     }
 
 
+LOCK_FILE = ".pack.lock"  # in the output folder: held (flock) by the pack writing there
+
+
+@contextlib.contextmanager
+def _pack_lock(out: Path) -> Iterator[None]:
+    """Hold the output folder's pack lock: a second pack into the same folder would delete
+    this one's partial shards and mix the two. The lock goes with the process (flock), so a
+    killed pack never leaves a stale one."""
+    if out.exists() and not out.is_dir():
+        yield  # _prepare_out names the problem
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another pack is writing into this folder; wait for it to "
+                            "finish, or use another --out") from None
+        try:
+            yield
+        except BaseException:
+            if created:  # a pack that failed before writing anything leaves no folder
+                (out / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def pack(sources: list[str | Path], out: str | Path, cfg: PackConfig,
          progress: bool = True) -> dict[str, Any]:
     """Pack ISIC cases from `sources` into shards under `out`; returns the manifest.
 
     Bad cases stop the run (cfg.on_error="raise") or are left out and reported ("skip").
-    manifest.json is written last and atomically."""
+    manifest.json is written last and atomically. One pack at a time per folder (a lock)."""
+    with _pack_lock(Path(out)):
+        return _pack(sources, out, cfg, progress)
+
+
+def _pack(sources: list[str | Path], out: str | Path, cfg: PackConfig,
+          progress: bool) -> dict[str, Any]:
     validate(Config(pack=cfg))
     start = time.perf_counter()
     out = Path(out)
@@ -399,6 +442,23 @@ def split_urls(folder: str | Path, split: str) -> list[str]:
     manifest = read_manifest(folder)
     root = Path(folder).resolve()
     return [str(root / name) for name in manifest["splits"][split]["shards"]]
+
+
+@functools.lru_cache(maxsize=16)
+def _listed_samples(folder: str) -> dict[str, int]:
+    try:
+        shards = read_manifest(folder)["shards"]
+    except UserError:
+        return {}
+    return {e["name"]: int(e["samples"]) for e in shards
+            if isinstance(e, dict) and "name" in e and "samples" in e}
+
+
+def listed_samples(url: str) -> int | None:
+    """How many samples the manifest beside a shard says it holds (None: not listed there).
+    A reader compares it with what it read: tarfile ends a tar silently at a damaged header."""
+    path = Path(url)
+    return _listed_samples(str(path.parent)).get(path.name)
 
 
 def _entry(sample: dict[str, Any], exts: tuple[str, ...], where: str) -> bytes:
@@ -624,6 +684,7 @@ def verify_command(args: argparse.Namespace) -> int:
 
 __all__ = [
     "Sample", "ShardWriter", "add_pack_arguments", "add_verify_arguments",
-    "assign_split", "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples", "pack",
+    "assign_split", "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples",
+    "listed_samples", "pack",
     "pack_command", "read_manifest", "split_urls", "stored_size", "verify", "verify_command",
 ]

@@ -32,11 +32,15 @@ from typing import BinaryIO
 
 from lesionseg.data.images import IMAGE_EXTENSIONS
 from lesionseg.data.isic import IGNORED_NAMES, MASK_RE
-from lesionseg.errors import UserError
+from lesionseg.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
 MAX_MEMBER_BYTES = 1 << 30  # an archive member (or file) larger than this is refused unread
+# A compressed tar is listed only while its members' declared bytes stay under this many times
+# its size on disk (and MAX_MEMBER_BYTES): images barely compress, a listing bomb does.
+MAX_TAR_EXPANSION = 100
+MANIFEST_NAME = "manifest.json"  # of a packed shard folder (lesionseg.data.shards.MANIFEST)
 MAX_ID_CHARS = 150  # ids longer than this are cut (file names stay well under 255 bytes)
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -240,7 +244,7 @@ class _Scanner:
     def add_path(self, path: Path, as_truth: bool = False) -> None:
         """Dispatch one input path (folder, shard folder, archive or single file)."""
         if path.is_dir():
-            if (path / "manifest.json").is_file() and not as_truth:
+            if (path / MANIFEST_NAME).is_file() and not as_truth:
                 self.add_shards(path)
             else:
                 self.add_dir(path, as_truth)
@@ -284,7 +288,10 @@ class _Scanner:
             self.add(Blob("zip", str(path), info.filename), parts, info.file_size, as_truth)
 
     def add_tar(self, path: Path, as_truth: bool) -> None:
-        for info in _tar_members(path):
+        members, problem = list_tar(path)
+        if problem:
+            self.errors.append({"input": str(path), "id": "", "reason": problem})
+        for info in members:
             if not info.isreg():
                 self.skipped[SKIP_LINK] += 1
                 continue
@@ -294,15 +301,21 @@ class _Scanner:
     def add_shards(self, folder: Path) -> None:
         """A packed shard folder: one item per sample (`jpg`), truth = its `png`, with the
         original display size from its `json` (images may be stored downscaled)."""
-        for tar_path in _shard_files(folder, self.shard_splits):
+        for tar_path, listed in _shard_files(folder, self.shard_splits):
             samples: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
-            with tarfile.open(tar_path, "r:*") as tf:
-                for info in tf:
-                    if not info.isreg():
-                        continue
-                    key, ext = _sample_key(info.name)
-                    samples[key][ext.lower()] = info
-                metas = {key: _read_meta(tf, parts.get("json")) for key, parts in samples.items()}
+            members, problem = list_tar(tar_path)
+            for info in members:
+                if not info.isreg():
+                    continue
+                key, ext = _sample_key(info.name)
+                samples[key][ext.lower()] = info
+            if problem or (listed is not None and len(samples) != listed):
+                self.errors.append({"input": str(tar_path), "id": "", "reason": (
+                    f"shard holds {len(samples)} readable samples, {MANIFEST_NAME} lists "
+                    f"{listed}{f'; {problem}' if problem else ''} (check it with lesionseg "
+                    "verify; repack it)")})
+            with _open_decompressed(str(tar_path)) as stream:
+                metas = {key: _read_meta(stream, parts.get("json")) for key, parts in samples.items()}
             for key, parts in sorted(samples.items()):
                 self._add_sample(tar_path, key, parts, metas[key])
 
@@ -329,28 +342,95 @@ def _sample_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def _tar_members(path: Path) -> list[tarfile.TarInfo]:
+class _HeaderTap:
+    """A read-only stream that keeps the last header-sized read, so that the block where a
+    tar listing stopped can be classified (tarfile reports a clean end either way)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.block, self.block_at = raw, b"", -1
+
+    def read(self, n: int = -1) -> bytes:
+        at = self.raw.tell()
+        data = self.raw.read(n)
+        if n == tarfile.BLOCKSIZE:
+            self.block, self.block_at = data, at
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _end_problem(tf: tarfile.TarFile, tap: _HeaderTap, members: int) -> str | None:
+    """Why a listing ended, when it ended early: tarfile stops silently at the first invalid
+    header past offset 0 (and at a missing end-of-archive marker). None = a proper end."""
+    block = tap.block
+    where = f"at byte {tf.offset} after {members} member(s)"
+    if not block and 0 <= tap.block_at <= tf.offset:  # (a gzip stream stops short of a seek)
+        return f"archive ends {where} without tar's end-of-archive blocks (truncated?)"
+    if tap.block_at != tf.offset:
+        return None
+    if not block:
+        return f"archive ends {where} without tar's end-of-archive blocks (truncated?)"
+    if len(block) < tarfile.BLOCKSIZE:
+        return f"archive ends {where} inside a tar header (truncated)"
+    if block.count(0) == tarfile.BLOCKSIZE:
+        return None
     try:
-        with tarfile.open(path, "r:*") as tf:
-            return tf.getmembers()
+        tarfile.TarInfo.frombuf(block, tf.encoding, tf.errors)
+    except tarfile.HeaderError as e:
+        return (f"invalid tar header {where} ({first_line(e)}): the members after it cannot "
+                "be read (corrupt archive?)")
+    return None
+
+
+def list_tar(path: str | Path) -> tuple[list[tarfile.TarInfo], str | None]:
+    """The members of a tar (plain or compressed) and why the listing stopped early, if it
+    did: a damaged header (tarfile would report a clean end), or, for compressed tars, a
+    member or a total that declares more bytes than the limits (decompressing past it to the
+    next header could take minutes: a listing bomb). SourceError if it is no tar at all."""
+    path = Path(path)
+    compressed = is_compressed_tar(str(path))
+    budget = max(MAX_MEMBER_BYTES, MAX_TAR_EXPANSION * path.stat().st_size)
+    members: list[tarfile.TarInfo] = []
+    try:
+        with _open_decompressed(str(path)) as raw:
+            tap = _HeaderTap(raw)
+            with tarfile.open(fileobj=tap, mode="r:") as tf:  # type: ignore[arg-type]
+                while True:
+                    info = tf.next()
+                    if info is None:
+                        return members, _end_problem(tf, tap, len(members))
+                    members.append(info)
+                    if compressed and info.size > MAX_MEMBER_BYTES:
+                        return members, (f"member {info.name} declares {info.size} bytes (limit "
+                                         f"{MAX_MEMBER_BYTES}): the archive is not listed past it")
+                    if compressed and info.offset_data + info.size > budget:
+                        return members, (f"members up to {info.name} declare "
+                                         f"{info.offset_data + info.size} bytes, over {budget} "
+                                         f"({MAX_TAR_EXPANSION}x the archive's size): the "
+                                         "archive is not listed past it")
     except (OSError, tarfile.TarError, EOFError) as e:
         raise SourceError(f"{path}: not a readable tar archive ({e})") from None
 
 
-def _read_meta(tf: tarfile.TarFile, info: tarfile.TarInfo | None) -> dict:
+def _read_meta(stream: BinaryIO, info: tarfile.TarInfo | None) -> dict:
     """A shard sample's json (empty dict if missing or unreadable: orig_size is optional)."""
     if info is None:
         return {}
     try:
-        f = tf.extractfile(info)
-        meta = json.loads(f.read()) if f is not None else {}
-    except (OSError, ValueError, tarfile.TarError):
+        stream.seek(info.offset_data)
+        meta = json.loads(stream.read(info.size))
+    except (OSError, ValueError, EOFError):
         return {}
     return meta if isinstance(meta, dict) else {}
 
 
-def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[Path]:
-    """The shard tars of a packed folder listed by its manifest (all splits unless `splits`)."""
+def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[tuple[Path, int | None]]:
+    """The shard tars of a packed folder listed by its manifest (all splits unless `splits`),
+    each with the number of samples the manifest says it holds."""
     from lesionseg.data.shards import SPLITS, read_manifest, split_urls
 
     manifest = read_manifest(folder)
@@ -363,7 +443,8 @@ def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[Path]:
     if splits and not wanted:
         raise SourceError(f"{folder}: no shards of split(s) {', '.join(splits)} "
                           f"(the manifest has {', '.join(available) or 'none'})")
-    return [Path(u) for split in wanted for u in split_urls(folder, split)]
+    counts = {e.get("name"): e.get("samples") for e in manifest["shards"] if isinstance(e, dict)}
+    return [(Path(u), counts.get(Path(u).name)) for split in wanted for u in split_urls(folder, split)]
 
 
 # --------------------------------------------------------------------------- matching
