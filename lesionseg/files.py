@@ -10,6 +10,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from lesionseg.errors import UserError
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -36,6 +38,20 @@ def _final_mode(path: Path) -> int:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         return 0o666 & ~current_umask()
+
+
+def check_output_dir(path: str | Path, name: str) -> Path:
+    """`path` as an output folder: refused with a UserError naming `name` (the flag or config
+    key) when it, or a folder above it, is an existing file. The folder itself is not made."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is" if p == path else f"is inside {p}, which is"
+                raise UserError(f"{name}={path}: {what} an existing file, not a folder; "
+                                "choose a folder path")
+            break
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

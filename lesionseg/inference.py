@@ -42,7 +42,7 @@ from lesionseg.data.images import encode_grey_png, encode_jpeg, load_image, load
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError
-from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
+from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 
 log = logging.getLogger(__name__)
@@ -488,6 +488,7 @@ def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | P
     """Process this job part's share of `inputs` in this process; returns the merged summary
     when this process finished the last part (else None)."""
     cfg = cfg or load_config(None, [])
+    check_output_dir(out, "--out")
     threads = torch.get_num_threads()
     if cfg.infer.num_threads:
         torch.set_num_threads(cfg.infer.num_threads)

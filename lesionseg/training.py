@@ -75,6 +75,7 @@ from lesionseg.data.transforms import (
     to_float_images,
 )
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError, first_line
+from lesionseg.files import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def command(args: argparse.Namespace) -> int:
     """Run the train job; returns the exit status (0, or EXIT_RESUME after a stop signal)."""
     maybe_relaunch_cpu_ranks()
     cfg = load_config(args.config, args.overrides)
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     demo = cfg.data.shards is None
     if demo:
         apply_demo_defaults(cfg, args.config, args.overrides)

@@ -61,3 +61,16 @@ def test_checkpoint_config_and_mask_are_readable_by_others(tmp_path: Path, umask
              save_config(cfg, tmp_path / "config.yaml"),
              write_mask(tmp_path / "masks" / "a_Segmentation.png", np.zeros((4, 4), np.uint8))]
     assert {p.name: _mode(p) for p in paths} == {p.name: 0o644 for p in paths}
+
+
+def test_check_output_dir_refuses_files_and_paths_below_them(tmp_path: Path) -> None:
+    from lesionseg.errors import UserError
+    from lesionseg.files import check_output_dir
+
+    existing = tmp_path / "f.txt"
+    existing.write_text("x")
+    assert check_output_dir(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()
+    for path in (existing, existing / "sub" / "deeper"):
+        with pytest.raises(UserError, match=r"^--out=.*existing file"):
+            check_output_dir(path, "--out")

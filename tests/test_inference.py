@@ -381,6 +381,12 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
                  str(tmp_path / "o")]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
     assert main(["infer", "--merge", str(tmp_path / "nothing")]) == 2
+    capsys.readouterr()
+    for out in (bad, bad / "sub"):  # --out an existing file, or below one: one line, status 2
+        assert main(["infer", "--checkpoint", str(data["ckpt"]), "--input", str(data["isic"]),
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "existing file" in err[0], err
     assert inference.job_part(None, None, {"SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_ID": "7",
                                             "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_STEP": "2"}) == (5, 2)
     assert inference.job_part(None, None, {}) == (1, 0)

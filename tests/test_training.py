@@ -366,3 +366,14 @@ def test_non_finite_steps_are_counted_and_too_many_abort():
     count_bad_steps(progress, applied=False, max_bad=3)
     with pytest.raises(TrainingError, match="3 optimizer steps in a row.*non-finite"):
         count_bad_steps(progress, applied=False, max_bad=3)
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    from lesionseg.cli import main
+
+    existing = tmp_path / "notes.txt"
+    existing.write_text("a file")
+    for out in (existing, existing / "run"):
+        assert main(["train", f"train.output_dir={out}", *TINY]) == EXIT_USAGE
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "train.output_dir" in err[0] and "existing file" in err[0], err
