@@ -379,7 +379,26 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
     bad.write_bytes(b"nope")
     assert main(["infer", "--checkpoint", str(bad), "--input", str(data["isic"]), "--out",
                  str(tmp_path / "o")]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "bad.pt: not a lesionseg checkpoint" in capsys.readouterr().err
+    # Files torch's weights-only loader refuses: its advice (weights_only=False) is never passed on.
+    pickled, model_file = tmp_path / "pickled.pkl", tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + bytes(range(256)) * 4)
+    torch.save(torch.nn.Linear(2, 2), model_file)
+    for path in (pickled, model_file):
+        assert main(["infer", "--checkpoint", str(path), "--input", str(data["isic"]), "--out",
+                     str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"{path.name}: not a lesionseg checkpoint" in err and "weights_only" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    # A run folder as --checkpoint: said to be a folder, with the file it probably meant.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(data["ckpt"], run_dir / "best.pt")
+    assert main(["infer", "--checkpoint", str(run_dir), "--input", str(data["isic"]), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and f"did you mean {run_dir / 'best.pt'}" in err
+    assert "not found" not in err
     assert main(["infer", "--merge", str(tmp_path / "nothing")]) == 2
     capsys.readouterr()
     for out in (bad, bad / "sub"):  # --out an existing file, or below one: one line, status 2
