@@ -8,6 +8,7 @@ every output (`save_config`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ class InferConfig:
     threshold: float = 0.5  # probability above which a pixel is lesion
     tta: bool = False  # average with horizontally/vertically flipped predictions
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
+    device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
     save_overlays: bool = False  # write overlay JPEGs to overlays/
     report: bool = True  # write report.html (and the thumbnails it shows) after merging
@@ -221,6 +223,8 @@ def validate(cfg: Config) -> Config:
     _check(i.num_workers >= 0, "infer.num_workers", i.num_workers, "must be >= 0")
     _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
     _check(0 < i.threshold < 1, "infer.threshold", i.threshold, "must be in (0, 1)")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", i.device) is not None, "infer.device", i.device,
+           "choose auto, cpu, cuda or cuda:N")
     _check(i.post_threads >= 0, "infer.post_threads", i.post_threads, "must be >= 0")
     _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")

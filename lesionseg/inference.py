@@ -110,6 +110,8 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
                         help="side the model sees (default: the checkpoint's data.image_size)")
     parser.add_argument("--threshold", type=float, metavar="P",
                         help=f"probability above which a pixel is lesion (default {d.threshold})")
+    parser.add_argument("--device", metavar="DEV",
+                        help=f"auto (CUDA when visible), cpu, cuda or cuda:N (default {d.device})")
     parser.add_argument("--tta", action="store_true", default=None,
                         help="average with horizontally and vertically flipped predictions")
     parser.add_argument("--save-probs", action="store_true", default=None,
@@ -125,7 +127,7 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
 
 
 FLAG_KEYS = {"batch_size": "batch_size", "workers": "num_workers", "image_size": "image_size",
-             "threshold": "threshold", "tta": "tta", "save_probs": "save_probs",
+             "threshold": "threshold", "tta": "tta", "device": "device", "save_probs": "save_probs",
              "save_overlays": "save_overlays"}
 
 
@@ -470,16 +472,41 @@ def parts_done(parts_dir: Path, num_shards: int) -> tuple[bool, list[int]]:
 # --------------------------------------------------------------------------- the run
 
 
-def _distributed() -> Any:
+def _distributed(device: str = "auto") -> Any:
     """Accelerate's process state (1 process under plain python).
 
     PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without `cpu=True` a CPU
     launch of N processes would give N processes that each think they are alone (and do
-    all the work). So: CPU when asked, or when there is no CUDA."""
+    all the work). So: CPU when asked (infer.device=cpu or the launcher), or when there is
+    no CUDA."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InferenceError(f"--device {device}: no CUDA device is visible here; use "
+                             "--device cpu (or auto)")
+    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def run_device(setting: str, state: Any) -> torch.device:
+    """The device this process runs on: the launcher's (cuda:LOCAL_RANK, or cpu), except that
+    one process may be sent to a chosen GPU with infer.device=cuda:N."""
+    if ":" not in setting:
+        return state.device
+    if state.num_processes > 1:
+        raise InferenceError(f"--device {setting}: one GPU per process is chosen by the "
+                             "launcher; use --device cuda with several processes")
+    index = int(setting.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise InferenceError(f"--device {setting}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) visible")
+    return torch.device(setting)
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What the forward pass computes in: fp16/bf16 (autocast) or fp32."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(amp_dtype, "fp32")
 
 
 def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
@@ -503,14 +530,22 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
     and merge if it was the last one."""
     icfg = cfg.infer
-    state = _distributed()
+    state = _distributed(icfg.device)
+    device = run_device(icfg.device, state)
     if not state.is_main_process:
         logging.getLogger("lesionseg").setLevel(logging.WARNING)
     parts_dir = out / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
 
-    predictor, ckpt_cfg, meta = load_predictor(checkpoint, icfg, state.device)
+    predictor, ckpt_cfg, meta = load_predictor(checkpoint, icfg, device)
     image_size = icfg.image_size or ckpt_cfg.data.image_size
+    runtime = {"device": device.type if state.num_processes > 1 else str(device),
+               "precision": precision_name(predictor.amp_dtype),
+               "processes": state.num_processes}
+    log.info("inference on %s, %s precision (infer.mixed_precision=%s), %d process(es), "
+             "%d px, threshold %g%s", runtime["device"], runtime["precision"],
+             icfg.mixed_precision, state.num_processes, image_size, icfg.threshold,
+             ", flip TTA" if icfg.tta else "")
     run_cfg = _run_config(ckpt_cfg, icfg, image_size)
     signature = {
         "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
@@ -521,7 +556,7 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     check_signature(parts_dir, signature)
     inventory = collect(inputs, masks, tuple(icfg.shard_splits))
     _write_run_files(parts_dir, signature, checkpoint, meta, run_cfg, inventory, shard_index,
-                     state.process_index)
+                     state.process_index, runtime)
 
     mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
     finished = done_ids(parts_dir)
@@ -559,14 +594,15 @@ def _run_config(ckpt_cfg: Config, icfg: InferConfig, image_size: int) -> Config:
 
 
 def _write_run_files(parts_dir: Path, signature: dict, checkpoint: str | Path, meta: dict,
-                     run_cfg: Config, inventory: Inventory, part: int, rank: int) -> None:
+                     run_cfg: Config, inventory: Inventory, part: int, rank: int,
+                     runtime: dict[str, Any]) -> None:
     """run.json (settings, checkpoint, config) and this part's inventory (input errors and
     skip counts, the same for every part; the merge takes the union)."""
     if rank == 0:
         run = {"signature": signature, "checkpoint": {"path": str(Path(checkpoint).resolve()),
                                                       "sha256": signature["checkpoint_sha256"],
                                                       "meta": _plain(meta)},
-               "config": to_dict(run_cfg)}
+               "runtime": runtime, "config": to_dict(run_cfg)}
         atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
         inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
                "images": len(inventory.items) + len(inventory.errors),
@@ -776,6 +812,8 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],
         "means": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()},
         "failures": [{"id": e["id"], "input": e["input"], "reason": e["reason"]} for e in error_rows],
+        "device": run.get("runtime", {}).get("device"),
+        "precision": run.get("runtime", {}).get("precision"),
         "checkpoint": run["checkpoint"], "config": run["config"],
         "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),
                        "note": "sum over processes of images/s in their last session",

@@ -188,6 +188,26 @@ def test_tta_probs_and_bf16(data: dict[str, Path], tmp_path: Path) -> None:
     assert summary["config"]["infer"]["tta"] and summary["config"]["infer"]["mixed_precision"] == "bf16"
 
 
+def test_device_and_precision_are_said_and_recorded(data: dict[str, Path], tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    one = sorted(data["images"].glob("*.jpg"))[0]
+    for i, (extra, precision) in enumerate((((), "fp32"), (("infer.mixed_precision=bf16",), "bf16"))):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lesionseg"):
+            assert infer(data, tmp_path / f"o{i}", one, extra=("--device", "cpu", *extra)) == 0
+        assert f"inference on cpu, {precision} precision" in caplog.text
+        summary = json.loads((tmp_path / f"o{i}" / "summary.json").read_text())
+        assert (summary["device"], summary["precision"]) == ("cpu", precision)
+        assert summary["config"]["infer"]["device"] == "cpu"
+    capsys.readouterr()
+    assert infer(data, tmp_path / "bad", one, extra=("--device", "tpu")) == 2
+    assert "infer.device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert infer(data, tmp_path / "nocuda", one, extra=("--device", "cuda")) == 2
+        assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+
 def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: Path) -> None:
     shards = tmp_path / "small"
     pack([data["isic"]], shards, PackConfig(max_side=40, workers=1), progress=False)
