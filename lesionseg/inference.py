@@ -52,10 +52,11 @@ MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"
 ROW_FILE_RE = re.compile(r"^rows-p(\d+)-r(\d+)\.jsonl$")
 DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
 THUMB_SIDE = 256  # longest side of the report's thumbnails
-# metrics.csv columns: DESIGN.md's contract first, then counts and bookkeeping.
+# metrics.csv columns: DESIGN.md's contract first, then counts and bookkeeping; one row per
+# image that got a mask (with truth or not), so it maps every input to its mask.
 METRIC_COLUMNS = ("id", "height", "width", "dice", "iou", "accuracy", "sensitivity",
                   "specificity", "threshold_jaccard", "tp", "fp", "fn", "tn", "status", "reason",
-                  "input")
+                  "input", "mask")
 ERROR_COLUMNS = ("input", "id", "reason")
 # Run settings that must match when a part resumes or joins an existing --out.
 SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
@@ -753,7 +754,8 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
         _remove_stale_temps(out)
     rows, counts = _with_scores(_collect_rows(parts_dir))
     inventory = _merged_inventory(parts_dir)
-    metric_rows = [r for r in rows if r["status"] in ("ok", "failed")]
+    metric_rows = [{**r, "mask": f"{MASKS}/{r['id']}_Segmentation.png"} for r in rows
+                   if r["status"] in ("ok", "failed", "no_truth")]
     error_rows = inventory["errors"] + [
         {"input": r["input"], "id": r["id"], "reason": r["reason"]}
         for r in rows if r["status"] in ("error", "failed")]

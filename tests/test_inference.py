@@ -138,6 +138,34 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
     assert "<svg" in html and html.count("data:image/jpeg;base64,") == N_CASES
 
 
+def test_every_photo_gets_its_own_traceable_mask(data: dict[str, Path], tmp_path: Path) -> None:
+    """Camera names repeating across folders, and names in other scripts: every image gets
+    its own mask, named after its folders and letters; metrics.csv maps input → mask (no truth)."""
+    photos = tmp_path / "photos"
+    jpgs = sorted(data["images"].glob("*.jpg"))
+    for i, sub in enumerate(("patient1", "patient2")):
+        (photos / sub).mkdir(parents=True)
+        shutil.copy(jpgs[i], photos / sub / "IMG_0001.JPG")
+        shutil.copy(jpgs[i + 2], photos / sub / "IMG_0002.JPG")
+    shutil.copy(jpgs[4], photos / "病变 ü.jpg")
+    out = tmp_path / "out"
+    assert infer(data, out, photos, extra=("--no-report",)) == 0
+    assert read_csv(out / "errors.csv") == []
+    rows = read_csv(out / "metrics.csv")
+    mapping = {Path(r["input"]).relative_to(photos).as_posix(): r["mask"] for r in rows}
+    assert mapping == {
+        "patient1/IMG_0001.JPG": "masks/patient1__IMG_0001_Segmentation.png",
+        "patient1/IMG_0002.JPG": "masks/patient1__IMG_0002_Segmentation.png",
+        "patient2/IMG_0001.JPG": "masks/patient2__IMG_0001_Segmentation.png",
+        "patient2/IMG_0002.JPG": "masks/patient2__IMG_0002_Segmentation.png",
+        "病变 ü.jpg": "masks/病变_ü_Segmentation.png"}
+    for r in rows:
+        assert r["status"] == "no_truth"
+        assert Image.open(out / r["mask"]).size == Image.open(r["input"]).size
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
+        Path(m).name for m in mapping.values())
+
+
 def test_official_zips_equal_the_isic_root(data: dict[str, Path], isic_root: Path,
                                            isic_zips: Path, tmp_path: Path) -> None:
     """The four official zips, read in place (train and test, images and truth), give the same
@@ -376,7 +404,7 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(data: dict[str, Path], tm
 
     masks = {p.name[: -len("_Segmentation.png")]: Image.open(p) for p in (out / "masks").iterdir()}
     for key in ("rgba", "cmyk", "gray", "palette", "deep", "wrongsize", "zeroone",
-                "zipescape", "zipabs", "tarescape", "tarabs"):
+                "zipescape", "abs__zipabs", "tarescape", "abs__tarabs"):
         assert masks[key].size == (50, 40) and masks[key].mode == "L", key
     assert masks["rotated"].size == (40, 50)  # display orientation
     rows = {r["id"]: r for r in read_csv(out / "metrics.csv")}
