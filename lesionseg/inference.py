@@ -56,7 +56,7 @@ THUMB_SIDE = 256  # longest side of the report's thumbnails
 # image that got a mask (with truth or not), so it maps every input to its mask.
 METRIC_COLUMNS = ("id", "height", "width", "dice", "iou", "accuracy", "sensitivity",
                   "specificity", "threshold_jaccard", "tp", "fp", "fn", "tn", "status", "reason",
-                  "input", "mask")
+                  "input", "mask", "split")
 ERROR_COLUMNS = ("input", "id", "reason")
 # Run settings that must match when a part resumes or joins an existing --out.
 SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
@@ -89,7 +89,9 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
                         help="best.pt or last.pt from a training run (required unless --merge)")
     parser.add_argument("--input", metavar="PATH", action="append", default=[],
                         help="image folder (recursive), image file, .zip, .tar/.tar.gz/.tgz, "
-                             "packed shard folder, ISIC root or official zip; repeatable")
+                             "packed shard folder (its test split, or val when it has none; "
+                             "infer.shard_splits=[val,test] chooses), ISIC root or official "
+                             "zip; repeatable")
     parser.add_argument("--masks", metavar="PATH", action="append", default=[],
                         help="ground-truth folder or zip, matched by id "
                              "(ISIC_0000000_Segmentation.png) or by file stem; repeatable")
@@ -606,6 +608,7 @@ def _write_run_files(parts_dir: Path, signature: dict, checkpoint: str | Path, m
                "runtime": runtime, "config": to_dict(run_cfg)}
         atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
         inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
+               "shard_splits": inventory.shard_splits,
                "images": len(inventory.items) + len(inventory.errors),
                "masks_found": inventory.masks_found, "masks_unused": inventory.masks_unused}
         atomic_write_text(parts_dir / f"inventory-p{part:04d}.json", json.dumps(inv, indent=1))
@@ -663,7 +666,7 @@ def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg
             for failed in batch["failed"]:
                 item = items[failed["index"]]
                 record({"id": item.id, "input": item.origin, "status": "error",
-                        "reason": failed["error"]})
+                        "reason": failed["error"], **({"split": item.split} if item.split else {})})
             if batch["images"] is None:
                 continue
             t0 = time.perf_counter()
@@ -684,7 +687,16 @@ def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """`finish_item`, with a failure recorded as the image's error row instead of raised."""
+    """`finish_item`, with a failure recorded as the image's error row instead of raised; a
+    shard sample's row names its split."""
+    row = _finish_or_error_row(item, sample, prob, spec)
+    if item.split:
+        row["split"] = item.split
+    return row
+
+
+def _finish_or_error_row(item: Item, sample: dict[str, Any], prob: torch.Tensor,
+                         spec: OutputSpec) -> dict:
     try:
         return finish_item(item, sample, prob, spec)
     except UserError as e:
@@ -787,13 +799,14 @@ def _fmt(value: Any) -> str:
 def _merged_inventory(parts_dir: Path) -> dict[str, Any]:
     """Input errors and skip counts (every part found the same; union of their files)."""
     errors: dict[tuple[str, str], dict[str, str]] = {}
-    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0}
+    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0,
+                              "shard_splits": {}}
     for path in sorted(parts_dir.glob("inventory-p*.json")):
         inv = json.loads(path.read_text())
         for e in inv["errors"]:
             errors[(e["input"], e["id"])] = e
-        for key in ("skipped", "images", "masks_found", "masks_unused"):
-            merged[key] = inv[key]
+        for key in ("skipped", "images", "masks_found", "masks_unused", "shard_splits"):
+            merged[key] = inv.get(key, merged[key])
     merged["errors"] = list(errors.values())
     return merged
 
@@ -811,6 +824,7 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "masks_written": status["ok"] + status["failed"] + status["no_truth"],
         "scored": status["ok"], "metrics_failed": status["failed"], "without_truth": status["no_truth"],
         "errors": len(error_rows), "skipped_files": inventory["skipped"],
+        "shard_splits_read": inventory["shard_splits"],
         "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],
         "means": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()},
         "failures": [{"id": e["id"], "input": e["input"], "reason": e["reason"]} for e in error_rows],

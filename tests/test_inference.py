@@ -92,7 +92,7 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
     pack([data["isic"]], shards, PackConfig(max_side=0, workers=1, val_fraction=0.3), progress=False)
 
     runs = {"folder": (data["isic"],), "zip": (zpath, "--masks", truth),
-            "tar": (tpath, "--masks", truth), "shards": (shards,)}
+            "tar": (tpath, "--masks", truth), "shards": (shards, "infer.shard_splits=[train,val]")}
     results = {}
     for name, (src, *masks) in runs.items():
         out = tmp_path / f"out-{name}"
@@ -107,8 +107,9 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
         assert masks.keys() == ref_masks.keys(), name
         for key, mask in masks.items():
             assert np.array_equal(mask, ref_masks[key]), f"{name}: {key} differs from the folder run"
-        strip = [{k: v for k, v in r.items() if k != "input"} for r in rows]
-        assert strip == [{k: v for k, v in r.items() if k != "input"} for r in ref_rows], name
+        strip = [{k: v for k, v in r.items() if k not in ("input", "split")} for r in rows]
+        assert strip == [{k: v for k, v in r.items() if k not in ("input", "split")}
+                         for r in ref_rows], name
 
     # Masks: original size, mode L, 0/255 only, and nothing but masks in masks/.
     out = tmp_path / "out-folder"
@@ -240,7 +241,7 @@ def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: 
     shards = tmp_path / "small"
     pack([data["isic"]], shards, PackConfig(max_side=40, workers=1), progress=False)
     out = tmp_path / "out"
-    assert infer(data, out, shards, extra=("--no-report",)) == 0
+    assert infer(data, out, shards, extra=("--no-report", "infer.shard_splits=[train,val]")) == 0
     rows = read_csv(out / "metrics.csv")
     assert len(rows) == N_CASES and not (out / "report.html").exists()
     for row in rows:
@@ -248,6 +249,35 @@ def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: 
         assert Image.open(out / "masks" / f"{row['id']}_Segmentation.png").size == size
         if max(size) > 40:
             assert row["status"] == "ok" and "truth resized" in row["reason"]
+
+
+def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], packed_shards: Path,
+                                                     tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Scores over train and val mixed in would be optimistic: a shard folder gives its test
+    split (val when it has none), the log and summary say which, metrics.csv has the split."""
+    manifest = json.loads((packed_shards / "manifest.json").read_text())
+    counts = {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
+    assert all(counts.values())
+    with caplog.at_level("INFO", logger="lesionseg"):
+        assert infer(data, tmp_path / "default", packed_shards, extra=("--no-report",)) == 0
+    assert "reading the test split" in caplog.text
+    rows = read_csv(tmp_path / "default" / "metrics.csv")
+    assert len(rows) == counts["test"] and {r["split"] for r in rows} == {"test"}
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["shard_splits_read"] == {str(packed_shards): ["test"]}
+    assert infer(data, tmp_path / "chosen", packed_shards,
+                 extra=("--no-report", "infer.shard_splits=[val,train]")) == 0
+    rows = read_csv(tmp_path / "chosen" / "metrics.csv")
+    assert sorted(r["split"] for r in rows) == ["train"] * counts["train"] + ["val"] * counts["val"]
+    # Without a test split: val; with neither: refused, naming the key to set.
+    no_test = tmp_path / "no_test"
+    pack([data["isic"]], no_test, PackConfig(workers=1, val_fraction=0.3), progress=False)
+    assert infer(data, tmp_path / "val", no_test, extra=("--no-report",)) == 0
+    assert {r["split"] for r in read_csv(tmp_path / "val" / "metrics.csv")} == {"val"}
+    train_only = tmp_path / "train_only"
+    pack([data["isic"]], train_only, PackConfig(workers=1, val_fraction=0), progress=False)
+    assert infer(data, tmp_path / "none", train_only, extra=("--no-report",)) == 2
 
 
 def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Path) -> None:

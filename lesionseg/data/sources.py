@@ -159,6 +159,7 @@ class Item:
     orig_size: tuple[int, int] | None = None
     # The truth was stored downscaled with the image (shards): resize it (nearest) to orig_size.
     truth_scaled: bool = False
+    split: str = ""  # a shard sample's split (train, val or test); "" for other inputs
 
     @property
     def origin(self) -> str:
@@ -174,6 +175,7 @@ class Inventory:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of files
     masks_found: int = 0
     masks_unused: int = 0
+    shard_splits: dict[str, list[str]] = field(default_factory=dict)  # shard folder -> splits read
 
 
 def _base_name(member: str) -> str:
@@ -352,8 +354,14 @@ class _Scanner:
 
     def add_shards(self, folder: Path) -> None:
         """A packed shard folder: one item per sample (`jpg`), truth = its `png`, with the
-        original display size from its `json` (images may be stored downscaled)."""
-        for tar_path in _shard_files(folder, self.shard_splits):
+        original display size from its `json` (images may be stored downscaled). Only the
+        splits `shard_splits` names; by default the test split, or val when there is none:
+        scores over train (or train and val mixed) would be optimistic."""
+        splits, tars = _shard_files(folder, self.shard_splits)
+        self.splits_read[str(folder)] = splits
+        log.info("%s: reading the %s split%s (infer.shard_splits chooses)", folder,
+                 " and ".join(splits), "s" if len(splits) > 1 else "")
+        for split, tar_path in tars:
             samples: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
             with tarfile.open(tar_path, "r:*") as tf:
                 for info in tf:
@@ -363,10 +371,10 @@ class _Scanner:
                     samples[key][ext.lower()] = info
                 metas = {key: _read_meta(tf, parts.get("json")) for key, parts in samples.items()}
             for key, parts in sorted(samples.items()):
-                self._add_sample(tar_path, key, parts, metas[key])
+                self._add_sample(tar_path, key, parts, metas[key], split)
 
     def _add_sample(self, tar_path: Path, key: str, parts: dict[str, tarfile.TarInfo],
-                    meta: dict) -> None:
+                    meta: dict, split: str) -> None:
         image = parts.get("jpg")
         sid = sanitize_id(str(meta.get("id") or _base_name(key)))
         if image is None:
@@ -378,7 +386,7 @@ class _Scanner:
         truth_blob = Blob("tar", str(tar_path), truth.name, truth.offset_data, truth.size) if truth else None
         orig = meta.get("orig_size")
         orig_size = (int(orig[0]), int(orig[1])) if isinstance(orig, list) and len(orig) == 2 else None
-        item = Item(sid, blob, truth_blob, orig_size, truth_scaled=truth is not None)
+        item = Item(sid, blob, truth_blob, orig_size, truth_scaled=truth is not None, split=split)
         self.images.append(_Found(item, self.label, sid, f"{os.path.abspath(tar_path)}:{key}"))
 
 
@@ -409,8 +417,9 @@ def _read_meta(tf: tarfile.TarFile, info: tarfile.TarInfo | None) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[Path]:
-    """The shard tars of a packed folder listed by its manifest (all splits unless `splits`)."""
+def _shard_files(folder: Path, splits: tuple[str, ...]) -> tuple[list[str], list[tuple[str, Path]]]:
+    """The splits read and their (split, shard tar) pairs listed by the manifest: `splits`, or
+    by default test, else val (train alone is refused: it would score the training data)."""
     from lesionseg.data.shards import SPLITS, read_manifest, split_urls
 
     manifest = read_manifest(folder)
@@ -419,11 +428,18 @@ def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[Path]:
         raise SourceError(f"infer.shard_splits: unknown split(s) {', '.join(unknown)}; "
                           f"choose from {', '.join(SPLITS)}")
     available = [s for s in SPLITS if manifest["splits"][s].get("shards")]
-    wanted = [s for s in available if not splits or s in splits]
-    if splits and not wanted:
-        raise SourceError(f"{folder}: no shards of split(s) {', '.join(splits)} "
-                          f"(the manifest has {', '.join(available) or 'none'})")
-    return [Path(u) for split in wanted for u in split_urls(folder, split)]
+    if splits:
+        wanted = [s for s in available if s in splits]
+        if not wanted:
+            raise SourceError(f"{folder}: no shards of split(s) {', '.join(splits)} "
+                              f"(the manifest has {', '.join(available) or 'none'})")
+    else:
+        wanted = [s for s in ("test", "val") if s in available][:1]
+        if not wanted:
+            raise SourceError(f"{folder}: no test or val shards to score (the manifest has "
+                              f"{', '.join(available) or 'none'}); set infer.shard_splits=[train] "
+                              "to segment the training split")
+    return wanted, [(split, Path(u)) for split in wanted for u in split_urls(folder, split)]
 
 
 # --------------------------------------------------------------------------- matching
@@ -459,12 +475,13 @@ def _match_truth(found: _Found, stem_count: Counter, *indexes: _Index) -> Item:
         if blob is None and stem_count[found.stem] == 1 and len(by_stem.get(found.stem, ())) == 1:
             blob = by_stem[found.stem][0]
         if blob is not None:
-            return Item(item.id, item.image, blob, item.orig_size, truth_scaled=False)
+            return Item(item.id, item.image, blob, item.orig_size, truth_scaled=False,
+                        split=item.split)
     return item
 
 
 def _with_id(item: Item, new_id: str) -> Item:
-    return Item(new_id, item.image, item.truth, item.orig_size, item.truth_scaled)
+    return Item(new_id, item.image, item.truth, item.orig_size, item.truth_scaled, item.split)
 
 
 def _resolve_ids(found: list[tuple[_Found, Item]]) -> tuple[list[Item], list[dict[str, str]]]:
@@ -555,7 +572,8 @@ def collect(inputs: list[str | Path], masks: list[str | Path] = (),
     all_masks = {b.origin for blobs in (*scanner.masks.values(), *truth_scanner.masks.values())
                  for b in blobs}
     inventory = Inventory(items, errors, scanner.skipped + truth_scanner.skipped,
-                          masks_found=len(all_masks), masks_unused=len(all_masks - used))
+                          masks_found=len(all_masks), masks_unused=len(all_masks - used),
+                          shard_splits=scanner.splits_read)
     if not items and not errors:
         names = ", ".join(str(p) for p in inputs)
         raise SourceError(f"{names}: no images found ({sum(inventory.skipped.values())} other "
