@@ -167,6 +167,26 @@ def test_every_photo_gets_its_own_traceable_mask(data: dict[str, Path], tmp_path
         Path(m).name for m in mapping.values())
 
 
+def test_without_truth_rows_and_report_show_the_predictions(data: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """Photos without masks: a metrics.csv row per image with the predicted lesion area and
+    fraction (as in the written mask), and a report of the predictions, not an empty grid."""
+    out = tmp_path / "out"
+    assert infer(data, out, data["images"]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == N_CASES and {r["status"] for r in rows} == {"no_truth"}
+    for r in rows:
+        mask = np.asarray(Image.open(out / r["mask"]))
+        assert int(r["pred_area"]) == int((mask > 0).sum())
+        assert float(r["pred_fraction"]) == pytest.approx((mask > 0).mean(), abs=1e-6)
+        assert r["dice"] == ""
+    page = (out / "report.html").read_text()
+    assert f"Predictions without truth ({N_CASES} images)" in page and "None" not in page
+    assert page.count("data:image/jpeg;base64,") == N_CASES
+    largest = max(rows, key=lambda r: (float(r["pred_fraction"]), r["id"]))
+    assert page.index(f'alt="{largest["id"]}"') == min(page.index(f'alt="{r["id"]}"') for r in rows)
+
+
 def test_official_zips_equal_the_isic_root(data: dict[str, Path], isic_root: Path,
                                            isic_zips: Path, tmp_path: Path) -> None:
     """The four official zips, read in place (train and test, images and truth), give the same
@@ -609,24 +629,26 @@ def test_finish_item_probs_and_previews(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "thumbs" / "ISIC_0000001.jpg").size == (100, 60)
 
 
-def test_render_overlay_colours_prediction_and_truth_outline() -> None:
+def test_render_overlay_outlines_prediction_and_truth() -> None:
+    """Outlines, not fills: inside both masks the image shows through unchanged; the bands
+    along each mask's edge (2 px here) are blue (prediction, on top) and yellow (truth)."""
     preview = np.full((20, 30, 3), 128, np.uint8)
     pred = np.zeros((200, 300), np.uint8)
-    pred[:, :150] = 255  # left half
+    pred[:, :150] = 255  # left half: preview columns 0..14
     truth = np.zeros((200, 300), np.uint8)
     truth[50:150, 100:200] = 1  # preview rows 5..14, columns 10..19
-    truth[:, 260:] = 1  # preview columns 26..29: the image border itself is not an outline
     out = np.asarray(inference.render_overlay(preview, pred, truth))
-    red = np.round(np.float32(128) * np.float32(0.55) + np.float32(255) * np.float32(0.45))
-    grey_tint = np.round(np.float32(128) * np.float32(0.55))
-    assert out[0, 0].tolist() == [red, grey_tint, grey_tint]  # predicted, not an edge
-    assert out[0, 20].tolist() == [128, 128, 128]  # background
-    for y, x in ((5, 12), (14, 12), (9, 10), (9, 19), (0, 26), (19, 26), (9, 26)):
-        assert out[y, x].tolist() == [0, 255, 0], (y, x)  # outlines
-    assert out[9, 14].tolist() == [red, grey_tint, grey_tint]  # inside the square, predicted
-    assert out[9, 17].tolist() == [128, 128, 128]  # inside the square, not predicted
-    for y, x in ((0, 28), (9, 29), (19, 29), (9, 27)):
-        assert out[y, x].tolist() == [128, 128, 128], (y, x)  # inside, along the border
+    blue, yellow, grey = list(inference.PRED_RGB), list(inference.TRUTH_RGB), [128, 128, 128]
+    assert out[0, 0].tolist() == grey and out[9, 5].tolist() == grey  # inside pred: not tinted
+    assert out[9, 20].tolist() == grey and out[0, 29].tolist() == grey  # background
+    for x in (13, 14):
+        assert out[0, x].tolist() == blue, x  # the prediction's edge band, 2 px
+    assert out[0, 12].tolist() == grey
+    for y, x in ((5, 17), (6, 17), (14, 17), (9, 19), (9, 18)):
+        assert out[y, x].tolist() == yellow, (y, x)  # the truth's edge band
+    assert out[9, 16].tolist() == grey  # inside the truth, away from both edges
+    assert out[5, 13].tolist() == blue  # where the two meet, the prediction is on top
+    assert not (out == yellow).all(axis=-1)[:, :3].any()  # the image border is no outline
 
 
 def test_decode_item_packs_the_truth_and_shrinks_the_preview(data: dict[str, Path]) -> None:
