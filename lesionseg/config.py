@@ -95,6 +95,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, data order and every augmentation
     output_dir: str = "runs/demo"  # the run folder: best.pt, last.pt, config.yaml, states/
     resume: str = "auto"  # auto (newest complete state in output_dir), none, or a state folder
+    resume_with_changes: bool = False  # resume even when settings differ from the state's (not exact)
     val_every_steps: int = 0  # validate every N optimizer steps (0 = at the end of every epoch)
     best_metric: str = "dice"  # val metric that picks best.pt: dice, jaccard, threshold_jaccard, accuracy
     keep_states: int = 2  # full training states kept under output_dir/states

@@ -26,7 +26,9 @@ pipeline is rebuilt and each worker skips the raw samples of the batches already
 decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
 train.num_threads (torch CPU threads; set it > 0 for exactness on CPU), a CPU run killed
 at any moment and resumed ends with bit-identical weights (tested). On GPU,
-train.deterministic=true is needed too (not verified: no GPU here).
+train.deterministic=true is needed too (not verified: no GPU here). Each state's progress also
+holds the settings an exact resume needs (`resume_settings`): a resume with others is refused
+unless train.resume_with_changes; raising optim.max_steps/epochs extends a finished run.
 
 Signals: SIGTERM or SIGUSR1 asks to stop; ranks agree at the next optimizer-step boundary
 (one tiny all-reduce per step, which also carries "my data failed", so no rank is ever left
@@ -64,7 +66,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lesionseg.config import Config, ConfigError, load_config, save_config, was_set
+from lesionseg.config import Config, ConfigError, load_config, save_config, to_dict, was_set
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,
@@ -114,7 +116,8 @@ most used keys:
   model.encoder_weights=imagenet|null|FILE    model.freeze_encoder=false
   optim.lr=0.001  optim.epochs=30  optim.max_steps=0 (>0 wins)  optim.grad_accum_steps=1
   train.mixed_precision=no|bf16|fp16          train.seed=0
-  train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR
+  train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR (none moves an old run aside)
+  train.resume_with_changes=false (true: resume a state despite other settings, not exactly)
   train.val_every_steps=0 (0 = every epoch)   train.best_metric=dice
   train.num_threads=0 (set >0 for bit-exact CPU resume)
   tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
@@ -583,9 +586,12 @@ class Schedule:
     epochs: int
     accum: int
 
-    def micro_batches(self, epoch: int) -> int:
-        """Micro-batches each rank runs in `epoch` (the last epoch may be partial)."""
-        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+    def micro_batches(self, step: int, micro: int = 0) -> int:
+        """Micro-batches each rank runs in the epoch that stands at optimizer step `step`,
+        `micro` micro-batches in: a full epoch, or fewer when the run ends sooner. Counted
+        from where the epoch stands, not from epoch × steps_per_epoch, so that a run extended
+        after a cut-short last epoch (optim.max_steps raised) goes on with full epochs."""
+        steps = min(self.steps_per_epoch, micro // self.accum + self.total_steps - step)
         return max(0, steps) * self.accum
 
 
@@ -679,6 +685,80 @@ def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
         raise ConfigError(f"train.resume={choice}: not a complete training state (expected a "
                           f"{run_dir / STATES}/step-NNNNNNN folder holding {PROGRESS_FILE})")
     return path
+
+
+# Settings a state can only resume exactly with: everything that shapes the data stream, the
+# model, the loss and the optimizer. Not optim.epochs / optim.max_steps (a finished run asked
+# for more steps goes on), nor model.encoder_weights (the state holds the weights).
+RESUME_FREE_KEYS = {"optim.epochs", "optim.max_steps", "model.encoder_weights", "data.pin_memory",
+                    "data.on_error", "data.demo_dir"}
+RESUME_SECTIONS = ("data", "model", "loss", "optim")
+RESUME_TRAIN_KEYS = ("seed", "mixed_precision", "deterministic", "num_threads", "best_metric")
+NEVER_CHANGED_KEYS = ("model.decoder_channels",)  # the saved weights would not fit
+
+
+def resume_settings(cfg: Config, world: int) -> dict[str, Any]:
+    """The settings an exact resume needs unchanged, flat (`data.batch_size` → 8)."""
+    tree = to_dict(cfg)
+    flat = {f"{s}.{k}": v for s in RESUME_SECTIONS for k, v in tree[s].items()}
+    flat.update({f"train.{k}": tree["train"][k] for k in RESUME_TRAIN_KEYS})
+    flat["processes"] = world
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS}
+
+
+def changed_settings(state: Path, cfg: Config, world: int) -> list[tuple[str, Any, Any]]:
+    """(key, the state's value, this run's value) for every resume setting that differs from
+    the state's (saved in its progress.json); [] for states of older versions, which lack them."""
+    try:
+        saved = json.loads((state / PROGRESS_FILE).read_text()).get("extra", {}).get("settings")
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        log.warning("%s: written by an older version without its settings; resuming without "
+                    "checking that they match", state)
+        return []
+    now = resume_settings(cfg, world)
+    return [(k, saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]]
+
+
+def check_resume(state: Path, run_dir: Path, cfg: Config, world: int) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume that cannot be exact (naming what differs and the ways out), unless
+    train.resume_with_changes; returns what differs."""
+    changed = changed_settings(state, cfg, world)
+    if not changed:
+        return []
+    what = ", ".join(f"{k}={new} (was {old})" for k, old, new in changed)
+    never = [k for k, _, _ in changed if k in NEVER_CHANGED_KEYS]
+    if never:
+        raise ConfigError(f"{run_dir}: its state {state.name} cannot be resumed with {what}: the "
+                          "weights would not fit; use a new train.output_dir, or train.resume=none "
+                          "to start over in this folder")
+    if not cfg.train.resume_with_changes:
+        raise ConfigError(f"{run_dir}: its state {state.name} was trained with other settings "
+                          f"({what}), so it cannot resume exactly; use a new train.output_dir, or "
+                          "train.resume=none to start over in this folder (the old run is moved "
+                          "aside), or train.resume_with_changes=true to go on from its weights "
+                          "with the new settings")
+    log.warning("resuming %s with changed settings (%s): not an exact resume; the current "
+                "epoch starts again", state, what)
+    return changed
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """train.resume=none in a folder holding a run: move its states, weights, config, metrics
+    and W&B id into `replaced-<time>/`, so that nothing of it is resumed or mistaken for the
+    new run's. Main process only."""
+    names = (STATES, "best.pt", "last.pt", "config.yaml", METRICS_FILE, "wandb_run_id",
+             "wandb_segments")
+    present = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not any(p.name in (STATES, "best.pt", "last.pt") for p in present):
+        return None
+    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in present:
+        os.replace(p, aside / p.name)
+    log.warning("train.resume=none: the run that was in %s is moved to %s", run_dir, aside)
+    return aside
 
 
 def save_training_state(accelerator: Any, run_dir: Path, progress: Progress, keep: int) -> Path:
@@ -1088,15 +1168,26 @@ def train(cfg: Config, demo: bool = False) -> int:
                                smooth=cfg.loss.smooth, per_image=cfg.loss.per_image,
                                pos_weight=cfg.loss.pos_weight)
 
+    if cfg.train.resume == "none" and main and run_dir.is_dir():
+        set_aside_previous_run(run_dir)
+    accelerator.wait_for_everyone()
     resume_from = resolve_resume(cfg, run_dir)
+    changed = check_resume(resume_from, run_dir, cfg, world) if resume_from is not None else []
     if resume_from is not None:
         accelerator.wait_for_everyone()
         accelerator.load_state(str(resume_from))
         log.info("resumed from %s: epoch %d, micro-batch %d, step %d", resume_from,
                  progress.epoch, progress.micro, progress.step)
+        if changed:  # the data position and the best score mean nothing under new settings
+            progress.micro = 0
+            if any(k == "train.best_metric" for k, _, _ in changed):
+                progress.best, progress.best_step = -math.inf, -1
+        _log_extension(progress, schedule)
+    progress.extra["settings"] = resume_settings(cfg, world)  # saved with every state
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if not changed:  # else the weights beside it are the old settings' until the next save
+            save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     tracking.start(accelerator, cfg, run_dir, progress.step)
 
@@ -1126,6 +1217,7 @@ def train(cfg: Config, demo: bool = False) -> int:
         last_val = progress.extra.get("last_val", {})
         save_weights(run_dir / "last.pt", net.state_dict(), cfg, step=progress.step,
                      epoch=progress.epoch, val=last_val)
+        save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
         log.info("done: %d steps; best val %s %.4f at step %d; weights in %s and %s",
                  progress.step, cfg.train.best_metric, progress.best, progress.best_step,
                  run_dir / "best.pt", run_dir / "last.pt")
@@ -1137,6 +1229,17 @@ def train(cfg: Config, demo: bool = False) -> int:
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)
     return EXIT_OK
+
+
+def _log_extension(progress: Progress, schedule: Schedule) -> None:
+    """Say what a resume does to the end of the run: nothing left, or going on past it."""
+    if progress.step >= schedule.total_steps:
+        log.info("this run finished at step %d; nothing to train (raise optim.max_steps or "
+                 "optim.epochs to extend it)", progress.step)
+    elif progress.step and progress.micro == 0 and progress.extra.get("finished_at") == progress.step:
+        log.info("extending the finished run from step %d to %d (the learning-rate schedule "
+                 "is recomputed for %d steps)", progress.step, schedule.total_steps,
+                 schedule.total_steps)
 
 
 def count_bad_steps(progress: Progress, applied: bool, max_bad: int) -> None:
@@ -1189,6 +1292,7 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
             net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
                          epoch=progress.epoch, val=metrics, best_metric=cfg.train.best_metric)
+            save_config(cfg, run_dir / "config.yaml")
 
 
 def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, model: Any,
@@ -1208,6 +1312,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                disable=not main, dynamic_ncols=True)
     loader: Loader | None = None
     loader_it: Iterator[dict[str, Any]] | None = None
+    epoch_len = 0  # micro-batches of the current epoch
     unfreeze = cfg.model.freeze_encoder and cfg.model.unfreeze_after_epochs > 0
     model.train()
     try:
@@ -1218,8 +1323,9 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                     model, optimizer = set_encoder_frozen(accelerator, model, optimizer, False)
                     log.info("epoch %d: encoder unfrozen", progress.epoch)
                     unfreeze = False
+                epoch_len = schedule.micro_batches(progress.step, progress.micro)
                 dataset = TrainStream(data.train_urls, cfg, progress.epoch, rank, world,
-                                      schedule.micro_batches(progress.epoch), progress.micro)
+                                      epoch_len, progress.micro)
                 loader = Loader(dataset, cfg, accelerator.device)
                 loader_it = iter(loader)
             batches, error = fetch_batches(loader_it, o.grad_accum_steps)
@@ -1245,7 +1351,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
             progress.step += 1
             progress.micro += o.grad_accum_steps
             count_bad_steps(progress, applied, t.max_bad_steps)
-            epoch_done = progress.micro >= schedule.micro_batches(progress.epoch)
+            epoch_done = progress.micro >= epoch_len
             if epoch_done:
                 progress.epoch += 1
                 progress.micro = 0
@@ -1260,6 +1366,8 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                 stats = StepStats()
 
             last = progress.step == schedule.total_steps
+            if last:
+                progress.extra["finished_at"] = progress.step  # in the final state
             validate = last or (t.val_every_steps > 0 and progress.step % t.val_every_steps == 0) \
                 or (t.val_every_steps == 0 and epoch_done)
             if validate:
