@@ -3,7 +3,13 @@
 What is logged: the resolved config (at start), the training scalars and validation metrics
 (`accelerator.log`, with the optimizer step carried by the resumed state, so steps only ever
 increase), and at each validation `tracking.log_images` images with prediction and truth masks
-as W&B mask overlays.
+as W&B mask overlays. Names: `train/loss` and its terms `train/loss_bce`, `train/loss_dice`,
+`train/loss_iou` (losses: 1 - soft Dice, not the score), `val/dice` etc. (scores). Declared
+with `define_metric`: every train/ and val/ metric is plotted against `optim/step` (the
+optimizer step), and the run's summary holds the best `val/<train.best_metric>` (max) — not
+the last — and the lowest `train/loss`. An inference job with `infer.log_wandb=true` logs its
+results as a run of its own (job type "inference"): a W&B Table of per-image metrics with the
+overlay thumbnails, and the summary's means and counts as the run summary.
 
 Offline by default: `tracking.mode` (offline, online, disabled), overridden by the WANDB_MODE
 environment variable when it is set; files go under `tracking.dir` (default: the run folder),
@@ -43,6 +49,7 @@ RUN_ID_FILE = "wandb_run_id"
 SEGMENTS_FILE = "wandb_segments"
 CONFIG_COPY = "lesionseg-config.yaml"
 CLASS_LABELS = {0: "background", 1: "lesion"}
+STEP_METRIC = "optim/step"  # the x axis of every train/ and val/ metric
 
 
 def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
@@ -100,11 +107,28 @@ def start(accelerator: Any, cfg: Config, run_dir: Path, resumed_step: int = 0) -
     accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg),
                               init_kwargs={"wandb": init})
     run = accelerator.get_tracker("wandb", unwrap=True)
+    define_metrics(run, cfg.train.best_metric)
     files_dir = getattr(run, "dir", None)
     if files_dir:
         atomic_write_text(Path(files_dir) / CONFIG_COPY, to_yaml(cfg))
     log.info("W&B run %s (%s, %s%s) under %s", run_id, mode, f"segment {segment}",
              f", resumed at step {resumed_step}" if resumed_step else "", folder)
+
+
+def define_metrics(run: Any, best_metric: str) -> None:
+    """Plot train/ and val/ against the optimizer step; summarize the best validation score
+    and the lowest loss (W&B's default summary is the last value)."""
+    run.define_metric(STEP_METRIC)
+    for pattern in ("train/*", "val/*"):
+        run.define_metric(pattern, step_metric=STEP_METRIC)
+    run.define_metric(f"val/{best_metric}", step_metric=STEP_METRIC, summary="max")
+    run.define_metric("train/loss", step_metric=STEP_METRIC, summary="min")
+
+
+def log_metrics(accelerator: Any, values: dict[str, Any], step: int) -> None:
+    """`accelerator.log` with the optimizer step also as the `optim/step` value that the
+    declared metrics are plotted against (a no-op without trackers)."""
+    accelerator.log({**values, STEP_METRIC: step}, step=step)
 
 
 def overlay_image(image: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor | None,

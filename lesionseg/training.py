@@ -1032,8 +1032,9 @@ def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, loss_fn
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     n = len(batches) * accelerator.num_processes
-    stats = {"loss": float(total[0]) / n, "bce": float(total[1]) / n,
-             "dice": float(total[2]) / n, "iou": float(total[3]) / n, "grad_norm": norm}
+    # Loss terms are named as losses: `train/loss_dice` is 1 - soft Dice, not the Dice score.
+    stats = {"loss": float(total[0]) / n, "loss_bce": float(total[1]) / n,
+             "loss_dice": float(total[2]) / n, "loss_iou": float(total[3]) / n, "grad_norm": norm}
     return stats, not bad
 
 
@@ -1260,11 +1261,13 @@ def log_train_scalars(accelerator: Any, stats: StepStats, optimizer: Any, progre
                       bar: Any) -> None:
     """Means since the last log line, learning rates and epoch: to the trackers, the progress
     bar and the log (main process)."""
+    from lesionseg import tracking
+
     values = stats.mean()
     values["train/lr"] = optimizer.param_groups[0]["lr"]
     values["train/lr_encoder"] = optimizer.param_groups[1]["lr"]
     values["train/epoch"] = progress.epoch
-    accelerator.log(values, step=progress.step)
+    tracking.log_metrics(accelerator, values, progress.step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
     if accelerator.is_main_process:
         log.info("step %d: %s", progress.step, _scalar_line(values))
@@ -1278,7 +1281,7 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
     from lesionseg.checkpoint import save_weights
 
     metrics, overlays = evaluate(accelerator, model, data, cfg)
-    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
+    tracking.log_metrics(accelerator, {f"val/{k}": v for k, v in metrics.items()}, progress.step)
     tracking.log_overlays(accelerator, cfg, overlays, progress.step)
     progress.extra["last_val"] = metrics
     main = accelerator.is_main_process

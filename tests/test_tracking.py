@@ -68,6 +68,16 @@ def history_rows(run_dir: Path) -> list[dict[str, object]]:
     return rows
 
 
+def summary_values(run_dir: Path) -> dict[str, object]:
+    """The run summary an offline run recorded (its summary records, last value wins)."""
+    out: dict[str, object] = {}
+    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
 def test_run_identity_keeps_the_id_and_numbers_offline_segments(tmp_path):
     first = run_identity(tmp_path, "offline")
     base = (tmp_path / RUN_ID_FILE).read_text().strip()
@@ -109,11 +119,22 @@ def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
     rows = history_rows(run)
     train_rows = [row for row in rows if "train/loss" in row]
     assert [row["_step"] for row in train_rows] == [1, 2, 3, 4]
-    for key in ("train/bce", "train/dice", "train/iou", "train/lr", "train/grad_norm",
-                "train/images_per_s"):
+    for key in ("train/loss_bce", "train/loss_dice", "train/loss_iou", "train/lr",
+                "train/grad_norm", "train/images_per_s"):
         assert all(key in row for row in train_rows), key
+    # Losses are named as losses: no train/dice (the Dice *loss*) beside val/dice (the score).
+    assert not any(k in row for row in train_rows for k in ("train/dice", "train/bce", "train/iou"))
+    assert all(row["optim/step"] == row["_step"] for row in train_rows)
     val_rows = [row for row in rows if "val/dice" in row]
     assert [row["_step"] for row in val_rows] == [2, 4]
+    # Declared metrics: plotted against the optimizer step; the summary keeps the best val Dice.
+    metrics = {rec.metric.name or rec.metric.glob_name: rec.metric
+               for rec in wandb_records(next(run.glob("run-*.wandb")))
+               if rec.WhichOneof("record_type") == "metric"}
+    assert {"optim/step", "train/*", "val/*", "val/dice", "train/loss"} <= set(metrics)
+    assert metrics["val/*"].step_metric == "optim/step" and metrics["val/dice"].summary.max
+    summary = summary_values(run)
+    assert summary["val/dice"] == {"max": max(row["val/dice"] for row in val_rows)}
     overlays = [row for row in rows if "val/overlays/_type" in row]
     assert len(overlays) == 2 and all(row["val/overlays/count"] == 2 for row in overlays)
     masks = overlays[0]["val/overlays/all_masks"]
