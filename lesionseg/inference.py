@@ -122,6 +122,10 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
     parser.add_argument("--save-overlays", action="store_true", default=None,
                         help="also write overlay JPEGs (outlines: prediction blue, truth yellow) "
                              "to overlays/")
+    parser.add_argument("--wandb", action="store_true", default=None,
+                        help="also log the results to W&B as a run of their own (a table of "
+                             "per-image metrics with overlays, and the summary; tracking.* "
+                             "settings, offline by default)")
     parser.add_argument("--no-report", action="store_true", default=None,
                         help="do not write report.html (nor its thumbnails)")
     parser.add_argument("--config", metavar="FILE",
@@ -132,7 +136,7 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
 
 FLAG_KEYS = {"batch_size": "batch_size", "workers": "num_workers", "image_size": "image_size",
              "threshold": "threshold", "tta": "tta", "device": "device", "save_probs": "save_probs",
-             "save_overlays": "save_overlays"}
+             "save_overlays": "save_overlays", "wandb": "log_wandb"}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -555,7 +559,7 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
              "%d px, threshold %g%s", runtime["device"], runtime["precision"],
              icfg.mixed_precision, state.num_processes, image_size, icfg.threshold,
              ", flip TTA" if icfg.tta else "")
-    run_cfg = _run_config(ckpt_cfg, icfg, image_size)
+    run_cfg = _run_config(ckpt_cfg, cfg, image_size)
     signature = {
         "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
         "masks": [str(Path(p).resolve()) for p in masks],
@@ -595,11 +599,13 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     return merge(out)
 
 
-def _run_config(ckpt_cfg: Config, icfg: InferConfig, image_size: int) -> Config:
-    """The checkpoint's config with this run's infer section (image_size resolved)."""
+def _run_config(ckpt_cfg: Config, cfg: Config, image_size: int) -> Config:
+    """The checkpoint's config with this run's infer (image_size resolved) and tracking
+    sections."""
     from dataclasses import replace
 
-    return replace(ckpt_cfg, infer=replace(icfg, image_size=image_size))
+    return replace(ckpt_cfg, infer=replace(cfg.infer, image_size=image_size),
+                   tracking=cfg.tracking)
 
 
 def _write_run_files(parts_dir: Path, signature: dict, checkpoint: str | Path, meta: dict,
@@ -785,6 +791,11 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if report if report is not None else run["config"]["infer"]["report"]:
         write_report(out / "report.html", summary, metric_rows, out / THUMBS)
+    if complete and run["config"]["infer"].get("log_wandb"):
+        from lesionseg.tracking import log_inference
+
+        log_inference(out, summary, metric_rows, out / THUMBS, run["config"].get("tracking", {}),
+                      images=run["config"]["infer"].get("report_images", 60))
     log.info("merged %d images into %s: %d scored, mean Dice %s, %d errors", len(rows), out,
              int(counts.shape[0]), _fmt(summary["means"].get("dice")), len(error_rows))
     return summary

@@ -148,3 +148,41 @@ def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
                if rec.WhichOneof("record_type") == "config"]
     keys = {item.key for rec in configs for item in rec.config.update}
     assert {"data", "model", "optim", "train", "tracking"} <= keys
+
+
+@pytest.mark.slow
+def test_inference_job_logs_a_table_and_summary(tmp_path, monkeypatch):
+    """`infer --wandb`: an offline W&B run of job type inference with a Table of per-image
+    metrics (one row per image, overlay thumbnails) and the summary's means."""
+    from lesionseg.checkpoint import save_weights
+    from lesionseg.cli import main
+    from lesionseg.config import load_config
+    from lesionseg.data.synthetic import write_isic_dataset
+    from lesionseg.model import MobileNetEncoderDecoder
+
+    isic = write_isic_dataset(tmp_path / "isic", 3, seed=1, min_side=48, max_side=96)
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64"])
+    ckpt = save_weights(tmp_path / "best.pt", MobileNetEncoderDecoder().state_dict(), cfg)
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(isic), "--out", str(out),
+                 "--workers", "0", "--wandb", "infer.num_threads=1"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = runs[0]
+    rows = [r for r in history_rows(run) if "infer/images/_type" in r]
+    assert len(rows) == 1 and rows[0]["infer/images/_type"] == "table-file"
+    table = json.loads((run / "files" / rows[0]["infer/images/path"]).read_text())
+    columns = table["columns"]
+    assert columns[:4] == ["id", "overlay", "status", "dice"]
+    assert sorted(r[0] for r in table["data"]) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    assert [r[1] for r in table["data"]] == [f"thumbs/{r[0]}.jpg" for r in table["data"]]
+    assert all((out / r[1]).is_file() for r in table["data"])  # offline: the thumbnail's path
+    overlays = [r for r in history_rows(run) if "infer/overlays/_type" in r]
+    assert len(overlays) == 1 and overlays[0]["infer/overlays/count"] == 3
+    assert all((run / "files" / f).is_file() for f in overlays[0]["infer/overlays/filenames"])
+    summary = json.loads((out / "summary.json").read_text())
+    logged = summary_values(run)
+    assert logged["infer/dice"] == pytest.approx(summary["means"]["dice"])
+    assert logged["infer/scored"] == 3 and logged["infer/device"] == "cpu"
