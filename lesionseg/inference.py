@@ -43,6 +43,7 @@ from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
+from lesionseg.launch import maybe_relaunch_cpu_ranks
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ def command(args: argparse.Namespace) -> int:
     if missing:
         raise InferenceError(f"missing {', '.join(missing)} (or use --merge DIR)")
     cfg = config_from_args(args)
+    maybe_relaunch_cpu_ranks()  # `accelerate launch --cpu --num_processes N`: N ranks
     num_shards, shard_index = job_part(args.num_shards, args.shard_index)
     run_inference(args.checkpoint, args.input, args.out, cfg, masks=args.masks,
                   num_shards=num_shards, shard_index=shard_index)
@@ -590,11 +592,16 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
                  assigned=len(mine))
     atomic_write_text(parts_dir / f"done-p{shard_index:04d}-r{state.process_index:03d}-of-"
                       f"{state.num_processes:03d}.json", json.dumps(stats, indent=1))
+    # Every process of this part is done before anyone looks: then the main process alone
+    # says what is left and merges (a rank finishing first would report its siblings missing).
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
     complete, missing = parts_done(parts_dir, num_shards)
     if not complete:
-        log.info("part %d, process %d finished; part(s) %s still running or not started (the "
-                 "last process to finish merges; or run --merge %s)", shard_index,
-                 state.process_index, ", ".join(map(str, missing)), out)
+        log.info("part %d of %d done; part(s) %s of this --num-shards %d job not finished yet "
+                 "(the last part to finish merges, or run --merge %s when they are)",
+                 shard_index, num_shards, ", ".join(map(str, missing)), num_shards, out)
         return None
     return merge(out)
 

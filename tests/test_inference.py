@@ -531,6 +531,22 @@ def test_two_processes_with_accelerate_equal_one(data: dict[str, Path], tmp_path
     assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
     assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(tmp_path / "two").values(),
                                                     mask_arrays(tmp_path / "one").values(), strict=True))
+    # The last word is the merge, not "part 0 still running" from the rank that finished first.
+    logged = [line for line in two.stderr.splitlines() if " lesionseg." in line]
+    assert f"merged {N_CASES} images" in logged[-1], logged[-3:]
+    assert not any("not finished" in line or "still running" in line for line in logged)
+
+    # `accelerate launch --cpu --num_processes 2` starts one process: the job relaunches as 2.
+    cpu = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2",
+                          "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(REPO / "jobs" / "infer.py"), *args, "--out", str(tmp_path / "cpu")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    assert "relaunching as 2 CPU (gloo) ranks" in cpu.stderr
+    rows = sorted((tmp_path / "cpu" / "parts").glob("rows-*.jsonl"))
+    assert [p.name for p in rows] == ["rows-p0000-r000.jsonl", "rows-p0000-r001.jsonl"]
+    assert (tmp_path / "cpu" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
 
 
 def test_masks_folder_scores_the_same_in_the_official_isic_scorer(data: dict[str, Path],
