@@ -78,9 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Segment every image in folders, archives (.zip, .tar, .tar.gz) and packed shard folders.
 Writes under --out: masks/<id>_Segmentation.png (original size and orientation, 0/255, ready
 for the ISIC scorer), metrics.csv (per image: input, mask, predicted area; scores with truth),
-errors.csv (every input that failed), summary.json and report.html. Rerun with the same --out to resume where a run stopped.
-Under `accelerate launch` the images are split across processes; --num-shards/--shard-index
-(or a Slurm array) split them across jobs, and the last part to finish merges."""
+errors.csv (every input that failed), summary.json and report.html. Rerun with the same --out
+to resume where a run stopped. Under `accelerate launch` the images are split across
+processes; --num-shards/--shard-index (or a Slurm array) split them across jobs, and the last
+part to finish merges."""
     parser.epilog = """examples:
   python jobs/infer.py --checkpoint runs/demo/best.pt --input ISIC2016/ --out out/
   python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --tta
