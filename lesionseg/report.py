@@ -504,8 +504,9 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
     errors_href = "errors.csv"
     scored = [r for r in rows if isinstance(r.get("dice"), float)]
     bare = [r for r in rows if not isinstance(r.get("dice"), float)]
+    errors = summary.get("errors", 0)
     lead = (f"{len(rows)} images segmented, {len(scored)} scored against truth, "
-            f"{summary.get('errors', 0)} errors")
+            f"{errors} error{'' if errors == 1 else 's'}")
     sections = [f'<h1>Inference report</h1><p class="lead">{html.escape(lead)}.</p>',
                 '<div class="cols"><div><h2>Settings</h2>', _kv_table(
                     [(k, html.escape(v)) for k, v in settings(summary)]),
