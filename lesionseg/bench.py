@@ -165,11 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pipeline, the training step and loop, and batch inference, each against a baseline.\n"
         "Prints a table and writes every figure with a machine description to --out.")
     parser.epilog = EPILOG
+    full, quick = plan_for(False), plan_for(True)  # the help quotes the plans, never a copy
     parser.add_argument("case", nargs="?", default="all", choices=(*CASES, "all"),
                         help="which benchmark to run (default: all)")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer images and repeats, a 90 s training race at 128² "
-                             "(about 5-6 minutes on 2 quiet cores)")
+                        help=f"fewer images and repeats, a {quick.race_budget_s:g} s training race "
+                             f"at {quick.race_size}² (about 5-6 minutes on 2 quiet cores)")
     parser.add_argument("--out", default="bench.json", metavar="FILE",
                         help="where to write the JSON results (default: bench.json)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
@@ -180,12 +181,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "runs (default: a temporary folder, deleted at the end)")
     parser.add_argument("--images", type=int, default=None, metavar="N",
                         help="full-size synthetic images of the data and infer cases "
-                             "(default 48, --quick 16)")
+                             f"(default {full.images}, --quick {quick.images})")
     parser.add_argument("--repeats", type=int, default=None, metavar="N",
-                        help="timed rounds per figure, after a warm-up (default 5, --quick 3)")
+                        help=f"timed rounds per figure, after a warm-up (default {full.repeats}, "
+                             f"--quick {quick.repeats})")
     parser.add_argument("--race-budget", type=float, default=None, metavar="SECONDS",
                         help="training seconds per model in the equal-time Dice race "
-                             "(default 300, --quick 60)")
+                             f"(default {full.race_budget_s:g}, --quick {quick.race_budget_s:g})")
     parser.add_argument("--no-peer", action="store_true",
                         help="skip segmentation-models-pytorch even when it is installed")
 

@@ -8,6 +8,9 @@ live under `<output_dir>/states/`; these files are what inference and users cons
 from __future__ import annotations
 
 import io
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +48,36 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: Con
 
 def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str) -> Any:
     """`torch.load(path, weights_only=True)` onto the CPU; a missing file raises
-    error("<path>: <missing> file not found"), an unreadable one error("<path>: not a readable
-    <unreadable> (<reason>)")."""
+    error("<path>: <missing> file not found"), a folder says so, and an unreadable file raises
+    error("<path>: <unreadable> (<reason>)") — never torch's advice to load it unsafely."""
+    if path.is_dir():
+        hint = next((f"; did you mean {path / n}?" for n in ("best.pt", "last.pt")
+                     if (path / n).is_file()), "")
+        raise error(f"{path}: is a folder, not a {missing} file{hint}")
     if not path.is_file():
         raise error(f"{path}: {missing} file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors come in many types
-        raise error(f"{path}: not a readable {unreadable} ({first_line(e)})") from None
+        raise error(f"{path}: {unreadable} ({_load_failure(e)})") from None
+
+
+def _load_failure(e: BaseException) -> str:
+    """Why torch.load failed, in our words. torch's weights-only message advises re-running
+    with weights_only=False, which would run whatever code the file holds: never pass that on."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ("not a weights-only PyTorch file: another program's file, a pickled object "
+                "or a damaged download")
+    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
     """Read a checkpoint written by `save_weights`: (state_dict, config, meta)."""
     path = Path(path)
-    payload = torch_load(path, CheckpointError, "checkpoint", "checkpoint")
+    payload = torch_load(path, CheckpointError, "checkpoint",
+                         "not a lesionseg checkpoint; use best.pt or last.pt from a training run")
     if isinstance(payload, dict) and payload.get("format") in OLDER_FORMATS:
         raise CheckpointError(
             f"{path}: written by lesionseg {payload.get('lesionseg_version', '< 0.2')} "

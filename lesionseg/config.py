@@ -8,6 +8,7 @@ every output (`save_config`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, data order and every augmentation
     output_dir: str = "runs/demo"  # the run folder: best.pt, last.pt, config.yaml, states/
     resume: str = "auto"  # auto (newest complete state in output_dir), none, or a state folder
+    resume_with_changes: bool = False  # resume even when settings differ from the state's (not exact)
     val_every_steps: int = 0  # validate every N optimizer steps (0 = at the end of every epoch)
     # Which weights best.pt holds: final (the end of the schedule, as nnU-Net's
     # checkpoint_final: the cosine decay anneals into them, while the best of many validations
@@ -133,6 +135,7 @@ class InferConfig:
     postprocess: str = "auto"  # auto (the checkpoint's choice), none, largest, fill or largest+fill
     tta: bool = True  # average with horizontally/vertically flipped predictions (3 forwards, as nnU-Net mirrors by default)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
+    device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
     save_overlays: bool = False  # write overlay JPEGs to overlays/
     report: bool = True  # write report.html (and the thumbnails it shows) after merging
@@ -140,7 +143,8 @@ class InferConfig:
     num_threads: int = 0  # torch CPU threads per process (0 = torch's default); 1 on busy shared CPUs
     overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
     report_images: int = 60  # overlay thumbnails shown in report.html, worst Dice first
-    shard_splits: list[str] = field(default_factory=list)  # shard-folder inputs: splits to read ([] = all)
+    log_wandb: bool = False  # also log the results to W&B (tracking.*): per-image table with overlays, summary
+    shard_splits: list[str] = field(default_factory=list)  # shard-folder inputs: splits to read ([] = test, else val)
 
 
 @dataclass
@@ -239,6 +243,8 @@ def validate(cfg: Config) -> Config:
     _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
     _check(i.threshold is None or 0 < i.threshold < 1, "infer.threshold", i.threshold,
            "must be in (0, 1), or null (the checkpoint's choice)")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", i.device) is not None, "infer.device", i.device,
+           "choose auto, cpu, cuda or cuda:N")
     _check(i.post_threads >= 0, "infer.post_threads", i.post_threads, "must be >= 0")
     _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")

@@ -49,7 +49,8 @@ from lesionseg.data.images import (
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError, environment_message, first_line, is_environmental
-from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
+from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
+from lesionseg.launch import maybe_relaunch_cpu_ranks
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 from lesionseg.postprocess import CHOICES as POSTPROCESS_CHOICES
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
@@ -62,10 +63,11 @@ MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"
 ROW_FILE_RE = re.compile(r"^rows-p(\d+)-r(\d+)\.jsonl$")
 DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
 THUMB_SIDE = 256  # longest side of the report's thumbnails
-# metrics.csv columns: DESIGN.md's contract first, then counts and bookkeeping.
+# metrics.csv columns: DESIGN.md's contract first, then counts and bookkeeping; one row per
+# image that got a mask (with truth or not), so it maps every input to its mask.
 METRIC_COLUMNS = ("id", "height", "width", "dice", "iou", "accuracy", "sensitivity",
                   "specificity", "threshold_jaccard", "tp", "fp", "fn", "tn", "status", "reason",
-                  "input")
+                  "input", "mask", "split", "pred_area", "pred_fraction")
 ERROR_COLUMNS = ("input", "id", "reason")
 # Run settings that must match when a part resumes or joins an existing --out.
 SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
@@ -85,11 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = """\
 Segment every image in folders, archives (.zip, .tar, .tar.gz) and packed shard folders.
 Writes under --out: masks/<id>_Segmentation.png (original size and orientation, 0/255, ready
-for the ISIC scorer), metrics.csv (per image with truth), errors.csv (every input that failed),
-summary.json and report.html. Rerun with the same --out to resume where a run stopped
-(a full disk or read-only folder stops the run with status 2; the rerun continues).
-Under `accelerate launch` the images are split across processes; --num-shards/--shard-index
-(or a Slurm array) split them across jobs, and the last part to finish merges."""
+for the ISIC scorer), metrics.csv (per image: input, mask, predicted area; scores with truth),
+errors.csv (every input that failed), summary.json and report.html. Each probability map is
+thresholded and post-processed as chosen on validation at the end of training (stored in the
+checkpoint), with flip TTA. Rerun with the same --out to resume where a run stopped (a full
+disk or read-only folder stops the run with status 2; the rerun continues). Under
+`accelerate launch` the images are split across processes; --num-shards/--shard-index (or a
+Slurm array) split them across jobs, and the last part to finish merges."""
     parser.epilog = """examples:
   python jobs/infer.py --checkpoint runs/demo/best.pt --input ISIC2016/ --out out/
   python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --tta
@@ -99,7 +103,9 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
                         help="best.pt or last.pt from a training run (required unless --merge)")
     parser.add_argument("--input", metavar="PATH", action="append", default=[],
                         help="image folder (recursive), image file, .zip, .tar/.tar.gz/.tgz, "
-                             "packed shard folder, ISIC root or official zip; repeatable")
+                             "packed shard folder (its test split, or val when it has none; "
+                             "infer.shard_splits=[val,test] chooses), ISIC root or official "
+                             "zip; repeatable")
     parser.add_argument("--masks", metavar="PATH", action="append", default=[],
                         help="ground-truth folder or zip, matched by id "
                              "(ISIC_0000000_Segmentation.png) or by file stem; repeatable")
@@ -130,6 +136,8 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
                         help="after thresholding: none, largest (keep the largest connected "
                              "region), fill (fill holes) or largest+fill; default auto: what "
                              "validation chose at the end of training (stored in the checkpoint)")
+    parser.add_argument("--device", metavar="DEV",
+                        help=f"auto (CUDA when visible), cpu, cuda or cuda:N (default {d.device})")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average with horizontally and vertically flipped predictions "
                              "(default on: about 1 point of Dice for 3 forwards; --no-tta for "
@@ -137,7 +145,12 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
     parser.add_argument("--save-probs", action="store_true", default=None,
                         help="also write 8-bit probability PNGs to probs/")
     parser.add_argument("--save-overlays", action="store_true", default=None,
-                        help="also write overlay JPEGs (prediction red, truth green) to overlays/")
+                        help="also write overlay JPEGs (outlines: prediction blue, truth yellow) "
+                             "to overlays/")
+    parser.add_argument("--wandb", action="store_true", default=None,
+                        help="also log the results to W&B as a run of their own (a table of "
+                             "per-image metrics with overlays, and the summary; tracking.* "
+                             "settings, offline by default)")
     parser.add_argument("--no-report", action="store_true", default=None,
                         help="do not write report.html (nor its thumbnails)")
     parser.add_argument("--config", metavar="FILE",
@@ -148,8 +161,8 @@ Under `accelerate launch` the images are split across processes; --num-shards/--
 
 FLAG_KEYS = {"batch_size": "batch_size", "workers": "num_workers", "image_size": "image_size",
              "threshold": "threshold", "postprocess": "postprocess", "tta": "tta",
-             "save_probs": "save_probs",
-             "save_overlays": "save_overlays"}
+             "device": "device", "save_probs": "save_probs",
+             "save_overlays": "save_overlays", "wandb": "log_wandb"}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -175,6 +188,7 @@ def command(args: argparse.Namespace) -> int:
     if missing:
         raise InferenceError(f"missing {', '.join(missing)} (or use --merge DIR)")
     cfg = config_from_args(args)
+    maybe_relaunch_cpu_ranks()  # `accelerate launch --cpu --num_processes N`: N ranks
     num_shards, shard_index = job_part(args.num_shards, args.shard_index)
     run_inference(args.checkpoint, args.input, args.out, cfg, masks=args.masks,
                   num_shards=num_shards, shard_index=shard_index,
@@ -344,8 +358,9 @@ class OutputSpec:
 
 
 def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """Upsample one probability map to the original size, threshold, write the mask (and
-    optional extras), score it against the truth; returns the image's row. Runs in a thread.
+    """Upsample one probability map to the original size, threshold, post-process (the
+    spec's steps), write the mask (and optional extras), score it against the truth; returns
+    the image's row. Runs in a thread.
 
     The upsampling is bilinear with pixel centres aligned (as F.interpolate with
     align_corners=False) in float32, by cv2 (~4x cheaper than torch on one thread); the
@@ -364,7 +379,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
         atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png", encode_grey_png(probs8))
     del full
     row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
-                           "status": "no_truth", "reason": ""}
+                           "status": "no_truth", "reason": "", "pred_area": cv2.countNonZero(pred)}
     truth = None
     if sample["truth_error"]:
         row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")
@@ -387,7 +402,7 @@ def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:
 
 def write_previews(image_id: str, preview: np.ndarray, pred: np.ndarray,
                    truth: np.ndarray | None, spec: OutputSpec) -> None:
-    """Overlay JPEG (prediction filled red, truth outlined green) and/or report thumbnail."""
+    """Overlay JPEG (outlines: prediction blue, truth yellow) and/or report thumbnail."""
     overlay = render_overlay(preview, pred, truth)
     if spec.save_overlays:
         atomic_write_bytes(spec.out / OVERLAYS / f"{image_id}_overlay.jpg", encode_jpeg(overlay, 90))
@@ -408,24 +423,29 @@ def _mask_at(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> Image.Im
 
 def render_overlay(preview: np.ndarray, pred: np.ndarray | torch.Tensor,
                    truth: np.ndarray | torch.Tensor | None) -> Image.Image:
-    """The image with the predicted lesion tinted red and the truth's outline in green.
+    """The image with the predicted lesion's outline in blue and the truth's in yellow:
+    outlines, not fills, so the lesion itself stays visible under both (blue/yellow also
+    reads for red-green colour-blind eyes). The prediction is drawn last, on top.
 
-    Whole-array arithmetic (np.where) and cv2.erode: boolean fancy indexing of the RGB pixels
-    and PIL's sort-based MinFilter cost ~3 ms each on a 256-pixel preview."""
+    Whole-array arithmetic and cv2.erode: boolean fancy indexing of the RGB pixels and PIL's
+    sort-based MinFilter cost ~3 ms each on a 256-pixel preview."""
     size = (preview.shape[1], preview.shape[0])
-    arr = preview.astype(np.float32)
-    tinted = arr * 0.55 + _RED * 0.45
-    arr = np.where(np.asarray(_mask_at(pred, size))[..., None] > 0, tinted, arr)
-    out = arr.round().astype(np.uint8)
-    if truth is not None:
-        t = np.asarray(_mask_at(truth, size))
-        # Outline: the mask minus its 3x3 erosion (outside the image counts as the nearest pixel).
-        edge = t ^ cv2.erode(t, _KERNEL_3X3, borderType=cv2.BORDER_REPLICATE)
-        out[edge > 0] = (0, 255, 0)
+    width = max(2, max(size) // 128)  # 2 px on a 256-px thumbnail, also after shrinking
+    out = np.array(preview, dtype=np.uint8, copy=True)
+    for mask, colour in ((truth, TRUTH_RGB), (pred, PRED_RGB)):
+        if mask is not None:
+            out[_outline(np.asarray(_mask_at(mask, size)), width) > 0] = colour
     return Image.fromarray(out, mode="RGB")
 
 
-_RED = np.array([255, 0, 0], np.float32)
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The inner band of `width` pixels of a 0/255 mask: the mask minus its erosion (outside
+    the image counts as the nearest pixel, so the image border is not an outline)."""
+    return mask ^ cv2.erode(mask, _KERNEL_3X3, iterations=width, borderType=cv2.BORDER_REPLICATE)
+
+
+PRED_RGB = (30, 144, 255)  # prediction outline: blue
+TRUTH_RGB = (255, 215, 0)  # truth outline: yellow
 _KERNEL_3X3 = np.ones((3, 3), np.uint8)
 
 
@@ -560,16 +580,41 @@ def parts_done(parts_dir: Path, num_shards: int) -> tuple[bool, list[int]]:
 # --------------------------------------------------------------------------- the run
 
 
-def _distributed() -> Any:
+def _distributed(device: str = "auto") -> Any:
     """Accelerate's process state (1 process under plain python).
 
     PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without `cpu=True` a CPU
     launch of N processes would give N processes that each think they are alone (and do
-    all the work). So: CPU when asked, or when there is no CUDA."""
+    all the work). So: CPU when asked (infer.device=cpu or the launcher), or when there is
+    no CUDA."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InferenceError(f"--device {device}: no CUDA device is visible here; use "
+                             "--device cpu (or auto)")
+    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def run_device(setting: str, state: Any) -> torch.device:
+    """The device this process runs on: the launcher's (cuda:LOCAL_RANK, or cpu), except that
+    one process may be sent to a chosen GPU with infer.device=cuda:N."""
+    if ":" not in setting:
+        return state.device
+    if state.num_processes > 1:
+        raise InferenceError(f"--device {setting}: one GPU per process is chosen by the "
+                             "launcher; use --device cuda with several processes")
+    index = int(setting.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise InferenceError(f"--device {setting}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) visible")
+    return torch.device(setting)
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """What the forward pass computes in: fp16/bf16 (autocast) or fp32."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(amp_dtype, "fp32")
 
 
 def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
@@ -580,6 +625,7 @@ def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | P
     when this process finished the last part (else None). `retry_failed` redoes the images
     whose earlier row is an error."""
     cfg = cfg or load_config(None, [])
+    check_output_dir(out, "--out")
     threads = torch.get_num_threads()
     if cfg.infer.num_threads:
         torch.set_num_threads(cfg.infer.num_threads)
@@ -596,18 +642,26 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
     and merge if it was the last one."""
     icfg = cfg.infer
-    state = _distributed()
+    state = _distributed(icfg.device)
+    device = run_device(icfg.device, state)
     if not state.is_main_process:
         logging.getLogger("lesionseg").setLevel(logging.WARNING)
     parts_dir = out / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
 
-    predictor, ckpt_cfg, meta = load_predictor(checkpoint, icfg, state.device)
+    predictor, ckpt_cfg, meta = load_predictor(checkpoint, icfg, device)
     image_size = icfg.image_size or ckpt_cfg.data.image_size
     post, post_source = applied_postprocess(icfg, meta)
     icfg = replace(icfg, threshold=post.threshold, postprocess=post.name)
-    log.info("threshold %s and post-processing %s (%s)", post.threshold, post.name, post_source)
-    run_cfg = _run_config(ckpt_cfg, icfg, image_size)
+    cfg = replace(cfg, infer=icfg)
+    runtime = {"device": device.type if state.num_processes > 1 else str(device),
+               "precision": precision_name(predictor.amp_dtype),
+               "processes": state.num_processes}
+    log.info("inference on %s, %s precision (infer.mixed_precision=%s), %d process(es), "
+             "%d px, threshold %g, post-processing %s (%s)%s", runtime["device"],
+             runtime["precision"], icfg.mixed_precision, state.num_processes, image_size,
+             post.threshold, post.name, post_source, ", flip TTA" if icfg.tta else "")
+    run_cfg = _run_config(ckpt_cfg, cfg, image_size)
     signature = {
         "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
         "masks": [str(Path(p).resolve()) for p in masks],
@@ -618,7 +672,7 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     check_signature(parts_dir, signature)
     inventory = collect(inputs, masks, tuple(icfg.shard_splits))
     _write_run_files(parts_dir, signature, checkpoint, meta, run_cfg, inventory, shard_index,
-                     state.process_index)
+                     state.process_index, runtime)
 
     mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
     finished = done_ids(parts_dir, retry_failed)
@@ -640,18 +694,25 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
                  assigned=len(mine))
     atomic_write_text(parts_dir / f"done-p{shard_index:04d}-r{state.process_index:03d}-of-"
                       f"{state.num_processes:03d}.json", json.dumps(stats, indent=1))
+    # Every process of this part is done before anyone looks: then the main process alone
+    # says what is left and merges (a rank finishing first would report its siblings missing).
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
     complete, missing = parts_done(parts_dir, num_shards)
     if not complete:
-        log.info("part %d, process %d finished; part(s) %s still running or not started (the "
-                 "last process to finish merges; or run --merge %s)", shard_index,
-                 state.process_index, ", ".join(map(str, missing)), out)
+        log.info("part %d of %d done; part(s) %s of this --num-shards %d job not finished yet "
+                 "(the last part to finish merges, or run --merge %s when they are)",
+                 shard_index, num_shards, ", ".join(map(str, missing)), num_shards, out)
         return None
     return merge(out)
 
 
-def _run_config(ckpt_cfg: Config, icfg: InferConfig, image_size: int) -> Config:
-    """The checkpoint's config with this run's infer section (image_size resolved)."""
-    return replace(ckpt_cfg, infer=replace(icfg, image_size=image_size))
+def _run_config(ckpt_cfg: Config, cfg: Config, image_size: int) -> Config:
+    """The checkpoint's config with this run's infer (image_size resolved) and tracking
+    sections."""
+    return replace(ckpt_cfg, infer=replace(cfg.infer, image_size=image_size),
+                   tracking=cfg.tracking)
 
 
 def applied_postprocess(icfg: InferConfig, meta: dict[str, Any]) -> tuple[Postprocess, str]:
@@ -678,16 +739,18 @@ def applied_postprocess(icfg: InferConfig, meta: dict[str, Any]) -> tuple[Postpr
 
 
 def _write_run_files(parts_dir: Path, signature: dict, checkpoint: str | Path, meta: dict,
-                     run_cfg: Config, inventory: Inventory, part: int, rank: int) -> None:
+                     run_cfg: Config, inventory: Inventory, part: int, rank: int,
+                     runtime: dict[str, Any]) -> None:
     """run.json (settings, checkpoint, config) and this part's inventory (input errors and
     skip counts, the same for every part; the merge takes the union)."""
     if rank == 0:
         run = {"signature": signature, "checkpoint": {"path": str(Path(checkpoint).resolve()),
                                                       "sha256": signature["checkpoint_sha256"],
                                                       "meta": _plain(meta)},
-               "config": to_dict(run_cfg)}
+               "runtime": runtime, "config": to_dict(run_cfg)}
         atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
         inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
+               "shard_splits": inventory.shard_splits,
                "images": len(inventory.items) + len(inventory.errors),
                "masks_found": inventory.masks_found, "masks_unused": inventory.masks_unused}
         atomic_write_text(parts_dir / f"inventory-p{part:04d}.json", json.dumps(inv, indent=1))
@@ -750,7 +813,7 @@ def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg
                     raise InferenceError(failed["error"])
                 item = items[failed["index"]]
                 record({"id": item.id, "input": item.origin, "status": "error",
-                        "reason": failed["error"]})
+                        "reason": failed["error"], **({"split": item.split} if item.split else {})})
             if batch["images"] is None:
                 continue
             t0 = time.perf_counter()
@@ -770,10 +833,20 @@ def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """`finish_item`, with any failure of this image (whatever its type: cv2.error, numpy,
-    Pillow, MemoryError) recorded as the image's error row instead of raised. A failure of
-    the machine (disk full, read-only folder, I/O error) is not the image's: it stops the
-    run with an InferenceError and no row, so the rerun does the image again."""
+    """`finish_item`, with any failure of this image recorded as its error row instead of
+    raised (`_finish_or_error_row`); a shard sample's row names its split."""
+    row = _finish_or_error_row(item, sample, prob, spec)
+    if item.split:
+        row["split"] = item.split
+    return row
+
+
+def _finish_or_error_row(item: Item, sample: dict[str, Any], prob: torch.Tensor,
+                         spec: OutputSpec) -> dict:
+    """Any failure of this image (whatever its type: cv2.error, numpy, Pillow, MemoryError)
+    becomes the image's error row. A failure of the machine (disk full, read-only folder, I/O
+    error) is not the image's: it stops the run with an InferenceError and no row, so the
+    rerun does the image again."""
     try:
         return finish_item(item, sample, prob, spec)
     except OSError as e:
@@ -847,7 +920,9 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
         _remove_stale_temps(out)
     rows, counts = _with_scores(_collect_rows(parts_dir))
     inventory = _merged_inventory(parts_dir)
-    metric_rows = [r for r in rows if r["status"] in ("ok", "failed")]
+    metric_rows = [{**r, "mask": f"{MASKS}/{r['id']}_Segmentation.png",
+                    "pred_fraction": _fraction(r.get("pred_area"), r)} for r in rows
+                   if r["status"] in ("ok", "failed", "no_truth")]
     error_rows = inventory["errors"] + [
         {"input": r["input"], "id": r["id"], "reason": r["reason"]}
         for r in rows if r["status"] in ("error", "failed")]
@@ -858,9 +933,21 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if report if report is not None else run["config"]["infer"]["report"]:
         write_report(out / "report.html", summary, metric_rows, out / THUMBS)
+    if complete and run["config"]["infer"].get("log_wandb"):
+        from lesionseg.tracking import log_inference
+
+        log_inference(out, summary, metric_rows, out / THUMBS, run["config"].get("tracking", {}),
+                      images=run["config"]["infer"].get("report_images", 60))
     log.info("merged %d images into %s: %d scored, mean Dice %s, %d errors", len(rows), out,
              int(counts.shape[0]), _fmt(summary["means"].get("dice")), len(error_rows))
     return summary
+
+
+def _fraction(area: int | None, row: dict[str, Any]) -> float | None:
+    """Predicted lesion area as a fraction of the image (None for rows of an older version)."""
+    if area is None or not row.get("height") or not row.get("width"):
+        return None
+    return round(area / (row["height"] * row["width"]), 6)
 
 
 def _remove_stale_temps(out: Path) -> None:
@@ -879,13 +966,14 @@ def _fmt(value: Any) -> str:
 def _merged_inventory(parts_dir: Path) -> dict[str, Any]:
     """Input errors and skip counts (every part found the same; union of their files)."""
     errors: dict[tuple[str, str], dict[str, str]] = {}
-    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0}
+    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0,
+                              "shard_splits": {}}
     for path in sorted(parts_dir.glob("inventory-p*.json")):
         inv = json.loads(path.read_text())
         for e in inv["errors"]:
             errors[(e["input"], e["id"])] = e
-        for key in ("skipped", "images", "masks_found", "masks_unused"):
-            merged[key] = inv[key]
+        for key in ("skipped", "images", "masks_found", "masks_unused", "shard_splits"):
+            merged[key] = inv.get(key, merged[key])
     merged["errors"] = list(errors.values())
     return merged
 
@@ -903,12 +991,16 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "masks_written": status["ok"] + status["failed"] + status["no_truth"],
         "scored": status["ok"], "metrics_failed": status["failed"], "without_truth": status["no_truth"],
         "errors": len(error_rows), "skipped_files": inventory["skipped"],
+        "shard_splits_read": inventory["shard_splits"],
+        "inputs": run["signature"]["inputs"], "masks": run["signature"]["masks"],
         "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],
         "means": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()},
         "failures": [{"id": e["id"], "input": e["input"], "reason": e["reason"]} for e in error_rows],
         "threshold": run["signature"].get("threshold"),
         "postprocess": run["signature"].get("postprocess", "none"),
         "tta": run["signature"].get("tta", False),
+        "device": run.get("runtime", {}).get("device"),
+        "precision": run.get("runtime", {}).get("precision"),
         "checkpoint": run["checkpoint"], "config": run["config"],
         "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),
                        "note": "sum over processes of images/s in their last session",

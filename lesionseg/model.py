@@ -283,7 +283,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load a state dict (weights only), unwrapping a {"state_dict": …} container."""
     from lesionseg.checkpoint import torch_load
 
-    obj = torch_load(path, WeightsError, "encoder weights", "state-dict file")
+    obj = torch_load(path, WeightsError, "encoder weights", "not a readable state-dict file")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -3,7 +3,14 @@
 What is logged: the resolved config (at start), the training scalars and validation metrics
 (`accelerator.log`, with the optimizer step carried by the resumed state, so steps only ever
 increase), and at each validation `tracking.log_images` images with prediction and truth masks
-as W&B mask overlays.
+as W&B mask overlays. Names: `train/loss` and its terms `train/loss_bce`, `train/loss_dice`,
+`train/loss_iou` (losses: 1 - soft Dice, not the score), `val/dice` etc. (scores). Declared
+with `define_metric`: every train/ and val/ metric is plotted against `optim/step` (the
+optimizer step), and the run's summary holds the best `val/<train.best_metric>` (max) — not
+the last — and the lowest `train/loss`. An inference job with `--wandb` (`infer.log_wandb=true`)
+logs its results as a run of its own (job type "inference"): a W&B Table of per-image metrics
+with the overlay thumbnails (`log_inference` says how offline runs carry them), and the
+summary's means and counts as the run summary.
 
 Offline by default: `tracking.mode` (offline, online, disabled), overridden by the WANDB_MODE
 environment variable when it is set; files go under `tracking.dir` (default: the run folder),
@@ -43,6 +50,7 @@ RUN_ID_FILE = "wandb_run_id"
 SEGMENTS_FILE = "wandb_segments"
 CONFIG_COPY = "lesionseg-config.yaml"
 CLASS_LABELS = {0: "background", 1: "lesion"}
+STEP_METRIC = "optim/step"  # the x axis of every train/ and val/ metric
 
 
 def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
@@ -100,11 +108,28 @@ def start(accelerator: Any, cfg: Config, run_dir: Path, resumed_step: int = 0) -
     accelerator.init_trackers(cfg.tracking.project, config=to_dict(cfg),
                               init_kwargs={"wandb": init})
     run = accelerator.get_tracker("wandb", unwrap=True)
+    define_metrics(run, cfg.train.best_metric)
     files_dir = getattr(run, "dir", None)
     if files_dir:
         atomic_write_text(Path(files_dir) / CONFIG_COPY, to_yaml(cfg))
     log.info("W&B run %s (%s, %s%s) under %s", run_id, mode, f"segment {segment}",
              f", resumed at step {resumed_step}" if resumed_step else "", folder)
+
+
+def define_metrics(run: Any, best_metric: str) -> None:
+    """Plot train/ and val/ against the optimizer step; summarize the best validation score
+    and the lowest loss (W&B's default summary is the last value)."""
+    run.define_metric(STEP_METRIC)
+    for pattern in ("train/*", "val/*"):
+        run.define_metric(pattern, step_metric=STEP_METRIC)
+    run.define_metric(f"val/{best_metric}", step_metric=STEP_METRIC, summary="max")
+    run.define_metric("train/loss", step_metric=STEP_METRIC, summary="min")
+
+
+def log_metrics(accelerator: Any, values: dict[str, Any], step: int) -> None:
+    """`accelerator.log` with the optimizer step also as the `optim/step` value that the
+    declared metrics are plotted against (a no-op without trackers)."""
+    accelerator.log({**values, STEP_METRIC: step}, step=step)
 
 
 def overlay_image(image: torch.Tensor, pred: torch.Tensor, truth: torch.Tensor | None,
@@ -139,6 +164,54 @@ def log_overlays(accelerator: Any, cfg: Config,
         return
     images = [overlay_image(img, pred, truth, sid) for sid, img, pred, truth in samples]
     accelerator.log({"val/overlays": images}, step=step)
+
+
+INFER_COLUMNS = ("id", "overlay", "status", "dice", "jaccard", "sensitivity", "specificity",
+                 "pred_fraction", "fp", "fn", "split", "input", "mask")
+
+
+def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: Path,
+                  tracking: dict[str, Any], images: int = 60) -> str:
+    """Log an inference job's results as a W&B run of its own (job type "inference", under
+    `tracking.dir` or `out`): a Table `infer/images` with a row per image and its overlay
+    thumbnail (when the report wrote one), `infer/overlays` (the `images` worst by Dice, else
+    largest predicted lesion first), and the means, counts, device and precision as the run
+    summary. Offline, W&B writes the images of a Table as the word "Image" (wandb #4611), so
+    there the Table's overlay column holds the thumbnail's path under `out` and the images
+    go through `infer/overlays`. Returns the run's folder."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or tracking.get("mode", "offline")
+    folder = Path(tracking.get("dir") or out)
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=tracking.get("project", "lesionseg"), job_type="inference",
+                     name=tracking.get("run_name") or f"infer-{Path(out).resolve().name}",
+                     group=tracking.get("group"), dir=str(folder), mode=mode,
+                     config={"checkpoint": summary.get("checkpoint", {}).get("path"),
+                             **summary.get("config", {})})
+    try:
+        table = wandb.Table(columns=list(INFER_COLUMNS))
+        for r in rows:
+            thumb = thumbs / f"{r['id']}.jpg"
+            overlay = None
+            if thumb.is_file():
+                overlay = (wandb.Image(str(thumb), caption=r["id"]) if mode == "online"
+                           else str(thumb.relative_to(out)) if thumb.is_relative_to(out) else str(thumb))
+            table.add_data(*[overlay if c == "overlay" else r.get(c) for c in INFER_COLUMNS])
+        ranked = sorted(rows, key=lambda r: (r.get("dice") is None, r.get("dice") or 0,
+                                             -(r.get("pred_fraction") or 0), r["id"]))
+        overlays = [wandb.Image(str(thumbs / f"{r['id']}.jpg"), caption=r["id"]) for r in ranked
+                    if (thumbs / f"{r['id']}.jpg").is_file()][:images]
+        run.log({"infer/images": table, **({"infer/overlays": overlays} if overlays else {})})
+        values = {f"infer/{k}": v for k, v in (summary.get("means") or {}).items() if v is not None}
+        values.update({f"infer/{k}": summary.get(k) for k in (
+            "images_found", "masks_written", "scored", "without_truth", "errors", "device",
+            "precision") if summary.get(k) is not None})
+        run.summary.update(values)
+        log.info("W&B inference run %s (%s) under %s", run.id, mode, folder)
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()
 
 
 def finish(accelerator: Any) -> None:

@@ -28,7 +28,9 @@ the epoch's pipeline is rebuilt and each worker skips the raw samples of the bat
 done before decoding them. With the same world size, batch size, data.num_workers, grad accumulation and
 train.num_threads (torch CPU threads; set it > 0 for exactness on CPU), a CPU run killed
 at any moment and resumed ends with bit-identical weights (tested). On GPU,
-train.deterministic=true is needed too (not verified: no GPU here).
+train.deterministic=true is needed too (not verified: no GPU here). Each state's progress also
+holds the settings an exact resume needs (`resume_settings`): a resume with others is refused
+unless train.resume_with_changes; raising optim.max_steps/epochs extends a finished run.
 
 Signals: SIGTERM or SIGUSR1 asks to stop; ranks agree at the next optimizer-step boundary
 (one tiny all-reduce per step, which also carries "my data failed", so no rank is ever left
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -55,12 +58,11 @@ import os
 import random
 import shutil
 import signal
-import sys
 import tarfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +71,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lesionseg import states
-from lesionseg.config import Config, load_config, save_config, was_set
+from lesionseg.config import Config, ConfigError, load_config, save_config, to_dict, was_set
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,
@@ -80,14 +82,15 @@ from lesionseg.data.transforms import (
     to_float_images,
 )
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, UserError, first_line
+from lesionseg.files import check_output_dir
+from lesionseg.launch import maybe_relaunch_cpu_ranks, requested_cpu_processes  # noqa: F401
 from lesionseg.recipe import resolve as resolve_recipe
+from lesionseg.tuning import tune_checkpoint
 from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-RELAUNCH_ENV = "LESIONSEG_RELAUNCHED"  # set on the torch.distributed.run we start ourselves
-NO_RELAUNCH_ENV = "LESIONSEG_NO_RELAUNCH"
 # A lane that reads this many shards in a row without one sample gives up (all bad or empty).
 MAX_EMPTY_SHARDS = 64
 
@@ -117,13 +120,14 @@ most used keys:
   data.color_jitter: null = chosen from the encoder weights and the schedule length (the
   "recipe:" start-up line says what and why; lesionseg/recipe.py); set any to override
   train.mixed_precision=no|bf16|fp16          train.seed=0
-  train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR
+  train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR (none moves an old run aside)
+  train.resume_with_changes=false (true: resume a state despite other settings, not exactly)
   train.val_every_steps=0 (0 = every epoch)   train.select=final|best (what best.pt holds)
   train.num_threads=0 (set >0 for bit-exact CPU resume)
   tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
 
 examples:
-  python jobs/train.py                                   # demo data, a few minutes on a CPU
+  python jobs/train.py                                   # demo data: 38 s on a quiet 2-core CPU
   accelerate launch jobs/train.py data.shards=shards/isic2016 train.mixed_precision=bf16
   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no jobs/train.py data.shards=…   # 2 CPU ranks
@@ -165,6 +169,7 @@ def command(args: argparse.Namespace) -> int:
     """Run the train job; returns the exit status (0, or EXIT_RESUME after a stop signal)."""
     maybe_relaunch_cpu_ranks()
     cfg = load_config(args.config, args.overrides)
+    check_output_dir(cfg.train.output_dir, "train.output_dir")
     demo = cfg.data.shards is None
     if demo:
         apply_demo_defaults(cfg, args.config, args.overrides)
@@ -181,61 +186,6 @@ def apply_demo_defaults(cfg: Config, config_file: str | None, overrides: list[st
         if not was_set(key, config_file, overrides):
             section, name = key.split(".")
             setattr(getattr(cfg, section), name, value)
-
-
-def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str]) -> int:
-    """N when this process is the single one `accelerate launch --cpu --num_processes N`
-    started (1 otherwise). Accelerate's simple launcher starts ONE process for that command
-    and tells it nothing about N, so the parent's command line is where N can be read."""
-    dist_env = ("WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", RELAUNCH_ENV)
-    if any(env.get(k) for k in dist_env):
-        return 1
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
-        return 1
-    if not any("accelerate" in a for a in parent_argv[:2]) or "launch" not in parent_argv:
-        return 1
-    for i, arg in enumerate(parent_argv):
-        for flag in ("--num_processes", "--num-processes"):
-            value = None
-            if arg.startswith(flag + "="):
-                value = arg[len(flag) + 1:]
-            elif arg == flag and i + 1 < len(parent_argv):
-                value = parent_argv[i + 1]
-            if value is not None and value.isdigit():
-                return int(value)
-    return 1
-
-
-def _parent_argv() -> list[str]:
-    """The parent process's command line (Linux /proc; empty elsewhere)."""
-    try:
-        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def maybe_relaunch_cpu_ranks() -> None:
-    """Turn `accelerate launch --cpu --num_processes N` (N > 1), which starts one process, into
-    N real gloo ranks by re-executing under torch.distributed.run (set LESIONSEG_NO_RELAUNCH=1
-    to only warn)."""
-    n = requested_cpu_processes(os.environ, _parent_argv())
-    if n <= 1:
-        return
-    if os.environ.get(NO_RELAUNCH_ENV) == "1":
-        log.warning("`accelerate launch --cpu --num_processes %d` started ONE process; this run "
-                    "uses 1 process. For %d CPU ranks use: ACCELERATE_USE_CPU=true accelerate "
-                    "launch --multi_gpu --num_processes %d --num_machines 1 …", n, n, n)
-        return
-    log.warning("`accelerate launch --cpu --num_processes %d` starts only one process; "
-                "relaunching as %d CPU (gloo) ranks with torch.distributed.run", n, n)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", **{RELAUNCH_ENV: "1"})
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={n}", sys.argv[0], *sys.argv[1:]]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
 
 
 # ============================================================================ data
@@ -597,9 +547,12 @@ class Schedule:
     epochs: int
     accum: int
 
-    def micro_batches(self, epoch: int) -> int:
-        """Micro-batches each rank runs in `epoch` (the last epoch may be partial)."""
-        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+    def micro_batches(self, step: int, micro: int = 0) -> int:
+        """Micro-batches each rank runs in the epoch that stands at optimizer step `step`,
+        `micro` micro-batches in: a full epoch, or fewer when the run ends sooner. Counted
+        from where the epoch stands, not from epoch × steps_per_epoch, so that a run extended
+        after a cut-short last epoch (optim.max_steps raised) goes on with full epochs."""
+        steps = min(self.steps_per_epoch, micro // self.accum + self.total_steps - step)
         return max(0, steps) * self.accum
 
 
@@ -672,6 +625,80 @@ class Progress:
         for key, value in state.items():
             if hasattr(self, key):
                 setattr(self, key, value)
+
+
+# Settings a state can only resume exactly with: everything that shapes the data stream, the
+# model, the loss and the optimizer. Not optim.epochs / optim.max_steps (a finished run asked
+# for more steps goes on), nor model.encoder_weights (the state holds the weights).
+RESUME_FREE_KEYS = {"optim.epochs", "optim.max_steps", "model.encoder_weights", "data.pin_memory",
+                    "data.on_error", "data.demo_dir"}
+RESUME_SECTIONS = ("data", "model", "loss", "optim")
+RESUME_TRAIN_KEYS = ("seed", "mixed_precision", "deterministic", "num_threads", "best_metric")
+NEVER_CHANGED_KEYS = ("model.decoder_channels",)  # the saved weights would not fit
+
+
+def resume_settings(cfg: Config, world: int) -> dict[str, Any]:
+    """The settings an exact resume needs unchanged, flat (`data.batch_size` → 8)."""
+    tree = to_dict(cfg)
+    flat = {f"{s}.{k}": v for s in RESUME_SECTIONS for k, v in tree[s].items()}
+    flat.update({f"train.{k}": tree["train"][k] for k in RESUME_TRAIN_KEYS})
+    flat["processes"] = world
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS}
+
+
+def changed_settings(state: Path, cfg: Config, world: int) -> list[tuple[str, Any, Any]]:
+    """(key, the state's value, this run's value) for every resume setting that differs from
+    the state's (saved in its progress.json); [] for states of older versions, which lack them."""
+    try:
+        saved = json.loads((state / states.PROGRESS_FILE).read_text()).get("extra", {}).get("settings")
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        log.warning("%s: written by an older version without its settings; resuming without "
+                    "checking that they match", state)
+        return []
+    now = resume_settings(cfg, world)
+    return [(k, saved.get(k), now[k]) for k in now if k in saved and saved[k] != now[k]]
+
+
+def check_resume(state: Path, run_dir: Path, cfg: Config, world: int) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume that cannot be exact (naming what differs and the ways out), unless
+    train.resume_with_changes; returns what differs."""
+    changed = changed_settings(state, cfg, world)
+    if not changed:
+        return []
+    what = ", ".join(f"{k}={new} (was {old})" for k, old, new in changed)
+    never = [k for k, _, _ in changed if k in NEVER_CHANGED_KEYS]
+    if never:
+        raise ConfigError(f"{run_dir}: its state {state.name} cannot be resumed with {what}: the "
+                          "weights would not fit; use a new train.output_dir, or train.resume=none "
+                          "to start over in this folder")
+    if not cfg.train.resume_with_changes:
+        raise ConfigError(f"{run_dir}: its state {state.name} was trained with other settings "
+                          f"({what}), so it cannot resume exactly; use a new train.output_dir, or "
+                          "train.resume=none to start over in this folder (the old run is moved "
+                          "aside), or train.resume_with_changes=true to go on from its weights "
+                          "with the new settings")
+    log.warning("resuming %s with changed settings (%s): not an exact resume; the current "
+                "epoch starts again", state, what)
+    return changed
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """train.resume=none in a folder holding a run: move its states, weights, config, metrics
+    and W&B id into `replaced-<time>/`, so that nothing of it is resumed or mistaken for the
+    new run's. Main process only."""
+    names = (states.STATES, "best.pt", "last.pt", "config.yaml", METRICS_FILE, "wandb_run_id",
+             "wandb_segments")
+    present = [run_dir / n for n in names if (run_dir / n).exists()]
+    if not any(p.name in (states.STATES, "best.pt", "last.pt") for p in present):
+        return None
+    aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in present:
+        os.replace(p, aside / p.name)
+    log.warning("train.resume=none: the run that was in %s is moved to %s", run_dir, aside)
+    return aside
 
 
 # ============================================================================ signals, agreement
@@ -908,8 +935,9 @@ def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, loss_fn
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     n = len(batches) * accelerator.num_processes
-    stats = {"loss": float(total[0]) / n, "bce": float(total[1]) / n,
-             "dice": float(total[2]) / n, "iou": float(total[3]) / n, "grad_norm": norm}
+    # Loss terms are named as losses: `train/loss_dice` is 1 - soft Dice, not the Dice score.
+    stats = {"loss": float(total[0]) / n, "loss_bce": float(total[1]) / n,
+             "loss_dice": float(total[2]) / n, "loss_iou": float(total[3]) / n, "grad_norm": norm}
     return stats, not bad
 
 
@@ -1022,6 +1050,9 @@ def train(cfg: Config, demo: bool = False) -> int:
     if main:
         check_stored_size(data, cfg.data.image_size)
     schedule = plan_schedule(cfg, data.train_count, world)
+    # The settings as given (auto keys still null) are what a resume must match: an extended
+    # run's recipe is resolved anew for its longer schedule.
+    given = copy.deepcopy(cfg)
     recipe = resolve_recipe(cfg, schedule.total_steps, schedule.steps_per_epoch)
     if main:
         log.info("recipe: %s", recipe.describe())
@@ -1046,15 +1077,27 @@ def train(cfg: Config, demo: bool = False) -> int:
                                smooth=cfg.loss.smooth, per_image=cfg.loss.per_image,
                                pos_weight=cfg.loss.pos_weight)
 
+    if cfg.train.resume == "none" and main and run_dir.is_dir():
+        set_aside_previous_run(run_dir)
+    accelerator.wait_for_everyone()
     resume_from = states.choose_state(accelerator, cfg.train.resume, run_dir)
+    changed = (check_resume(resume_from, run_dir, given, world) if resume_from is not None
+               else [])
     if resume_from is not None:
         accelerator.wait_for_everyone()
         states.load_state(accelerator, resume_from, progress, scheduler)
         log.info("resumed from %s: epoch %d, micro-batch %d, step %d", resume_from,
                  progress.epoch, progress.micro, progress.step)
+        if changed:  # the data position and the best score mean nothing under new settings
+            progress.micro = 0
+            if any(k == "train.best_metric" for k, _, _ in changed):
+                progress.best, progress.best_step = -math.inf, -1
+        _log_extension(progress, schedule)
+    progress.extra["settings"] = resume_settings(given, world)  # saved with every state
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if not changed:  # else the weights beside it are the old settings' until the next save
+            save_config(cfg, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     tracking.start(accelerator, cfg, run_dir, progress.step)
 
@@ -1088,9 +1131,8 @@ def train(cfg: Config, demo: bool = False) -> int:
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
                          epoch=progress.epoch, val=last_val, select="final")
         if cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
-            from lesionseg.tuning import tune_checkpoint
-
             tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size)
+        save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
         log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
                  "%s weights (train.select); weights in %s and %s", progress.step,
                  cfg.train.best_metric, progress.best, progress.best_step,
@@ -1105,6 +1147,17 @@ def train(cfg: Config, demo: bool = False) -> int:
     accelerator.wait_for_everyone()
     tracking.finish(accelerator)
     return EXIT_OK
+
+
+def _log_extension(progress: Progress, schedule: Schedule) -> None:
+    """Say what a resume does to the end of the run: nothing left, or going on past it."""
+    if progress.step >= schedule.total_steps:
+        log.info("this run finished at step %d; nothing to train (raise optim.max_steps or "
+                 "optim.epochs to extend it)", progress.step)
+    elif progress.step and progress.micro == 0 and progress.extra.get("finished_at") == progress.step:
+        log.info("extending the finished run from step %d to %d (the learning-rate schedule "
+                 "is recomputed for %d steps)", progress.step, schedule.total_steps,
+                 schedule.total_steps)
 
 
 def count_bad_steps(progress: Progress, applied: bool, max_bad: int) -> None:
@@ -1125,11 +1178,13 @@ def log_train_scalars(accelerator: Any, stats: StepStats, optimizer: Any, progre
                       bar: Any) -> None:
     """Means since the last log line, learning rates and epoch: to the trackers, the progress
     bar and the log (main process)."""
+    from lesionseg import tracking
+
     values = stats.mean()
     values["train/lr"] = optimizer.param_groups[0]["lr"]
     values["train/lr_encoder"] = optimizer.param_groups[1]["lr"]
     values["train/epoch"] = progress.epoch
-    accelerator.log(values, step=progress.step)
+    tracking.log_metrics(accelerator, values, progress.step)
     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
     if accelerator.is_main_process:
         log.info("step %d: %s", progress.step, _scalar_line(values))
@@ -1143,7 +1198,7 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
     from lesionseg.checkpoint import save_weights
 
     metrics, overlays = evaluate(accelerator, model, data, cfg)
-    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
+    tracking.log_metrics(accelerator, {f"val/{k}": v for k, v in metrics.items()}, progress.step)
     tracking.log_overlays(accelerator, cfg, overlays, progress.step)
     progress.extra["last_val"] = metrics
     main = accelerator.is_main_process
@@ -1157,6 +1212,7 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
             net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
                          epoch=progress.epoch, val=metrics, best_metric=cfg.train.best_metric)
+            save_config(cfg, run_dir / "config.yaml")
 
 
 def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, model: Any,
@@ -1176,6 +1232,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                disable=not main, dynamic_ncols=True)
     loader: Loader | None = None
     loader_it: Iterator[dict[str, Any]] | None = None
+    epoch_len = 0  # micro-batches of the current epoch
     unfreeze = cfg.model.freeze_encoder and cfg.model.unfreeze_after_epochs > 0
     model.train()
     try:
@@ -1186,8 +1243,9 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                     model, optimizer = set_encoder_frozen(accelerator, model, optimizer, False)
                     log.info("epoch %d: encoder unfrozen", progress.epoch)
                     unfreeze = False
+                epoch_len = schedule.micro_batches(progress.step, progress.micro)
                 dataset = TrainStream(data.train_urls, cfg, progress.epoch, rank, world,
-                                      schedule.micro_batches(progress.epoch), progress.micro)
+                                      epoch_len, progress.micro)
                 loader = Loader(dataset, cfg, accelerator.device)
                 loader_it = iter(loader)
             batches, error = fetch_batches(loader_it, o.grad_accum_steps)
@@ -1213,7 +1271,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
             progress.step += 1
             progress.micro += o.grad_accum_steps
             count_bad_steps(progress, applied, t.max_bad_steps)
-            epoch_done = progress.micro >= schedule.micro_batches(progress.epoch)
+            epoch_done = progress.micro >= epoch_len
             if epoch_done:
                 progress.epoch += 1
                 progress.micro = 0
@@ -1228,6 +1286,8 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                 stats = StepStats()
 
             last = progress.step == schedule.total_steps
+            if last:
+                progress.extra["finished_at"] = progress.step  # in the final state
             validate = last or (t.val_every_steps > 0 and progress.step % t.val_every_steps == 0) \
                 or (t.val_every_steps == 0 and epoch_done)
             if validate:

@@ -87,3 +87,21 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
 def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "data", "--repeats", "0", "--workdir", str(tmp_path)]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_help_texts_quote_the_plans_and_the_readme() -> None:
+    """bench --help states the quick race budget the plan uses (once said 90 and 60 s), and
+    train --help the demo's time the README measured (once "a few minutes" vs "38 s")."""
+    import re
+
+    from lesionseg.bench import plan_for
+    from lesionseg.cli import build_parser
+
+    text = " ".join(build_parser("bench")[0].format_help().split())
+    quick, full = plan_for(True), plan_for(False)
+    assert f"a {quick.race_budget_s:g} s training race" in text
+    assert f"(default {full.race_budget_s:g}, --quick {quick.race_budget_s:g})" in text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    seconds = re.search(r"(\d+) s on a quiet 2-core CPU", " ".join(readme.split())).group(1)
+    train_help = " ".join(build_parser("train")[0].format_help().split())
+    assert f"demo data: {seconds} s on a quiet 2-core CPU" in train_help

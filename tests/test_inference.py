@@ -93,7 +93,7 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
     pack([data["isic"]], shards, PackConfig(max_side=0, workers=1, val_fraction=0.3), progress=False)
 
     runs = {"folder": (data["isic"],), "zip": (zpath, "--masks", truth),
-            "tar": (tpath, "--masks", truth), "shards": (shards,)}
+            "tar": (tpath, "--masks", truth), "shards": (shards, "infer.shard_splits=[train,val]")}
     results = {}
     for name, (src, *masks) in runs.items():
         out = tmp_path / f"out-{name}"
@@ -108,8 +108,9 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
         assert masks.keys() == ref_masks.keys(), name
         for key, mask in masks.items():
             assert np.array_equal(mask, ref_masks[key]), f"{name}: {key} differs from the folder run"
-        strip = [{k: v for k, v in r.items() if k != "input"} for r in rows]
-        assert strip == [{k: v for k, v in r.items() if k != "input"} for r in ref_rows], name
+        strip = [{k: v for k, v in r.items() if k not in ("input", "split")} for r in rows]
+        assert strip == [{k: v for k, v in r.items() if k not in ("input", "split")}
+                         for r in ref_rows], name
 
     # Masks: original size, mode L, 0/255 only, and nothing but masks in masks/.
     out = tmp_path / "out-folder"
@@ -137,6 +138,54 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
     assert summary["means"]["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in ref_rows]))
     html = (out / "report.html").read_text()
     assert "<svg" in html and html.count("data:image/jpeg;base64,") == N_CASES
+
+
+def test_every_photo_gets_its_own_traceable_mask(data: dict[str, Path], tmp_path: Path) -> None:
+    """Camera names repeating across folders, and names in other scripts: every image gets
+    its own mask, named after its folders and letters; metrics.csv maps input → mask (no truth)."""
+    photos = tmp_path / "photos"
+    jpgs = sorted(data["images"].glob("*.jpg"))
+    for i, sub in enumerate(("patient1", "patient2")):
+        (photos / sub).mkdir(parents=True)
+        shutil.copy(jpgs[i], photos / sub / "IMG_0001.JPG")
+        shutil.copy(jpgs[i + 2], photos / sub / "IMG_0002.JPG")
+    shutil.copy(jpgs[4], photos / "病变 ü.jpg")
+    out = tmp_path / "out"
+    assert infer(data, out, photos, extra=("--no-report",)) == 0
+    assert read_csv(out / "errors.csv") == []
+    rows = read_csv(out / "metrics.csv")
+    mapping = {Path(r["input"]).relative_to(photos).as_posix(): r["mask"] for r in rows}
+    assert mapping == {
+        "patient1/IMG_0001.JPG": "masks/patient1__IMG_0001_Segmentation.png",
+        "patient1/IMG_0002.JPG": "masks/patient1__IMG_0002_Segmentation.png",
+        "patient2/IMG_0001.JPG": "masks/patient2__IMG_0001_Segmentation.png",
+        "patient2/IMG_0002.JPG": "masks/patient2__IMG_0002_Segmentation.png",
+        "病变 ü.jpg": "masks/病变_ü_Segmentation.png"}
+    for r in rows:
+        assert r["status"] == "no_truth"
+        assert Image.open(out / r["mask"]).size == Image.open(r["input"]).size
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(
+        Path(m).name for m in mapping.values())
+
+
+def test_without_truth_rows_and_report_show_the_predictions(data: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """Photos without masks: a metrics.csv row per image with the predicted lesion area and
+    fraction (as in the written mask), and a report of the predictions, not an empty grid."""
+    out = tmp_path / "out"
+    assert infer(data, out, data["images"]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == N_CASES and {r["status"] for r in rows} == {"no_truth"}
+    for r in rows:
+        mask = np.asarray(Image.open(out / r["mask"]))
+        assert int(r["pred_area"]) == int((mask > 0).sum())
+        assert float(r["pred_fraction"]) == pytest.approx((mask > 0).mean(), abs=1e-6)
+        assert r["dice"] == ""
+    page = (out / "report.html").read_text()
+    assert f"Predictions without truth ({N_CASES} images)" in page and "None" not in page
+    assert page.count("data:image/jpeg;base64,") == N_CASES
+    largest = max(rows, key=lambda r: (float(r["pred_fraction"]), r["id"]))
+    assert page.index(f'alt="{largest["id"]}"') == min(page.index(f'alt="{r["id"]}"') for r in rows)
 
 
 def test_official_zips_equal_the_isic_root(data: dict[str, Path], isic_root: Path,
@@ -189,11 +238,31 @@ def test_tta_probs_and_bf16(data: dict[str, Path], tmp_path: Path) -> None:
     assert summary["config"]["infer"]["tta"] and summary["config"]["infer"]["mixed_precision"] == "bf16"
 
 
+def test_device_and_precision_are_said_and_recorded(data: dict[str, Path], tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    one = sorted(data["images"].glob("*.jpg"))[0]
+    for i, (extra, precision) in enumerate((((), "fp32"), (("infer.mixed_precision=bf16",), "bf16"))):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lesionseg"):
+            assert infer(data, tmp_path / f"o{i}", one, extra=("--device", "cpu", *extra)) == 0
+        assert f"inference on cpu, {precision} precision" in caplog.text
+        summary = json.loads((tmp_path / f"o{i}" / "summary.json").read_text())
+        assert (summary["device"], summary["precision"]) == ("cpu", precision)
+        assert summary["config"]["infer"]["device"] == "cpu"
+    capsys.readouterr()
+    assert infer(data, tmp_path / "bad", one, extra=("--device", "tpu")) == 2
+    assert "infer.device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert infer(data, tmp_path / "nocuda", one, extra=("--device", "cuda")) == 2
+        assert "--device cuda: no CUDA device" in capsys.readouterr().err
+
+
 def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: Path) -> None:
     shards = tmp_path / "small"
     pack([data["isic"]], shards, PackConfig(max_side=40, workers=1), progress=False)
     out = tmp_path / "out"
-    assert infer(data, out, shards, extra=("--no-report",)) == 0
+    assert infer(data, out, shards, extra=("--no-report", "infer.shard_splits=[train,val]")) == 0
     rows = read_csv(out / "metrics.csv")
     assert len(rows) == N_CASES and not (out / "report.html").exists()
     for row in rows:
@@ -201,6 +270,35 @@ def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: 
         assert Image.open(out / "masks" / f"{row['id']}_Segmentation.png").size == size
         if max(size) > 40:
             assert row["status"] == "ok" and "truth resized" in row["reason"]
+
+
+def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], packed_shards: Path,
+                                                     tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Scores over train and val mixed in would be optimistic: a shard folder gives its test
+    split (val when it has none), the log and summary say which, metrics.csv has the split."""
+    manifest = json.loads((packed_shards / "manifest.json").read_text())
+    counts = {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
+    assert all(counts.values())
+    with caplog.at_level("INFO", logger="lesionseg"):
+        assert infer(data, tmp_path / "default", packed_shards, extra=("--no-report",)) == 0
+    assert "reading the test split" in caplog.text
+    rows = read_csv(tmp_path / "default" / "metrics.csv")
+    assert len(rows) == counts["test"] and {r["split"] for r in rows} == {"test"}
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["shard_splits_read"] == {str(packed_shards): ["test"]}
+    assert infer(data, tmp_path / "chosen", packed_shards,
+                 extra=("--no-report", "infer.shard_splits=[val,train]")) == 0
+    rows = read_csv(tmp_path / "chosen" / "metrics.csv")
+    assert sorted(r["split"] for r in rows) == ["train"] * counts["train"] + ["val"] * counts["val"]
+    # Without a test split: val; with neither: refused, naming the key to set.
+    no_test = tmp_path / "no_test"
+    pack([data["isic"]], no_test, PackConfig(workers=1, val_fraction=0.3), progress=False)
+    assert infer(data, tmp_path / "val", no_test, extra=("--no-report",)) == 0
+    assert {r["split"] for r in read_csv(tmp_path / "val" / "metrics.csv")} == {"val"}
+    train_only = tmp_path / "train_only"
+    pack([data["isic"]], train_only, PackConfig(workers=1, val_fraction=0), progress=False)
+    assert infer(data, tmp_path / "none", train_only, extra=("--no-report",)) == 2
 
 
 def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Path) -> None:
@@ -418,7 +516,7 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(data: dict[str, Path], tm
 
     masks = {p.name[: -len("_Segmentation.png")]: Image.open(p) for p in (out / "masks").iterdir()}
     for key in ("rgba", "cmyk", "gray", "palette", "deep", "wrongsize", "zeroone",
-                "zipescape", "zipabs", "tarescape", "tarabs"):
+                "zipescape", "abs__zipabs", "tarescape", "abs__tarabs"):
         assert masks[key].size == (50, 40) and masks[key].mode == "L", key
     assert masks["rotated"].size == (40, 50)  # display orientation
     rows = {r["id"]: r for r in read_csv(out / "metrics.csv")}
@@ -611,8 +709,33 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
     bad.write_bytes(b"nope")
     assert main(["infer", "--checkpoint", str(bad), "--input", str(data["isic"]), "--out",
                  str(tmp_path / "o")]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "bad.pt: not a lesionseg checkpoint" in capsys.readouterr().err
+    # Files torch's weights-only loader refuses: its advice (weights_only=False) is never passed on.
+    pickled, model_file = tmp_path / "pickled.pkl", tmp_path / "model.pt"
+    pickled.write_bytes(b"\x80\x04\x95" + bytes(range(256)) * 4)
+    torch.save(torch.nn.Linear(2, 2), model_file)
+    for path in (pickled, model_file):
+        assert main(["infer", "--checkpoint", str(path), "--input", str(data["isic"]), "--out",
+                     str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"{path.name}: not a lesionseg checkpoint" in err and "weights_only" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    # A run folder as --checkpoint: said to be a folder, with the file it probably meant.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(data["ckpt"], run_dir / "best.pt")
+    assert main(["infer", "--checkpoint", str(run_dir), "--input", str(data["isic"]), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and f"did you mean {run_dir / 'best.pt'}" in err
+    assert "not found" not in err
     assert main(["infer", "--merge", str(tmp_path / "nothing")]) == 2
+    capsys.readouterr()
+    for out in (bad, bad / "sub"):  # --out an existing file, or below one: one line, status 2
+        assert main(["infer", "--checkpoint", str(data["ckpt"]), "--input", str(data["isic"]),
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "existing file" in err[0], err
     assert inference.job_part(None, None, {"SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_ID": "7",
                                             "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_STEP": "2"}) == (5, 2)
     assert inference.job_part(None, None, {}) == (1, 0)
@@ -640,6 +763,22 @@ def test_two_processes_with_accelerate_equal_one(data: dict[str, Path], tmp_path
     assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
     assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(tmp_path / "two").values(),
                                                     mask_arrays(tmp_path / "one").values(), strict=True))
+    # The last word is the merge, not "part 0 still running" from the rank that finished first.
+    logged = [line for line in two.stderr.splitlines() if " lesionseg." in line]
+    assert f"merged {N_CASES} images" in logged[-1], logged[-3:]
+    assert not any("not finished" in line or "still running" in line for line in logged)
+
+    # `accelerate launch --cpu --num_processes 2` starts one process: the job relaunches as 2.
+    cpu = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2",
+                          "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(REPO / "jobs" / "infer.py"), *args, "--out", str(tmp_path / "cpu")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert cpu.returncode == 0, cpu.stderr[-3000:]
+    assert "relaunching as 2 CPU (gloo) ranks" in cpu.stderr
+    rows = sorted((tmp_path / "cpu" / "parts").glob("rows-*.jsonl"))
+    assert [p.name for p in rows] == ["rows-p0000-r000.jsonl", "rows-p0000-r001.jsonl"]
+    assert (tmp_path / "cpu" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
 
 
 def test_masks_folder_scores_the_same_in_the_official_isic_scorer(data: dict[str, Path],
@@ -768,24 +907,26 @@ def test_finish_item_probs_and_previews(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "thumbs" / "ISIC_0000001.jpg").size == (100, 60)
 
 
-def test_render_overlay_colours_prediction_and_truth_outline() -> None:
+def test_render_overlay_outlines_prediction_and_truth() -> None:
+    """Outlines, not fills: inside both masks the image shows through unchanged; the bands
+    along each mask's edge (2 px here) are blue (prediction, on top) and yellow (truth)."""
     preview = np.full((20, 30, 3), 128, np.uint8)
     pred = np.zeros((200, 300), np.uint8)
-    pred[:, :150] = 255  # left half
+    pred[:, :150] = 255  # left half: preview columns 0..14
     truth = np.zeros((200, 300), np.uint8)
     truth[50:150, 100:200] = 1  # preview rows 5..14, columns 10..19
-    truth[:, 260:] = 1  # preview columns 26..29: the image border itself is not an outline
     out = np.asarray(inference.render_overlay(preview, pred, truth))
-    red = np.round(np.float32(128) * np.float32(0.55) + np.float32(255) * np.float32(0.45))
-    grey_tint = np.round(np.float32(128) * np.float32(0.55))
-    assert out[0, 0].tolist() == [red, grey_tint, grey_tint]  # predicted, not an edge
-    assert out[0, 20].tolist() == [128, 128, 128]  # background
-    for y, x in ((5, 12), (14, 12), (9, 10), (9, 19), (0, 26), (19, 26), (9, 26)):
-        assert out[y, x].tolist() == [0, 255, 0], (y, x)  # outlines
-    assert out[9, 14].tolist() == [red, grey_tint, grey_tint]  # inside the square, predicted
-    assert out[9, 17].tolist() == [128, 128, 128]  # inside the square, not predicted
-    for y, x in ((0, 28), (9, 29), (19, 29), (9, 27)):
-        assert out[y, x].tolist() == [128, 128, 128], (y, x)  # inside, along the border
+    blue, yellow, grey = list(inference.PRED_RGB), list(inference.TRUTH_RGB), [128, 128, 128]
+    assert out[0, 0].tolist() == grey and out[9, 5].tolist() == grey  # inside pred: not tinted
+    assert out[9, 20].tolist() == grey and out[0, 29].tolist() == grey  # background
+    for x in (13, 14):
+        assert out[0, x].tolist() == blue, x  # the prediction's edge band, 2 px
+    assert out[0, 12].tolist() == grey
+    for y, x in ((5, 17), (6, 17), (14, 17), (9, 19), (9, 18)):
+        assert out[y, x].tolist() == yellow, (y, x)  # the truth's edge band
+    assert out[9, 16].tolist() == grey  # inside the truth, away from both edges
+    assert out[5, 13].tolist() == blue  # where the two meet, the prediction is on top
+    assert not (out == yellow).all(axis=-1)[:, :3].any()  # the image border is no outline
 
 
 def test_decode_item_packs_the_truth_and_shrinks_the_preview(data: dict[str, Path]) -> None:

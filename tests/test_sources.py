@@ -68,19 +68,19 @@ def mixed(tmp_path: Path) -> Path:
 
 def test_collect_folder_archives_and_skips(mixed: Path) -> None:
     inv = collect([mixed])
-    ids = [it.id for it in inv.items]
-    assert ids == ["a", "b", "c", "d", "e_f", "escape"]
+    ids = [it.id for it in inv.items]  # folders kept (an archive counts as one, by its stem)
+    assert ids == ["a", "pack__abs__d", "pack__escape", "pack__t__e_f", "pack__z__c", "sub__b"]
     assert inv.skipped[SKIP_NOT_IMAGE] == 2  # notes.txt, readme.md
     assert inv.skipped[SKIP_HIDDEN] == 2  # .hidden.jpg, __MACOSX/._a.jpg
     by_id = {it.id: it for it in inv.items}
     assert by_id["a"].truth is not None and by_id["a"].truth.name == "a_Segmentation.png"
-    assert by_id["c"].truth is None
-    assert by_id["escape"].origin.endswith("pack.zip:../escape.jpg")
+    assert by_id["pack__z__c"].truth is None
+    assert by_id["pack__escape"].origin.endswith("pack.zip:../escape.jpg")
     # Every item reads back its own bytes, also after a pickle round trip (DataLoader workers).
     for item in inv.items:
         again = pickle.loads(pickle.dumps(item))
         Image.open(io.BytesIO(again.image.read())).verify()
-    assert by_id["d"].image.read() == _jpeg(4)
+    assert by_id["pack__abs__d"].image.read() == _jpeg(4)
 
 
 def test_masks_matched_by_isic_number_and_stem(tmp_path: Path) -> None:
@@ -106,16 +106,56 @@ def test_masks_matched_by_isic_number_and_stem(tmp_path: Path) -> None:
     assert inv.masks_found == 5 and inv.masks_unused == 1
 
 
-def test_duplicate_ids_keep_one_and_report_the_rest(tmp_path: Path) -> None:
+def test_clashing_names_each_get_their_own_traceable_id(tmp_path: Path) -> None:
+    """Camera names repeat across folders and inputs: every image keeps its own id, named
+    after its folder, then its input, then its extension; nothing goes to errors."""
+    photos = tmp_path / "photos"
+    for sub in ("patient1", "patient2"):
+        (photos / sub).mkdir(parents=True)
+        (photos / sub / "IMG_0001.JPG").write_bytes(_jpeg(0))
+    (photos / "patient1" / "IMG_0001_Segmentation.png").write_bytes(_png_mask())
     for sub in ("x", "y"):
         (tmp_path / sub).mkdir()
-        (tmp_path / sub / "same.jpg").write_bytes(_jpeg(0))
+        (tmp_path / sub / "same.jpg").write_bytes(_jpeg(1))
     (tmp_path / "x" / "same.png").write_bytes(_png_mask())
+    (tmp_path / "x" / "SAME.jpeg").write_bytes(_jpeg(2))  # one name on macOS/Windows disks
+    inv = collect([photos, tmp_path / "x", tmp_path / "y"])
+    assert inv.errors == []
+    origins = {it.id: it.origin[len(str(tmp_path)) + 1:] for it in inv.items}
+    assert origins == {"patient1__IMG_0001": "photos/patient1/IMG_0001.JPG",
+                       "patient2__IMG_0001": "photos/patient2/IMG_0001.JPG",
+                       "x__same.jpg": "x/same.jpg", "x__same.png": "x/same.png",
+                       "x__SAME.jpeg": "x/SAME.jpeg", "y__same": "y/same.jpg"}
+    truth = {it.id: it.truth for it in inv.items}
+    assert truth["patient1__IMG_0001"].name == "IMG_0001_Segmentation.png"
+    assert truth["patient2__IMG_0001"] is None  # the mask beside patient1's image only
+    assert collect([photos, tmp_path / "x", tmp_path / "y"]).items == inv.items  # stable
+
+
+def test_same_isic_id_twice_keeps_one_for_the_scorer(tmp_path: Path) -> None:
+    """ISIC ids stay as they are (the scorer pairs masks by them): one image per id is kept,
+    the others are reported; the same file given twice is processed once."""
+    for sub in ("x", "y"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "ISIC_0000001.jpg").write_bytes(_jpeg(0))
     inv = collect([tmp_path / "x", tmp_path / "y"])
-    assert [it.id for it in inv.items] == ["same"]
-    assert inv.items[0].origin.endswith("x/same.jpg")
-    assert len(inv.errors) == 2
-    assert all(e["id"] == "same" and "duplicate id" in e["reason"] for e in inv.errors)
+    assert [it.id for it in inv.items] == ["ISIC_0000001"]
+    assert inv.items[0].origin.endswith("x/ISIC_0000001.jpg")
+    assert len(inv.errors) == 1 and "duplicate ISIC id ISIC_0000001" in inv.errors[0]["reason"]
+    inv = collect([tmp_path / "x", tmp_path / "x"])
+    assert len(inv.items) == 1 and "given twice" in inv.errors[0]["reason"]
+
+
+def test_non_ascii_names_keep_their_letters(tmp_path: Path) -> None:
+    (tmp_path / "in" / "Größe").mkdir(parents=True)
+    (tmp_path / "in" / "病变 ü.png").write_bytes(_jpeg(0))
+    nfd = "Lésion".replace("é", "e\u0301")  # as macOS writes it
+    (tmp_path / "in" / "Größe" / f"{nfd}.jpg").write_bytes(_jpeg(1))
+    long_name = "ж" * 120  # 240 UTF-8 bytes
+    (tmp_path / "in" / f"{long_name}.jpg").write_bytes(_jpeg(2))
+    ids = sorted(it.id for it in collect([tmp_path / "in"]).items)
+    assert ids == sorted(["病变_ü", "Größe__Lésion", "ж" * 75])
+    assert all(len(i.encode()) <= sources.MAX_ID_BYTES for i in ids)
 
 
 def test_sanitize_id_never_keeps_path_parts() -> None:
@@ -124,6 +164,7 @@ def test_sanitize_id_never_keeps_path_parts() -> None:
     assert sanitize_id("a/../../b c") == "a_.._.._b_c"
     assert "/" not in sanitize_id("/etc/passwd") and "\\" not in sanitize_id("C:\\x\\y")
     assert not sanitize_id(".hidden").startswith(".")
+    assert sanitize_id("病变 ü") == "病变_ü" and sanitize_id("\x00a\tb") == "_a_b"
 
 
 def test_missing_input_and_empty_input_are_clear_errors(tmp_path: Path) -> None:

@@ -68,6 +68,16 @@ def history_rows(run_dir: Path) -> list[dict[str, object]]:
     return rows
 
 
+def summary_values(run_dir: Path) -> dict[str, object]:
+    """The run summary an offline run recorded (its summary records, last value wins)."""
+    out: dict[str, object] = {}
+    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
 def test_run_identity_keeps_the_id_and_numbers_offline_segments(tmp_path):
     first = run_identity(tmp_path, "offline")
     base = (tmp_path / RUN_ID_FILE).read_text().strip()
@@ -109,11 +119,22 @@ def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
     rows = history_rows(run)
     train_rows = [row for row in rows if "train/loss" in row]
     assert [row["_step"] for row in train_rows] == [1, 2, 3, 4]
-    for key in ("train/bce", "train/dice", "train/iou", "train/lr", "train/grad_norm",
-                "train/images_per_s"):
+    for key in ("train/loss_bce", "train/loss_dice", "train/loss_iou", "train/lr",
+                "train/grad_norm", "train/images_per_s"):
         assert all(key in row for row in train_rows), key
+    # Losses are named as losses: no train/dice (the Dice *loss*) beside val/dice (the score).
+    assert not any(k in row for row in train_rows for k in ("train/dice", "train/bce", "train/iou"))
+    assert all(row["optim/step"] == row["_step"] for row in train_rows)
     val_rows = [row for row in rows if "val/dice" in row]
     assert [row["_step"] for row in val_rows] == [2, 4]
+    # Declared metrics: plotted against the optimizer step; the summary keeps the best val Dice.
+    metrics = {rec.metric.name or rec.metric.glob_name: rec.metric
+               for rec in wandb_records(next(run.glob("run-*.wandb")))
+               if rec.WhichOneof("record_type") == "metric"}
+    assert {"optim/step", "train/*", "val/*", "val/dice", "train/loss"} <= set(metrics)
+    assert metrics["val/*"].step_metric == "optim/step" and metrics["val/dice"].summary.max
+    summary = summary_values(run)
+    assert summary["val/dice"] == {"max": max(row["val/dice"] for row in val_rows)}
     overlays = [row for row in rows if "val/overlays/_type" in row]
     assert len(overlays) == 2 and all(row["val/overlays/count"] == 2 for row in overlays)
     masks = overlays[0]["val/overlays/all_masks"]
@@ -127,3 +148,41 @@ def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
                if rec.WhichOneof("record_type") == "config"]
     keys = {item.key for rec in configs for item in rec.config.update}
     assert {"data", "model", "optim", "train", "tracking"} <= keys
+
+
+@pytest.mark.slow
+def test_inference_job_logs_a_table_and_summary(tmp_path, monkeypatch):
+    """`infer --wandb`: an offline W&B run of job type inference with a Table of per-image
+    metrics (one row per image, overlay thumbnails) and the summary's means."""
+    from lesionseg.checkpoint import save_weights
+    from lesionseg.cli import main
+    from lesionseg.config import load_config
+    from lesionseg.data.synthetic import write_isic_dataset
+    from lesionseg.model import MobileNetEncoderDecoder
+
+    isic = write_isic_dataset(tmp_path / "isic", 3, seed=1, min_side=48, max_side=96)
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64"])
+    ckpt = save_weights(tmp_path / "best.pt", MobileNetEncoderDecoder().state_dict(), cfg)
+    out = tmp_path / "out"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(isic), "--out", str(out),
+                 "--workers", "0", "--wandb", "infer.num_threads=1"]) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = runs[0]
+    rows = [r for r in history_rows(run) if "infer/images/_type" in r]
+    assert len(rows) == 1 and rows[0]["infer/images/_type"] == "table-file"
+    table = json.loads((run / "files" / rows[0]["infer/images/path"]).read_text())
+    columns = table["columns"]
+    assert columns[:4] == ["id", "overlay", "status", "dice"]
+    assert sorted(r[0] for r in table["data"]) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    assert [r[1] for r in table["data"]] == [f"thumbs/{r[0]}.jpg" for r in table["data"]]
+    assert all((out / r[1]).is_file() for r in table["data"])  # offline: the thumbnail's path
+    overlays = [r for r in history_rows(run) if "infer/overlays/_type" in r]
+    assert len(overlays) == 1 and overlays[0]["infer/overlays/count"] == 3
+    assert all((run / "files" / f).is_file() for f in overlays[0]["infer/overlays/filenames"])
+    summary = json.loads((out / "summary.json").read_text())
+    logged = summary_values(run)
+    assert logged["infer/dice"] == pytest.approx(summary["means"]["dice"])
+    assert logged["infer/scored"] == 3 and logged["infer/device"] == "cpu"

@@ -104,10 +104,13 @@ def test_schedule_from_counts_and_max_steps():
     cfg = load_config(None, ["data.batch_size=2", "optim.grad_accum_steps=2", "optim.epochs=3"])
     s = plan_schedule(cfg, train_count=40, world=2)
     assert (s.steps_per_epoch, s.total_steps, s.epochs) == (5, 15, 3)
-    assert s.micro_batches(0) == 10 and s.micro_batches(3) == 0
+    assert s.micro_batches(0) == 10 and s.micro_batches(15) == 0
+    assert s.micro_batches(12, micro=4) == 10  # step 12, 2 steps in: the epoch of steps 10-14
     cfg = load_config(None, ["data.batch_size=2", "optim.max_steps=7", "optim.steps_per_epoch=3"])
     s = plan_schedule(cfg, train_count=1000, world=1)
-    assert (s.total_steps, s.epochs, s.micro_batches(2)) == (7, 3, 1)
+    assert (s.total_steps, s.epochs, s.micro_batches(6)) == (7, 3, 1)
+    # A run of 2 steps extended to 7: its next epoch, at step 2, is a full one (it was cut to 1).
+    assert s.micro_batches(2) == 3 and s.micro_batches(5) == 2
 
 
 def test_batch_size_beyond_the_train_split_is_a_clear_error():
@@ -433,3 +436,59 @@ def test_non_finite_steps_are_counted_and_too_many_abort():
     count_bad_steps(progress, applied=False, max_bad=3)
     with pytest.raises(TrainingError, match="3 optimizer steps in a row.*non-finite"):
         count_bad_steps(progress, applied=False, max_bad=3)
+
+
+def test_output_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    from lesionseg.cli import main
+
+    existing = tmp_path / "notes.txt"
+    existing.write_text("a file")
+    for out in (existing, existing / "run"):
+        assert main(["train", f"train.output_dir={out}", *TINY]) == EXIT_USAGE
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "train.output_dir" in err[0] and "existing file" in err[0], err
+
+
+@pytest.mark.slow
+def test_resume_traps_in_an_existing_run_folder(packed_shards, tmp_path):
+    """Other settings than the state's are refused (naming them and the ways out), config.yaml
+    untouched; a finished run asked for more steps goes on (past a cut-short last epoch);
+    train.resume_with_changes goes on from the weights, and config.yaml then describes the new
+    weights; train.resume=none moves the old run aside."""
+    out = tmp_path / "run"
+    base = ["--config", str(ROOT / "tests" / "train_tiny.yaml"), f"data.shards={packed_shards}",
+            f"train.output_dir={out}"]
+    r = run_train([*base, "optim.max_steps=2"])  # 5 steps an epoch: the only epoch is cut short
+    assert r.returncode == 0, r.stderr[-3000:]
+    config_before = (out / "config.yaml").read_bytes()
+
+    r = run_train([*base, "optim.max_steps=2", "data.batch_size=4"])
+    assert r.returncode == EXIT_USAGE, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and "data.batch_size=4 (was 2)" in last
+    assert all(way in last for way in ("train.output_dir", "train.resume=none",
+                                       "train.resume_with_changes=true"))
+    assert (out / "config.yaml").read_bytes() == config_before
+
+    r = run_train([*base, "optim.max_steps=8"])  # extend: a full epoch, then a 1-step one
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "extending the finished run from step 2 to 8" in r.stderr
+    assert torch.load(out / "last.pt", weights_only=True)["meta"]["step"] == 8
+
+    r = run_train([*base, "optim.max_steps=8"])
+    assert r.returncode == 0 and "finished at step 8; nothing to train" in r.stderr
+
+    r = run_train([*base, "optim.max_steps=9", "data.image_size=96",
+                   "train.resume_with_changes=true"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "changed settings (data.image_size=96 (was 64))" in r.stderr
+    last_pt = torch.load(out / "last.pt", weights_only=True)
+    assert last_pt["meta"]["step"] == 9 and last_pt["config"]["data"]["image_size"] == 96
+    assert load_config(out / "config.yaml").data.image_size == 96
+
+    r = run_train([*base, "optim.max_steps=1", "train.resume=none"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    aside = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and (aside[0] / "last.pt").is_file()
+    assert [p.name for p in (out / "states").iterdir()] == ["step-0000001"]
+    assert torch.load(out / "last.pt", weights_only=True)["meta"]["step"] == 1

@@ -7,9 +7,13 @@ image, a `.zip`, a `.tar`/`.tar.gz`/`.tgz` archive, a packed shard folder (`mani
 `<id>_Segmentation.png` are ground truth, never inputs; `--masks` folders/zips add more truth,
 matched by id, by the 7-digit ISIC number or by stem.
 
-Every image becomes an `Item`: a sanitized id (a file stem with no path parts, so no archive
-member name can make an output escape `--out`), a `Blob` that reads its bytes, the truth's
-`Blob` or None, and the origin string errors.csv names. Items are plain frozen dataclasses,
+Every image becomes an `Item`: an id that names its outputs (`masks/<id>_Segmentation.png`), a
+`Blob` that reads its bytes, the truth's `Blob` or None, and the origin string metrics.csv and
+errors.csv name. Ids: a name holding an ISIC number keeps its stem (the ISIC scorer pairs
+masks by it); any other keeps its folders inside the input and its letters in any script,
+joined by '__' and made safe (`photos/patient1/IMG_0001.JPG` → `patient1__IMG_0001`); names
+that still clash get the input's name, then a short hash, so every image has its own mask.
+No id holds a path part, so no archive member name can make an output escape `--out`. Items are plain frozen dataclasses,
 picklable for DataLoader workers; archives are opened lazily once per process.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import json
 import logging
 import lzma
@@ -24,6 +29,7 @@ import os
 import re
 import tarfile
 import threading
+import unicodedata
 import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +47,8 @@ MAX_MEMBER_BYTES = 1 << 30  # an archive member (or file) larger than this is re
 # its size on disk (and MAX_MEMBER_BYTES): images barely compress, a listing bomb does.
 MAX_TAR_EXPANSION = 100
 MANIFEST_NAME = "manifest.json"  # of a packed shard folder (lesionseg.data.shards.MANIFEST)
-MAX_ID_CHARS = 150  # ids longer than this are cut (file names stay well under 255 bytes)
+MAX_ID_BYTES = 150  # ids are cut to this many UTF-8 bytes (file names stay under 255 bytes)
+FOLDER_SEP = "__"  # joins an id's folders and stem: patient1__IMG_0001
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 ISIC_NUMBER_RE = re.compile(r"ISIC_(\d{7})", re.IGNORECASE)
@@ -156,6 +163,7 @@ class Item:
     orig_size: tuple[int, int] | None = None
     # The truth was stored downscaled with the image (shards): resize it (nearest) to orig_size.
     truth_scaled: bool = False
+    split: str = ""  # a shard sample's split (train, val or test); "" for other inputs
 
     @property
     def origin(self) -> str:
@@ -171,6 +179,7 @@ class Inventory:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of files
     masks_found: int = 0
     masks_unused: int = 0
+    shard_splits: dict[str, list[str]] = field(default_factory=dict)  # shard folder -> splits read
 
 
 def _base_name(member: str) -> str:
@@ -178,13 +187,33 @@ def _base_name(member: str) -> str:
     return PurePosixPath(member.replace("\\", "/")).name
 
 
-def sanitize_id(stem: str) -> str:
-    """A file stem as a safe id: letters, digits, '.', '_' and '-' only, no leading dots.
+def _cut(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` UTF-8 bytes, never inside a character."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def sanitize_id(stem: str, max_bytes: int = MAX_ID_BYTES) -> str:
+    """A name as a safe id: letters and digits of any script (NFC), '.', '_' and '-' only,
+    other runs as one '_', no leading dots, at most `max_bytes` UTF-8 bytes.
 
     Ids name output files (`masks/<id>_Segmentation.png`), so they can hold no path part."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip(".")
-    text = text[:MAX_ID_CHARS].rstrip(".")
+    text = re.sub(r"[^\w.-]+", "_", unicodedata.normalize("NFC", stem)).lstrip(".")
+    text = _cut(text, max_bytes).rstrip(".")
     return text or "unnamed"
+
+
+def file_id(folders: tuple[str, ...], stem: str) -> str:
+    """The id of an image or mask at `folders/stem.ext` inside an input: the stem alone when it
+    holds an ISIC number, else the folders and stem joined by FOLDER_SEP (leading folders are
+    dropped when it would be too long); '..', '/' and drive letters are not folders."""
+    if ISIC_NUMBER_RE.search(stem):
+        return sanitize_id(stem)
+    kept = [sanitize_id(f) for f in folders
+            if f not in ("", ".", "..", "/") and not re.fullmatch(r"[A-Za-z]:", f)]
+    pieces = [*kept, sanitize_id(stem)]
+    while len(pieces) > 1 and len(FOLDER_SEP.join(pieces).encode("utf-8")) > MAX_ID_BYTES:
+        pieces.pop(0)
+    return FOLDER_SEP.join(pieces)
 
 
 def _stem(name: str) -> str:
@@ -193,7 +222,8 @@ def _stem(name: str) -> str:
 
 
 def _classify(rel_parts: tuple[str, ...]) -> tuple[str, str]:
-    """('image'|'mask', id) or ('skip', reason) for a file at relative path `rel_parts`."""
+    """('image'|'mask', stem) or ('skip', reason) for a file at relative path `rel_parts`
+    (a mask's stem is its image's: `x_Segmentation.png` → x)."""
     name = rel_parts[-1] if rel_parts else ""
     if any(p in IGNORED_NAMES or p.startswith(".") for p in rel_parts if p not in ("", ".", "..")):
         return "skip", SKIP_HIDDEN
@@ -201,8 +231,27 @@ def _classify(rel_parts: tuple[str, ...]) -> tuple[str, str]:
         return "skip", SKIP_NOT_IMAGE
     m = MASK_RE.match(name)
     if m:
-        return "mask", sanitize_id(m.group("id"))
-    return "image", sanitize_id(_stem(name))
+        return "mask", m.group("id")
+    return "image", _stem(name)
+
+
+def _archive_stem(name: str) -> str:
+    """An archive's name without its archive suffix (`batch1.tar.gz` → batch1)."""
+    for suffix in sorted((*ZIP_SUFFIXES, *TAR_SUFFIXES), key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class _Found:
+    """An image as found, before its final id: the id from its path, the input it came from
+    and its bare stem (for matching truth by stem, and for resolving clashes)."""
+
+    item: Item
+    label: str  # the input's name (folder or archive without suffix)
+    stem: str  # the file's own stem, sanitized
+    key: str  # a stable text naming this file (absolute path [+ member]): hashed on clashes
 
 
 def _member_parts(member: str) -> tuple[str, ...]:
@@ -219,17 +268,25 @@ class _Scanner:
     """Walks inputs, sorting every file into images, truth masks or skip counts."""
 
     def __init__(self, shard_splits: tuple[str, ...]) -> None:
-        self.images: list[Item] = []
-        self.masks: dict[str, list[Blob]] = defaultdict(list)
+        self.images: list[_Found] = []
+        self.masks: dict[str, list[Blob]] = defaultdict(list)  # by id
+        self.mask_stems: dict[str, list[Blob]] = defaultdict(list)  # by bare stem
         self.errors: list[dict[str, str]] = []
         self.skipped: Counter = Counter()
         self.shard_splits = shard_splits
+        self.splits_read: dict[str, list[str]] = {}  # shard folder -> splits read
+        self.label = ""  # the name of the input being scanned
 
-    def add(self, blob: Blob, rel_parts: tuple[str, ...], size: int, as_truth: bool = False) -> None:
-        kind, value = _classify(rel_parts)
+    def add(self, blob: Blob, rel_parts: tuple[str, ...], size: int, as_truth: bool = False,
+            prefix: tuple[str, ...] = ()) -> None:
+        """One file at `rel_parts` inside the input (inside an archive at `prefix`)."""
+        kind, stem = _classify(rel_parts)
         if kind == "skip":
-            self.skipped[value] += 1
+            self.skipped[stem] += 1
             return
+        if as_truth and kind == "image":
+            stem = _stem(blob.name)
+        value = file_id((*prefix, *rel_parts[:-1]), stem)
         if blob.kind != "file" and _unsafe(blob.member):
             log.warning("%s: unsafe member name (absolute or '..'); its id is %r", blob.origin, value)
         if size > MAX_MEMBER_BYTES:
@@ -237,12 +294,15 @@ class _Scanner:
                                 "reason": f"file of {size} bytes exceeds the {MAX_MEMBER_BYTES}-byte limit"})
             return
         if kind == "mask" or as_truth:
-            self.masks[value if kind == "mask" else sanitize_id(_stem(blob.name))].append(blob)
+            self.masks[value].append(blob)
+            self.mask_stems[sanitize_id(stem)].append(blob)
         else:
-            self.images.append(Item(value, blob))
+            key = os.path.abspath(blob.path) + (f":{blob.member}" if blob.kind != "file" else "")
+            self.images.append(_Found(Item(value, blob), self.label, sanitize_id(stem), key))
 
     def add_path(self, path: Path, as_truth: bool = False) -> None:
         """Dispatch one input path (folder, shard folder, archive or single file)."""
+        self.label = sanitize_id(_archive_stem(path.resolve().name))
         if path.is_dir():
             if (path / MANIFEST_NAME).is_file() and not as_truth:
                 self.add_shards(path)
@@ -269,13 +329,13 @@ class _Scanner:
             elif not path.is_file():
                 self.skipped[SKIP_LINK] += 1
             elif path.name.lower().endswith(ZIP_SUFFIXES):
-                self.add_zip(path, as_truth)
+                self.add_zip(path, as_truth, (*rel[:-1], _archive_stem(path.name)))
             elif path.name.lower().endswith(TAR_SUFFIXES):
-                self.add_tar(path, as_truth)
+                self.add_tar(path, as_truth, (*rel[:-1], _archive_stem(path.name)))
             else:
                 self.add(Blob("file", str(path)), rel, path.stat().st_size, as_truth)
 
-    def add_zip(self, path: Path, as_truth: bool) -> None:
+    def add_zip(self, path: Path, as_truth: bool, prefix: tuple[str, ...] = ()) -> None:
         try:
             with zipfile.ZipFile(path) as zf:
                 infos = zf.infolist()
@@ -285,9 +345,10 @@ class _Scanner:
             if info.is_dir():
                 continue
             parts = _member_parts(info.filename)
-            self.add(Blob("zip", str(path), info.filename), parts, info.file_size, as_truth)
+            self.add(Blob("zip", str(path), info.filename), parts, info.file_size, as_truth,
+                     prefix)
 
-    def add_tar(self, path: Path, as_truth: bool) -> None:
+    def add_tar(self, path: Path, as_truth: bool, prefix: tuple[str, ...] = ()) -> None:
         members, problem = list_tar(path)
         if problem:
             self.errors.append({"input": str(path), "id": "", "reason": problem})
@@ -296,12 +357,18 @@ class _Scanner:
                 self.skipped[SKIP_LINK] += 1
                 continue
             blob = Blob("tar", str(path), info.name, info.offset_data, info.size)
-            self.add(blob, _member_parts(info.name), info.size, as_truth)
+            self.add(blob, _member_parts(info.name), info.size, as_truth, prefix)
 
     def add_shards(self, folder: Path) -> None:
         """A packed shard folder: one item per sample (`jpg`), truth = its `png`, with the
-        original display size from its `json` (images may be stored downscaled)."""
-        for tar_path, listed in _shard_files(folder, self.shard_splits):
+        original display size from its `json` (images may be stored downscaled). Only the
+        splits `shard_splits` names; by default the test split, or val when there is none:
+        scores over train (or train and val mixed) would be optimistic."""
+        splits, tars = _shard_files(folder, self.shard_splits)
+        self.splits_read[str(folder)] = splits
+        log.info("%s: reading the %s split%s (infer.shard_splits chooses)", folder,
+                 " and ".join(splits), "s" if len(splits) > 1 else "")
+        for split, tar_path, listed in tars:
             samples: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
             members, problem = list_tar(tar_path)
             for info in members:
@@ -317,10 +384,10 @@ class _Scanner:
             with _open_decompressed(str(tar_path)) as stream:
                 metas = {key: _read_meta(stream, parts.get("json")) for key, parts in samples.items()}
             for key, parts in sorted(samples.items()):
-                self._add_sample(tar_path, key, parts, metas[key])
+                self._add_sample(tar_path, key, parts, metas[key], split)
 
     def _add_sample(self, tar_path: Path, key: str, parts: dict[str, tarfile.TarInfo],
-                    meta: dict) -> None:
+                    meta: dict, split: str) -> None:
         image = parts.get("jpg")
         sid = sanitize_id(str(meta.get("id") or _base_name(key)))
         if image is None:
@@ -332,7 +399,8 @@ class _Scanner:
         truth_blob = Blob("tar", str(tar_path), truth.name, truth.offset_data, truth.size) if truth else None
         orig = meta.get("orig_size")
         orig_size = (int(orig[0]), int(orig[1])) if isinstance(orig, list) and len(orig) == 2 else None
-        self.images.append(Item(sid, blob, truth_blob, orig_size, truth_scaled=truth is not None))
+        item = Item(sid, blob, truth_blob, orig_size, truth_scaled=truth is not None, split=split)
+        self.images.append(_Found(item, self.label, sid, f"{os.path.abspath(tar_path)}:{key}"))
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -428,9 +496,11 @@ def _read_meta(stream: BinaryIO, info: tarfile.TarInfo | None) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[tuple[Path, int | None]]:
-    """The shard tars of a packed folder listed by its manifest (all splits unless `splits`),
-    each with the number of samples the manifest says it holds."""
+def _shard_files(folder: Path, splits: tuple[str, ...]
+                 ) -> tuple[list[str], list[tuple[str, Path, int | None]]]:
+    """The splits read and their (split, shard tar, samples the manifest lists) triples:
+    `splits`, or by default test, else val (train alone is refused: it would score the
+    training data)."""
     from lesionseg.data.shards import SPLITS, read_manifest, split_urls
 
     manifest = read_manifest(folder)
@@ -439,23 +509,35 @@ def _shard_files(folder: Path, splits: tuple[str, ...]) -> list[tuple[Path, int 
         raise SourceError(f"infer.shard_splits: unknown split(s) {', '.join(unknown)}; "
                           f"choose from {', '.join(SPLITS)}")
     available = [s for s in SPLITS if manifest["splits"][s].get("shards")]
-    wanted = [s for s in available if not splits or s in splits]
-    if splits and not wanted:
-        raise SourceError(f"{folder}: no shards of split(s) {', '.join(splits)} "
-                          f"(the manifest has {', '.join(available) or 'none'})")
+    if splits:
+        wanted = [s for s in available if s in splits]
+        if not wanted:
+            raise SourceError(f"{folder}: no shards of split(s) {', '.join(splits)} "
+                              f"(the manifest has {', '.join(available) or 'none'})")
+    else:
+        wanted = [s for s in ("test", "val") if s in available][:1]
+        if not wanted:
+            raise SourceError(f"{folder}: no test or val shards to score (the manifest has "
+                              f"{', '.join(available) or 'none'}); set infer.shard_splits=[train] "
+                              "to segment the training split")
     counts = {e.get("name"): e.get("samples") for e in manifest["shards"] if isinstance(e, dict)}
-    return [(Path(u), counts.get(Path(u).name)) for split in wanted for u in split_urls(folder, split)]
+    return wanted, [(split, Path(u), counts.get(Path(u).name))
+                    for split in wanted for u in split_urls(folder, split)]
 
 
 # --------------------------------------------------------------------------- matching
 
 
-def _mask_index(masks: dict[str, list[Blob]]) -> tuple[dict[str, Blob], dict[str, Blob]]:
-    """Truth by id and by 7-digit ISIC number; duplicates keep the first by origin (warned)."""
+_Index = tuple[dict[str, Blob], dict[str, Blob], dict[str, list[Blob]]]
+
+
+def _mask_index(scanner: _Scanner) -> _Index:
+    """Truth by id, by 7-digit ISIC number and by bare stem; duplicates keep the first by
+    origin (warned)."""
     by_id: dict[str, Blob] = {}
     by_number: dict[str, Blob] = {}
-    for key in sorted(masks):
-        blobs = sorted(masks[key], key=lambda b: b.origin)
+    for key in sorted(scanner.masks):
+        blobs = sorted(scanner.masks[key], key=lambda b: b.origin)
         if len(blobs) > 1:
             log.warning("truth %s: %d masks (%s); using %s", key, len(blobs),
                         ", ".join(b.origin for b in blobs), blobs[0].origin)
@@ -463,27 +545,99 @@ def _mask_index(masks: dict[str, list[Blob]]) -> tuple[dict[str, Blob], dict[str
         m = ISIC_NUMBER_RE.search(key)
         if m:
             by_number.setdefault(m.group(1), blobs[0])
-    return by_id, by_number
+    return by_id, by_number, scanner.mask_stems
 
 
-def _match_truth(item: Item, *indexes: tuple[dict[str, Blob], dict[str, Blob]]) -> Item:
-    """Attach the first truth found by id, then by ISIC number, in order of `indexes`."""
+def _match_truth(found: _Found, stem_count: Counter, *indexes: _Index) -> Item:
+    """Attach the first truth found by id, then by ISIC number, then by bare stem (when one
+    image and one mask have that stem), in order of `indexes`."""
+    item = found.item
     m = ISIC_NUMBER_RE.search(item.id)
-    for by_id, by_number in indexes:
+    for by_id, by_number, by_stem in indexes:
         blob = by_id.get(item.id) or (by_number.get(m.group(1)) if m else None)
+        if blob is None and stem_count[found.stem] == 1 and len(by_stem.get(found.stem, ())) == 1:
+            blob = by_stem[found.stem][0]
         if blob is not None:
-            return Item(item.id, item.image, blob, item.orig_size, truth_scaled=False)
+            return Item(item.id, item.image, blob, item.orig_size, truth_scaled=False,
+                        split=item.split)
     return item
+
+
+def _with_id(item: Item, new_id: str) -> Item:
+    return Item(new_id, item.image, item.truth, item.orig_size, item.truth_scaled, item.split)
+
+
+def _resolve_ids(found: list[tuple[_Found, Item]]) -> tuple[list[Item], list[dict[str, str]]]:
+    """Final ids, one per image. The same file listed twice, or two images with one ISIC id
+    (the ISIC scorer pairs masks by it), keep the first by origin and report the others. Other
+    clashing ids (compared case-insensitively, as macOS and Windows file systems do) get the
+    input's name in front (`patient2__IMG_0001`), or else a hash of the file's path behind."""
+    errors: list[dict[str, str]] = []
+    groups: dict[str, list[tuple[_Found, Item]]] = defaultdict(list)
+    for f, item in sorted(found, key=lambda fi: fi[1].origin):
+        groups[item.id.casefold()].append((f, item))
+    final: dict[str, Item] = {}  # casefolded id -> item
+    clashing: list[list[tuple[_Found, Item]]] = []
+    for key in sorted(groups):
+        group, seen = [], set()
+        for f, item in groups[key]:
+            if f.key in seen:
+                errors.append({"input": item.origin, "id": item.id,
+                               "reason": "the same file is given twice; processed once"})
+                continue
+            seen.add(f.key)
+            group.append((f, item))
+        if len(group) > 1 and ISIC_NUMBER_RE.search(group[0][1].id):
+            first = group[0][1]
+            for _, dup in group[1:]:
+                errors.append({"input": dup.origin, "id": dup.id, "reason": (
+                    f"duplicate ISIC id {dup.id}: {first.origin} is processed instead (the ISIC "
+                    "scorer pairs masks by id, so one mask per id)")})
+            group = group[:1]
+        if len(group) == 1:
+            final[key] = group[0][1]
+        else:
+            clashing.append(group)
+    for group in clashing:
+        for new_id, item in _distinct_ids(group, final):
+            log.info("%s: id %s is taken by another image; its outputs are named %s",
+                     item.origin, item.id, new_id)
+            final[new_id.casefold()] = _with_id(item, new_id)
+    return sorted(final.values(), key=lambda it: it.id), errors
+
+
+def _distinct_ids(group: list[tuple[_Found, Item]],
+                  taken: dict[str, Item]) -> list[tuple[str, Item]]:
+    """New ids for images that share one: the input's name in front; where that still clashes,
+    the file's extension behind too; where even that clashes, a hash of the file's path."""
+    levels = (
+        lambda f, it: sanitize_id(f"{f.label}{FOLDER_SEP}{it.id}"),
+        lambda f, it: sanitize_id(f"{f.label}{FOLDER_SEP}{it.id}.{Path(it.image.name).suffix[1:]}"),
+        lambda f, it: f"{_cut(it.id, MAX_ID_BYTES - 9)}-{hashlib.sha1(f.key.encode()).hexdigest()[:8]}",
+    )
+    out: list[tuple[str, Item]] = []
+    pending = group
+    for level, name in enumerate(levels):
+        named = [(name(f, it), f, it) for f, it in pending]
+        count = Counter(n.casefold() for n, _, _ in named)
+        last = level == len(levels) - 1
+        pending = []
+        for n, f, it in named:
+            if last or (count[n.casefold()] == 1 and n.casefold() not in taken):
+                out.append((n, it))
+            else:
+                pending.append((f, it))
+    return out
 
 
 def collect(inputs: list[str | Path], masks: list[str | Path] = (),
             shard_splits: tuple[str, ...] = ()) -> Inventory:
-    """Enumerate every image in `inputs`, attach truth, and resolve duplicate ids.
+    """Enumerate every image in `inputs`, attach truth, and give each its own id.
 
     Truth precedence: `masks` (by id, by ISIC number, by stem), then `<id>_Segmentation.png`
-    files found among the inputs, then a shard sample's own mask. Two images with one id: the
-    first by origin is kept, the others become errors. Raises SourceError for a missing or
-    unreadable input path, or when no image is found at all."""
+    files found among the inputs, then a shard sample's own mask. Ids: see the module
+    docstring and `_resolve_ids`. Raises SourceError for a missing or unreadable input path,
+    or when no image is found at all."""
     if not inputs:
         raise SourceError("no input given: pass --input PATH (folder, archive or shard folder)")
     scanner = _Scanner(tuple(shard_splits))
@@ -492,24 +646,17 @@ def collect(inputs: list[str | Path], masks: list[str | Path] = (),
     truth_scanner = _Scanner(())
     for path in masks:
         truth_scanner.add_path(Path(path), as_truth=True)
-    explicit, found = _mask_index(truth_scanner.masks), _mask_index(scanner.masks)
-
-    errors = scanner.errors + truth_scanner.errors
-    items: list[Item] = []
-    by_id: dict[str, list[Item]] = defaultdict(list)
-    for item in scanner.images:
-        by_id[item.id].append(item)
-    for key in sorted(by_id):
-        group = sorted(by_id[key], key=lambda it: it.origin)
-        items.append(_match_truth(group[0], explicit, found))
-        for dup in group[1:]:
-            errors.append({"input": dup.origin, "id": key,
-                           "reason": f"duplicate id {key}: {group[0].origin} is processed instead"})
+    explicit, found = _mask_index(truth_scanner), _mask_index(scanner)
+    stem_count = Counter(f.stem for f in scanner.images)
+    matched = [(f, _match_truth(f, stem_count, explicit, found)) for f in scanner.images]
+    items, clashes = _resolve_ids(matched)
+    errors = scanner.errors + truth_scanner.errors + clashes
     used = {it.truth.origin for it in items if it.truth is not None}
     all_masks = {b.origin for blobs in (*scanner.masks.values(), *truth_scanner.masks.values())
                  for b in blobs}
     inventory = Inventory(items, errors, scanner.skipped + truth_scanner.skipped,
-                          masks_found=len(all_masks), masks_unused=len(all_masks - used))
+                          masks_found=len(all_masks), masks_unused=len(all_masks - used),
+                          shard_splits=scanner.splits_read)
     if not items and not errors:
         names = ", ".join(str(p) for p in inputs)
         raise SourceError(f"{names}: no images found ({sum(inventory.skipped.values())} other "
