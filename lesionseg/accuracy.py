@@ -37,6 +37,8 @@ from PIL import Image
 
 from lesionseg.data.synthetic import OFFICIAL_NAMES, write_isic_dataset
 from lesionseg.errors import UserError
+from lesionseg.model import MobileNetEncoderDecoder
+from lesionseg.peers import build_peer
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +257,6 @@ def equal_time_epochs(budget_s: float, result: dict[str, Any]) -> int:
 def bench_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str, Any]:
     """The whole case: hard set → ours, plain (and smp) at equal epochs → the peers again at
     our wall time. Returns every trainer's scores, seconds and epochs."""
-    from lesionseg.bench import build_peer
-    from lesionseg.model import MobileNetEncoderDecoder
-
     source = hard_source(workdir / "hard-source", plan)
     shards = packed_source(source, workdir / "hard-shards")
     size, epochs, seed = plan.image_size, plan.epochs, plan.train_seed

@@ -1,4 +1,4 @@
-"""Benchmarks: `python jobs/bench.py [data|train|infer|all] [--quick] [--out bench.json]`.
+"""Benchmarks: `python jobs/bench.py [data|train|infer|accuracy|all] [--quick] [--out FILE]`.
 
 Every figure is measured on the real code paths, side by side in one run: the training input
 pipeline (`training.TrainStream` over packed shards) against a plain folder loader doing the
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg.errors import UserError
+from lesionseg.peers import build_peer, peer_available
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,8 @@ class BenchPlan:
 
 
 def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
-    """The full plan, or the --quick one (5-6 minutes on a quiet 2-core machine); overrides
-    win."""
+    """The full plan, or the --quick one (about 12 minutes on a quiet 2-core machine, half of
+    it the accuracy case at 128²); overrides win."""
     plan = BenchPlan()
     if quick:
         plan = dataclasses.replace(
@@ -170,7 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which benchmark to run (default: all)")
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer images and repeats, a {quick.race_budget_s:g} s training race "
-                             f"at {quick.race_size}² (about 5-6 minutes on 2 quiet cores)")
+                             f"at {quick.race_size}², the accuracy case at "
+                             f"{quick.accuracy_size}² (about 12 minutes on 2 quiet cores)")
     parser.add_argument("--out", default="bench.json", metavar="FILE",
                         help="where to write the JSON results (default: bench.json)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
@@ -643,44 +645,6 @@ def model_cost(model: Any, size: int = MACS_SIDE) -> dict[str, Any]:
     return {"params": sum(p.numel() for p in model.parameters()),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             f"gmacs_{size}": _r(counter.get_total_flops() / 2e9)}
-
-
-def peer_available() -> bool:
-    """Whether segmentation-models-pytorch can be imported."""
-    import importlib.util
-
-    return importlib.util.find_spec("segmentation_models_pytorch") is not None
-
-
-def build_peer() -> Any:
-    """smp.Unet("mobilenet_v2", encoder_weights=None) behind the same ImageNet normalization
-    as ours, with the encoder/decoder parameter split our optimizer builder expects."""
-    import segmentation_models_pytorch as smp
-    import torch
-    from torch import nn
-
-    from lesionseg.model import IMAGENET_MEAN, IMAGENET_STD
-
-    class PeerUnet(nn.Module):
-        """[0, 1] RGB → normalize → smp U-Net → logits (like MobileNetEncoderDecoder)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-            self.net = smp.Unet("mobilenet_v2", encoder_weights=None, classes=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net((x - self.mean) / self.std)
-
-        def encoder_parameters(self) -> Iterator[nn.Parameter]:
-            return self.net.encoder.parameters()
-
-        def decoder_parameters(self) -> Iterator[nn.Parameter]:
-            yield from self.net.decoder.parameters()
-            yield from self.net.segmentation_head.parameters()
-
-    return PeerUnet()
 
 
 @dataclass

@@ -142,7 +142,7 @@ class InferConfig:
     post_threads: int = 0  # threads that upsample, threshold, encode PNGs and score (0 = min(4, CPUs))
     num_threads: int = 0  # torch CPU threads per process (0 = torch's default); 1 on busy shared CPUs
     overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
-    report_images: int = 60  # overlay thumbnails shown in report.html, worst Dice first
+    report_images: int = 60  # overlay thumbnails in report.html, shared by its galleries (worst, best, …)
     log_wandb: bool = False  # also log the results to W&B (tracking.*): per-image table with overlays, summary
     shard_splits: list[str] = field(default_factory=list)  # shard-folder inputs: splits to read ([] = test, else val)
 

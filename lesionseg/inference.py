@@ -74,6 +74,11 @@ SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_s
                   "threshold", "postprocess", "tta", "shard_splits")
 
 
+# Flip TTA: the image and every mirror combination of its two axes (as nnU-Net mirrors 2D
+# inputs by default), predicted in one batch and flipped back before averaging.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
 class InferenceError(UserError):
     """An output folder or setting that prevents the run (names the file or option)."""
 
@@ -96,7 +101,7 @@ disk or read-only folder stops the run with status 2; the rerun continues). Unde
 Slurm array) split them across jobs, and the last part to finish merges."""
     parser.epilog = """examples:
   python jobs/infer.py --checkpoint runs/demo/best.pt --input ISIC2016/ --out out/
-  python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --tta
+  python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --no-tta
   accelerate launch jobs/infer.py --checkpoint best.pt --input shards/isic2016 --out out/
   python jobs/infer.py --merge out/   # combine the parts of an array job by hand"""
     parser.add_argument("--checkpoint", metavar="FILE",
@@ -139,9 +144,9 @@ Slurm array) split them across jobs, and the last part to finish merges."""
     parser.add_argument("--device", metavar="DEV",
                         help=f"auto (CUDA when visible), cpu, cuda or cuda:N (default {d.device})")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average with horizontally and vertically flipped predictions "
-                             "(default on: about 1 point of Dice for 3 forwards; --no-tta for "
-                             "one forward per image)")
+                        help="average the predictions of the image and its horizontal, vertical "
+                             "and double flips (default on: about 1 point of Dice for 4 "
+                             "forwards; --no-tta for one forward per image)")
     parser.add_argument("--save-probs", action="store_true", default=None,
                         help="also write 8-bit probability PNGs to probs/")
     parser.add_argument("--save-overlays", action="store_true", default=None,
@@ -313,13 +318,15 @@ class Predictor:
         x = x.contiguous(memory_format=torch.channels_last)
         n = x.shape[0]
         if self.tta:
-            x = torch.cat([x, x.flip(-1), x.flip(-2)])
+            x = torch.cat([x.flip(dims) if dims else x for dims in TTA_FLIPS])
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
         with amp:
             probs = torch.sigmoid(self.model(x).float())[:, 0]
         if self.tta:
-            probs = (probs[:n] + probs[n:2 * n].flip(-1) + probs[2 * n:].flip(-2)) / 3
+            views = probs.split(n)
+            probs = sum(p.flip(dims) if dims else p
+                        for p, dims in zip(views, TTA_FLIPS, strict=True)) / len(TTA_FLIPS)
         return probs.float().cpu()
 
 

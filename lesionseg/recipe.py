@@ -4,20 +4,21 @@ Every recipe key left at `null` ("auto") is chosen here from the encoder's weigh
 ImageNet or a file), the schedule's length in epochs and the image size, and the start-up log
 line says what was chosen and why (`Recipe.describe`). A value the user set is never changed.
 
-Why these rules (each measured on the hard synthetic set, `jobs/bench.py accuracy`, or taken
-from published recipes; the README's "Training recipe" section has the numbers):
+Why these rules (measured on the hard synthetic set with `jobs/bench.py accuracy`'s pieces, or
+taken from published recipes; the README's "Training recipe" section has the numbers):
 - A random encoder learns at the decoder's rate: a 0.1× encoder rate is for pretrained weights
-  (discriminative fine-tuning, as ULMFiT and fastai do it), and on a random encoder it cost
-  ~6 points of Dice in 12 epochs. Pretrained encoders keep 0.1×.
-- Peak learning rate: 3e-3 for a random network (the plain script's OneCycle peak), 1e-3 with
-  a pretrained encoder (the decoder's rate; the encoder then gets 1e-4, the usual AdamW
-  fine-tuning rate of the light ISIC models).
+  (discriminative fine-tuning, as ULMFiT and fastai do it); on a random encoder it cost 15
+  points of Dice in 12 epochs at 128². Pretrained encoders keep 0.1×.
+- Peak learning rate: 3e-3 for a random network (the plain script's OneCycle peak; 1e-3 with
+  a 50-step warm-up cost 6.5 points), 1e-3 with a pretrained encoder (the decoder's rate; the
+  encoder then gets 1e-4, the usual AdamW fine-tuning rate of the light ISIC models).
 - Warm-up: 5% of the steps (at least 5, at most 100): a fixed 50 was a third of a 12-epoch run.
-- Augmentation follows the schedule: a short schedule cannot fit heavy augmentation (it cost
-  3-9 points of Dice in 12 epochs), a long one needs it against over-fitting (ISIC challenge
-  winners and nnU-Net train hundreds of epochs with rotation, scaling and colour changes).
-  Under 25 epochs: flips and a mild zoom; 25 to 60: plus ±15° rotation and 0.1 colour jitter;
-  60 and more: zoom down to 0.35 of the area, ±30°, 0.2 jitter.
+- Augmentation follows the schedule: a short schedule cannot fit heavy augmentation (on the
+  CEO's hard set it cost 3-9 points of Dice in 12 epochs; on ours it was within the seed
+  noise), a long one needs it against over-fitting (ISIC challenge winners and nnU-Net train
+  hundreds of epochs with rotation, scaling and colour changes).
+  Under 25 epochs: flips only (a crop of the whole image: exactly what eval sees); 25 to 60:
+  zoom down to half the area, ±15° rotation and 0.1 colour jitter; 60 and more: zoom down to 0.35 of the area, ±30°, 0.2 jitter.
 """
 
 from __future__ import annotations

@@ -243,7 +243,9 @@ def settings(summary: dict[str, Any]) -> list[tuple[str, str]]:
         val = meta.get("val") or {}
         best = meta.get("best_metric") or "dice"
         score = f", val {best} {_num(val[best])}" if isinstance(val.get(best), float) else ""
-        out.append(("trained", f"step {meta['step']}{score}"))
+        which = {"final": ", final weights", "best": ", best val weights"}.get(
+            str(meta.get("select") or ("best" if meta.get("best_metric") else "")), "")
+        out.append(("trained", f"step {meta['step']}{score}{which}"))
     for key in SETTING_KEYS:
         value = summary[key] if key in summary else infer_cfg.get(key)
         if value is not None and value != "":

@@ -608,7 +608,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 
 @dataclass
 class Progress:
-    """Where training stands; registered with Accelerate so it is part of every state."""
+    """Where training stands; saved as JSON with every state (lesionseg.states)."""
 
     epoch: int = 0  # current epoch
     micro: int = 0  # micro-batches of this epoch already done (a multiple of grad_accum_steps)
@@ -1131,7 +1131,8 @@ def train(cfg: Config, demo: bool = False) -> int:
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
                          epoch=progress.epoch, val=last_val, select="final")
         if cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
-            tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size)
+            tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
+                            accelerator.device)
         save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
         log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
                  "%s weights (train.select); weights in %s and %s", progress.step,

@@ -30,11 +30,13 @@ TABLE_ROWS = 8  # best candidates kept in best.pt beside the choice
 
 
 def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
-                      batch_size: int = 8) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                      batch_size: int = 8, device: torch.device | None = None,
+                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(probability maps, boolean truths) of every val sample, at the stored size (at most
-    MAX_SCORING_SIDE), predicted as `jobs/infer.py` predicts."""
+    MAX_SCORING_SIDE), predicted as `jobs/infer.py` predicts by default (flip TTA, fp32), on
+    `device` (default the CPU)."""
     predictor, _, _ = load_predictor(checkpoint, InferConfig(mixed_precision="no"),
-                                     torch.device("cpu"))
+                                     device or torch.device("cpu"))
     probs: list[np.ndarray] = []
     truths: list[np.ndarray] = []
     pending: list[tuple[torch.Tensor, np.ndarray]] = []
@@ -64,10 +66,11 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
     return probs, truths
 
 
-def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int) -> Postprocess:
+def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
+                    device: torch.device | None = None) -> Postprocess:
     """Choose on the val set, write the choice into `checkpoint` (rewritten atomically) and
     log it beside the default's score."""
-    probs, truths = val_probabilities(checkpoint, val_urls, image_size)
+    probs, truths = val_probabilities(checkpoint, val_urls, image_size, device=device)
     chosen, table = choose(probs, truths)
     baseline = next(r["jaccard"] for r in table
                     if r["threshold"] == 0.5 and r["postprocess"] == "none")

@@ -674,7 +674,8 @@ def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> No
 
     def signature(sha: str) -> dict:
         return {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": sha,
-                "image_size": 64, "threshold": 0.5, "tta": False, "shard_splits": []}
+                "image_size": 64, "threshold": 0.5, "postprocess": "none", "tta": False,
+                "shard_splits": []}
 
     for attempt in range(20):
         parts = tmp_path / f"out{attempt}" / "parts"

@@ -248,7 +248,7 @@ def test_a_shard_with_a_damaged_header_is_reported_against_its_manifest(
     data = bytearray(bad.read_bytes())
     _damage_header(data, members[3].offset)  # the second sample's .jpg
     bad.write_bytes(bytes(data))
-    inv = collect([shards])
+    inv = collect([shards], [], ("train", "val", "test"))  # every split (default: test only)
     errors = [e for e in inv.errors if e["input"] == str(bad)]
     assert len(errors) == 1 and "1 readable samples, manifest.json lists 4" in errors[0]["reason"]
     assert "invalid tar header" in errors[0]["reason"]
