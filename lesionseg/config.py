@@ -133,7 +133,7 @@ class InferConfig:
     image_size: int = 0  # side the model sees; 0 = the checkpoint's data.image_size
     threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
     postprocess: str = "auto"  # auto (the checkpoint's choice), none, largest, fill or largest+fill
-    tta: bool = True  # average with horizontally/vertically flipped predictions (3 forwards, as nnU-Net mirrors by default)
+    tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
