@@ -18,9 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from lesionseg.data.cv import cv2
 from lesionseg.errors import UserError
+from lesionseg.metrics import binary_counts, summarize
 
 STEPS = ("largest", "fill")  # in the order they are applied
 CHOICES = ("none", "largest", "fill", "largest+fill")
@@ -103,13 +105,6 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def jaccard(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Jaccard of two boolean masks, 1 when both are empty (the scorer's convention)."""
-    inter = np.count_nonzero(pred & truth)
-    union = np.count_nonzero(pred | truth)
-    return 1.0 if union == 0 else inter / union
-
-
 def choose(probs: Sequence[np.ndarray], truths: Sequence[np.ndarray],
            thresholds: Sequence[float] = THRESHOLD_GRID) -> tuple[Postprocess, list[dict]]:
     """The threshold and steps with the best mean Jaccard over (probability map, truth) pairs.
@@ -122,12 +117,13 @@ def choose(probs: Sequence[np.ndarray], truths: Sequence[np.ndarray],
     if not probs or len(probs) != len(truths):
         raise ValueError("choose needs as many probability maps as truths, at least one")
     table = []
+    truth8 = [(np.asarray(gt) > 0).view(np.uint8) for gt in truths]
     for t in thresholds:
         masks = [np.where(p > t, np.uint8(255), np.uint8(0)) for p in probs]
         for name in CHOICES:
             pp = Postprocess.parse(name, float(t))
-            score = float(np.mean([jaccard(pp.apply(m) > 0, gt > 0)
-                                   for m, gt in zip(masks, truths, strict=True)]))
+            counts = [binary_counts(pp.apply(m), gt) for m, gt in zip(masks, truth8, strict=True)]
+            score = summarize(torch.tensor(counts, dtype=torch.long))["jaccard"]
             table.append({"threshold": float(t), "postprocess": name, "jaccard": score})
     baseline = next((r["jaccard"] for r in table
                      if r["threshold"] == DEFAULT_THRESHOLD and r["postprocess"] == "none"), None)

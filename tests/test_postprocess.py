@@ -23,7 +23,6 @@ from lesionseg.postprocess import (
     Postprocess,
     choose,
     fill_holes,
-    jaccard,
     largest_component,
 )
 
@@ -103,10 +102,14 @@ def test_choose_keeps_a_step_only_when_it_helps() -> None:
     assert chosen.steps == ("largest",) and chosen.threshold == 0.5
 
 
-def test_jaccard_empty_is_one() -> None:
+def test_search_scores_empty_as_one_like_the_scorer() -> None:
+    """The search scores with lesionseg.metrics: an empty truth predicted empty is Jaccard 1,
+    predicted full 0."""
     empty = np.zeros((4, 4), bool)
-    assert jaccard(empty, empty) == 1.0
-    assert jaccard(empty, ~empty) == 0.0
+    _, table = choose([np.zeros((4, 4), np.float32)], [empty], thresholds=(0.5,))
+    assert {r["postprocess"]: r["jaccard"] for r in table}["none"] == 1.0
+    _, table = choose([np.ones((4, 4), np.float32)], [empty], thresholds=(0.5,))
+    assert {r["postprocess"]: r["jaccard"] for r in table}["none"] == 0.0
 
 
 # --------------------------------------------------------------------------- stored and applied
