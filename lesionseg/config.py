@@ -32,6 +32,8 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held in the WebDataset shuffle buffer
     pin_memory: bool = True  # pinned host memory for faster host-to-GPU copies (CUDA only)
     on_error: str = "raise"  # a bad sample in a shard: raise (stop with its name) or skip (count and warn)
+    cache: bool = True  # decode once into memory what every epoch decodes alike (val; train when its augmentation is flips/colour only) if it fits in cache_max_mb; false: always stream
+    cache_max_mb: int = 4096  # memory per process data.cache may use (resized uint8 samples)
     # Augmentation; null = chosen from the schedule's length (lesionseg/recipe.py).
     scale_min: float | None = None  # random-resized-crop: smallest area fraction of the image
     hflip: bool = True  # random horizontal flips
@@ -199,6 +201,7 @@ def validate(cfg: Config) -> Config:
            d.rotate_degrees, "must be in [0, 180], or null (auto)")
     _check(d.color_jitter is None or 0 <= d.color_jitter < 1, "data.color_jitter",
            d.color_jitter, "must be in [0, 1), or null (auto)")
+    _check(d.cache_max_mb >= 0, "data.cache_max_mb", d.cache_max_mb, "must be >= 0")
     _check(d.demo_cases >= 8, "data.demo_cases", d.demo_cases, "must be at least 8")
     _check(0 <= p.val_fraction < 1, "pack.val_fraction", p.val_fraction, "must be in [0, 1)")
     _check(p.max_side == 0 or p.max_side >= 32, "pack.max_side", p.max_side, "must be 0 or >= 32")

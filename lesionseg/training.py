@@ -72,6 +72,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lesionseg import states
 from lesionseg.config import Config, ConfigError, load_config, save_config, to_dict, was_set
+from lesionseg.data.memory import (
+    CachedSamples,
+    CachedTrainEpoch,
+    ValBatches,
+    fits,
+    sample_bytes,
+    train_cacheable,
+)
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,
@@ -535,6 +543,70 @@ def worker_error(e: BaseException) -> str:
     return first_line(e)
 
 
+@dataclass
+class Memory:
+    """What `data.cache` holds in memory for a run (lesionseg/data/memory.py): the decoded
+    train set (None: train streams from the shards) and the val batches."""
+
+    train: CachedSamples | None
+    val: ValBatches
+    why: str  # why the train set is (not) in memory
+    seconds: float = 0.0  # spent decoding it
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        if self.train is None:
+            text = f"train images streamed from the shards ({self.why})"
+        else:
+            mb = len(self.train) * sample_bytes(self.train.images[0].shape[-1]) / 2**20
+            text = (f"{len(self.train)} train images decoded once into memory ({mb:.0f} MB in "
+                    f"{self.seconds:.1f} s; {self.why}): each epoch only draws their order, "
+                    "flips and colour")
+        return text + ("; val batches kept after the first validation" if self.val.enabled
+                       else "")
+
+    def train_epoch(self, cfg: Config, accelerator: Any, epoch: int, batches: int,
+                    start: int) -> CachedTrainEpoch:
+        assert self.train is not None
+        return CachedTrainEpoch(self.train, AugmentParams.from_config(cfg.data), cfg.train.seed,
+                                epoch, accelerator.process_index, accelerator.num_processes,
+                                cfg.data.batch_size, batches, start,
+                                pin_memory=cfg.data.pin_memory and
+                                accelerator.device.type == "cuda")
+
+
+def plan_memory(cfg: Config, data: DataPlan) -> Memory:
+    """Decide (and load) what data.cache keeps in memory: the val batches when they fit
+    in data.cache_max_mb, and the train set too when its augmentation is flips and colour
+    only and train + val fit."""
+    d = cfg.data
+    if not d.cache:
+        return Memory(None, ValBatches(False), "data.cache=false")
+    val = ValBatches(fits(data.val_count, d.image_size, d.cache_max_mb))
+    if not train_cacheable(AugmentParams.from_config(d)):
+        return Memory(None, val, "its augmentation crops or rotates")
+    if not fits(data.train_count + data.val_count, d.image_size, d.cache_max_mb):
+        need = (data.train_count + data.val_count) * sample_bytes(d.image_size) / 2**20
+        return Memory(None, val, f"{need:.0f} MB would exceed data.cache_max_mb="
+                                 f"{d.cache_max_mb}")
+    started = time.perf_counter()
+    try:
+        with Loader(ValStream(data.train_urls, cfg, 0, 1), cfg, torch.device("cpu")) as loader:
+            samples = CachedSamples.from_batches(loader)
+    except MemoryError:
+        raise
+    except Exception as e:  # a worker's error arrives with its traceback inside: one line
+        if not isinstance(e, UserError):
+            log.exception("reading the training data failed")
+        raise DataError(worker_error(e)) from None
+    for msg in samples.skipped:
+        log.warning("skipped a bad training sample: %s", msg)
+    if not samples.ids:
+        raise DataError(f"data.shards={data.folder}: no readable train sample")
+    return Memory(samples, val, "the augmentation is flips and colour only",
+                  time.perf_counter() - started)
+
+
 # ============================================================================ schedule
 
 
@@ -800,22 +872,31 @@ def _sync_buffers(accelerator: Any, model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan,
-             cfg: Config) -> tuple[dict[str, float], list]:
+def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan, cfg: Config,
+             val_memory: ValBatches | None = None) -> tuple[dict[str, float], list]:
     """Validate on every val sample exactly once across all ranks; errors on any rank stop
-    all ranks (collected before the one gather, so no rank waits on a failed one)."""
+    all ranks (collected before the one gather, so no rank waits on a failed one). With
+    `val_memory` enabled, this rank's batches are decoded at the first validation only."""
     from accelerate.utils import gather_object
 
     net = accelerator.unwrap_model(model)
     _sync_buffers(accelerator, net)
     dataset = ValStream(data.val_urls, cfg, accelerator.process_index, accelerator.num_processes)
     keep = cfg.tracking.log_images if accelerator.is_main_process else 0
-    results, kept, skipped, error = [], [], 0, None
+    results, overlays, skipped, error = [], [], 0, None
     try:
-        with Loader(dataset, cfg, accelerator.device) as loader:
-            results, kept, skipped = validation_counts(
-                net, loader, accelerator.device, cfg.train.mixed_precision, keep,
+        if val_memory is not None and val_memory.enabled and val_memory.batches is None:
+            with Loader(dataset, cfg, accelerator.device) as loader:
+                val_memory.keep(list(loader))
+        if val_memory is not None and val_memory.batches is not None:
+            results, overlays, skipped = validation_counts(
+                net, val_memory.batches, accelerator.device, cfg.train.mixed_precision, keep,
                 cfg.model.channels_last)
+        else:
+            with Loader(dataset, cfg, accelerator.device) as loader:
+                results, overlays, skipped = validation_counts(
+                    net, loader, accelerator.device, cfg.train.mixed_precision, keep,
+                    cfg.model.channels_last)
     except Exception as e:  # reported to every rank below, then raised
         if not isinstance(e, UserError):
             log.exception("validation failed on rank %d", accelerator.process_index)
@@ -834,7 +915,7 @@ def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan,
     if metrics["images"] != data.val_count - metrics["skipped"]:
         log.warning("validated %d images but the manifest lists %d val samples",
                     metrics["images"], data.val_count)
-    return metrics, kept
+    return metrics, overlays
 
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path | None = None,
@@ -1056,8 +1137,11 @@ def train(cfg: Config, demo: bool = False) -> int:
     recipe = resolve_recipe(cfg, schedule.total_steps, schedule.steps_per_epoch)
     if main:
         log.info("recipe: %s", recipe.describe())
+    memory = plan_memory(cfg, data)
+    if main and memory.describe():
+        log.info("memory: %s", memory.describe())
     lanes = world * max(1, cfg.data.num_workers)
-    if len(data.train_urls) < lanes and main:
+    if memory.train is None and len(data.train_urls) < lanes and main:
         log.warning("%d train shard(s) for %d reader lanes (processes × data.num_workers): "
                     "lanes share shards; pack more shards (pack.shard_max_samples) for "
                     "better mixed epochs", len(data.train_urls), lanes)
@@ -1116,7 +1200,8 @@ def train(cfg: Config, demo: bool = False) -> int:
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bar
             status, model = _loop(accelerator, cfg, data, schedule, model, optimizer,
-                                  scheduler, progress, loss_fn, run_dir, stop, resume_from)
+                                  scheduler, progress, loss_fn, run_dir, stop, resume_from,
+                                  memory)
     finally:
         stop.restore()
     if status == EXIT_RESUME:
@@ -1192,13 +1277,14 @@ def log_train_scalars(accelerator: Any, stats: StepStats, optimizer: Any, progre
 
 
 def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Config,
-                           progress: Progress, run_dir: Path) -> None:
+                           progress: Progress, run_dir: Path,
+                           val_memory: ValBatches | None = None) -> None:
     """Validate, log metrics and overlays, append metrics.jsonl, and write best.pt when the
     val train.best_metric improved (main process writes; every rank updates `progress`)."""
     from lesionseg import tracking
     from lesionseg.checkpoint import save_weights
 
-    metrics, overlays = evaluate(accelerator, model, data, cfg)
+    metrics, overlays = evaluate(accelerator, model, data, cfg, val_memory)
     tracking.log_metrics(accelerator, {f"val/{k}": v for k, v in metrics.items()}, progress.step)
     tracking.log_overlays(accelerator, cfg, overlays, progress.step)
     progress.extra["last_val"] = metrics
@@ -1218,7 +1304,7 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
 
 def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, model: Any,
           optimizer: Any, scheduler: Any, progress: Progress, loss_fn: Any, run_dir: Path,
-          stop: StopFlag, resume_from: Path | None) -> tuple[int, Any]:
+          stop: StopFlag, resume_from: Path | None, memory: Memory) -> tuple[int, Any]:
     """The epochs and steps: fetch, agree, step, log, validate, save. Returns the status (0 or
     EXIT_RESUME) and the prepared model (prepared anew if the encoder was unfrozen)."""
     from tqdm import tqdm
@@ -1231,7 +1317,7 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
     stats, skipped_total = StepStats(), 0
     bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="train", unit="step",
                disable=not main, dynamic_ncols=True)
-    loader: Loader | None = None
+    loader: Loader | CachedTrainEpoch | None = None
     loader_it: Iterator[dict[str, Any]] | None = None
     epoch_len = 0  # micro-batches of the current epoch
     unfreeze = cfg.model.freeze_encoder and cfg.model.unfreeze_after_epochs > 0
@@ -1245,9 +1331,10 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                     log.info("epoch %d: encoder unfrozen", progress.epoch)
                     unfreeze = False
                 epoch_len = schedule.micro_batches(progress.step, progress.micro)
-                dataset = TrainStream(data.train_urls, cfg, progress.epoch, rank, world,
-                                      epoch_len, progress.micro)
-                loader = Loader(dataset, cfg, accelerator.device)
+                loader = memory.train_epoch(cfg, accelerator, progress.epoch, epoch_len,
+                                            progress.micro) if memory.train is not None \
+                    else Loader(TrainStream(data.train_urls, cfg, progress.epoch, rank, world,
+                                            epoch_len, progress.micro), cfg, accelerator.device)
                 loader_it = iter(loader)
             batches, error = fetch_batches(loader_it, o.grad_accum_steps)
             # One all-reduce per step: every rank learns whether any rank was asked to stop or
@@ -1292,7 +1379,8 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
             validate = last or (t.val_every_steps > 0 and progress.step % t.val_every_steps == 0) \
                 or (t.val_every_steps == 0 and epoch_done)
             if validate:
-                validate_and_keep_best(accelerator, model, data, cfg, progress, run_dir)
+                validate_and_keep_best(accelerator, model, data, cfg, progress, run_dir,
+                                       memory.val)
             if validate or (t.save_every_steps and progress.step % t.save_every_steps == 0):
                 states.save_state(accelerator, run_dir, progress, scheduler, t.keep_states)
                 last_saved = progress.step

@@ -342,11 +342,13 @@ def test_bf16_autocast_with_gradient_accumulation(packed_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_stop_signal_then_kill_then_resume_ends_identical(packed_shards, tmp_path):
+@pytest.mark.parametrize("cache", ["true", "false"], ids=["from-memory", "streamed"])
+def test_stop_signal_then_kill_then_resume_ends_identical(packed_shards, tmp_path, cache):
     """Reference run A; run B gets SIGUSR1 (state saved, exit 75), resumes, is SIGKILLed at a
     random moment, resumes again: B's last.pt equals A's bit for bit (BN statistics too).
-    Two workers, gradient accumulation and mid-epoch states exercise the data position."""
-    args = [f"data.shards={packed_shards}", *TINY, "data.num_workers=2",
+    Two workers, gradient accumulation and mid-epoch states exercise the data position, with
+    the train set in memory (data.cache, flips only) and streamed from the shards."""
+    args = [f"data.shards={packed_shards}", *TINY, "data.num_workers=2", f"data.cache={cache}",
             "optim.grad_accum_steps=2", "optim.max_steps=9", "optim.steps_per_epoch=4",
             "train.save_every_steps=1", "train.val_every_steps=3", "train.keep_states=2"]
     a, b = tmp_path / "a", tmp_path / "b"

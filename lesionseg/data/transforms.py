@@ -191,6 +191,35 @@ def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.n
     return _image_tensor(out), _mask_tensor(warped)
 
 
+def is_flip_and_colour(aug: Augmentation) -> bool:
+    """Whether `aug` frames the whole image without rotation: then it is the eval resize
+    followed by flips and colour, and `flip_and_colour` can apply it to a resized copy."""
+    height, width = aug.source
+    return aug.crop == (0, 0, height, width) and aug.angle == 0
+
+
+def flip_and_colour(image: torch.Tensor, mask: torch.Tensor,
+                    aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a whole-image, unrotated `aug` (`is_flip_and_colour`) to an image and mask
+    already resized to S×S (`eval_transform`'s output): its flips, then its colour pass.
+
+    The same augmentation as `apply_augmentation` on the source, which warps with the flips
+    folded into one affine map: image pixels may differ by one grey level where OpenCV's
+    fixed-point coordinates round the mirrored grid differently (tested), masks are identical.
+    """
+    if not is_flip_and_colour(aug):
+        raise ValueError("flip_and_colour takes whole-image unrotated augmentations only")
+    img = image.permute(1, 2, 0).numpy()  # H×W×3 view of the HWC memory
+    msk = mask
+    if aug.hflip:
+        img, msk = img[:, ::-1], msk.flip(-1)
+    if aug.vflip:
+        img, msk = img[::-1], msk.flip(-2)
+    if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
+        img = _colour(np.ascontiguousarray(img), aug.brightness, aug.contrast, aug.saturation)
+    return _image_tensor(img), msk.contiguous()
+
+
 def _cv2_matrix(coeffs: tuple[float, ...]) -> np.ndarray:
     """Pillow-style AFFINE data (continuous coordinates, a pixel spans [i, i+1]) → OpenCV's
     inverse map on pixel indices (pixel i is centred at i): x_idx = a u + b v + c', with
