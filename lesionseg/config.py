@@ -34,6 +34,7 @@ class DataConfig:
     on_error: str = "raise"  # a bad sample in a shard: raise (stop with its name) or skip (count and warn)
     cache: bool = True  # decode once into memory what every epoch decodes alike (val; train when its augmentation is flips/colour only) if it fits in cache_max_mb; false: always stream
     cache_max_mb: int = 4096  # memory per process data.cache may use (resized uint8 samples)
+    soft_masks: bool = False  # train on each pixel's lesion share (area-resampled masks, 0-1) instead of nearest-sampled 0/1
     # Augmentation; null = chosen from the schedule's length (lesionseg/recipe.py).
     scale_min: float | None = None  # random-resized-crop: smallest area fraction of the image
     hflip: bool = True  # random horizontal flips

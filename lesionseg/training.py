@@ -11,6 +11,9 @@ Data (WebDataset shards, see shards/README.md):
   micro-batches per epoch, batched inside the DataLoader workers; so no rank ever waits on
   another, whatever the shard count. Lane l of rank r in epoch e is fully determined by
   (train.seed, e, r, l), and each augmentation by (seed, e, r, l, position, sample id).
+- Memory (`data.cache`, lesionseg/data/memory.py): when the augmentation is flips and colour
+  only, the train set is decoded once and each epoch is a seeded permutation of it
+  (`CachedTrainEpoch`, no workers); val batches are kept after the first validation.
 - The WebDataset loader is NOT given to `accelerator.prepare` (it would re-split or dispatch
   the already rank-split stream); batches are moved to the device here.
 - Validation: every val sample exactly once whatever the world size (sample i goes to lane
@@ -321,8 +324,8 @@ def shuffled(samples: Iterator[Any], size: int, rng: random.Random) -> Iterator[
     yield from buffer
 
 
-def _augmented(raw: dict[str, Any], params: AugmentParams,
-               g: torch.Generator) -> tuple[str, torch.Tensor, torch.Tensor]:
+def _augmented(raw: dict[str, Any], params: AugmentParams, g: torch.Generator,
+               soft: bool = False) -> tuple[str, torch.Tensor, torch.Tensor]:
     """A training sample: the augmentation is drawn from the stored size (header only), then
     the JPEG is decoded at the smallest DCT scale that still holds the drawn crop at full
     resolution, and warped once."""
@@ -331,16 +334,17 @@ def _augmented(raw: dict[str, Any], params: AugmentParams,
     height, width = raw_image_size(raw)
     aug = draw_augmentation(height, width, params, g)
     sample = decode_sample(raw, draft_size=aug.decode_size())
-    image, mask = apply_augmentation(sample.image, sample.mask, aug)
+    image, mask = apply_augmentation(sample.image, sample.mask, aug, soft)
     return sample.id, image, mask
 
 
-def _evaluated(raw: dict[str, Any], size: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+def _evaluated(raw: dict[str, Any], size: int,
+               soft: bool = False) -> tuple[str, torch.Tensor, torch.Tensor]:
     """A validation sample: the whole image resized to size×size (`eval_transform`)."""
     from lesionseg.data.shards import decode_sample
 
     sample = decode_sample(raw, min_size=size)
-    image, mask = eval_transform(sample.image, sample.mask, size)
+    image, mask = eval_transform(sample.image, sample.mask, size, soft)
     return sample.id, image, mask
 
 
@@ -381,6 +385,7 @@ class TrainStream(IterableDataset):
         self.seed, self.batch_size = cfg.train.seed, cfg.data.batch_size
         self.buffer, self.on_error = cfg.data.shuffle_buffer, cfg.data.on_error
         self.augment = AugmentParams.from_config(cfg.data)
+        self.soft = cfg.data.soft_masks
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -408,7 +413,7 @@ class TrainStream(IterableDataset):
         ids, images, masks, skipped = [], [], [], []
         for index, raw in items:
             g = generator_for(self.seed, self.epoch, lane_id, index, raw.get("__key__"))
-            done = _prepare(lambda raw=raw, g=g: _augmented(raw, self.augment, g),
+            done = _prepare(lambda raw=raw, g=g: _augmented(raw, self.augment, g, self.soft),
                             self.on_error, skipped)
             if done is None:
                 continue
@@ -428,9 +433,10 @@ class ValStream(IterableDataset):
     """A rank's share of the val samples, each exactly once: sample i (counted over the val
     shards in order) belongs to lane i mod (world × workers). Yields eval-transformed batches."""
 
-    def __init__(self, urls: tuple[str, ...], cfg: Config, rank: int, world: int) -> None:
+    def __init__(self, urls: tuple[str, ...], cfg: Config, rank: int, world: int,
+                 soft: bool = False) -> None:
         super().__init__()
-        self.urls, self.rank, self.world = urls, rank, world
+        self.urls, self.rank, self.world, self.soft = urls, rank, world, soft
         self.size, self.batch_size = cfg.data.image_size, cfg.data.batch_size
         self.on_error = cfg.data.on_error
 
@@ -446,8 +452,8 @@ class ValStream(IterableDataset):
                 position += 1
                 if not mine:
                     continue
-                done = _prepare(lambda raw=raw: _evaluated(raw, self.size), self.on_error,
-                                skipped)
+                done = _prepare(lambda raw=raw: _evaluated(raw, self.size, self.soft),
+                                self.on_error, skipped)
                 if done is None:
                     continue
                 ids.append(done[0])
@@ -591,7 +597,8 @@ def plan_memory(cfg: Config, data: DataPlan) -> Memory:
                                  f"{d.cache_max_mb}")
     started = time.perf_counter()
     try:
-        with Loader(ValStream(data.train_urls, cfg, 0, 1), cfg, torch.device("cpu")) as loader:
+        with Loader(ValStream(data.train_urls, cfg, 0, 1, soft=d.soft_masks), cfg,
+                    torch.device("cpu")) as loader:
             samples = CachedSamples.from_batches(loader)
     except MemoryError:
         raise
@@ -992,6 +999,8 @@ def train_step(accelerator: Any, model: torch.nn.Module, optimizer: Any, loss_fn
             if cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["mask"].to(device, non_blocking=True).float()
+            if cfg.data.soft_masks:  # lesion shares stored as 0-255
+                y = y.mul_(1 / 255)
             logits = model(x)
             loss, parts = loss_fn(logits, y)
             accelerator.backward(loss)

@@ -35,25 +35,44 @@ def _photo(h: int, w: int, seed: int) -> tuple[Image.Image, Image.Image]:
     return Image.fromarray(rgb, "RGB"), Image.fromarray(mask, "L")
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["binary", "soft"])
 @pytest.mark.parametrize("shape", [(90, 120), (300, 451), (40, 40)])
-def test_flips_and_colour_on_the_resized_copy_equal_the_streamed_warp(shape):
+def test_flips_and_colour_on_the_resized_copy_equal_the_streamed_warp(shape, soft):
     """The augmentation applied to the eval-resized copy (cached path) against the one warp
-    from the source (streamed path): masks identical, images within one grey level."""
+    from the source (streamed path): binary masks identical, images (and soft masks) within
+    one grey level."""
     image, mask = _photo(*shape, seed=shape[0])
     params = AugmentParams(size=64, scale_min=1.0, rotate_degrees=0.0, color_jitter=0.3)
-    base_image, base_mask = eval_transform(image, mask, 64)
+    base_image, base_mask = eval_transform(image, mask, 64, soft_mask=soft)
     flipped = 0
     for i in range(12):
         aug = draw_augmentation(mask.height, mask.width, params, generator_for(i))
         assert is_flip_and_colour(aug)
         flipped += aug.hflip + aug.vflip
-        streamed = apply_augmentation(image, mask, aug)
+        streamed = apply_augmentation(image, mask, aug, soft_mask=soft)
         cached = flip_and_colour(base_image, base_mask, aug)
-        assert torch.equal(cached[1], streamed[1])
+        if soft:
+            assert (cached[1].int() - streamed[1].int()).abs().max() <= 1
+        else:
+            assert torch.equal(cached[1], streamed[1])
         diff = (cached[0].int() - streamed[0].int()).abs().max()
         assert diff <= 1, f"draw {i}: images differ by {diff}"
         assert cached[0].permute(1, 2, 0).is_contiguous()  # HWC memory, as the stream gives
     assert flipped >= 6  # the draws did flip
+
+
+def test_soft_masks_hold_each_pixels_lesion_share():
+    """Area-resampled masks: 0 and 255 away from the border, the covered share on it; their
+    mean is the lesion's area fraction and, cut at half, they are the nearest-sampled mask."""
+    image, mask = _photo(301, 449, seed=3)
+    _, hard = eval_transform(image, mask, 32)
+    _, soft = eval_transform(image, mask, 32, soft_mask=True)
+    assert soft.dtype == torch.uint8 and soft.shape == hard.shape
+    between = ((soft > 0) & (soft < 255)).float().mean()
+    assert 0 < between < 0.2  # only border pixels are partly lesion
+    area = (np.asarray(mask) > 127).mean()
+    assert float(soft.float().mean() / 255) == pytest.approx(area, abs=0.005)
+    assert ((soft > 127) == (hard > 0)).float().mean() > 0.98
 
 
 def test_crops_and_rotations_are_refused_and_not_cacheable():
@@ -157,3 +176,20 @@ def test_training_from_memory_says_so_and_matches_its_validation(packed_shards, 
     assert len(lines) == 3  # one validation per epoch, the last two from kept batches
     streamed = evaluate_checkpoint(out / "last.pt")
     assert streamed["dice"] == pytest.approx(lines[-1]["dice"], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["true", "false"], ids=["from-memory", "streamed"])
+def test_soft_mask_training_runs_both_ways(packed_shards, tmp_path, cache):
+    """data.soft_masks=true through the cached and the streamed (cropping) pipelines: the run
+    finishes (a non-finite loss would stop it: train.max_bad_steps) and validates."""
+    out = tmp_path / "run"
+    r = run_train([f"data.shards={packed_shards}", *TINY, "optim.max_steps=4",
+                   "optim.steps_per_epoch=2", "data.soft_masks=true", f"data.cache={cache}",
+                   "data.scale_min=0.6", "train.tune_postprocess=false",
+                   f"train.output_dir={out}"] + (["data.scale_min=1.0"] if cache == "true"
+                                                 else []))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ("decoded once" in r.stderr) == (cache == "true")
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all(0 <= x["dice"] <= 1 for x in lines)

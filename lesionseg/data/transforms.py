@@ -167,9 +167,10 @@ def draw_augmentation(height: int, width: int, params: AugmentParams,
 
 
 def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray,
-                       aug: Augmentation) -> tuple[torch.Tensor, torch.Tensor]:
+                       aug: Augmentation, soft_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply `aug` to an RGB image and its 0/255 mask (PIL or H×W(×3) uint8 arrays) →
-    (uint8 3×S×S, uint8 1×S×S in {0, 1}).
+    (uint8 3×S×S, uint8 1×S×S in {0, 1}; with `soft_mask`, uint8 0-255: the lesion's share
+    of each output pixel, resampled like the image: area-averaged, then bilinear).
 
     The mask must be at `aug.source` size; the image may be smaller (decoded at a reduced JPEG
     scale): its coordinates are scaled, so image and mask stay aligned. Outside the source the
@@ -185,6 +186,9 @@ def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.n
     out = _sample(src, coeffs, src.shape[1] / width, src.shape[0] / height, s)
     if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
         out = _colour(out, aug.brightness, aug.contrast, aug.saturation)
+    if soft_mask:
+        share = _sample(np.ascontiguousarray(msk), coeffs, 1.0, 1.0, s)
+        return _image_tensor(out), torch.from_numpy(np.ascontiguousarray(share)[None])
     warped = cv2.warpAffine(msk, _cv2_matrix(coeffs), (s, s),
                             flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -318,8 +322,8 @@ def identity_augmentation(height: int, width: int, size: int) -> Augmentation:
                         1.0, size)
 
 
-def eval_transform(image: Image.Image, mask: Image.Image | None,
-                   size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def eval_transform(image: Image.Image, mask: Image.Image | None, size: int,
+                   soft_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resize the whole image to size×size (no crop, aspect not kept), exactly as training
     resamples a whole-image crop: `apply_augmentation` with the identity augmentation (area
     reduction, then bilinear; the mask with nearest on the same pixel grid).
@@ -333,7 +337,7 @@ def eval_transform(image: Image.Image, mask: Image.Image | None,
     if mask is None:
         src = np.asarray(image)
         return _image_tensor(_sample(src, aug.affine(), 1.0, 1.0, size)), None
-    return apply_augmentation(image, mask, aug)
+    return apply_augmentation(image, mask, aug, soft_mask)
 
 
 def to_float_images(x: torch.Tensor) -> torch.Tensor:
