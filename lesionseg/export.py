@@ -138,7 +138,7 @@ def parity_batches(image_size: int) -> list[torch.Tensor]:
         images = []
         for _ in range(n):
             img, _ = render_case(PARITY_SEED, index, min_side=64, max_side=max(64, h, w))
-            images.append(torch.from_numpy(np.asarray(img.resize((w, h)))).permute(2, 0, 1))
+            images.append(torch.from_numpy(np.array(img.resize((w, h)))).permute(2, 0, 1))
             index += 1
         batches.append(torch.stack(images))
     return batches

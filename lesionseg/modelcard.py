@@ -179,3 +179,10 @@ def write_model_card(checkpoint: str | Path, out: str | Path | None = None) -> P
     atomic_write_text(out, render_model_card(checkpoint, out.parent))
     log.info("model card written to %s", out)
     return out
+
+
+def write_run_card(run_dir: str | Path) -> Path | None:
+    """The card beside a training run's best.pt (the end of `training.train`); None when the
+    run wrote no best.pt."""
+    best = Path(run_dir) / "best.pt"
+    return write_model_card(best) if best.is_file() else None

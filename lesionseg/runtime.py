@@ -106,6 +106,7 @@ class OnnxBackend:
     present, else the CPU provider with `threads` intra-op threads (0 = ORT's default)."""
 
     name = "onnxruntime"
+    precision = "fp32"  # the file's (metadata "precision"), set by open_backend
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0) -> None:
         try:
@@ -146,6 +147,7 @@ class TorchScriptBackend:
     """An exported TorchScript file on a torch device (it takes uint8 and float alike)."""
 
     name = "torchscript"
+    precision = "fp32"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0) -> None:
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -180,4 +182,6 @@ def open_backend(path: str | Path, device: str = "cpu",
     """(backend, metadata) of an exported file: ONNX on ONNX Runtime, TorchScript on torch."""
     meta = read_metadata(path)
     backend_type = OnnxBackend if export_format(path) == "onnx" else TorchScriptBackend
-    return backend_type(path, device, threads), meta
+    backend = backend_type(path, device, threads)
+    backend.precision = str(meta.get("precision", "fp32"))
+    return backend, meta
