@@ -74,6 +74,7 @@ def test_pil_numpy_and_path_agree_and_batch_equals_singles(segmenter: Segmenter,
 
 def test_exported_file_and_onnxruntime_backend_give_the_same_masks(
         segmenter: Segmenter, tiny_checkpoint: dict, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
     onnx_file = export_model(tiny_checkpoint["ckpt"], tmp_path / "m.onnx", write_card=False).path
     loaded = [Segmenter.load(onnx_file), Segmenter.load(tiny_checkpoint["ckpt"],
                                                          backend="onnxruntime")]
