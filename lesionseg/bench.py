@@ -1036,10 +1036,12 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
                    "infer.tta=false"])  # one forward per image, like the naive loop
     naive_model, _, _ = build_model_from_checkpoint(ckpt)
     predictor, _, _ = load_predictor(ckpt, cfg.infer, torch.device("cpu"))
+    ort_predictor = onnxruntime_predictor(ckpt, cfg.infer)
     log.info("infer: decoding %d images for the pure-forward baseline", len(pairs))
-    tensors = to_float_images(stack_images([
+    images8 = stack_images([
         eval_transform(load_image(p.read_bytes(), str(p))[0], None, plan.image_size)[0]
-        for p, _ in pairs]))
+        for p, _ in pairs])
+    tensors = to_float_images(images8)
     runs_dir = workdir / "infer-runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     counter = {"n": 0}
@@ -1071,9 +1073,16 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         return timed(lambda: [predictor(tensors[i:i + plan.batch_size])
                               for i in range(0, len(tensors), plan.batch_size)])
 
-    runs = interleaved({"job": pipeline, "naive": naive, "forward": forward}, plan.warmup,
-                       plan.repeats)
+    def forward_ort() -> float:  # the same batches, uint8 as the job feeds them
+        return timed(lambda: [ort_predictor(images8[i:i + plan.batch_size])
+                              for i in range(0, len(images8), plan.batch_size)])
+
+    variants = {"job": pipeline, "naive": naive, "forward": forward}
+    if ort_predictor is not None:
+        variants["forward_ort"] = forward_ort
+    runs = interleaved(variants, plan.warmup, plan.repeats)
     n = len(pairs)
+    ort_s = stats(runs["forward_ort"]) if ort_predictor is not None else None
     job_s, naive_s, fwd_s = (stats(runs[k]) for k in ("job", "naive", "forward"))
     stages = infer_stage_costs(source, cfg, predictor, plan.image_size, runs_dir / "stages")
     rate = {k: _r(n / s["median"]) for k, s in (("job", job_s), ("naive", naive_s),
@@ -1089,11 +1098,29 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         "job_images_per_s": rate["job"], "job_wall_images_per_s": _r(
             n / stats(job["wall_s"])["median"]),
         "naive_images_per_s": rate["naive"], "forward_images_per_s": rate["forward"],
+        "forward_onnxruntime_s": ort_s,
+        "forward_onnxruntime_images_per_s": _r(n / ort_s["median"]) if ort_s else None,
         "note": "job = run_inference with the job's defaults (report on); loop time excludes "
                 "model load, input listing and the merge, which the wall time includes",
         "ratios": {"infer_speedup_vs_naive": _r(naive_s["median"] / job_s["median"]),
                    "infer_over_pure_forward": _r(job_s["median"] / fwd_s["median"])},
     }
+
+
+def onnxruntime_predictor(ckpt: Path, icfg: Any) -> Any:
+    """The job's onnxruntime predictor (an on-the-fly ONNX export, CPU provider, the same
+    threads as torch); None where onnxruntime is not installed."""
+    import importlib.util
+
+    import torch
+
+    from lesionseg.inference import load_predictor
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        log.info("infer: onnxruntime not installed; no onnxruntime forward row")
+        return None
+    return load_predictor(ckpt, dataclasses.replace(icfg, backend="onnxruntime"),
+                          torch.device("cpu"))[0]
 
 
 # ============================================================================ accuracy
@@ -1204,6 +1231,9 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("infer", "naive loop, img/s", _fmt(i["naive_images_per_s"]), ""))
         rows.append(("infer", f"pure forward batch {i['batch_size']}, img/s",
                      _fmt(i["forward_images_per_s"]), ""))
+        if i.get("forward_onnxruntime_images_per_s"):
+            rows.append(("infer", f"pure forward batch {i['batch_size']}, onnxruntime, img/s",
+                         _fmt(i["forward_onnxruntime_images_per_s"]), "same batches, uint8 in"))
         st = i["stages_ms_per_image"]
         rows.append(("infer", "ms/img on 1 core: decode_item + finish_item",
                      _fmt(st["decode_item_ms"]), f"+ {_fmt(st['finish_item_ms'])}"))

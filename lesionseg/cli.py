@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "train the MobileNetV2 encoder-decoder (use `accelerate launch` for several processes)"),
     "infer": ("lesionseg.inference", "add_arguments", "command",
               "batch inference: masks, per-image Dice/IoU, summary and report for folders/archives"),
+    "export": ("lesionseg.export", "add_arguments", "command",
+               "export a checkpoint to ONNX or TorchScript (preprocessing inside), parity-checked"),
     "bench": ("lesionseg.bench", "add_arguments", "command",
               "benchmarks: data pipeline, training step and inference, side by side"),
 }
@@ -35,13 +37,14 @@ EPILOG = """examples:
   lesionseg pack --source ISIC2016/ --out shards/isic2016
   accelerate launch jobs/train.py data.shards=shards/isic2016 optim.epochs=30
   lesionseg infer --checkpoint runs/demo/best.pt --input images/ --out out/
+  lesionseg export --checkpoint runs/demo/best.pt --format onnx --out runs/demo/best.onnx
 run `lesionseg COMMAND --help` for a command's options."""
 
 
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lesionseg",
-        description="Skin-lesion segmentation on ISIC 2016: pack, train, infer, bench.",
+        description="Skin-lesion segmentation on ISIC 2016: pack, train, infer, export, bench.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

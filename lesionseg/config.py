@@ -139,6 +139,7 @@ class InferConfig:
     tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
+    backend: str = "torch"  # torch, or onnxruntime (a checkpoint is exported on the fly, parity-checked)
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
     save_overlays: bool = False  # write overlay JPEGs to overlays/
     report: bool = True  # write report.html (and the thumbnails it shows) after merging
@@ -171,6 +172,7 @@ _CHOICES = {
     "tracking.backend": ("wandb", "none"),
     "tracking.mode": ("offline", "online", "disabled"),
     "infer.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "infer.backend": ("torch", "onnxruntime"),
     "infer.postprocess": ("auto", "none", "largest", "fill", "largest+fill"),
 }
 

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lesionseg.config import Config, InferConfig, load_config, to_dict
+from lesionseg.config import Config, InferConfig, from_dict, load_config, to_dict
 from lesionseg.data.cv import cv2
 from lesionseg.data.images import (
     encode_grey_png,
@@ -49,11 +50,13 @@ from lesionseg.data.images import (
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError, environment_message, first_line, is_environmental
+from lesionseg.export import export_model
 from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
 from lesionseg.launch import maybe_relaunch_cpu_ranks
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 from lesionseg.postprocess import CHOICES as POSTPROCESS_CHOICES
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
+from lesionseg.runtime import BACKENDS, export_format, open_backend
 from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
@@ -105,7 +108,8 @@ Slurm array) split them across jobs, and the last part to finish merges."""
   accelerate launch jobs/infer.py --checkpoint best.pt --input shards/isic2016 --out out/
   python jobs/infer.py --merge out/   # combine the parts of an array job by hand"""
     parser.add_argument("--checkpoint", metavar="FILE",
-                        help="best.pt or last.pt from a training run (required unless --merge)")
+                        help="best.pt or last.pt from a training run, or a file from "
+                             "`lesionseg export` (.onnx, TorchScript); required unless --merge")
     parser.add_argument("--input", metavar="PATH", action="append", default=[],
                         help="image folder (recursive), image file, .zip, .tar/.tar.gz/.tgz, "
                              "packed shard folder (its test split, or val when it has none; "
@@ -143,6 +147,12 @@ Slurm array) split them across jobs, and the last part to finish merges."""
                              "validation chose at the end of training (stored in the checkpoint)")
     parser.add_argument("--device", metavar="DEV",
                         help=f"auto (CUDA when visible), cpu, cuda or cuda:N (default {d.device})")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="what runs the model: torch (default) or onnxruntime (CPU provider, "
+                             "CUDA provider where installed). With a checkpoint, onnxruntime "
+                             "exports it to ONNX on the fly (parity-checked, as lesionseg "
+                             "export); --checkpoint FILE.onnx runs an exported file on "
+                             "onnxruntime, a TorchScript file on torch")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average the predictions of the image and its horizontal, vertical "
                              "and double flips (default on: about 1 point of Dice for 4 "
@@ -166,7 +176,7 @@ Slurm array) split them across jobs, and the last part to finish merges."""
 
 FLAG_KEYS = {"batch_size": "batch_size", "workers": "num_workers", "image_size": "image_size",
              "threshold": "threshold", "postprocess": "postprocess", "tta": "tta",
-             "device": "device", "save_probs": "save_probs",
+             "device": "device", "backend": "backend", "save_probs": "save_probs",
              "save_overlays": "save_overlays", "wandb": "log_wandb"}
 
 
@@ -305,15 +315,29 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 @dataclass
 class Predictor:
     """The model on its device; `__call__` maps a uint8 (or float [0, 1]) batch to
-    probabilities at S×S."""
+    probabilities at S×S. With `runtime` (an exported file's backend, `lesionseg.runtime`),
+    that runs instead of `model`, with the same flip TTA around it."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     device: torch.device
     amp_dtype: torch.dtype | None
     tta: bool
+    runtime: Any = None
+
+    @property
+    def backend(self) -> str:
+        """torch, onnxruntime or torchscript."""
+        return self.runtime.name if self.runtime is not None else "torch"
+
+    @property
+    def precision(self) -> str:
+        """What the forward computes in: fp16/bf16 (autocast, or an fp16 file) or fp32."""
+        return self.runtime.precision if self.runtime is not None else precision_name(self.amp_dtype)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.runtime is not None:
+            return self._run_exported(images)
         x = to_float_images(images.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
         n = x.shape[0]
@@ -324,10 +348,24 @@ class Predictor:
         with amp:
             probs = torch.sigmoid(self.model(x).float())[:, 0]
         if self.tta:
-            views = probs.split(n)
-            probs = sum(p.flip(dims) if dims else p
-                        for p, dims in zip(views, TTA_FLIPS, strict=True)) / len(TTA_FLIPS)
+            probs = tta_average(probs, n)
         return probs.float().cpu()
+
+    def _run_exported(self, images: torch.Tensor) -> torch.Tensor:
+        """The exported file on the batch as given (uint8 on the CPU), flip TTA around it."""
+        n = images.shape[0]
+        if self.tta:
+            images = torch.cat([images.flip(dims) if dims else images for dims in TTA_FLIPS])
+        probs = self.runtime(images)
+        return (tta_average(probs, n) if self.tta else probs).float().cpu()
+
+
+def tta_average(probs: torch.Tensor, n: int) -> torch.Tensor:
+    """The mean of the len(TTA_FLIPS) views of n images (stacked view by view), each flipped
+    back."""
+    views = probs.split(n)
+    return sum(p.flip(dims) if dims else p
+               for p, dims in zip(views, TTA_FLIPS, strict=True)) / len(TTA_FLIPS)
 
 
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
@@ -339,14 +377,42 @@ def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
 
 def load_predictor(checkpoint: str | Path, cfg: InferConfig,
                    device: torch.device) -> tuple[Predictor, Config, dict[str, Any]]:
-    """Model from a checkpoint, BatchNorm folded, on `device`, channels_last, in eval mode."""
+    """Model from a checkpoint, BatchNorm folded, on `device`, channels_last, in eval mode;
+    or, for an exported file or `cfg.backend` onnxruntime, the runtime that runs it
+    (`load_exported`). Returns the checkpoint's config and metadata either way."""
     from lesionseg.checkpoint import build_model_from_checkpoint
     from lesionseg.model import fuse_for_inference
 
+    if cfg.backend != "torch" or export_format(checkpoint) is not None:
+        return load_exported(checkpoint, cfg, device)
     model, ckpt_cfg, meta = build_model_from_checkpoint(checkpoint)
     model = fuse_for_inference(model)  # BatchNorm folded into the convs: ~40% faster here
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     return Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta), ckpt_cfg, meta
+
+
+def load_exported(checkpoint: str | Path, cfg: InferConfig,
+                  device: torch.device) -> tuple[Predictor, Config, dict[str, Any]]:
+    """An exported file on its runtime (ONNX → onnxruntime, TorchScript → torch), or a
+    checkpoint exported to ONNX on the fly (parity-checked; the session holds the graph, so
+    the temporary file goes at once). Config and metadata come from the file's metadata."""
+    fmt = export_format(checkpoint)
+    if fmt == "torchscript" and cfg.backend == "onnxruntime":
+        raise InferenceError(f"--checkpoint {checkpoint}: a TorchScript file runs on torch; "
+                             "use --backend torch, or export to ONNX for onnxruntime")
+    threads = torch.get_num_threads()
+    if fmt is None:
+        with tempfile.TemporaryDirectory(prefix="lesionseg-infer-") as tmp:
+            log.info("exporting %s to ONNX for onnxruntime (parity-checked)", checkpoint)
+            onnx_path = export_model(checkpoint, Path(tmp) / "model.onnx", "onnx",
+                                     write_card=False).path
+            runtime, meta = open_backend(onnx_path, str(device), threads)
+    else:
+        runtime, meta = open_backend(checkpoint, str(device), threads)
+    log.info("%s runs %s (%s, %s; providers %s)", runtime.name, checkpoint, meta["file_format"],
+             runtime.precision, ", ".join(map(str, runtime.providers)))
+    predictor = Predictor(None, runtime.device, None, cfg.tta, runtime=runtime)
+    return predictor, from_dict(meta["config"]), dict(meta.get("checkpoint_meta") or {})
 
 
 # --------------------------------------------------------------------------- per image outputs
@@ -375,11 +441,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     with a Python float). The mask stays a uint8 0/255 array from the compare to the PNG; the
     scores come from it and the 0/1 truth bits without any bool or tensor copies."""
     h, w = sample["size"]
-    p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
-    full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
-    pred = above_threshold(full, spec.threshold)  # uint8: 255 where prob > t
-    if spec.steps:
-        pred = Postprocess(spec.threshold, spec.steps).apply(pred)
+    full, pred = full_size_mask(prob, (h, w), Postprocess(spec.threshold, spec.steps))
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
     if spec.save_probs:  # round(prob * 255), ties to even as torch's round
         probs8 = cv2.convertScaleAbs(full, alpha=255.0)
@@ -397,6 +459,20 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     if sample["preview"] is not None:
         write_previews(item.id, sample["preview"], pred, truth, spec)
     return row
+
+
+def full_size_mask(prob: torch.Tensor, size: tuple[int, int],
+                   post: Postprocess) -> tuple[np.ndarray, np.ndarray]:
+    """(probability map upsampled to size = (h, w), float32; mask uint8 0/255): bilinear,
+    "probability > threshold", then the post-processing steps. The job and `lesionseg.api`
+    both turn predictions into masks here."""
+    h, w = size
+    p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
+    full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
+    pred = above_threshold(full, post.threshold)  # uint8: 255 where prob > t
+    if post.steps:
+        pred = post.apply(pred)
+    return full, pred
 
 
 def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:
@@ -661,12 +737,15 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     post, post_source = applied_postprocess(icfg, meta)
     icfg = replace(icfg, threshold=post.threshold, postprocess=post.name)
     cfg = replace(cfg, infer=icfg)
+    if predictor.runtime is not None:
+        device = predictor.device
     runtime = {"device": device.type if state.num_processes > 1 else str(device),
-               "precision": precision_name(predictor.amp_dtype),
+               "precision": predictor.precision, "backend": predictor.backend,
                "processes": state.num_processes}
-    log.info("inference on %s, %s precision (infer.mixed_precision=%s), %d process(es), "
-             "%d px, threshold %g, post-processing %s (%s)%s", runtime["device"],
-             runtime["precision"], icfg.mixed_precision, state.num_processes, image_size,
+    log.info("inference on %s, %s precision (infer.mixed_precision=%s), backend %s, "
+             "%d process(es), %d px, threshold %g, post-processing %s (%s)%s", runtime["device"],
+             runtime["precision"], icfg.mixed_precision, runtime["backend"], state.num_processes,
+             image_size,
              post.threshold, post.name, post_source, ", flip TTA" if icfg.tta else "")
     run_cfg = _run_config(ckpt_cfg, cfg, image_size)
     signature = {
@@ -1007,6 +1086,7 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "postprocess": run["signature"].get("postprocess", "none"),
         "tta": run["signature"].get("tta", False),
         "device": run.get("runtime", {}).get("device"),
+        "backend": run.get("runtime", {}).get("backend", "torch"),
         "precision": run.get("runtime", {}).get("precision"),
         "checkpoint": run["checkpoint"], "config": run["config"],
         "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),

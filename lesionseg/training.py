@@ -1123,6 +1123,7 @@ def train(cfg: Config, demo: bool = False) -> int:
     from lesionseg import tracking
     from lesionseg.checkpoint import save_weights
     from lesionseg.losses import SegmentationLoss
+    from lesionseg.modelcard import write_run_card
 
     configure_torch(cfg)
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per save here
@@ -1228,6 +1229,7 @@ def train(cfg: Config, demo: bool = False) -> int:
             tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
                             accelerator.device)
         save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
+        write_run_card(run_dir)  # MODEL_CARD.md beside best.pt (lesionseg.modelcard)
         log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
                  "%s weights (train.select); weights in %s and %s", progress.step,
                  cfg.train.best_metric, progress.best, progress.best_step,

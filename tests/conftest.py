@@ -11,10 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
-from lesionseg.config import PackConfig
+from lesionseg.checkpoint import save_weights
+from lesionseg.config import PackConfig, load_config
+from lesionseg.data.images import load_image
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
+from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.model import MobileNetEncoderDecoder
 
 TINY = {"min_side": 64, "max_side": 160}  # image sizes of every fixture data set
 ISIC_TRAIN, ISIC_TEST = 16, 4  # cases in `isic_root` / `isic_zips` (ids ISIC_0000000 … 19)
@@ -53,3 +58,31 @@ def make_isic(tmp_path: Path) -> Callable[..., Path]:
         return write_isic_dataset(tmp_path / name, n_train, n_test, **{**TINY, **kw})
 
     return make
+
+
+TINY_SIZE = 64  # image_size of `tiny_checkpoint`
+TINY_POSTPROCESS = {"threshold": 0.45, "steps": ["largest"], "name": "largest"}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Read-only: 5 synthetic ISIC cases (48-160 px) and a random 64-px checkpoint holding a
+    stored post-processing choice (TINY_POSTPROCESS), its head bias shifted so that its masks
+    are neither empty nor full (equal masks must mean something). Keys: ckpt, images, truth."""
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    isic = write_isic_dataset(root / "isic", 5, 0, seed=5, min_side=48, max_side=160)
+    images = isic / "ISBI2016_ISIC_Part1_Training_Data"
+    torch.manual_seed(1)
+    model = MobileNetEncoderDecoder().eval()
+    batch = to_float_images(stack_images([
+        eval_transform(load_image(p.read_bytes())[0], None, TINY_SIZE)[0]
+        for p in sorted(images.glob("*.jpg"))]))
+    with torch.no_grad():  # a wide logit spread, centred on the stored threshold
+        model.decoder.head.weight *= 20
+        logits = model(batch)
+        model.decoder.head.bias -= logits.median() - torch.logit(torch.tensor(0.45))
+    cfg = load_config(None, ["model.encoder_weights=null", f"data.image_size={TINY_SIZE}"])
+    ckpt = save_weights(root / "run" / "best.pt", model.state_dict(), cfg, step=3, epoch=1,
+                        val={"dice": 0.5, "jaccard": 0.4}, postprocess=dict(TINY_POSTPROCESS))
+    return {"ckpt": ckpt, "images": images,
+            "truth": isic / "ISBI2016_ISIC_Part1_Training_GroundTruth"}

@@ -64,7 +64,8 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
     assert _positive(ours["gmacs_384"])
     assert train["model"]["ours_frozen_encoder"]["trainable_params"] < ours["params"]
     assert 0 <= train["race"]["ours"]["val_dice"] <= 1 and train["race"]["ours"]["steps"] > 0
-    for key in ("job_images_per_s", "naive_images_per_s", "forward_images_per_s"):
+    for key in ("job_images_per_s", "naive_images_per_s", "forward_images_per_s",
+                "forward_onnxruntime_images_per_s"):
         assert _positive(infer[key]), key
     # Accuracy: every trainer scored by the same scorer on the same 3 hard test cases; the top
     # level holds their Dice, and the margins are exactly the differences.

@@ -1,0 +1,151 @@
+"""The Python API, for notebooks and other tools: segment images with a checkpoint or an
+exported file exactly as `jobs/infer.py` does, without its folders and files.
+
+    from lesionseg.api import Segmenter
+    seg = Segmenter.load("runs/demo/best.pt")          # or "best.onnx", backend="onnxruntime"
+    result = seg.segment("ISIC_0000000.jpg")            # a path, PIL image or numpy array
+    result.mask, result.probability                     # original size: uint8 0/255, float32
+    results = seg.segment_batch(list_of_images)
+
+The same objects as the job: `inference.load_predictor` (torch, or an exported file on its
+runtime, with flip TTA), the eval transform to the model's size, `inference.full_size_mask`
+(bilinear back to the original size, the stored threshold and post-processing).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lesionseg.config import Config, InferConfig, validate
+from lesionseg.data.images import load_image
+from lesionseg.data.transforms import eval_transform, stack_images
+from lesionseg.errors import UserError
+from lesionseg.inference import (
+    Predictor,
+    applied_postprocess,
+    full_size_mask,
+    load_predictor,
+)
+from lesionseg.postprocess import Postprocess
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]  # noqa: UP007 (runtime alias)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One image's result, at the image's original size (H×W)."""
+
+    mask: np.ndarray  # uint8, 255 = lesion, 0 = background (as the job's mask PNGs)
+    probability: np.ndarray  # float32 in [0, 1]: the model's lesion probability per pixel
+    threshold: float  # the mask is probability > threshold, then `postprocess`
+    postprocess: str  # none, largest, fill or largest+fill
+
+    @property
+    def lesion_fraction(self) -> float:
+        """Share of the image's pixels in the mask."""
+        return float(np.count_nonzero(self.mask)) / self.mask.size
+
+
+class Segmenter:
+    """A loaded model with its image size, threshold and post-processing (`Segmenter.load`)."""
+
+    def __init__(self, predictor: Predictor, image_size: int, post: Postprocess,
+                 source: str) -> None:
+        self.predictor, self.image_size, self.post, self.source = predictor, image_size, post, source
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, backend: str = "torch", device: str = "auto",
+             tta: bool = True, threshold: float | None = None, postprocess: str = "auto",
+             image_size: int = 0, mixed_precision: str = "auto") -> Segmenter:
+        """A checkpoint (best.pt) or an exported file (.onnx, TorchScript). backend
+        "onnxruntime" runs a checkpoint through an ONNX export made on the fly (parity-checked).
+        threshold/postprocess default to what validation chose (stored in the file);
+        image_size 0 = the model's training size. Threads: torch.set_num_threads(N) before
+        loading (ONNX Runtime takes the same number when its session is made)."""
+        icfg = InferConfig(backend=backend, device=device, tta=tta, threshold=threshold,
+                           postprocess=postprocess, image_size=image_size,
+                           mixed_precision=mixed_precision)
+        validate(Config(infer=icfg))  # a bad choice is a ConfigError naming infer.<key>
+        predictor, cfg, meta = load_predictor(path, icfg, resolve_device(device))
+        post, _ = applied_postprocess(icfg, meta)
+        return cls(predictor, image_size or cfg.data.image_size, post, str(path))
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({self.source!r}, backend={self.predictor.backend}, "
+                f"device={self.predictor.device}, size={self.image_size}, "
+                f"threshold={self.post.threshold:g}, postprocess={self.post.name}, "
+                f"tta={self.predictor.tta})")
+
+    def segment(self, image: ImageLike) -> Segmentation:
+        """Mask and probability map of one image at its original size."""
+        return self.segment_batch([image])[0]
+
+    def segment_batch(self, images: Iterable[ImageLike], batch_size: int = 8) -> list[Segmentation]:
+        """Every image of `images`, `batch_size` at a time through the model, in order."""
+        results: list[Segmentation] = []
+        pending: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        for image in images:
+            pending.append(self._prepare(image))
+            if len(pending) == batch_size:
+                results += self._predict(pending)
+                pending = []
+        if pending:
+            results += self._predict(pending)
+        return results
+
+    def _prepare(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(uint8 3×S×S model input, original (h, w)) as the job's decode workers make it."""
+        rgb, size = as_rgb(image, self.image_size)
+        return eval_transform(rgb, None, self.image_size)[0], size
+
+    def _predict(self, pending: Sequence[tuple[torch.Tensor, tuple[int, int]]]) -> list[Segmentation]:
+        probs = self.predictor(stack_images([x for x, _ in pending]))
+        out = []
+        for prob, (_, size) in zip(probs, pending, strict=True):
+            full, mask = full_size_mask(prob, size, self.post)
+            out.append(Segmentation(mask, full, self.post.threshold, self.post.name))
+        return out
+
+
+def resolve_device(setting: str) -> torch.device:
+    """auto (CUDA when visible, else the CPU), cpu, cuda or cuda:N (which must be visible)."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {setting}: no CUDA device is visible here; use cpu or auto")
+    return device
+
+
+def as_rgb(image: ImageLike, min_size: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB PIL image, original (h, w)). A path or bytes goes through the job's image loader
+    (EXIF orientation applied, JPEG decoded at the smallest DCT scale still ≥ min_size); a PIL
+    image is used as given; a numpy array is H×W (grey), H×W×3 (RGB) or H×W×4 (alpha
+    dropped), uint8 0-255 or float 0-1."""
+    if isinstance(image, str | os.PathLike | bytes):
+        name = None if isinstance(image, bytes) else str(image)
+        src = image if isinstance(image, bytes) else Path(image)
+        return load_image(src, name, min_size=min_size or None)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB"), (image.height, image.width)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
+            raise ValueError(f"expected an H×W or H×W×3 image array, got shape {arr.shape}")
+        if arr.dtype != np.uint8:
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise ValueError(f"expected a uint8 (0-255) or float (0-1) array, got {arr.dtype}")
+            arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
+        rgb = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
+        return rgb, (rgb.height, rgb.width)
+    raise TypeError(f"expected a path, bytes, PIL image or numpy array, got {type(image).__name__}")
