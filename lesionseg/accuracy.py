@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,8 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
     _job("train.py", overrides, workdir / "train.log")
     seconds = time.perf_counter() - start
     out = workdir / "infer"
+    if out.exists():  # a previous benchmark's masks (a reused --workdir): start afresh
+        shutil.rmtree(out)
     _job("infer.py", ["--checkpoint", str(run / "best.pt"), "--input",
                       str(source / OFFICIAL_NAMES[("test", "image")]), "--masks",
                       str(source / OFFICIAL_NAMES[("test", "mask")]), "--out", str(out),
