@@ -73,7 +73,9 @@ def _recipe(cfg: Config) -> list[str]:
     length = f"{o.max_steps} steps" if o.max_steps else f"{o.epochs} epochs"
     return [f"- {length}, batch {d.batch_size} per process × {o.grad_accum_steps} accumulation, "
             f"{d.image_size}² crops, seed {t.seed}, mixed precision {t.mixed_precision}",
-            f"- encoder weights `{m.encoder_weights}`, frozen: {m.freeze_encoder}",
+            "- encoder weights: " + (f"`{m.encoder_weights}`" if m.encoder_weights
+                                      else "none (randomly initialised)")
+            + f", frozen: {m.freeze_encoder}",
             f"- AdamW lr {o.lr} (encoder × {o.encoder_lr_mult}), weight decay {o.weight_decay}, "
             f"warm-up {o.warmup_steps} steps, cosine to × {o.min_lr_ratio}, grad clip {o.grad_clip}",
             f"- loss: BCE × {lo.bce_weight} + (1 − Dice) × {lo.dice_weight} + (1 − IoU) × "

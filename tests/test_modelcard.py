@@ -36,6 +36,7 @@ def test_card_names_data_recipe_metrics_choice_and_limits(packed_shards: Path,
     assert f"train {counts['train']['count']}, val {counts['val']['count']}" in card
     assert "split seed 0" in card and "val fraction 0.25" in card
     assert "7 epochs" in card and "| dice | 0.8123 |" in card and "step 12 (epoch 7)" in card
+    assert "encoder weights: none (randomly initialised)" in card
     assert "**Out-of-fold metrics:** not measured" in card
     assert "threshold **0.4**, post-processing **fill**" in card and "val Jaccard 0.71" in card
     assert "Research use only. Not a medical device" in card
