@@ -138,7 +138,7 @@ most used keys:
   tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
 
 examples:
-  python jobs/train.py                                   # demo data: 81 s on a quiet 2-core CPU
+  python jobs/train.py                                   # demo data: 56 s on a quiet 2-core CPU
   accelerate launch jobs/train.py data.shards=shards/isic2016 train.mixed_precision=bf16
   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no jobs/train.py data.shards=…   # 2 CPU ranks
