@@ -892,18 +892,15 @@ def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan, cfg: Conf
     keep = cfg.tracking.log_images if accelerator.is_main_process else 0
     results, overlays, skipped, error = [], [], 0, None
     try:
-        if val_memory is not None and val_memory.enabled and val_memory.batches is None:
-            with Loader(dataset, cfg, accelerator.device) as loader:
-                val_memory.keep(list(loader))
-        if val_memory is not None and val_memory.batches is not None:
+        with contextlib.ExitStack() as stack:
+            batches: Any = val_memory.batches if val_memory is not None else None
+            if batches is None:
+                batches = stack.enter_context(Loader(dataset, cfg, accelerator.device))
+                if val_memory is not None and val_memory.enabled:
+                    batches = val_memory.keep(list(batches))
             results, overlays, skipped = validation_counts(
-                net, val_memory.batches, accelerator.device, cfg.train.mixed_precision, keep,
+                net, batches, accelerator.device, cfg.train.mixed_precision, keep,
                 cfg.model.channels_last)
-        else:
-            with Loader(dataset, cfg, accelerator.device) as loader:
-                results, overlays, skipped = validation_counts(
-                    net, loader, accelerator.device, cfg.train.mixed_precision, keep,
-                    cfg.model.channels_last)
     except Exception as e:  # reported to every rank below, then raised
         if not isinstance(e, UserError):
             log.exception("validation failed on rank %d", accelerator.process_index)
@@ -1148,7 +1145,7 @@ def train(cfg: Config, demo: bool = False) -> int:
     if main:
         log.info("recipe: %s", recipe.describe())
     memory = plan_memory(cfg, data)
-    if main and memory.describe():
+    if main:
         log.info("memory: %s", memory.describe())
     lanes = world * max(1, cfg.data.num_workers)
     if memory.train is None and len(data.train_urls) < lanes and main:
@@ -1342,10 +1339,13 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                     log.info("epoch %d: encoder unfrozen", progress.epoch)
                     unfreeze = False
                 epoch_len = schedule.micro_batches(progress.step, progress.micro)
-                loader = memory.train_epoch(cfg, accelerator, progress.epoch, epoch_len,
-                                            progress.micro) if memory.train is not None \
-                    else Loader(TrainStream(data.train_urls, cfg, progress.epoch, rank, world,
-                                            epoch_len, progress.micro), cfg, accelerator.device)
+                if memory.train is not None:
+                    loader = memory.train_epoch(cfg, accelerator, progress.epoch, epoch_len,
+                                                progress.micro)
+                else:
+                    loader = Loader(TrainStream(data.train_urls, cfg, progress.epoch, rank,
+                                                world, epoch_len, progress.micro), cfg,
+                                    accelerator.device)
                 loader_it = iter(loader)
             batches, error = fetch_batches(loader_it, o.grad_accum_steps)
             # One all-reduce per step: every rank learns whether any rank was asked to stop or

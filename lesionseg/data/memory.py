@@ -20,7 +20,6 @@ sample (seed, e), the micro-batch i of rank r takes the permutation's positions
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from lesionseg.data.transforms import (
     stack_images,
 )
 
-log = logging.getLogger(__name__)
 
 def sample_bytes(size: int) -> int:
     """Memory of one resized sample: a uint8 3×S×S image and a 1×S×S mask."""
@@ -137,6 +135,7 @@ class ValBatches:
         self.enabled = enabled
         self.batches: list[dict[str, Any]] | None = None
 
-    def keep(self, batches: list[dict[str, Any]]) -> None:
-        if self.enabled:
-            self.batches = batches
+    def keep(self, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Hold `batches` for the next validations (the caller checks `enabled`)."""
+        self.batches = batches
+        return batches
