@@ -13,7 +13,10 @@ trainers are compared on the official test split, scored by the official ISIC sc
 - **smp**: the same plain script with `segmentation_models_pytorch.Unet("mobilenet_v2")`.
 
 Each trainer runs at equal epochs, then the peers run again at equal wall time: as many epochs
-as fit in the seconds our whole training command took (their image loading counted).
+as fit in the seconds our whole training command took (their image loading counted). With
+several training seeds (`AccuracyPlan.train_seeds`) every run is repeated per seed and each
+trainer's row is the mean over the seeds, with every seed's score and the spread beside it:
+on 40 test images one seed moves a mean by up to 3 points of Dice.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class AccuracyPlan:
     train_cases: int = 120
     test_cases: int = 40
     data_seed: int = 7  # seed of the hard synthetic set
-    train_seed: int = 0  # seed of every trainer's weights and data order
+    train_seeds: tuple[int, ...] = (0,)  # seeds of every trainer's weights and data order
     min_side: int = 400
     max_side: int = 4288
 
@@ -258,36 +261,83 @@ def equal_time_epochs(budget_s: float, result: dict[str, Any]) -> int:
 
 
 def bench_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str, Any]:
-    """The whole case: hard set → ours, plain (and smp) at equal epochs → the peers again at
-    our wall time. Returns every trainer's scores, seconds and epochs."""
+    """The whole case: hard set → for each training seed, ours, plain (and smp) at equal
+    epochs → the peers again at our wall time. Returns every trainer's scores, seconds and
+    epochs: the mean over the seeds, each seed's run under `per_seed`."""
+    if not plan.train_seeds:
+        raise UserError("accuracy benchmark: no training seed given")
     source = hard_source(workdir / "hard-source", plan)
     shards = packed_source(source, workdir / "hard-shards")
-    size, epochs, seed = plan.image_size, plan.epochs, plan.train_seed
     builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": MobileNetEncoderDecoder}
     if with_peer:
         builders["smp"] = build_peer
-    log.info("accuracy: ours, %d epochs at %d²", epochs, size)
-    ours = run_ours(source, shards, workdir / "ours", size, epochs, seed)
+    rounds = [_seed_round(plan, seed, source, shards, _seed_dir(workdir, plan, seed), builders)
+              for seed in plan.train_seeds]
+    return {"image_size": plan.image_size, "epochs": plan.epochs,
+            "seeds": list(plan.train_seeds),
+            "data": {"difficulty": "hard", "train_cases": plan.train_cases,
+                     "test_cases": plan.test_cases, "seed": plan.data_seed,
+                     "sides": [plan.min_side, plan.max_side]},
+            "equal_epochs": {name: seed_mean([r["equal_epochs"][name] for r in rounds])
+                             for name in rounds[0]["equal_epochs"]},
+            "equal_time": {name: seed_mean([r["equal_time"][name] for r in rounds])
+                           for name in rounds[0]["equal_time"]},
+            "budget_s": _r(sum(r["budget_s"] for r in rounds) / len(rounds)),
+            "per_seed": rounds,
+            "note": "test split, official ISIC scorer macro means; ours = pack/train/infer jobs "
+                    "with defaults (image size, epochs, random encoder set); plain and smp = "
+                    "the plain script (lesionseg.accuracy.plain_train) on every training case; "
+                    "each trainer's scores are the mean over the training seeds"}
+
+
+def _seed_dir(workdir: Path, plan: AccuracyPlan, seed: int) -> Path:
+    """Where one seed's runs go: the case folder itself for a single seed, else seed-<s>/."""
+    return workdir if len(plan.train_seeds) == 1 else workdir / f"seed-{seed}"
+
+
+def _seed_round(plan: AccuracyPlan, seed: int, source: Path, shards: Path, workdir: Path,
+                builders: dict[str, Callable[[], torch.nn.Module]]) -> dict[str, Any]:
+    """One training seed: ours, then each peer at equal epochs and at our wall time."""
+    size, epochs = plan.image_size, plan.epochs
+    log.info("accuracy: ours, %d epochs at %d², seed %d", epochs, size, seed)
+    ours = run_ours(source, shards, workdir / "ours", size, epochs, seed) | {"seed": seed}
     equal_epochs: dict[str, Any] = {"ours": ours}
     equal_time: dict[str, Any] = {"ours": ours}
     for name, build in builders.items():
-        log.info("accuracy: %s, %d epochs at %d²", name, epochs, size)
+        log.info("accuracy: %s, %d epochs at %d², seed %d", name, epochs, size, seed)
         equal_epochs[name] = run_plain(name, build, source, size, epochs, seed,
-                                       workdir / f"{name}-masks")
+                                       workdir / f"{name}-masks") | {"seed": seed}
         fit = equal_time_epochs(ours["train_seconds"], equal_epochs[name])
         if fit == epochs:
             equal_time[name] = equal_epochs[name]
             continue
-        log.info("accuracy: %s, %d epochs at %d² (our %.0f s of training)", name, fit, size,
-                 ours["train_seconds"])
+        log.info("accuracy: %s, %d epochs at %d² (our %.0f s of training), seed %d", name, fit,
+                 size, ours["train_seconds"], seed)
         equal_time[name] = run_plain(name, build, source, size, fit, seed,
-                                     workdir / f"{name}-masks-equal-time")
-    return {"image_size": size, "epochs": epochs, "seed": seed,
-            "data": {"difficulty": "hard", "train_cases": plan.train_cases,
-                     "test_cases": plan.test_cases, "seed": plan.data_seed,
-                     "sides": [plan.min_side, plan.max_side]},
-            "equal_epochs": equal_epochs, "equal_time": equal_time,
-            "budget_s": ours["train_seconds"],
-            "note": "test split, official ISIC scorer macro means; ours = pack/train/infer jobs "
-                    "with defaults (image size, epochs, random encoder set); plain and smp = "
-                    "the plain script (lesionseg.accuracy.plain_train) on every training case"}
+                                     workdir / f"{name}-masks-equal-time") | {"seed": seed}
+    return {"seed": seed, "equal_epochs": equal_epochs, "equal_time": equal_time,
+            "budget_s": ours["train_seconds"]}
+
+
+SCORE_KEYS = ("dice", "jaccard", "threshold_jaccard")
+
+
+def seed_mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One trainer's runs over the seeds → one row: the first run's fields, the mean of the
+    scores and seconds, `epochs` when every seed ran the same number (else the mean), each
+    seed's (seed, epochs, seconds, Dice, Jaccard) under `per_seed` and the Dice spread."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    row = dict(runs[0])
+    for key in (*SCORE_KEYS, "train_seconds"):
+        row[key] = _r(sum(r[key] for r in runs) / len(runs))
+    epochs = {r["epochs"] for r in runs}
+    row["epochs"] = epochs.pop() if len(epochs) == 1 else _r(
+        sum(r["epochs"] for r in runs) / len(runs))
+    row.pop("seed", None)
+    row["per_seed"] = [{k: r.get(k) for k in ("seed", "epochs", "train_seconds", "dice",
+                                               "jaccard", "threshold", "applied")
+                        if k in r} for r in runs]
+    dice = [r["dice"] for r in runs]
+    row["dice_spread"] = _r(max(dice) - min(dice))
+    return row

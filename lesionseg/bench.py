@@ -92,7 +92,8 @@ EPILOG = """what each case measures (see lesionseg/bench.py for the method):
          ink, bubbles, vignettes, dark skin): pack -> train -> infer with our defaults vs a
          plain 50-line PyTorch script with our model and with smp's U-Net, 12 epochs at 256²
          (--quick 128²), random encoders; official-scorer test Dice at equal epochs and at
-         equal wall time (the peers get our training command's seconds). Targets: ours >=
+         equal wall time (the peers get our training command's seconds), each the mean over
+         training seeds 0 and 1 (--quick: seed 0; --accuracy-seeds N). Targets: ours >=
          plain + 0.01 and >= smp + 0.02 at equal epochs, ahead of both at equal time.
 
 examples:
@@ -142,6 +143,7 @@ class BenchPlan:
     accuracy_train: int = 120  # hard training cases (the official train split)
     accuracy_test: int = 40  # hard test cases scored
     accuracy_sides: tuple[int, int] = (400, 4288)  # longest sides of the hard cases
+    accuracy_seeds: int = 2  # training seeds 0..N-1 of every trainer; scores are their means
 
 
 def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
@@ -152,7 +154,7 @@ def plan_for(quick: bool, **overrides: Any) -> BenchPlan:
         plan = dataclasses.replace(
             plan, images=16, repeats=3, data_batches=2, loop_steps=5, race_cases=200,
             race_sides=(160, 480), race_size=128, race_budget_s=90.0, race_slice_s=6.0,
-            accuracy_size=128)
+            accuracy_size=128, accuracy_seeds=1)
     return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -190,6 +192,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--race-budget", type=float, default=None, metavar="SECONDS",
                         help="training seconds per model in the equal-time Dice race "
                              f"(default {full.race_budget_s:g}, --quick {quick.race_budget_s:g})")
+    parser.add_argument("--accuracy-seeds", type=int, default=None, metavar="N",
+                        help="training seeds 0..N-1 of every trainer in the accuracy case, "
+                             f"scores averaged (default {full.accuracy_seeds}, --quick "
+                             f"{quick.accuracy_seeds})")
     parser.add_argument("--no-peer", action="store_true",
                         help="skip segmentation-models-pytorch even when it is installed")
 
@@ -198,14 +204,15 @@ def command(args: argparse.Namespace) -> int:
     """Run the chosen cases, print the table, write --out; returns 0."""
     if args.threads < 0:
         raise BenchError(f"--threads must be >= 0, got {args.threads}")
-    for name in ("images", "repeats"):
+    for name in ("images", "repeats", "accuracy_seeds"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise BenchError(f"--{name} must be at least 1, got {value}")
+            raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.race_budget is not None and args.race_budget <= 0:
         raise BenchError(f"--race-budget must be > 0 seconds, got {args.race_budget}")
     plan = plan_for(args.quick, images=args.images, repeats=args.repeats,
-                    race_budget_s=args.race_budget, peer=False if args.no_peer else None)
+                    race_budget_s=args.race_budget, accuracy_seeds=args.accuracy_seeds,
+                    peer=False if args.no_peer else None)
     cases = CASES if args.case == "all" else (args.case,)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
@@ -1134,7 +1141,8 @@ def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     aplan = accuracy.AccuracyPlan(
         image_size=plan.accuracy_size, epochs=plan.accuracy_epochs,
         train_cases=plan.accuracy_train, test_cases=plan.accuracy_test,
-        min_side=plan.accuracy_sides[0], max_side=plan.accuracy_sides[1])
+        min_side=plan.accuracy_sides[0], max_side=plan.accuracy_sides[1],
+        train_seeds=tuple(range(plan.accuracy_seeds)))
     result = accuracy.bench_accuracy(aplan, workdir / "accuracy",
                                      with_peer=plan.peer and peer_available())
     epochs, times = result["equal_epochs"], result["equal_time"]
@@ -1243,9 +1251,12 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             for name, r in a[group].items():
                 if group == "equal_time" and name == "ours":
                     continue
+                seeds = r.get("per_seed")
+                per_seed = (", seeds " + " / ".join(_fmt(x["dice"]) for x in seeds)
+                            if seeds else "")
                 rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
                              f"{a['image_size']}²", f"{_fmt(r['dice'])} / {_fmt(r['jaccard'])}",
-                             f"{r['epochs']} epochs, {_fmt(r['train_seconds'])} s"))
+                             f"{r['epochs']} epochs, {_fmt(r['train_seconds'])} s{per_seed}"))
     for case, c in cases.items():
         m = c.get("memory", {})
         rows.append((case, "peak RSS (process / largest child), MB", _fmt(m.get("peak_rss_mb")),

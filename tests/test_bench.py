@@ -24,7 +24,7 @@ TINY = BenchPlan(images=3, min_side=64, max_side=160, image_size=64, batch_size=
                  repeats=1, data_batches=1, loop_steps=1, train_workers=1, infer_workers=1,
                  race_cases=24, race_sides=(64, 128), race_size=64, race_budget_s=1.0,
                  race_slice_s=0.5, accuracy_size=64, accuracy_epochs=1, accuracy_train=20,
-                 accuracy_test=3, accuracy_sides=(64, 160))
+                 accuracy_test=3, accuracy_sides=(64, 160), accuracy_seeds=1)
 
 
 def _positive(value: object) -> bool:
@@ -88,6 +88,28 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
 def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "data", "--repeats", "0", "--workdir", str(tmp_path)]) == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "accuracy", "--accuracy-seeds", "0", "--workdir", str(tmp_path)]) == 2
+    assert "--accuracy-seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_seed_mean_averages_scores_and_keeps_every_seed() -> None:
+    """A trainer's row over two seeds: mean scores and seconds, each seed's run kept, the
+    spread; equal-time epochs that differ by seed are averaged; one seed is passed through."""
+    from lesionseg.accuracy import seed_mean
+
+    a = {"trainer": "plain", "epochs": 10, "train_seconds": 100.0, "dice": 0.80,
+         "jaccard": 0.70, "threshold_jaccard": 0.6, "seed": 0}
+    b = a | {"epochs": 11, "train_seconds": 110.0, "dice": 0.86, "jaccard": 0.74,
+             "threshold_jaccard": 0.64, "seed": 1}
+    row = seed_mean([a, b])
+    assert row["trainer"] == "plain" and "seed" not in row
+    assert (row["dice"], row["jaccard"], row["threshold_jaccard"]) == (0.83, 0.72, 0.62)
+    assert row["train_seconds"] == 105.0 and row["epochs"] == 10.5
+    assert row["dice_spread"] == 0.06
+    assert [s["seed"] for s in row["per_seed"]] == [0, 1]
+    assert [s["dice"] for s in row["per_seed"]] == [0.80, 0.86]
+    assert seed_mean([a]) == a
+    assert seed_mean([a, a | {"seed": 1}])["epochs"] == 10
 
 
 def test_help_texts_quote_the_plans_and_the_readme() -> None:
