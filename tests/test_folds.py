@@ -54,7 +54,7 @@ def test_fold_checkpoints_finds_every_fold_or_says_what_is_missing(tmp_path: Pat
     with pytest.raises(FoldError, match="no fold-I/best.pt"):
         fold_checkpoints(tmp_path)
     (tmp_path / "best.pt").write_bytes(b"x")
-    with pytest.raises(FoldError, match="single run"):
+    with pytest.raises(FoldError, match="did you mean .*best.pt"):
         fold_checkpoints(tmp_path)
     for i in (0, 2):
         (tmp_path / f"fold-{i}").mkdir()

@@ -57,10 +57,11 @@ def fold_checkpoints(root: str | Path) -> list[Path]:
                    for p in root.glob(f"{FOLD_DIR_PREFIX}*")
                    if p.name[len(FOLD_DIR_PREFIX):].isdigit() and (p / "best.pt").is_file())
     if not folds:
-        hint = (f"; it is a single run: use {root / 'best.pt'}" if (root / "best.pt").is_file()
+        hint = (f"; did you mean {root / 'best.pt'}?" if (root / "best.pt").is_file()
                 else "")
-        raise FoldError(f"{root}: no {FOLD_DIR_PREFIX}I/best.pt in it (not a cross-validation "
-                        f"run folder, or none of its folds has finished){hint}")
+        raise FoldError(f"{root}: is a folder, not a checkpoint file, and holds no "
+                        f"{FOLD_DIR_PREFIX}I/best.pt (not a cross-validation run folder, or none "
+                        f"of its folds has finished){hint}")
     expected = load_config(folds[0][1].parent / "config.yaml").data.folds \
         if (folds[0][1].parent / "config.yaml").is_file() else 0
     missing = sorted(set(range(expected)) - {i for i, _ in folds})
