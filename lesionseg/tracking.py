@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -224,16 +225,16 @@ def log_cross_validation(root: Path, summary: dict[str, Any], cfg: Config) -> st
     """Log a cross-validation's out-of-fold summary (lesionseg.crossval) as a W&B run of job
     type "cross-validation" in the folds' group: pooled means as `cv/<score>`, the spread of
     the fold means as `cv/<score>_fold_mean` / `_fold_std`, each fold's as
-    `cv/fold_<I>/<score>`, and a `cv/folds` Table. Returns the run's folder."""
+    `cv/fold_<I>/<score>`, and a `cv/folds_table` Table. Returns the run's folder."""
     import wandb
 
     t = cfg.tracking
     mode = os.environ.get("WANDB_MODE") or t.mode
     folder = Path(t.dir or Path(root) / "cv")
     folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"-fold-[0-9]+$", "", t.run_name or "") or Path(root).resolve().name
     run = wandb.init(project=t.project, job_type="cross-validation",
-                     group=cross_validation_group(root, cfg),
-                     name=f"{t.run_name or Path(root).resolve().name}-cv", dir=str(folder),
+                     group=cross_validation_group(root, cfg), name=f"{name}-cv", dir=str(folder),
                      mode=mode, config=to_dict(cfg))
     try:
         names = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")

@@ -137,6 +137,8 @@ most used keys:
   train.resume_with_changes=false (true: resume a state despite other settings, not exactly)
   train.val_every_steps=0 (0 = every epoch)   train.select=final|best (what best.pt holds)
   train.num_threads=0 (set >0 for bit-exact CPU resume)
+  data.folds=0 (K >= 2: K-fold cross-validation into <train.output_dir>/fold-I/, out-of-fold
+  scores in <train.output_dir>/cv/)   data.fold=all|I (all: every fold in turn)  data.fold_seed=0
   tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
 
 examples:
@@ -144,6 +146,7 @@ examples:
   accelerate launch jobs/train.py data.shards=shards/isic2016 train.mixed_precision=bf16
   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no jobs/train.py data.shards=…   # 2 CPU ranks
+  python jobs/train.py data.shards=shards/isic2016 data.folds=5 train.output_dir=runs/cv5
 
 outputs in train.output_dir: best.pt, last.pt (weights-only), config.yaml, metrics.jsonl,
 states/step-N (full states for resume), wandb/ (tracking.backend=wandb).
@@ -216,6 +219,10 @@ def train_folds(cfg: Config, demo: bool = False) -> int:
         status = train(fold_cfg, demo=demo)
         if status != EXIT_OK:
             return status
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # the command that completes the folds pools them all
+        evaluate_when_complete(root, cfg)
     return EXIT_OK
 
 
@@ -1288,8 +1295,6 @@ def train(cfg: Config, demo: bool = False) -> int:
                             accelerator.device)
         save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
         write_run_card(run_dir)  # MODEL_CARD.md beside best.pt (lesionseg.modelcard)
-        if cfg.data.folds:  # the last fold to finish pools them all
-            evaluate_when_complete(run_dir.parent, cfg)
         log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
                  "%s weights (train.select); weights in %s and %s", progress.step,
                  cfg.train.best_metric, progress.best, progress.best_step,

@@ -38,12 +38,13 @@ def train_and_val_ids(shards: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def cv_run(packed_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Read-only: a 2-fold cross-validation of packed_shards, 2 steps per fold, as a user
-    runs it (`python jobs/train.py … data.folds=2`, data.fold=all by default)."""
+    runs it (`python jobs/train.py … data.folds=2`, data.fold=all by default), W&B offline."""
     run = tmp_path_factory.mktemp("cv") / "run"
     done = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *TINY,
                            f"data.shards={packed_shards}", "data.folds=2",
-                           f"train.output_dir={run}"], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "tracking.backend=wandb", f"train.output_dir={run}"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr[-3000:]
     return run
 
@@ -130,3 +131,23 @@ def test_fold_folder_as_checkpoint_is_an_ensemble_with_the_pooled_choice(
     assert [m["sha256"] for m in members] == [sha256_file(m["path"]) for m in members]
     assert summary["scored"] == json.loads((packed_shards / "manifest.json").read_text())[
         "splits"]["test"]["count"]
+
+
+def test_folds_and_their_summary_share_one_wandb_group(cv_run: Path) -> None:
+    from test_tracking import summary_values, wandb_records
+
+    def run_record(folder: Path):
+        return next(r.run for r in wandb_records(next(folder.glob("run-*.wandb")))
+                    if r.WhichOneof("record_type") == "run")
+
+    folds = [next((cv_run / f"fold-{i}" / "wandb").glob("offline-run-*")) for i in (0, 1)]
+    cv = next((cv_run / "cv" / "wandb").glob("offline-run-*"))
+    records = [run_record(f) for f in (*folds, cv)]
+    assert {r.run_group for r in records} == {"run"}
+    assert [r.display_name for r in records] == ["run-fold-0", "run-fold-1", "run-cv"]
+    assert records[2].job_type == "cross-validation"
+    summary = json.loads((cv_run / "cv" / "summary.json").read_text())
+    logged = summary_values(cv)
+    assert logged["cv/dice"] == pytest.approx(summary["means"]["dice"])
+    assert logged["cv/dice_fold_std"] == pytest.approx(summary["spread"]["dice"]["std"])
+    assert logged["cv/fold_1/jaccard"] == pytest.approx(summary["per_fold"][1]["means"]["jaccard"])
