@@ -41,6 +41,12 @@ waiting in a collective), save a state and exit with status 75 (`EXIT_RESUME`: r
 the same command). Each rank exits 75; torchrun/accelerate launch then report a failure
 (status 1) themselves. DataLoader workers ignore both signals (see `_WorkerSignals`).
 
+Cross-validation (data.folds=K, `train_folds`): fold I of the train + val cases
+(lesionseg.data.folds) is held out for validation and the rest trained on, in
+<train.output_dir>/fold-I/ as an ordinary run (resume, signals and all); data.fold=all trains
+the folds one after another. Each fold ends by predicting its held-out cases
+(lesionseg.crossval.predict_held_out) and the command that completes the set pools them.
+
 Outputs in train.output_dir: config.yaml (at start), best.pt (the weights to use: the final
 ones, or with train.select=best those of the best val train.best_metric),
 last.pt (end), metrics.jsonl (one line per validation), states/, W&B files (tracking.py).
