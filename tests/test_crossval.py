@@ -104,14 +104,14 @@ def test_cv_command_writes_on_demand_and_refuses_missing_folds(cv_run: Path, tmp
     run = tmp_path / "run"
     shutil.copytree(cv_run, run)
     shutil.rmtree(run / "cv")
-    assert main(["cv", str(run)]) == 0
+    assert main(["cv", str(run), "--no-wandb"]) == 0
     again = json.loads((run / "cv" / "summary.json").read_text())
     first = json.loads((cv_run / "cv" / "summary.json").read_text())
     assert again["means"] == first["means"] and again["threshold"] == first["threshold"]
     assert "cases in 2 folds" in capsys.readouterr().out
 
     (run / "fold-1" / "oof.npz").unlink()
-    assert main(["cv", str(run)]) == EXIT_USAGE
+    assert main(["cv", str(run), "--no-wandb"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert "fold(s) 1 of 2 have no oof.npz" in err and "\n" not in err
     assert main(["cv", str(tmp_path / "nothing")]) == EXIT_USAGE
