@@ -271,8 +271,9 @@ def plan_data(folder: str, folds: int = 0, fold: int = 0, fold_seed: int = 0) ->
     counts = {s: int(manifest["splits"][s].get("count", 0)) for s in ("train", "val")}
     urls = {s: tuple(split_urls(folder, s)) for s in ("train", "val")}
     for split in ("train", "val"):
-        if counts[split] == 0 or not urls[split]:
-            hint = " (pack with pack.val_fraction > 0)" if split == "val" else ""
+        if (counts[split] == 0 or not urls[split]) and not (split == "val" and folds):
+            hint = (" (pack with pack.val_fraction > 0, or cross-validate: data.folds=K)"
+                    if split == "val" else "")
             raise DataError(f"data.shards={folder}: no {split} samples in its manifest{hint}")
         for url in urls[split]:
             if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():

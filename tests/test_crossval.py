@@ -69,6 +69,20 @@ def test_a_fold_trains_and_validates_only_on_its_own_cases(packed_shards: Path) 
     assert held[0] | held[1] == set(ids) and not held[0] & held[1]
 
 
+def test_folds_need_no_val_split(make_isic, tmp_path: Path) -> None:
+    from lesionseg.config import PackConfig
+    from lesionseg.data.shards import pack
+    from lesionseg.training import DataError
+
+    shards = tmp_path / "shards"
+    pack([make_isic(6)], shards, PackConfig(val_fraction=0, max_side=64, workers=1),
+         progress=False)
+    with pytest.raises(DataError, match="data.folds=K"):
+        plan_data(str(shards))
+    data = plan_data(str(shards), 3, 1, 0)
+    assert (data.train_count, data.val_count) == (4, 2)
+
+
 def test_out_of_fold_run_predicts_every_training_id_exactly_once(cv_run: Path,
                                                                  packed_shards: Path) -> None:
     ids = train_and_val_ids(packed_shards)
