@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "check a packed shard folder's counts and sha256 against its manifest"),
     "train": ("lesionseg.training", "add_arguments", "command",
               "train the MobileNetV2 encoder-decoder (use `accelerate launch` for several processes)"),
+    "cv": ("lesionseg.crossval", "add_arguments", "command",
+           "evaluate a cross-validation run (data.folds=K): out-of-fold scores, pooled choice"),
     "infer": ("lesionseg.inference", "add_arguments", "command",
               "batch inference: masks, per-image Dice/IoU, summary and report for folders/archives"),
     "export": ("lesionseg.export", "add_arguments", "command",
@@ -37,6 +39,8 @@ EPILOG = """examples:
   lesionseg pack --source ISIC2016/ --out shards/isic2016
   accelerate launch jobs/train.py data.shards=shards/isic2016 optim.epochs=30
   lesionseg infer --checkpoint runs/demo/best.pt --input images/ --out out/
+  python jobs/train.py data.shards=shards/isic2016 data.folds=5 train.output_dir=runs/cv5
+  lesionseg cv runs/cv5 && lesionseg infer --checkpoint runs/cv5 --input test/ --out out/cv5
   lesionseg export --checkpoint runs/demo/best.pt --format onnx --out runs/demo/best.onnx
 run `lesionseg COMMAND --help` for a command's options."""
 

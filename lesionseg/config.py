@@ -35,6 +35,10 @@ class DataConfig:
     cache: bool = True  # decode once into memory what every epoch decodes alike (val; train when its augmentation is flips/colour only) if it fits in cache_max_mb; false: always stream
     cache_max_mb: int = 4096  # memory per process data.cache may use (resized uint8 samples)
     soft_masks: bool = False  # train on each pixel's lesion share (area-resampled masks, 0-1) instead of nearest-sampled 0/1
+    # Cross-validation (lesionseg/data/folds.py): the shards' train + val cases in K folds.
+    folds: int = 0  # K folds; 0 = no cross-validation (train on train, validate on val)
+    fold: str = "all"  # with folds: the fold held out for validation (0..K-1), or all (one after another)
+    fold_seed: int = 0  # seed of the fold assignment (a hash of (seed, id))
     # Augmentation; null = chosen from the schedule's length (lesionseg/recipe.py).
     scale_min: float | None = None  # random-resized-crop: smallest area fraction of the image
     hflip: bool = True  # random horizontal flips
@@ -205,6 +209,12 @@ def validate(cfg: Config) -> Config:
     _check(d.color_jitter is None or 0 <= d.color_jitter < 1, "data.color_jitter",
            d.color_jitter, "must be in [0, 1), or null (auto)")
     _check(d.cache_max_mb >= 0, "data.cache_max_mb", d.cache_max_mb, "must be >= 0")
+    _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds,
+           "must be 0 (no cross-validation) or at least 2")
+    _check(d.fold == "all" or (d.fold.isdigit() and (d.folds == 0 or int(d.fold) < d.folds)),
+           "data.fold", d.fold, f"choose all or a fold number 0..{max(d.folds, 2) - 1}")
+    _check(d.fold == "all" or d.folds >= 2, "data.fold", d.fold,
+           "needs data.folds=K (the number of folds) too")
     _check(d.demo_cases >= 8, "data.demo_cases", d.demo_cases, "must be at least 8")
     _check(0 <= p.val_fraction < 1, "pack.val_fraction", p.val_fraction, "must be in [0, 1)")
     _check(p.max_side == 0 or p.max_side >= 32, "pack.max_side", p.max_side, "must be 0 or >= 32")

@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from lesionseg.config import Config, InferConfig, from_dict, load_config, to_dict
 from lesionseg.data.cv import cv2
+from lesionseg.data.folds import fold_checkpoints
 from lesionseg.data.images import (
     encode_grey_png,
     encode_jpeg,
@@ -105,11 +107,17 @@ Slurm array) split them across jobs, and the last part to finish merges."""
     parser.epilog = """examples:
   python jobs/infer.py --checkpoint runs/demo/best.pt --input ISIC2016/ --out out/
   python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --no-tta
+  python jobs/infer.py --checkpoint runs/cv5 --input ISIC2016/ --out out/   # 5-fold ensemble
+  python jobs/infer.py --checkpoint a/best.pt --checkpoint b/best.pt --input images/ --out out/
   accelerate launch jobs/infer.py --checkpoint best.pt --input shards/isic2016 --out out/
   python jobs/infer.py --merge out/   # combine the parts of an array job by hand"""
-    parser.add_argument("--checkpoint", metavar="FILE",
+    parser.add_argument("--checkpoint", metavar="FILE", action="append", default=[],
                         help="best.pt or last.pt from a training run, or a file from "
-                             "`lesionseg export` (.onnx, TorchScript); required unless --merge")
+                             "`lesionseg export` (.onnx, TorchScript); a cross-validation run "
+                             "folder (data.folds=K) stands for its fold-I/best.pt. Repeat it, or "
+                             "give a folder of folds, for an ensemble: the probabilities of "
+                             "every model (each with its flips under --tta) are averaged before "
+                             "the threshold and post-processing. Required unless --merge")
     parser.add_argument("--input", metavar="PATH", action="append", default=[],
                         help="image folder (recursive), image file, .zip, .tar/.tar.gz/.tgz, "
                              "packed shard folder (its test split, or val when it has none; "
@@ -360,6 +368,39 @@ class Predictor:
         return (tta_average(probs, n) if self.tta else probs).float().cpu()
 
 
+@dataclass
+class Ensemble:
+    """Several predictors on one device whose probabilities are averaged (each with its own
+    flip TTA, so that with --tta every model × flip counts once). The models run one after
+    another on each batch: only one model's activations are alive at a time (the weights of
+    all stay on the device: a few MB each)."""
+
+    members: list[Predictor]
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    @property
+    def runtime(self) -> Any:
+        return self.members[0].runtime
+
+    @property
+    def backend(self) -> str:
+        return self.members[0].backend
+
+    @property
+    def precision(self) -> str:
+        return self.members[0].precision
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](images)
+        for member in self.members[1:]:
+            total += member(images)
+        return total / len(self.members)
+
+
 def tta_average(probs: torch.Tensor, n: int) -> torch.Tensor:
     """The mean of the len(TTA_FLIPS) views of n images (stacked view by view), each flipped
     back."""
@@ -389,6 +430,59 @@ def load_predictor(checkpoint: str | Path, cfg: InferConfig,
     model = fuse_for_inference(model)  # BatchNorm folded into the convs: ~40% faster here
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     return Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta), ckpt_cfg, meta
+
+
+def ensemble_members(checkpoints: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The model files a run uses: every --checkpoint, a cross-validation run folder standing
+    for its fold-I/best.pt files (lesionseg.data.folds). A file named twice is an error."""
+    given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if not given:
+        raise InferenceError("missing --checkpoint")
+    members: list[Path] = []
+    for path in map(Path, given):
+        members += fold_checkpoints(path) if path.is_dir() else [path]
+    seen: set[Path] = set()
+    for path in members:
+        if path.resolve() in seen:
+            raise InferenceError(f"--checkpoint {path}: given twice (an ensemble member counts "
+                                 "once)")
+        seen.add(path.resolve())
+    return members
+
+
+def load_ensemble(members: list[Path], cfg: InferConfig, device: torch.device,
+                  ) -> tuple[Predictor | Ensemble, Config, dict[str, Any], int]:
+    """One predictor (a single member) or the Ensemble of all, the first member's config,
+    the metadata the run applies (`ensemble_meta`), and the side the models see:
+    `cfg.image_size`, else the members' data.image_size, which must agree."""
+    loaded = [load_predictor(path, cfg, device) for path in members]
+    sizes = {str(path): c.data.image_size for path, (_, c, _) in zip(members, loaded, strict=True)}
+    if not cfg.image_size and len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{p}: {s}" for p, s in sizes.items())
+        raise InferenceError(f"the ensemble's models were trained at different data.image_size "
+                             f"({listed}); pass --image-size S to run them all at S")
+    image_size = cfg.image_size or loaded[0][1].data.image_size
+    if len(loaded) == 1:
+        predictor, ckpt_cfg, meta = loaded[0]
+        return predictor, ckpt_cfg, meta, image_size
+    metas = [meta for _, _, meta in loaded]
+    return (Ensemble([p for p, _, _ in loaded]), loaded[0][1], ensemble_meta(members, metas),
+            image_size)
+
+
+def ensemble_meta(members: list[Path], metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """What an ensemble applies: the members' stored threshold and post-processing when they
+    all hold the same one (the folds of one cross-validation do: the pooled choice), else none
+    (0.5, no steps; a warning says so)."""
+    choices = {str(Postprocess.from_meta(m)) for m in metas}
+    meta: dict[str, Any] = {"ensemble": len(members)}
+    if len(choices) == 1 and "postprocess" in metas[0]:
+        meta["postprocess"] = metas[0]["postprocess"]
+    elif any("postprocess" in m for m in metas):
+        log.warning("the ensemble's models stored different thresholds/post-processing; using "
+                    "threshold %g without post-processing unless --threshold/--postprocess say "
+                    "otherwise", DEFAULT_THRESHOLD)
+    return meta
 
 
 def load_exported(checkpoint: str | Path, cfg: InferConfig,
@@ -700,13 +794,14 @@ def precision_name(amp_dtype: torch.dtype | None) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(amp_dtype, "fp32")
 
 
-def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
-                  cfg: Config | None = None, *, masks: list[str | Path] = (),
+def run_inference(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path],
+                  out: str | Path, cfg: Config | None = None, *, masks: list[str | Path] = (),
                   num_shards: int = 1, shard_index: int = 0,
                   retry_failed: bool = False) -> dict[str, Any] | None:
     """Process this job part's share of `inputs` in this process; returns the merged summary
-    when this process finished the last part (else None). `retry_failed` redoes the images
-    whose earlier row is an error."""
+    when this process finished the last part (else None). `checkpoint`: one model file, or
+    several and/or cross-validation run folders for an ensemble (`ensemble_members`).
+    `retry_failed` redoes the images whose earlier row is an error."""
     cfg = cfg or load_config(None, [])
     check_output_dir(out, "--out")
     threads = torch.get_num_threads()
@@ -719,7 +814,8 @@ def run_inference(checkpoint: str | Path, inputs: list[str | Path], out: str | P
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
 
-def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Config,
+def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path], out: Path,
+         cfg: Config,
          masks: list[str | Path], num_shards: int, shard_index: int,
          retry_failed: bool = False) -> dict[str, Any] | None:
     """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
@@ -732,8 +828,8 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
     parts_dir = out / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
 
-    predictor, ckpt_cfg, meta = load_predictor(checkpoint, icfg, device)
-    image_size = icfg.image_size or ckpt_cfg.data.image_size
+    members = ensemble_members(checkpoint)
+    predictor, ckpt_cfg, meta, image_size = load_ensemble(members, icfg, device)
     post, post_source = applied_postprocess(icfg, meta)
     icfg = replace(icfg, threshold=post.threshold, postprocess=post.name)
     cfg = replace(cfg, infer=icfg)
@@ -743,22 +839,26 @@ def _run(checkpoint: str | Path, inputs: list[str | Path], out: Path, cfg: Confi
                "precision": predictor.precision, "backend": predictor.backend,
                "processes": state.num_processes}
     log.info("inference on %s, %s precision (infer.mixed_precision=%s), backend %s, "
-             "%d process(es), %d px, threshold %g, post-processing %s (%s)%s", runtime["device"],
-             runtime["precision"], icfg.mixed_precision, runtime["backend"], state.num_processes,
-             image_size,
-             post.threshold, post.name, post_source, ", flip TTA" if icfg.tta else "")
+             "%d process(es), %s, %d px, threshold %g, post-processing %s (%s)%s",
+             runtime["device"], runtime["precision"], icfg.mixed_precision, runtime["backend"],
+             state.num_processes, f"ensemble of {len(members)} models" if len(members) > 1
+             else "one model", image_size, post.threshold, post.name, post_source,
+             ", flip TTA" if icfg.tta else "")
     run_cfg = _run_config(ckpt_cfg, cfg, image_size)
+    digests = [sha256_file(p) for p in members]
     signature = {
         "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
         "masks": [str(Path(p).resolve()) for p in masks],
-        "checkpoint_sha256": sha256_file(checkpoint), "image_size": image_size,
+        # An ensemble's: every member's, in order (resuming or joining needs the same models).
+        "checkpoint_sha256": digests[0] if len(digests) == 1 else digests,
+        "image_size": image_size,
         "threshold": icfg.threshold, "postprocess": icfg.postprocess, "tta": icfg.tta,
         "shard_splits": list(icfg.shard_splits),
     }
     check_signature(parts_dir, signature)
     inventory = collect(inputs, masks, tuple(icfg.shard_splits))
-    _write_run_files(parts_dir, signature, checkpoint, meta, run_cfg, inventory, shard_index,
-                     state.process_index, runtime)
+    _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
+                     run_cfg, inventory, shard_index, state.process_index, runtime)
 
     mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
     finished = done_ids(parts_dir, retry_failed)
@@ -824,15 +924,26 @@ def applied_postprocess(icfg: InferConfig, meta: dict[str, Any]) -> tuple[Postpr
     return Postprocess(float(threshold), steps), "; ".join(sources)
 
 
-def _write_run_files(parts_dir: Path, signature: dict, checkpoint: str | Path, meta: dict,
+def _checkpoint_record(given: str | Path | Sequence[str | Path], members: list[Path],
+                       digests: list[str], meta: dict) -> dict[str, Any]:
+    """run.json's (and summary.json's) "checkpoint": path, sha256 and metadata of the model,
+    or for an ensemble what was given, and every member's path and sha256."""
+    if len(members) == 1:
+        return {"path": str(members[0].resolve()), "sha256": digests[0], "meta": _plain(meta)}
+    given = [given] if isinstance(given, (str, Path)) else list(given)
+    return {"path": ", ".join(str(Path(g).resolve()) for g in given), "sha256": None,
+            "meta": _plain(meta),
+            "members": [{"path": str(p.resolve()), "sha256": d}
+                        for p, d in zip(members, digests, strict=True)]}
+
+
+def _write_run_files(parts_dir: Path, signature: dict, checkpoint: dict[str, Any],
                      run_cfg: Config, inventory: Inventory, part: int, rank: int,
                      runtime: dict[str, Any]) -> None:
     """run.json (settings, checkpoint, config) and this part's inventory (input errors and
     skip counts, the same for every part; the merge takes the union)."""
     if rank == 0:
-        run = {"signature": signature, "checkpoint": {"path": str(Path(checkpoint).resolve()),
-                                                      "sha256": signature["checkpoint_sha256"],
-                                                      "meta": _plain(meta)},
+        run = {"signature": signature, "checkpoint": checkpoint,
                "runtime": runtime, "config": to_dict(run_cfg)}
         atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
         inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
@@ -858,7 +969,8 @@ def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_s
                       worker_init_fn=WorkerInit() if workers else None)
 
 
-def process_items(items: list[Item], predictor: Predictor, image_size: int, icfg: InferConfig,
+def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size: int,
+                  icfg: InferConfig,
                   spec: OutputSpec, row_log: RowLog, show_progress: bool = True) -> dict[str, Any]:
     """The loop: decode (workers) → forward (here) → finish (threads) → rows (here)."""
     start = time.perf_counter()
@@ -978,7 +1090,7 @@ def _with_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torc
     return rows, counts
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -1013,8 +1125,8 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
         {"input": r["input"], "id": r["id"], "reason": r["reason"]}
         for r in rows if r["status"] in ("error", "failed")]
     error_rows.sort(key=lambda e: (e["id"], e["input"]))
-    _write_csv(out / "metrics.csv", METRIC_COLUMNS, metric_rows)
-    _write_csv(out / "errors.csv", ERROR_COLUMNS, error_rows)
+    write_csv(out / "metrics.csv", METRIC_COLUMNS, metric_rows)
+    write_csv(out / "errors.csv", ERROR_COLUMNS, error_rows)
     summary = _summary(run, rows, counts, inventory, error_rows, parts_dir, complete, missing)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if report if report is not None else run["config"]["infer"]["report"]:

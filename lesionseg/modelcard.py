@@ -109,7 +109,8 @@ def _postprocess(meta: dict[str, Any]) -> list[str]:
         return ["- none chosen (the checkpoint holds no choice): threshold 0.5, no steps"]
     stored = meta["postprocess"]
     return [f"- threshold **{post.threshold:g}**, post-processing **{post.name}** (chosen on "
-            f"{stored.get('val_images')} validation images by mean Jaccard)",
+            f"{stored.get('val_images')} {stored.get('chosen_on', 'validation images')} by mean "
+            "Jaccard)",
             f"- val Jaccard {stored.get('val_jaccard')} with it, "
             f"{stored.get('val_jaccard_default')} at 0.5 without post-processing"]
 

@@ -234,6 +234,9 @@ def settings(summary: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("checkpoint", ckpt["path"]))
     if ckpt.get("sha256"):
         out.append(("checkpoint sha256", ckpt["sha256"]))
+    for i, member in enumerate(ckpt.get("members") or []):
+        out.append((f"model {i + 1} of {len(ckpt['members'])}",
+                    f"{member.get('path')} (sha256 {str(member.get('sha256'))[:16]}…)"))
     if summary.get("inputs"):
         out.append(("inputs", ", ".join(summary["inputs"])))
     if summary.get("masks"):
@@ -496,9 +499,11 @@ def _failures(summary: dict[str, Any], errors_href: str) -> str:
 
 
 def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str, Any]],
-                 thumbs: str | Path, limit: int | None = None) -> Path:
+                 thumbs: str | Path, limit: int | None = None, title: str = "Inference report",
+                 extra: str = "") -> Path:
     """Write report.html from the merged summary, the metrics rows (one per image with a mask)
-    and the thumbnail folder; links are relative to the report's folder."""
+    and the thumbnail folder; links are relative to the report's folder. `extra` (HTML) goes
+    after the scores (the cross-validation's per-fold table)."""
     path = Path(path)
     if limit is None:
         limit = int(summary.get("config", {}).get("infer", {}).get("report_images", 60))
@@ -509,7 +514,7 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
     errors = summary.get("errors", 0)
     lead = (f"{len(rows)} images segmented, {len(scored)} scored against truth, "
             f"{errors} error{'' if errors == 1 else 's'}")
-    sections = [f'<h1>Inference report</h1><p class="lead">{html.escape(lead)}.</p>',
+    sections = [f'<h1>{html.escape(title)}</h1><p class="lead">{html.escape(lead)}.</p>',
                 '<div class="cols"><div><h2>Settings</h2>', _kv_table(
                     [(k, html.escape(v)) for k, v in settings(summary)]),
                 "</div><div><h2>Counts</h2>", _kv_table(_counts(summary, errors_href)),
@@ -527,6 +532,8 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
                      f'<span class="key" style="background:{FN_COLOUR}"></span>FN-dominated '
                      '<span class="key" style="background:#b00;height:2px"></span>'
                      f'Jaccard {ISIC_FAILURE_JACCARD}</div></div>']
+    if extra:
+        sections.append(extra)
     if bare:
         fractions = [f for f in (_pred_fraction(r) for r in bare) if f is not None]
         empty = sum(1 for f in fractions if f == 0)
@@ -545,6 +552,6 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
                  _failures(summary, errors_href)]
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width">'
-            f"<title>lesionseg inference report</title><style>{CSS}</style></head><body>\n"
+            f"<title>lesionseg {html.escape(title.lower())}</title><style>{CSS}</style></head><body>\n"
             + "\n".join(sections) + f"\n<script>{SCRIPT}</script>\n</body></html>\n")
     return atomic_write_text(path, page)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,48 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
             "precision") if summary.get(k) is not None})
         run.summary.update(values)
         log.info("W&B inference run %s (%s) under %s", run.id, mode, folder)
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()
+
+
+def cross_validation_group(root: Path, cfg: Config) -> str:
+    """The W&B group of a cross-validation's folds and its summary: tracking.group, else the
+    run folder's name."""
+    return cfg.tracking.group or Path(root).resolve().name
+
+
+def log_cross_validation(root: Path, summary: dict[str, Any], cfg: Config) -> str:
+    """Log a cross-validation's out-of-fold summary (lesionseg.crossval) as a W&B run of job
+    type "cross-validation" in the folds' group: pooled means as `cv/<score>`, the spread of
+    the fold means as `cv/<score>_fold_mean` / `_fold_std`, each fold's as
+    `cv/fold_<I>/<score>`, and a `cv/folds_table` Table. Returns the run's folder."""
+    import wandb
+
+    t = cfg.tracking
+    mode = os.environ.get("WANDB_MODE") or t.mode
+    folder = Path(t.dir or Path(root) / "cv")
+    folder.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"-fold-[0-9]+$", "", t.run_name or "") or Path(root).resolve().name
+    run = wandb.init(project=t.project, job_type="cross-validation",
+                     group=cross_validation_group(root, cfg), name=f"{name}-cv", dir=str(folder),
+                     mode=mode, config=to_dict(cfg))
+    try:
+        names = ("dice", "jaccard", "threshold_jaccard", "sensitivity", "specificity", "accuracy")
+        values: dict[str, Any] = {f"cv/{k}": summary["means"][k] for k in names}
+        for k in names:
+            values[f"cv/{k}_fold_mean"] = summary["spread"][k]["mean"]
+            values[f"cv/{k}_fold_std"] = summary["spread"][k]["std"]
+        for f in summary["per_fold"]:
+            values.update({f"cv/fold_{f['fold']}/{k}": f["means"][k] for k in names})
+        values.update({"cv/cases": summary["cases"], "cv/folds": summary["folds"],
+                       "cv/threshold": summary["threshold"], "cv/postprocess": summary["postprocess"]})
+        table = wandb.Table(columns=["fold", "images", *names])
+        for f in summary["per_fold"]:
+            table.add_data(f["fold"], f["images"], *[f["means"][k] for k in names])
+        run.log({"cv/folds_table": table})
+        run.summary.update(values)
+        log.info("W&B cross-validation run %s (%s) under %s", run.id, mode, folder)
         return str(Path(run.dir).parent)
     finally:
         run.finish()

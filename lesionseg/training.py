@@ -41,6 +41,12 @@ waiting in a collective), save a state and exit with status 75 (`EXIT_RESUME`: r
 the same command). Each rank exits 75; torchrun/accelerate launch then report a failure
 (status 1) themselves. DataLoader workers ignore both signals (see `_WorkerSignals`).
 
+Cross-validation (data.folds=K, `train_folds`): fold I of the train + val cases
+(lesionseg.data.folds) is held out for validation and the rest trained on, in
+<train.output_dir>/fold-I/ as an ordinary run (resume, signals and all); data.fold=all trains
+the folds one after another. Each fold ends by predicting its held-out cases
+(lesionseg.crossval.predict_held_out) and the command that completes the set pools them.
+
 Outputs in train.output_dir: config.yaml (at start), best.pt (the weights to use: the final
 ones, or with train.select=best those of the best val train.best_metric),
 last.pt (end), metrics.jsonl (one line per validation), states/, W&B files (tracking.py).
@@ -75,6 +81,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lesionseg import states
 from lesionseg.config import Config, ConfigError, load_config, save_config, to_dict, was_set
+from lesionseg.crossval import evaluate_when_complete, predict_held_out
+from lesionseg.data.folds import fold_dir, fold_split, parse_fold
 from lesionseg.data.memory import (
     CachedSamples,
     CachedTrainEpoch,
@@ -135,6 +143,8 @@ most used keys:
   train.resume_with_changes=false (true: resume a state despite other settings, not exactly)
   train.val_every_steps=0 (0 = every epoch)   train.select=final|best (what best.pt holds)
   train.num_threads=0 (set >0 for bit-exact CPU resume)
+  data.folds=0 (K >= 2: K-fold cross-validation into <train.output_dir>/fold-I/, out-of-fold
+  scores in <train.output_dir>/cv/)   data.fold=all|I (all: every fold in turn)  data.fold_seed=0
   tracking.backend=wandb|none  tracking.mode=offline|online|disabled (WANDB_MODE wins)
 
 examples:
@@ -142,6 +152,7 @@ examples:
   accelerate launch jobs/train.py data.shards=shards/isic2016 train.mixed_precision=bf16
   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no jobs/train.py data.shards=…   # 2 CPU ranks
+  python jobs/train.py data.shards=shards/isic2016 data.folds=5 train.output_dir=runs/cv5
 
 outputs in train.output_dir: best.pt, last.pt (weights-only), config.yaml, metrics.jsonl,
 states/step-N (full states for resume), wandb/ (tracking.backend=wandb).
@@ -188,7 +199,37 @@ def command(args: argparse.Namespace) -> int:
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
         if launcher in ("fp16", "bf16"):  # `accelerate launch --mixed_precision X` as the default
             cfg.train.mixed_precision = launcher
+    if cfg.data.folds:
+        return train_folds(cfg, demo=demo)
     return train(cfg, demo=demo)
+
+
+def train_folds(cfg: Config, demo: bool = False) -> int:
+    """data.folds=K: train the fold(s) data.fold names (all: one after another, each resumed
+    where it stands) into <train.output_dir>/fold-I/; the last fold to finish evaluates the
+    cross-validation (lesionseg.crossval). Returns the first non-zero status (EXIT_RESUME
+    after a stop signal: rerun the same command)."""
+    from lesionseg.tracking import cross_validation_group
+
+    root = Path(cfg.train.output_dir)
+    name = cfg.tracking.run_name or root.resolve().name
+    folds = parse_fold(cfg.data.fold, cfg.data.folds)
+    for fold in folds:
+        fold_cfg = copy.deepcopy(cfg)
+        fold_cfg.data.fold = str(fold)
+        fold_cfg.train.output_dir = str(fold_dir(root, fold))
+        fold_cfg.tracking.group = cross_validation_group(root, cfg)  # W&B: one group per run
+        fold_cfg.tracking.run_name = f"{name}-fold-{fold}"
+        log.info("cross-validation %s: fold %d of %d (%s)", root, fold, cfg.data.folds,
+                 "every fold, one after another" if len(folds) > 1 else "this fold only")
+        status = train(fold_cfg, demo=demo)
+        if status != EXIT_OK:
+            return status
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # the command that completes the folds pools them all
+        evaluate_when_complete(root, cfg)
+    return EXIT_OK
 
 
 def apply_demo_defaults(cfg: Config, config_file: str | None, overrides: list[str]) -> None:
@@ -204,7 +245,9 @@ def apply_demo_defaults(cfg: Config, config_file: str | None, overrides: list[st
 
 @dataclass(frozen=True)
 class DataPlan:
-    """The shard folder, its train/val shard paths and counts (from manifest.json)."""
+    """The shard folder, its train/val shard paths and counts (from manifest.json). A fold of
+    a cross-validation reads the train and val shards for both, keeping only `train_ids` /
+    `val_ids` (None: every sample of the shards)."""
 
     folder: str
     train_urls: tuple[str, ...]
@@ -212,10 +255,14 @@ class DataPlan:
     train_count: int
     val_count: int
     max_side: int = 0  # pack.max_side the shards were packed with (0: original sizes)
+    train_ids: frozenset[str] | None = None
+    val_ids: frozenset[str] | None = None
 
 
-def plan_data(folder: str) -> DataPlan:
-    """Read the manifest and check that train and val shards exist; errors name the folder."""
+def plan_data(folder: str, folds: int = 0, fold: int = 0, fold_seed: int = 0) -> DataPlan:
+    """Read the manifest and check that train and val shards exist; errors name the folder.
+    With `folds` > 0: fold `fold` of the train + val cases is validated on, the rest trained on
+    (lesionseg.data.folds)."""
     from lesionseg.data.shards import read_manifest, split_urls
 
     if not Path(folder).is_dir():
@@ -224,14 +271,32 @@ def plan_data(folder: str) -> DataPlan:
     counts = {s: int(manifest["splits"][s].get("count", 0)) for s in ("train", "val")}
     urls = {s: tuple(split_urls(folder, s)) for s in ("train", "val")}
     for split in ("train", "val"):
-        if counts[split] == 0 or not urls[split]:
-            hint = " (pack with pack.val_fraction > 0)" if split == "val" else ""
+        if (counts[split] == 0 or not urls[split]) and not (split == "val" and folds):
+            hint = (" (pack with pack.val_fraction > 0, or cross-validate: data.folds=K)"
+                    if split == "val" else "")
             raise DataError(f"data.shards={folder}: no {split} samples in its manifest{hint}")
         for url in urls[split]:
             if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
                 raise DataError(f"{url}: shard listed in {folder}/manifest.json is missing")
     stored = int(manifest.get("options", {}).get("max_side") or 0)
+    if folds:
+        return plan_fold(folder, urls["train"] + urls["val"], stored, folds, fold, fold_seed)
     return DataPlan(folder, urls["train"], urls["val"], counts["train"], counts["val"], stored)
+
+
+def plan_fold(folder: str, urls: tuple[str, ...], max_side: int, folds: int, fold: int,
+              seed: int) -> DataPlan:
+    """Fold `fold` of the cases in `urls` (every train and val shard): its ids validate, the
+    other folds' train."""
+    from lesionseg.data.shards import shard_keys
+
+    ids = shard_keys(urls)
+    if len(set(ids)) < folds:
+        raise DataError(f"data.shards={folder}: {len(set(ids))} train + val cases cannot make "
+                        f"data.folds={folds} folds")
+    train_ids, val_ids = fold_split(ids, folds, fold, seed)
+    return DataPlan(folder, urls, urls, len(train_ids), len(val_ids), max_side,
+                    train_ids, val_ids)
 
 
 def check_stored_size(data: DataPlan, image_size: int) -> None:
@@ -246,10 +311,11 @@ def check_stored_size(data: DataPlan, image_size: int) -> None:
 _WARNED_SHARDS: set[str] = set()
 
 
-def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, on_error: str,
+               ids: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (`__key__`, `__url__`, ext → bytes) of one shard, streamed with WebDataset's
-    tar reader. A corrupt shard is a DataError naming it, or (on_error=skip) a warning and
-    the end of that shard."""
+    tar reader; with `ids`, only the samples whose key is one of them (a fold's). A corrupt
+    shard is a DataError naming it, or (on_error=skip) a warning and the end of that shard."""
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -261,7 +327,8 @@ def read_shard(url: str, on_error: str) -> Iterator[dict[str, Any]]:
         read = 0
         for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
             read += 1
-            yield sample
+            if ids is None or sample["__key__"] in ids:
+                yield sample
         listed = listed_samples(url)
         if listed is not None and read != listed:  # tarfile stops silently at a bad header
             raise tarfile.ReadError(f"{read} of the {listed} samples its manifest lists could "
@@ -296,12 +363,13 @@ def lane_shards(urls: tuple[str, ...], seed: int, epoch: int, lane: int,
 
 
 def lane_samples(urls: tuple[str, ...], seed: int, epoch: int, lane: int, lanes: int,
-                 on_error: str) -> Iterator[dict[str, Any]]:
-    """The endless raw-sample stream of a lane (shards in `lane_shards` order)."""
+                 on_error: str, ids: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The endless raw-sample stream of a lane (shards in `lane_shards` order; with `ids`,
+    only those samples)."""
     empty = 0
     for url in lane_shards(urls, seed, epoch, lane, lanes):
         n = 0
-        for sample in read_shard(url, on_error):
+        for sample in read_shard(url, on_error, ids):
             n += 1
             yield sample
         empty = 0 if n else empty + 1
@@ -378,9 +446,9 @@ class TrainStream(IterableDataset):
     """
 
     def __init__(self, urls: tuple[str, ...], cfg: Config, epoch: int, rank: int, world: int,
-                 batches: int, start: int = 0) -> None:
+                 batches: int, start: int = 0, ids: frozenset[str] | None = None) -> None:
         super().__init__()
-        self.urls, self.epoch, self.rank, self.world = urls, epoch, rank, world
+        self.urls, self.epoch, self.rank, self.world, self.ids = urls, epoch, rank, world, ids
         self.batches, self.start = batches, start
         self.seed, self.batch_size = cfg.train.seed, cfg.data.batch_size
         self.buffer, self.on_error = cfg.data.shuffle_buffer, cfg.data.on_error
@@ -397,7 +465,7 @@ class TrainStream(IterableDataset):
         lane_id = self.rank * workers + lane
         stream = shuffled(
             lane_samples(self.urls, self.seed, self.epoch, lane_id, self.world * workers,
-                         self.on_error),
+                         self.on_error, self.ids),
             self.buffer, random.Random(f"{self.seed}/{self.epoch}/{lane_id}/shuffle"))
         numbered = enumerate(stream)
         skip = (first // workers) * self.batch_size
@@ -434,9 +502,9 @@ class ValStream(IterableDataset):
     shards in order) belongs to lane i mod (world × workers). Yields eval-transformed batches."""
 
     def __init__(self, urls: tuple[str, ...], cfg: Config, rank: int, world: int,
-                 soft: bool = False) -> None:
+                 soft: bool = False, ids: frozenset[str] | None = None) -> None:
         super().__init__()
-        self.urls, self.rank, self.world, self.soft = urls, rank, world, soft
+        self.urls, self.rank, self.world, self.soft, self.ids = urls, rank, world, soft, ids
         self.size, self.batch_size = cfg.data.image_size, cfg.data.batch_size
         self.on_error = cfg.data.on_error
 
@@ -447,7 +515,7 @@ class ValStream(IterableDataset):
         ids, images, masks, skipped = [], [], [], []
         position = 0
         for url in self.urls:
-            for raw in read_shard(url, self.on_error):
+            for raw in read_shard(url, self.on_error, self.ids):
                 mine = position % lanes == lane
                 position += 1
                 if not mine:
@@ -597,7 +665,8 @@ def plan_memory(cfg: Config, data: DataPlan) -> Memory:
                                  f"{d.cache_max_mb}")
     started = time.perf_counter()
     try:
-        with Loader(ValStream(data.train_urls, cfg, 0, 1, soft=d.soft_masks), cfg,
+        with Loader(ValStream(data.train_urls, cfg, 0, 1, soft=d.soft_masks,
+                              ids=data.train_ids), cfg,
                     torch.device("cpu")) as loader:
             samples = CachedSamples.from_batches(loader)
     except MemoryError:
@@ -888,7 +957,8 @@ def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan, cfg: Conf
 
     net = accelerator.unwrap_model(model)
     _sync_buffers(accelerator, net)
-    dataset = ValStream(data.val_urls, cfg, accelerator.process_index, accelerator.num_processes)
+    dataset = ValStream(data.val_urls, cfg, accelerator.process_index, accelerator.num_processes,
+                        ids=data.val_ids)
     keep = cfg.tracking.log_images if accelerator.is_main_process else 0
     results, overlays, skipped, error = [], [], 0, None
     try:
@@ -1134,7 +1204,8 @@ def train(cfg: Config, demo: bool = False) -> int:
     run_dir = Path(cfg.train.output_dir)
     if demo:
         cfg.data.shards = build_demo_data(accelerator, cfg)
-    data = plan_data(cfg.data.shards)
+    data = plan_data(cfg.data.shards, cfg.data.folds, int(cfg.data.fold) if cfg.data.folds else 0,
+                     cfg.data.fold_seed)
     if main:
         check_stored_size(data, cfg.data.image_size)
     schedule = plan_schedule(cfg, data.train_count, world)
@@ -1200,7 +1271,9 @@ def train(cfg: Config, demo: bool = False) -> int:
                  accelerator.device, cfg.train.mixed_precision, cfg.data.batch_size,
                  o.grad_accum_steps, global_batch, schedule.total_steps, schedule.epochs,
                  schedule.steps_per_epoch, data.train_count, data.val_count,
-                 f", demo data in {data.folder}" if demo else "")
+                 (f" (fold {cfg.data.fold} of {cfg.data.folds} held out of the train + val "
+                  "cases)" if cfg.data.folds else "")
+                 + (f", demo data in {data.folder}" if demo else ""))
 
     stop = StopFlag()
     stop.install()
@@ -1222,7 +1295,9 @@ def train(cfg: Config, demo: bool = False) -> int:
         if cfg.train.select == "final":
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
                          epoch=progress.epoch, val=last_val, select="final")
-        if cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
+        if cfg.data.folds and (run_dir / "best.pt").is_file():  # its held-out cases: out of fold
+            predict_held_out(run_dir, cfg, data.val_urls, data.val_ids, accelerator.device)
+        elif cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
             tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
                             accelerator.device)
         save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
@@ -1344,7 +1419,8 @@ def _loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, mod
                                                 progress.micro)
                 else:
                     loader = Loader(TrainStream(data.train_urls, cfg, progress.epoch, rank,
-                                                world, epoch_len, progress.micro), cfg,
+                                                world, epoch_len, progress.micro,
+                                                ids=data.train_ids), cfg,
                                     accelerator.device)
                 loader_it = iter(loader)
             batches, error = fetch_batches(loader_it, o.grad_accum_steps)

@@ -4,7 +4,9 @@ The model's probabilities for every val sample are computed as the inference job
 (the same BatchNorm-folded predictor, the eval transform, bilinear upsampling to the stored
 size), then `postprocess.choose` scores every threshold × post-processing combination by mean
 Jaccard against the stored val masks. The choice goes into best.pt's metadata
-(`meta["postprocess"]`, with the candidate table); `jobs/infer.py` applies it by default.
+(`meta["postprocess"]`, with the candidate table); `jobs/infer.py` applies it by default. A
+cross-validation makes the choice again on the pooled out-of-fold predictions of all its folds
+(lesionseg.crossval) and stores that in every fold's best.pt.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ TABLE_ROWS = 8  # best candidates kept in best.pt beside the choice
 
 def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
                       batch_size: int = 8, device: torch.device | None = None,
-                      ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(probability maps, boolean truths) of every val sample, at the stored size (at most
-    MAX_SCORING_SIDE), predicted as `jobs/infer.py` predicts by default (flip TTA, fp32), on
-    `device` (default the CPU)."""
+                      ids: frozenset[str] | None = None,
+                      ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """(sample keys, probability maps, boolean truths) of every val sample (with `ids`, of
+    those samples only), at the stored size (at most MAX_SCORING_SIDE), predicted as
+    `jobs/infer.py` predicts by default (flip TTA, fp32), on `device` (default the CPU)."""
     predictor, _, _ = load_predictor(checkpoint, InferConfig(mixed_precision="no"),
                                      device or torch.device("cpu"))
+    keys: list[str] = []
     probs: list[np.ndarray] = []
     truths: list[np.ndarray] = []
     pending: list[tuple[torch.Tensor, np.ndarray]] = []
@@ -51,6 +55,9 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
         pending.clear()
 
     for raw in iter_raw(val_urls):
+        if ids is not None and raw["__key__"] not in ids:
+            continue
+        keys.append(raw["__key__"])
         sample = decode_sample(raw)
         image, mask = sample.image, sample.mask
         scale = MAX_SCORING_SIDE / max(mask.size)
@@ -63,25 +70,35 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
             flush()
     if pending:
         flush()
-    return probs, truths
+    return keys, probs, truths
 
 
 def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
                     device: torch.device | None = None) -> Postprocess:
     """Choose on the val set, write the choice into `checkpoint` (rewritten atomically) and
     log it beside the default's score."""
-    probs, truths = val_probabilities(checkpoint, val_urls, image_size, device=device)
+    _, probs, truths = val_probabilities(checkpoint, val_urls, image_size, device=device)
+    return store_choice([checkpoint], probs, truths, "val images")
+
+
+def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
+                 chosen_on: str) -> Postprocess:
+    """`choose` on (probability map, truth) pairs; write the choice into every checkpoint's
+    metadata (each rewritten atomically) and log it beside the default's score. `chosen_on`
+    names the images, e.g. "val images"."""
     chosen, table = choose(probs, truths)
     baseline = next(r["jaccard"] for r in table
                     if r["threshold"] == 0.5 and r["postprocess"] == "none")
     best = next(r["jaccard"] for r in table if r["threshold"] == chosen.threshold
                 and r["postprocess"] == chosen.name)
-    state_dict, cfg, meta = load_weights(checkpoint)
-    meta["postprocess"] = chosen.to_dict() | {
-        "val_images": len(probs), "val_jaccard": round(best, 5),
-        "val_jaccard_default": round(baseline, 5), "table": table[:TABLE_ROWS]}
-    save_weights(checkpoint, state_dict, cfg, **meta)
-    log.info("post-processing chosen on %d val images: threshold %.2f, %s (val Jaccard %.4f; "
-             "%.4f at 0.5 without post-processing); stored in %s", len(probs), chosen.threshold,
-             chosen.name, best, baseline, checkpoint)
+    for checkpoint in checkpoints:
+        state_dict, cfg, meta = load_weights(checkpoint)
+        meta["postprocess"] = chosen.to_dict() | {
+            "val_images": len(probs), "val_jaccard": round(best, 5),
+            "val_jaccard_default": round(baseline, 5), "chosen_on": chosen_on,
+            "table": table[:TABLE_ROWS]}
+        save_weights(checkpoint, state_dict, cfg, **meta)
+    log.info("post-processing chosen on %d %s: threshold %.2f, %s (Jaccard %.4f; %.4f at 0.5 "
+             "without post-processing); stored in %s", len(probs), chosen_on, chosen.threshold,
+             chosen.name, best, baseline, ", ".join(map(str, checkpoints)))
     return chosen

@@ -8,6 +8,12 @@
 #   sbatch -J isic-b16 slurm/train.sh data.shards=shards/isic2016 optim.epochs=30
 #   sbatch -J isic-4n --nodes=4 --gpus-per-node=8 slurm/train.sh data.shards=shards/isic2016
 #   LESIONSEG_CPU=1 sbatch --nodes=1 --gpus-per-node=0 slurm/train.sh …   # CPU nodes
+#   sbatch -J isic-cv5 --array=0-4 slurm/train.sh data.shards=shards/isic2016 data.folds=5
+#
+# Cross-validation: as an array job, task I trains fold I (data.fold=$SLURM_ARRAY_TASK_ID unless
+# data.fold is given) into runs/<job name>/fold-I/; each task is preempted, requeued and resumed
+# on its own like any job, and the last fold to finish writes runs/<job name>/cv/ (out-of-fold
+# scores, the pooled threshold/post-processing choice). An array job needs data.folds=K.
 #
 # Each node runs one Slurm task; that task starts the node's trainer processes with
 # `accelerate launch` (one process per GPU), or plain `python jobs/train.py` when the whole job
@@ -250,6 +256,11 @@ main() {
     exit $?
   fi
   local args=("$@")
+  if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # an array job: one cross-validation fold per task
+    has_key data.folds "$@" \
+      || die "an array job trains cross-validation folds, one per task: pass data.folds=K (and --array=0-<K-1>)"
+    has_key data.fold "$@" || args+=("data.fold=$SLURM_ARRAY_TASK_ID")
+  fi
   has_key train.output_dir "$@" || args+=("train.output_dir=$OUTPUT_ROOT/$RUN_NAME")
   # A requeued job always resumes; a first start honours the user's train.resume.
   if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || ! has_key train.resume "$@"; then

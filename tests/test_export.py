@@ -231,3 +231,30 @@ def test_onnxruntime_job_resumes_and_splits(exported: dict, tiny_checkpoint: dic
     run_infer(exported["onnx"], tiny_checkpoint, out, "--num-shards", "2", "--shard-index", "0")
     assert not (out / "masks").exists() or not any((out / "masks").iterdir())
     assert len(first) == 5
+
+
+def test_exported_files_make_an_ensemble_on_their_runtimes(exported: dict, tiny_checkpoint: dict,
+                                                           tmp_path: Path) -> None:
+    """An ONNX and a TorchScript file of one model as the two members of an ensemble: the mean
+    of their probabilities is torch's, and the job gives torch's masks."""
+    from lesionseg.config import InferConfig
+    from lesionseg.data.images import load_image
+    from lesionseg.data.transforms import eval_transform, stack_images
+    from lesionseg.inference import Ensemble, load_ensemble, load_predictor
+
+    cpu = torch.device("cpu")
+    ensemble, _, meta, size = load_ensemble([exported["onnx"], exported["ts"]], InferConfig(), cpu)
+    assert isinstance(ensemble, Ensemble) and size == TINY_SIZE
+    assert meta["postprocess"]["threshold"] == TINY_POSTPROCESS["threshold"]  # both agree
+    reference, _, _ = load_predictor(exported["ckpt"], InferConfig(), cpu)
+    images = stack_images([eval_transform(load_image(p.read_bytes())[0], None, TINY_SIZE)[0]
+                           for p in sorted(tiny_checkpoint["images"].glob("*.jpg"))[:2]])
+    members = [m(images) for m in ensemble.members]
+    assert torch.allclose(ensemble(images), (members[0] + members[1]) / 2, rtol=0, atol=1e-7)
+    assert torch.allclose(ensemble(images), reference(images), rtol=0, atol=1e-4)
+    summary = run_infer(exported["onnx"], tiny_checkpoint, tmp_path / "ens", "--checkpoint",
+                        str(exported["ts"]))
+    run_infer(exported["ckpt"], tiny_checkpoint, tmp_path / "torch")
+    assert summary["backend"] == "onnxruntime" and len(summary["checkpoint"]["members"]) == 2
+    got, want = masks(tmp_path / "ens"), masks(tmp_path / "torch")
+    assert got.keys() == want.keys() and all((got[k] == want[k]).mean() >= 0.9999 for k in want)

@@ -963,3 +963,78 @@ def test_an_io_error_reading_an_input_stops_but_a_missing_file_is_its_row(
     assert eio.get("environmental") and "Input/output error" in eio["error"]
     assert "rerun" in eio["error"]
     assert not gone.get("environmental") and "No such file" in gone["error"]
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+@pytest.fixture(scope="module")
+def second_ckpt(data: dict[str, Path]) -> Path:
+    """Another random model at the same size: an ensemble partner for data["ckpt"]."""
+    torch.manual_seed(7)
+    model = MobileNetEncoderDecoder().eval()
+    cfg = load_config(None, ["model.encoder_weights=null", f"data.image_size={IMAGE_SIZE}"])
+    return save_weights(data["root"] / "second" / "best.pt", model.state_dict(), cfg)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_ensemble_probabilities_are_the_mean_of_its_models(data: dict[str, Path],
+                                                           second_ckpt: Path, tta: bool) -> None:
+    icfg = load_config(None, [f"infer.tta={str(tta).lower()}"]).infer
+    cpu = torch.device("cpu")
+    one, _, _ = inference.load_predictor(data["ckpt"], icfg, cpu)
+    two, _, _ = inference.load_predictor(second_ckpt, icfg, cpu)
+    ensemble, _, _, size = inference.load_ensemble([data["ckpt"], second_ckpt], icfg, cpu)
+    assert isinstance(ensemble, inference.Ensemble) and size == IMAGE_SIZE
+    images = stack_images([eval_transform(load_image(p.read_bytes())[0], None, IMAGE_SIZE)[0]
+                           for p in sorted(data["images"].glob("*.jpg"))[:3]])
+    p1, p2 = one(images), two(images)
+    assert not torch.allclose(p1, p2, atol=1e-3)  # two different models
+    assert torch.allclose(ensemble(images), (p1 + p2) / 2, rtol=0, atol=1e-7)
+
+
+def test_ensemble_run_names_its_members_resumes_and_splits(data: dict[str, Path],
+                                                          second_ckpt: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from lesionseg.files import sha256_file
+
+    members = ("--checkpoint", str(second_ckpt))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert infer(data, one, data["isic"], extra=members) == 0
+    s1 = json.loads((one / "summary.json").read_text())
+    assert [m["path"] for m in s1["checkpoint"]["members"]] == [str(data["ckpt"]), str(second_ckpt)]
+    assert [m["sha256"] for m in s1["checkpoint"]["members"]] == [
+        sha256_file(data["ckpt"]), sha256_file(second_ckpt)]
+    assert "model 2 of 2" in (one / "report.html").read_text()
+    single = tmp_path / "single"
+    assert infer(data, single, data["isic"]) == 0
+    assert json.loads((single / "summary.json").read_text())["means"] != s1["means"]
+    # Two job parts merge to the one run; a rerun has nothing left to do.
+    for part in ("1", "0"):
+        assert infer(data, two, data["isic"], extra=(*members, "--num-shards", "2",
+                                                      "--shard-index", part)) == 0
+    assert (two / "metrics.csv").read_text() == (one / "metrics.csv").read_text()
+    rows = sum(len(inference.read_rows(p)) for p in (two / "parts").glob("rows-*.jsonl"))
+    assert infer(data, two, data["isic"], extra=(*members, "--num-shards", "2",
+                                                  "--shard-index", "0")) == 0
+    assert sum(len(inference.read_rows(p)) for p in (two / "parts").glob("rows-*.jsonl")) == \
+        rows == N_CASES
+    # Another set of members is another run: refused in the same --out.
+    assert infer(data, one, data["isic"]) == 2
+    assert "different checkpoint_sha256" in capsys.readouterr().err
+    assert infer(data, tmp_path / "twice", data["isic"], extra=("--checkpoint", str(data["ckpt"]))) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_ensemble_of_models_trained_at_different_sizes_needs_image_size(
+        data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    state, cfg = torch.load(data["ckpt"], weights_only=True)["state_dict"], \
+        load_config(None, ["model.encoder_weights=null", "data.image_size=96"])
+    other = save_weights(tmp_path / "big" / "best.pt", state, cfg)
+    extra = ("--checkpoint", str(other))
+    assert infer(data, tmp_path / "o", data["isic"], extra=extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different data.image_size" in err and "--image-size" in err and "\n" not in err
+    assert infer(data, tmp_path / "o", data["isic"], extra=(*extra, "--image-size", "64")) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["config"]["infer"][
+        "image_size"] == 64

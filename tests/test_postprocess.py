@@ -187,7 +187,7 @@ def test_tuning_stores_the_validation_choice_in_the_checkpoint(
     ckpt = tmp_path / "best.pt"
     ckpt.write_bytes(d_bytes := noisy_model["plain"].read_bytes())
     urls = tuple(split_urls(packed_shards, "val"))
-    probs, truths = val_probabilities(ckpt, urls, 64)
+    _, probs, truths = val_probabilities(ckpt, urls, 64)
     assert len(probs) == len(truths) > 0
     assert all(p.shape == t.shape for p, t in zip(probs, truths, strict=True))
     expected, _ = choose(probs, truths)

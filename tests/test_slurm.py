@@ -296,3 +296,37 @@ def test_usr1_saves_requeues_and_resumes(train_shards: Path, jobs: Jobs) -> None
     _, _, meta = load_weights(jobs.workdir / "runs" / name / "last.pt")
     assert meta["step"] == total
     assert (jobs.workdir / "runs" / name / "best.pt").is_file()
+
+
+def test_cv_array_trains_one_fold_per_task_and_the_last_writes_the_summary(
+        train_shards: Path, jobs: Jobs) -> None:
+    """`sbatch --array=0-1 slurm/train.sh data.folds=2`: task I trains fold I into
+    runs/<name>/fold-I/, and whichever finishes last pools both into runs/<name>/cv/."""
+    from lesionseg.checkpoint import load_weights
+
+    name = f"slurm-cv-{os.getpid()}"
+    job = jobs.sbatch(f"--job-name={name}", "--array=0-1", *CPU_JOB, "--cpus-per-task=1",
+                      str(TRAIN_SH), *tiny_train_args(train_shards, 2), "data.folds=2",
+                      env={"OUTPUT_ROOT": str(jobs.workdir / "runs")})
+    tasks = wait_done(jobs, job, timeout=240)
+    assert len(tasks) == 2 and all(t["JobState"] == "COMPLETED" for t in tasks), jobs.logs()
+    run = jobs.workdir / "runs" / name
+    for fold in (0, 1):
+        _, cfg, meta = load_weights(run / f"fold-{fold}" / "best.pt")
+        assert (cfg.data.folds, cfg.data.fold, meta["step"]) == (2, str(fold), 2)
+        assert "pooled out-of-fold" in meta["postprocess"]["chosen_on"], jobs.logs()
+    summary = json.loads((run / "cv" / "summary.json").read_text())
+    manifest = json.loads((train_shards / "manifest.json").read_text())["splits"]
+    assert summary["cases"] == manifest["train"]["count"] + manifest["val"]["count"]
+    assert len(read_csv(run / "cv" / "metrics.csv")) == summary["cases"]
+    logs = jobs.logs()
+    assert "data.fold=0" in logs and "data.fold=1" in logs
+
+
+def test_array_job_without_folds_is_refused(train_shards: Path, jobs: Jobs) -> None:
+    job = jobs.sbatch("--job-name=slurm-nofolds", "--array=0-1", *CPU_JOB, "--cpus-per-task=1",
+                      str(TRAIN_SH), *tiny_train_args(train_shards, 2),
+                      env={"OUTPUT_ROOT": str(jobs.workdir / "runs")})
+    tasks = wait_done(jobs, job, timeout=60)
+    assert all(t["JobState"] == "FAILED" for t in tasks)
+    assert "pass data.folds=K" in jobs.logs()

@@ -528,6 +528,21 @@ def iter_raw(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
             raise DataError(f"{url}: cannot be read as a tar shard ({e})") from None
 
 
+def shard_keys(urls: Iterable[str]) -> list[str]:
+    """The sample keys of tar shards, in order, from their headers alone (no member is read)."""
+    keys: list[str] = []
+    for url in urls:
+        try:
+            with tarfile.open(url, "r") as tar:
+                for member in tar:
+                    key = _key_ext(member.name)[0]
+                    if member.isfile() and (not keys or keys[-1] != key):
+                        keys.append(key)
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise DataError(f"{url}: cannot be read as a tar shard ({e})") from None
+    return keys
+
+
 def iter_samples(folder: str | Path, split: str, min_size: int | None = None) -> Iterator[Sample]:
     """Every sample of a split, decoded, in shard order (plain sequential reader)."""
     for raw in iter_raw(split_urls(folder, split)):
