@@ -40,8 +40,8 @@ from lesionseg.data.folds import FOLD_DIR_PREFIX, fold_dir
 from lesionseg.data.images import write_mask
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
-from lesionseg.inference import write_csv
-from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
+from lesionseg.inference import with_scores, write_csv
+from lesionseg.metrics import METRIC_NAMES, binary_counts, summarize
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.tuning import store_choice, val_probabilities
 
@@ -199,25 +199,18 @@ def _check_folds(root: Path, oofs: list[OutOfFold]) -> None:
 
 def _rows(oofs: list[OutOfFold], post: Postprocess) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """One row per case (fold, size, counts and scores with `post`) and the (N, 4) counts."""
-    rows, counts = [], []
+    rows = []
     for fold, oof in enumerate(oofs):
         for case_id, prob, truth in zip(oof.ids, oof.probs, oof.truths, strict=True):
             mask = post_mask(prob, post)
             c = binary_counts(mask, truth)
-            counts.append(c)
             h, w = truth.shape
             rows.append({"id": case_id, "fold": fold, "split": f"fold {fold}", "height": h,
                          "width": w, "status": "ok", "tp": c[0], "fp": c[1], "fn": c[2],
                          "tn": c[3], "pred_area": int(np.count_nonzero(mask)),
                          "pred_fraction": round(float(np.count_nonzero(mask)) / (h * w), 6),
                          "mask": f"masks/{case_id}_Segmentation.png", "_mask": mask})
-    tensor = torch.tensor(counts, dtype=torch.int64).reshape(-1, 4)
-    per_image = {k: v.tolist() for k, v in scores(tensor).items()}
-    for i, row in enumerate(rows):
-        for name in METRIC_NAMES:
-            row[name] = per_image[name][i]
-        row["iou"] = row["jaccard"]
-    return rows, tensor
+    return with_scores(rows)  # the six ISIC scores per row, as the inference job adds them
 
 
 def post_mask(prob8: np.ndarray, post: Postprocess) -> np.ndarray:

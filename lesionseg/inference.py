@@ -1076,7 +1076,7 @@ def _collect_rows(parts_dir: Path) -> list[dict[str, Any]]:
     return [best[k] for k in sorted(best)]
 
 
-def _with_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
+def with_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Add the six ISIC scores (from lesionseg.metrics) to every 'ok' row; return the counts."""
     scored = [r for r in rows if r["status"] == "ok"]
     counts = torch.tensor([[r["tp"], r["fp"], r["fn"], r["tn"]] for r in scored],
@@ -1116,7 +1116,7 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
                     ", ".join(map(str, missing)))
     if complete:
         _remove_stale_temps(out)
-    rows, counts = _with_scores(_collect_rows(parts_dir))
+    rows, counts = with_scores(_collect_rows(parts_dir))
     inventory = _merged_inventory(parts_dir)
     metric_rows = [{**r, "mask": f"{MASKS}/{r['id']}_Segmentation.png",
                     "pred_fraction": _fraction(r.get("pred_area"), r)} for r in rows
