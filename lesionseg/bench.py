@@ -64,6 +64,11 @@ RATIOS: dict[str, tuple[str, str, float, str]] = {
     "infer_speedup_vs_naive": ("infer", ">=", 3.0, "batch job images/s ÷ naive loop images/s"),
     "infer_over_pure_forward": ("infer", "<=", 1.3,
                                 "batch job time ÷ pure batched forward time (same images)"),
+    "infer_efficiency": ("infer", ">=", 0.85,
+                         "ideal time (pure forward + the job's per-image CPU stages spread over "
+                         "the cores) ÷ the job's loop time"),
+    "infer_wall_over_loop": ("infer", "<=", 1.1,
+                             "the job's wall time (start to report written) ÷ its loop time"),
     "accuracy_margin_vs_plain": ("accuracy", ">=", 0.01,
                                  "our test Dice − the plain script's, hard data, equal epochs"),
     "accuracy_margin_vs_smp": ("accuracy", ">=", 0.02,
@@ -105,7 +110,8 @@ examples:
 bench.json holds the machine, every figure, peak RSS per case, model parameters and
 multiply-accumulates, and at its top level the ratios data_speedup_vs_folder,
 train_speedup_vs_smp (null without segmentation-models-pytorch), train_loop_over_pure_step,
-infer_speedup_vs_naive, infer_over_pure_forward, accuracy_dice_ours, accuracy_dice_plain,
+infer_speedup_vs_naive, infer_over_pure_forward, infer_efficiency, infer_wall_over_loop,
+accuracy_dice_ours, accuracy_dice_plain,
 accuracy_dice_smp and the accuracy margins."""
 
 
@@ -1095,23 +1101,45 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     rate = {k: _r(n / s["median"]) for k, s in (("job", job_s), ("naive", naive_s),
                                                  ("forward", fwd_s))}
     mps = _megapixels([p for p, _ in pairs])
+    ideal = ideal_infer_seconds(fwd_s["median"], stages, n, usable_cores())
+    wall_s = stats(job["wall_s"])
     return {
         "threads": torch.get_num_threads(), "image_size": plan.image_size,
         "batch_size": plan.batch_size, "num_workers": plan.infer_workers, "images": n,
         "source_megapixels_mean": _r(statistics.fmean(mps)), "source_megapixels_max": _r(max(mps)),
-        "job_loop_s": job_s, "job_wall_s": stats(job["wall_s"]),
+        "job_loop_s": job_s, "job_wall_s": wall_s,
         "job_forward_inside_s": stats(job["forward_s"]), "naive_s": naive_s,
-        "forward_s": fwd_s, "stages_ms_per_image": stages,
+        "forward_s": fwd_s, "stages_ms_per_image": stages, "cores": usable_cores(),
+        "ideal_s": _r(ideal),
         "job_images_per_s": rate["job"], "job_wall_images_per_s": _r(
-            n / stats(job["wall_s"])["median"]),
+            n / wall_s["median"]),
         "naive_images_per_s": rate["naive"], "forward_images_per_s": rate["forward"],
         "forward_onnxruntime_s": ort_s,
         "forward_onnxruntime_images_per_s": _r(n / ort_s["median"]) if ort_s else None,
         "note": "job = run_inference with the job's defaults (report on); loop time excludes "
                 "model load, input listing and the merge, which the wall time includes",
         "ratios": {"infer_speedup_vs_naive": _r(naive_s["median"] / job_s["median"]),
-                   "infer_over_pure_forward": _r(job_s["median"] / fwd_s["median"])},
+                   "infer_over_pure_forward": _r(job_s["median"] / fwd_s["median"]),
+                   "infer_efficiency": _r(ideal / job_s["median"]),
+                   "infer_wall_over_loop": _r(wall_s["median"] / job_s["median"])},
     }
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def ideal_infer_seconds(forward_s: float, stages: dict[str, Any], images: int,
+                        cores: int) -> float:
+    """The best any pipeline could do on these cores with the job's own work: the bare batched
+    forward, plus each image's CPU stages (decode + finish, measured on one thread) spread over
+    every core."""
+    per_image_s = (stages["decode_item_ms"] + stages["finish_item_ms"]) / 1000
+    return forward_s + images * per_image_s / max(1, cores)
 
 
 def onnxruntime_predictor(ckpt: Path, icfg: Any) -> Any:

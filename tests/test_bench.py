@@ -92,6 +92,16 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--accuracy-seeds must be at least 1" in capsys.readouterr().err
 
 
+def test_ideal_inference_time_spreads_the_cpu_stages_over_the_cores() -> None:
+    """The issue's own figures: a 0.56 s forward plus 16 images × (29.0 + 12.7) ms on 2 cores
+    is 0.89 s; on one core the stages add in full."""
+    from lesionseg.bench import ideal_infer_seconds
+
+    stages = {"decode_item_ms": 29.0, "finish_item_ms": 12.7}
+    assert ideal_infer_seconds(0.56, stages, 16, 2) == pytest.approx(0.8936)
+    assert ideal_infer_seconds(0.56, stages, 16, 1) == pytest.approx(0.56 + 16 * 0.0417)
+
+
 def test_seed_mean_averages_scores_and_keeps_every_seed() -> None:
     """A trainer's row over two seeds: mean scores and seconds, each seed's run kept, the
     spread; equal-time epochs that differ by seed are averaged; one seed is passed through."""
