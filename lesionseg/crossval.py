@@ -40,7 +40,7 @@ from lesionseg.data.folds import FOLD_DIR_PREFIX, fold_dir
 from lesionseg.data.images import write_mask
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
-from lesionseg.inference import with_scores, write_csv
+from lesionseg.inference import ERROR_COLUMNS, with_scores, write_csv
 from lesionseg.metrics import METRIC_NAMES, binary_counts, summarize
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.tuning import store_choice, val_probabilities
@@ -317,6 +317,9 @@ def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
         summary["checkpoint"]["members"].append({"path": fold["checkpoint"],
                                                  "sha256": fold["sha256"]})
     write_csv(out / "metrics.csv", CV_COLUMNS, rows)
+    # Every case is read from a fold's oof.npz (a bad one stops the evaluation), so no input
+    # fails; the report's counts link errors.csv, which says so with its header alone.
+    write_csv(out / "errors.csv", ERROR_COLUMNS, [])
     atomic_write_text(out / "summary.json", json.dumps(_finite(summary), indent=1) + "\n")
     write_report(out / "report.html", summary, rows, out / "thumbs", limit=0,
                  title="Cross-validation report", extra=_fold_table(summary))

@@ -89,6 +89,8 @@ def test_out_of_fold_run_predicts_every_training_id_exactly_once(cv_run: Path,
     with open(cv_run / "cv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["id"] for r in rows) == sorted(ids)  # each once; no test case
+    # the report links errors.csv: it is there, with no failed case
+    assert (cv_run / "cv" / "errors.csv").read_text() == "input,id,reason\n"
     folds = assign_folds(ids, 2, seed=0)
     assert all(int(r["fold"]) == folds[r["id"]] for r in rows)
     assert all((cv_run / "cv" / r["mask"]).is_file() for r in rows)
