@@ -536,7 +536,9 @@ def shard_loader(shards: Path, cfg: Any, workers: int) -> Any:
     manager (it stops its workers on exit) and iterate it for batches."""
     import torch
 
-    from lesionseg.training import Loader, TrainStream, plan_data
+    from lesionseg.train.data import plan_data
+    from lesionseg.train.loader import Loader
+    from lesionseg.train.streams import TrainStream
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
     data = plan_data(str(shards))
@@ -695,7 +697,7 @@ def step_variants(plan: BenchPlan, with_peer: bool) -> dict[str, StepVariant]:
     """Ours in fp32/bf16, channels_last on/off, frozen encoder; the peer in both layouts."""
     import torch
 
-    from lesionseg.training import build_model, build_optimizer
+    from lesionseg.train.build import build_model, build_optimizer
 
     specs = {"ours fp32 channels_last": ([], torch.float32),
              "ours fp32 contiguous": (["model.channels_last=false"], torch.float32),
@@ -746,13 +748,9 @@ def bench_loop(plan: BenchPlan, shards: Path, workdir: Path) -> dict[str, Any]:
     from tqdm import tqdm
 
     from lesionseg.losses import SegmentationLoss
-    from lesionseg.training import (
-        build_model,
-        build_optimizer,
-        fetch_batches,
-        make_accelerator,
-        train_step,
-    )
+    from lesionseg.train.batches import fetch_batches
+    from lesionseg.train.build import build_model, build_optimizer, make_accelerator
+    from lesionseg.train.step import train_step
 
     cfg = _config([f"data.image_size={plan.image_size}", f"data.batch_size={plan.batch_size}",
                    f"data.num_workers={plan.train_workers}",
@@ -833,15 +831,11 @@ def bench_race(plan: BenchPlan, workdir: Path, layouts: dict[str, bool]) -> dict
     import torch
 
     from lesionseg.losses import SegmentationLoss
-    from lesionseg.training import (
-        Loader,
-        ValStream,
-        build_model,
-        build_optimizer,
-        plan_data,
-        summarize_results,
-        validation_counts,
-    )
+    from lesionseg.train.build import build_model, build_optimizer
+    from lesionseg.train.data import plan_data
+    from lesionseg.train.evaluate import summarize_results, validation_counts
+    from lesionseg.train.loader import Loader
+    from lesionseg.train.streams import ValStream
 
     source = race_source(workdir, plan)
     shards, _ = packed(source, workdir / "shards-race", max_side=2 * plan.race_size,
@@ -895,7 +889,7 @@ def bench_train(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     """Pure step variants, ours vs smp, the real loop vs the pure step, and the Dice race."""
     import torch
 
-    from lesionseg.training import build_model
+    from lesionseg.train.build import build_model
 
     with_peer = plan.peer and peer_available()
     if plan.peer and not with_peer:
@@ -955,7 +949,7 @@ def bench_checkpoint(workdir: Path, image_size: int) -> Path:
     import torch
 
     from lesionseg.checkpoint import save_weights
-    from lesionseg.training import build_model
+    from lesionseg.train.build import build_model
 
     path = workdir / f"bench-model-{image_size}.pt"
     cfg = _config([f"data.image_size={image_size}"])

@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "pack ISIC 2016 folders or official zips into WebDataset shards + manifest.json"),
     "verify": ("lesionseg.data.shards", "add_verify_arguments", "verify_command",
                "check a packed shard folder's counts and sha256 against its manifest"),
-    "train": ("lesionseg.training", "add_arguments", "command",
+    "train": ("lesionseg.commands.train", "add_arguments", "command",
               "train the MobileNetV2 encoder-decoder (use `accelerate launch` for several processes)"),
     "cv": ("lesionseg.crossval", "add_arguments", "command",
            "evaluate a cross-validation run (data.folds=K): out-of-fold scores, pooled choice"),

@@ -7,6 +7,10 @@ class UserError(Exception):
     """Bad input, configuration or environment; the message names the file or key and the problem."""
 
 
+class DataError(UserError, ValueError):
+    """A problem with the input data (a data set, a shard, a sample); the message names it."""
+
+
 # OSErrors of the machine rather than of an input: no space, quota, read-only, I/O, permission.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
                                 errno.EPERM})

@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lesionseg.commands.launch import maybe_relaunch_cpu_ranks
 from lesionseg.config import Config, InferConfig, from_dict, load_config, to_dict
 from lesionseg.data.cv import cv2
 from lesionseg.data.folds import fold_checkpoints
@@ -54,7 +55,6 @@ from lesionseg.data.transforms import eval_transform, stack_images, to_float_ima
 from lesionseg.errors import UserError, environment_message, first_line, is_environmental
 from lesionseg.export import export_model
 from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
-from lesionseg.launch import maybe_relaunch_cpu_ranks
 from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
 from lesionseg.postprocess import CHOICES as POSTPROCESS_CHOICES
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess

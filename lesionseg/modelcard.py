@@ -185,7 +185,7 @@ def write_model_card(checkpoint: str | Path, out: str | Path | None = None) -> P
 
 
 def write_run_card(run_dir: str | Path) -> Path | None:
-    """The card beside a training run's best.pt (the end of `training.train`); None when the
+    """The card beside a training run's best.pt (the end of `lesionseg.train.loop.train`); None when the
     run wrote no best.pt."""
     best = Path(run_dir) / "best.pt"
     return write_model_card(best) if best.is_file() else None

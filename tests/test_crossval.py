@@ -25,7 +25,8 @@ from lesionseg.errors import EXIT_USAGE
 from lesionseg.files import sha256_file
 from lesionseg.metrics import summarize
 from lesionseg.recipe import resolve as resolve_recipe
-from lesionseg.training import TrainStream, ValStream, plan_data
+from lesionseg.train.data import plan_data
+from lesionseg.train.streams import TrainStream, ValStream
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(ROOT / "tests" / "train_tiny.yaml"), "optim.max_steps=2"]
@@ -72,7 +73,7 @@ def test_a_fold_trains_and_validates_only_on_its_own_cases(packed_shards: Path) 
 def test_folds_need_no_val_split(make_isic, tmp_path: Path) -> None:
     from lesionseg.config import PackConfig
     from lesionseg.data.shards import pack
-    from lesionseg.training import DataError
+    from lesionseg.errors import DataError
 
     shards = tmp_path / "shards"
     pack([make_isic(6)], shards, PackConfig(val_fraction=0, max_side=64, workers=1),

@@ -23,7 +23,11 @@ from lesionseg.data.transforms import (
     is_flip_and_colour,
     stack_images,
 )
-from lesionseg.training import Loader, ValStream, evaluate_checkpoint, plan_data, plan_memory
+from lesionseg.train.cache import plan_memory
+from lesionseg.train.data import plan_data
+from lesionseg.train.evaluate import evaluate_checkpoint
+from lesionseg.train.loader import Loader
+from lesionseg.train.streams import ValStream
 from tests.test_training import TINY, run_train
 
 

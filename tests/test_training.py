@@ -23,23 +23,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lesionseg.commands.launch import requested_cpu_processes
 from lesionseg.config import Config, load_config
-from lesionseg.errors import EXIT_RESUME, EXIT_USAGE
+from lesionseg.errors import EXIT_RESUME, EXIT_USAGE, DataError
 from lesionseg.metrics import METRIC_NAMES
 from lesionseg.recipe import resolve as resolve_recipe
-from lesionseg.training import (
-    DataError,
-    TrainStream,
-    ValStream,
-    build_model,
-    check_stored_size,
-    evaluate_checkpoint,
-    lr_factor,
-    plan_data,
-    plan_schedule,
-    requested_cpu_processes,
-    shuffled,
-)
+from lesionseg.train.build import build_model
+from lesionseg.train.data import check_stored_size, plan_data
+from lesionseg.train.evaluate import evaluate_checkpoint
+from lesionseg.train.schedule import lr_factor, plan_schedule
+from lesionseg.train.streams import TrainStream, ValStream, shuffled
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "jobs" / "train.py"
@@ -126,7 +119,7 @@ def test_batch_size_beyond_the_train_split_is_a_clear_error():
 def test_memory_error_while_reading_is_not_blamed_on_the_shard(packed_shards, monkeypatch):
     import webdataset.tariterators as tariterators
 
-    from lesionseg.training import read_shard
+    from lesionseg.train.streams import read_shard
 
     def out_of_memory(*_args, **_kwargs):
         raise MemoryError()
@@ -142,7 +135,7 @@ def test_memory_error_while_reading_is_not_blamed_on_the_shard(packed_shards, mo
 def test_training_loader_workers_die_with_their_parent(packed_shards):
     """Training's DataLoader workers arm the parent-death signal (lesionseg.workers) before
     their signal set-up; the kill test lives in test_inference (same WorkerInit)."""
-    from lesionseg.training import Loader, _WorkerSignals
+    from lesionseg.train.loader import Loader, _WorkerSignals
     from lesionseg.workers import WorkerInit
 
     cfg = tiny_cfg(num_workers=1)
@@ -244,7 +237,7 @@ def test_shard_cut_short_by_a_damaged_header_is_not_silently_shorter(packed_shar
     """tarfile (and WebDataset's reader) end a tar at a damaged header as if it were complete:
     read_shard checks the count against the manifest, so training never drops samples
     silently (a DataError naming the shard; with data.on_error=skip, a warning)."""
-    from lesionseg.training import read_shard
+    from lesionseg.train.streams import read_shard
 
     shards = tmp_path / "shards"
     shutil.copytree(packed_shards, shards)
@@ -428,7 +421,8 @@ def test_corrupt_shard_is_a_clear_one_line_error(packed_shards, tmp_path):
 
 
 def test_non_finite_steps_are_counted_and_too_many_abort():
-    from lesionseg.training import Progress, TrainingError, count_bad_steps
+    from lesionseg.train.resume import Progress
+    from lesionseg.train.step import TrainingError, count_bad_steps
 
     progress = Progress(step=7)
     count_bad_steps(progress, applied=False, max_bad=3)

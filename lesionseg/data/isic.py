@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 
 from lesionseg.data.images import IMAGE_EXTENSIONS, ImageError, load_image, load_mask
-from lesionseg.errors import UserError
+from lesionseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ MASK_RE = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
 TEST_RE = re.compile(r"ISBI2016_ISIC_Part1_Test_", re.IGNORECASE)
 MAX_MEMBER_BYTES = 1 << 30  # a zip member bigger than this (uncompressed) is refused
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
-
-
-class DataError(UserError, ValueError):
-    """A problem with the input data set; the message names the files."""
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class CachedSamples:
 
     @classmethod
     def from_batches(cls, batches: Iterable[dict[str, Any]]) -> CachedSamples:
-        """Unbatch eval-transformed batches (those of `training.ValStream`)."""
+        """Unbatch eval-transformed batches (those of `lesionseg.train.streams.ValStream`)."""
         rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         skipped: list[str] = []
         for batch in batches:
@@ -85,7 +85,7 @@ def _own(image: torch.Tensor) -> torch.Tensor:
 
 class CachedTrainEpoch:
     """One rank's micro-batches `start` … `batches - 1` of an epoch, from `CachedSamples`:
-    an iterable with the `training.Loader` interface (iterate once, `close`)."""
+    an iterable with the `lesionseg.train.loader.Loader` interface (iterate once, `close`)."""
 
     def __init__(self, samples: CachedSamples, params: AugmentParams, seed: int, epoch: int,
                  rank: int, world: int, batch_size: int, batches: int, start: int = 0,

@@ -1,0 +1,74 @@
+"""What a run is built from: the Accelerator, the model, the optimizer and torch's switches;
+and the encoder frozen or unfrozen in a prepared model."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin
+
+from lesionseg import tracking
+from lesionseg.config import Config
+from lesionseg.model import MobileNetEncoderDecoder
+
+
+def configure_torch(cfg: Config) -> None:
+    """Thread count and determinism switches (both matter for bit-exact resume)."""
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator: mixed precision, accumulation (not tied to a prepared loader), trackers."""
+    accum = GradientAccumulationPlugin(num_steps=cfg.optim.grad_accum_steps,
+                                       sync_with_dataloader=False)
+    extra: dict[str, Any] = {}
+    if cfg.model.compile:
+        extra["dynamo_backend"] = "inductor"
+    return Accelerator(mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_plugin=accum,
+                       **tracking.accelerator_kwargs(cfg), **extra)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The encoder-decoder of the config (frozen encoder if asked), channels_last if asked."""
+    model = MobileNetEncoderDecoder(encoder_weights=cfg.model.encoder_weights,
+                                    freeze_encoder=cfg.model.freeze_encoder,
+                                    decoder_channels=tuple(cfg.model.decoder_channels))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with two groups: decoder at optim.lr, encoder at optim.lr × encoder_lr_mult.
+    Frozen encoder parameters stay in their group; without gradients AdamW leaves them alone."""
+    o = cfg.optim
+    groups = [{"params": list(model.decoder_parameters()), "lr": o.lr, "name": "decoder"},
+              {"params": list(model.encoder_parameters()), "lr": o.lr * o.encoder_lr_mult,
+               "name": "encoder"}]
+    return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def set_encoder_frozen(accelerator: Any, model: Any, optimizer: Any,
+                       frozen: bool) -> tuple[Any, Any]:
+    """Freeze/unfreeze the encoder of a prepared model. DDP registers only the parameters that
+    need gradients when it is built, so the model and optimizer are prepared again."""
+    net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if net.encoder_frozen == frozen:
+        return model, optimizer
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+    net.set_encoder_frozen(frozen)
+    accelerator.free_memory()
+    model, optimizer = accelerator.prepare(net, raw_optimizer)
+    model.train()
+    return model, optimizer
