@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "batch inference: masks, per-image Dice/IoU, summary and report for folders/archives"),
     "export": ("lesionseg.export", "add_arguments", "command",
                "export a checkpoint to ONNX or TorchScript (preprocessing inside), parity-checked"),
-    "bench": ("lesionseg.bench", "add_arguments", "command",
+    "bench": ("lesionseg.commands.bench", "add_arguments", "command",
               "benchmarks: data pipeline, training step and inference, side by side"),
 }
 

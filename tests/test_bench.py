@@ -9,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lesionseg.bench import (
-    ACCURACY_KEYS,
-    CASES,
-    RATIOS,
-    BenchPlan,
-    format_table,
-    peer_available,
-    run_bench,
-)
+from lesionseg.bench.harness import run_bench
+from lesionseg.bench.plan import CASES, BenchPlan
+from lesionseg.bench.table import ACCURACY_KEYS, RATIOS, format_table
 from lesionseg.cli import main
+from lesionseg.peers import peer_available
 
 TINY = BenchPlan(images=3, min_side=64, max_side=160, image_size=64, batch_size=2, warmup=0,
                  repeats=1, data_batches=1, loop_steps=1, train_workers=1, infer_workers=1,
@@ -95,7 +90,7 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_ideal_inference_time_spreads_the_cpu_stages_over_the_cores() -> None:
     """The issue's own figures: a 0.56 s forward plus 16 images × (29.0 + 12.7) ms on 2 cores
     is 0.89 s; on one core the stages add in full."""
-    from lesionseg.bench import ideal_infer_seconds
+    from lesionseg.bench.case_infer import ideal_infer_seconds
 
     stages = {"decode_item_ms": 29.0, "finish_item_ms": 12.7}
     assert ideal_infer_seconds(0.56, stages, 16, 2) == pytest.approx(0.8936)
@@ -105,7 +100,7 @@ def test_ideal_inference_time_spreads_the_cpu_stages_over_the_cores() -> None:
 def test_seed_mean_averages_scores_and_keeps_every_seed() -> None:
     """A trainer's row over two seeds: mean scores and seconds, each seed's run kept, the
     spread; equal-time epochs that differ by seed are averaged; one seed is passed through."""
-    from lesionseg.accuracy import seed_mean
+    from lesionseg.bench.case_accuracy import seed_mean
 
     a = {"trainer": "plain", "epochs": 10, "train_seconds": 100.0, "dice": 0.80,
          "jaccard": 0.70, "threshold_jaccard": 0.6, "seed": 0}
@@ -127,7 +122,7 @@ def test_help_texts_quote_the_plans_and_the_readme() -> None:
     train --help the demo's time the README measured (once "a few minutes" vs "38 s")."""
     import re
 
-    from lesionseg.bench import plan_for
+    from lesionseg.bench.plan import plan_for
     from lesionseg.cli import build_parser
 
     text = " ".join(build_parser("bench")[0].format_help().split())

@@ -39,14 +39,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lesionseg.bench.measure import rounded
+from lesionseg.bench.plan import BenchPlan
+from lesionseg.config import load_config
+from lesionseg.data.shards import MANIFEST, pack
 from lesionseg.data.synthetic import OFFICIAL_NAMES, write_isic_dataset
 from lesionseg.errors import UserError
+from lesionseg.losses import SegmentationLoss
+from lesionseg.metrics import binary_counts, summarize
 from lesionseg.model import MobileNetEncoderDecoder
-from lesionseg.peers import build_peer
+from lesionseg.peers import build_peer, peer_available
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PLAIN_MAX_LR = 3e-3  # OneCycle peak of the plain script
 PLAIN_BATCH = 8
 
@@ -104,8 +110,6 @@ def load_resized(items: list[tuple[Path, Path]], size: int) -> tuple[torch.Tenso
 def plain_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
                 seed: int) -> torch.nn.Module:
     """The plain script's loop: random flips, AdamW + OneCycle to 3e-3, BCE + Dice + IoU."""
-    from lesionseg.losses import SegmentationLoss
-
     g = torch.Generator().manual_seed(seed)
     loss_fn = SegmentationLoss()
     steps = math.ceil(len(x) / PLAIN_BATCH)
@@ -167,9 +171,6 @@ def run_plain(name: str, build: Callable[[], torch.nn.Module], source: Path, siz
 
 def packed_source(source: Path, shards: Path) -> Path:
     """The source packed with every default of `jobs/pack.py` (once; reused after)."""
-    from lesionseg.config import load_config
-    from lesionseg.data.shards import MANIFEST, pack
-
     if not (shards / MANIFEST).is_file():
         pack([source], shards, load_config().pack, progress=False)
     return shards
@@ -226,7 +227,7 @@ def official_scores(source: Path, masks: Path) -> dict[str, Any]:
     """Macro Dice and Jaccard of a masks folder against the test truth, by the official ISIC
     scorer when it is installed (the [dev] extra), else by lesionseg.metrics (same formulas)."""
     truth = source / OFFICIAL_NAMES[("test", "mask")]
-    try:
+    try:  # optional: the [dev] extra
         from isic_challenge_scoring import SegmentationScore
     except ImportError:
         return _our_scores(truth, masks) | {"scorer": "lesionseg.metrics"}
@@ -236,8 +237,6 @@ def official_scores(source: Path, masks: Path) -> dict[str, Any]:
 
 
 def _our_scores(truth: Path, masks: Path) -> dict[str, Any]:
-    from lesionseg.metrics import binary_counts, summarize
-
     counts = []
     for t in sorted(truth.glob("*_Segmentation.png")):
         gt = np.asarray(Image.open(t).convert("L")) > 128
@@ -260,7 +259,7 @@ def equal_time_epochs(budget_s: float, result: dict[str, Any]) -> int:
     return max(1, int((budget_s - result["load_seconds"]) // max(1e-9, result["epoch_seconds"])))
 
 
-def bench_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str, Any]:
+def run_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str, Any]:
     """The whole case: hard set → for each training seed, ours, plain (and smp) at equal
     epochs → the peers again at our wall time. Returns every trainer's scores, seconds and
     epochs: the mean over the seeds, each seed's run under `per_seed`."""
@@ -286,8 +285,8 @@ def bench_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[s
             "per_seed": rounds,
             "note": "test split, official ISIC scorer macro means; ours = pack/train/infer jobs "
                     "with defaults (image size, epochs, random encoder set); plain and smp = "
-                    "the plain script (lesionseg.accuracy.plain_train) on every training case; "
-                    "each trainer's scores are the mean over the training seeds"}
+                    "the plain script (lesionseg.bench.case_accuracy.plain_train) on every "
+                    "training case; each trainer's scores are the mean over the training seeds"}
 
 
 def _seed_dir(workdir: Path, plan: AccuracyPlan, seed: int) -> Path:
@@ -341,3 +340,28 @@ def seed_mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
     dice = [r["dice"] for r in runs]
     row["dice_spread"] = _r(max(dice) - min(dice))
     return row
+
+
+
+def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
+    """Test Dice on hard synthetic data: ours (the jobs, defaults) vs the plain script with our
+    model and with smp's U-Net, at equal epochs and equal wall time (`run_accuracy`)."""
+    aplan = AccuracyPlan(
+        image_size=plan.accuracy_size, epochs=plan.accuracy_epochs,
+        train_cases=plan.accuracy_train, test_cases=plan.accuracy_test,
+        min_side=plan.accuracy_sides[0], max_side=plan.accuracy_sides[1],
+        train_seeds=tuple(range(plan.accuracy_seeds)))
+    result = run_accuracy(aplan, workdir / "accuracy", with_peer=plan.peer and peer_available())
+    epochs, times = result["equal_epochs"], result["equal_time"]
+    ours = epochs["ours"]["dice"]
+    result["top_level"] = {f"accuracy_dice_{k}": epochs[k]["dice"] if k in epochs else None
+                           for k in ("ours", "plain", "smp")}
+    result["ratios"] = {
+        "accuracy_margin_vs_plain": rounded(ours - epochs["plain"]["dice"]),
+        "accuracy_margin_vs_smp": (rounded(ours - epochs["smp"]["dice"]) if "smp" in epochs
+                                   else None),
+        "accuracy_time_margin_vs_plain": rounded(ours - times["plain"]["dice"]),
+        "accuracy_time_margin_vs_smp": (rounded(ours - times["smp"]["dice"]) if "smp" in times
+                                        else None),
+    }
+    return result

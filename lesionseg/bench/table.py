@@ -1,0 +1,159 @@
+"""The report: every ratio with its target (`RATIOS`), whether it is met, and the printed
+table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Ratio name -> (case, comparison, target, explanation). Scripts read the names at top level.
+RATIOS: dict[str, tuple[str, str, float, str]] = {
+    "data_speedup_vs_folder": ("data", ">=", 10.0,
+                               "shard pipeline images/s ÷ folder loader images/s (one worker)"),
+    "train_speedup_vs_smp": ("train", ">=", 2.5,
+                             "smp U-Net step time ÷ our step time (fp32, trainable, best layout)"),
+    "train_loop_over_pure_step": ("train", "<=", 1.15,
+                                  "real loop step time ÷ pure step time (same model and batch)"),
+    "infer_speedup_vs_naive": ("infer", ">=", 3.0, "batch job images/s ÷ naive loop images/s"),
+    "infer_over_pure_forward": ("infer", "<=", 1.3,
+                                "batch job time ÷ pure batched forward time (same images)"),
+    "infer_efficiency": ("infer", ">=", 0.85,
+                         "ideal time (pure forward + the job's per-image CPU stages spread over "
+                         "the cores) ÷ the job's loop time"),
+    "infer_wall_over_loop": ("infer", "<=", 1.1,
+                             "the job's wall time (start to report written) ÷ its loop time"),
+    "accuracy_margin_vs_plain": ("accuracy", ">=", 0.01,
+                                 "our test Dice − the plain script's, hard data, equal epochs"),
+    "accuracy_margin_vs_smp": ("accuracy", ">=", 0.02,
+                               "our test Dice − smp U-Net's (plain script), equal epochs"),
+    "accuracy_time_margin_vs_plain": ("accuracy", ">", 0.0,
+                                      "our test Dice − the plain script's, equal wall time"),
+    "accuracy_time_margin_vs_smp": ("accuracy", ">", 0.0,
+                                    "our test Dice − smp U-Net's, equal wall time"),
+}
+# Top-level test Dice of each trainer in the accuracy case (equal epochs), no target alone.
+ACCURACY_KEYS = ("accuracy_dice_ours", "accuracy_dice_smp", "accuracy_dice_plain")
+
+
+def target_table(doc: dict[str, Any]) -> dict[str, Any]:
+    """Each ratio with its target and whether it is met (None when not measured)."""
+    table = {}
+    for name, (_, op, target, what) in RATIOS.items():
+        value = doc.get(name)
+        met = None if value is None else {">=": value >= target, ">": value > target,
+                                          "<=": value <= target}[op]
+        table[name] = {"value": value, "target": f"{op} {target:g}", "met": met, "what": what}
+    race = doc.get("cases", {}).get("train", {}).get("race", {})
+    if "ours" in race:
+        ours, peer = race["ours"]["val_dice"], race.get("smp", {}).get("val_dice")
+        table["train_race_val_dice"] = {
+            "value": {"ours": ours, "smp": peer}, "target": "ours >= smp",
+            "met": None if peer is None else ours >= peer,
+            "what": f"val Dice after {race['budget_s']:g} s of training each at "
+                    f"{race['image_size']}²"}
+    return table
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3g}{unit}" if abs(value) < 100 else f"{value:.0f}{unit}"
+    return f"{value}{unit}"
+
+
+def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(case, measurement, median, spread/notes) rows of the printed table."""
+    rows: list[tuple[str, str, str, str]] = []
+    cases = doc.get("cases", {})
+    if "data" in cases:
+        d = cases["data"]
+        for key, label in (("shards_images_per_s", "shard pipeline"),
+                           ("folder_images_per_s", "folder loader (full decode)")):
+            s = d[key]
+            rows.append(("data", f"{label}, img/s/worker", _fmt(s["median"]),
+                         f"{_fmt(s['min'])}-{_fmt(s['max'])}"))
+        for key, s in d.items():
+            if key.startswith("shards_max_side_"):
+                side = key.split("_")[3]
+                rows.append(("data", f"shard pipeline, stored at {side} px, img/s/worker",
+                             _fmt(s["median"]), f"{_fmt(s['min'])}-{_fmt(s['max'])}"))
+        st = d["stages_ms_per_image"]
+        rows.append(("data", "ms/img decode + transform: shards", _fmt(st["shard_decode_ms"]),
+                     f"+ {_fmt(st['shard_transform_ms'])}"))
+        rows.append(("data", "ms/img decode + transform: folder", _fmt(st["folder_decode_ms"]),
+                     f"+ {_fmt(st['folder_transform_ms'])}"))
+        rows.append(("data", "packing, cases/s", _fmt(d["pack_cases_per_s"]),
+                     f"{d['pack_workers']} workers"))
+    if "train" in cases:
+        t = cases["train"]
+        for name, s in t["step_s"].items():
+            rows.append(("train", f"step {name}, s", _fmt(s["median"]),
+                         f"{_fmt(s['min'])}-{_fmt(s['max'])}"))
+        lp = t["loop"]
+        rows.append(("train", "pure step (train_step, pre-made), s",
+                     _fmt(lp["pure_step_s"]["mean"]), f"median {_fmt(lp['pure_step_s']['median'])}"))
+        rows.append(("train", f"real loop ({lp['num_workers']} workers), s",
+                     _fmt(lp["loop_step_s"]["mean"]), f"median {_fmt(lp['loop_step_s']['median'])}"))
+        race = t["race"]
+        for name in ("ours", "smp"):
+            if name in race:
+                r = race[name]
+                rows.append(("train", f"race {name}: val Dice after {race['budget_s']:g} s "
+                             f"at {race['image_size']}²", _fmt(r["val_dice"]),
+                             f"{r['steps']} steps"))
+        for name, c in t["model"].items():
+            gm = next(v for k, v in c.items() if k.startswith("gmacs_"))
+            rows.append(("train", f"{name}: params (trainable), GMACs", f"{c['params'] / 1e6:.2f} M",
+                         f"({c['trainable_params'] / 1e6:.2f} M), {_fmt(gm)} GMAC"))
+    if "infer" in cases:
+        i = cases["infer"]
+        rows.append(("infer", "batch job, img/s", _fmt(i["job_images_per_s"]),
+                     f"wall incl. start-up {_fmt(i['job_wall_images_per_s'])}"))
+        rows.append(("infer", "naive loop, img/s", _fmt(i["naive_images_per_s"]), ""))
+        rows.append(("infer", f"pure forward batch {i['batch_size']}, img/s",
+                     _fmt(i["forward_images_per_s"]), ""))
+        if i.get("forward_onnxruntime_images_per_s"):
+            rows.append(("infer", f"pure forward batch {i['batch_size']}, onnxruntime, img/s",
+                         _fmt(i["forward_onnxruntime_images_per_s"]), "same batches, uint8 in"))
+        st = i["stages_ms_per_image"]
+        rows.append(("infer", "ms/img on 1 core: decode_item + finish_item",
+                     _fmt(st["decode_item_ms"]), f"+ {_fmt(st['finish_item_ms'])}"))
+    if "accuracy" in cases:
+        a = cases["accuracy"]
+        for label, group in (("equal epochs", "equal_epochs"), ("equal time", "equal_time")):
+            for name, r in a[group].items():
+                if group == "equal_time" and name == "ours":
+                    continue
+                seeds = r.get("per_seed")
+                per_seed = (", seeds " + " / ".join(_fmt(x["dice"]) for x in seeds)
+                            if seeds else "")
+                rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
+                             f"{a['image_size']}²", f"{_fmt(r['dice'])} / {_fmt(r['jaccard'])}",
+                             f"{r['epochs']} epochs, {_fmt(r['train_seconds'])} s{per_seed}"))
+    for case, c in cases.items():
+        m = c.get("memory", {})
+        rows.append((case, "peak RSS (process / largest child), MB", _fmt(m.get("peak_rss_mb")),
+                     _fmt(m.get("children_peak_rss_mb"))))
+    return rows
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The printed table: machine line, figures, then the ratios against their targets."""
+    m = doc["machine"]
+    lines = [f"lesionseg bench{' (quick)' if doc.get('quick') else ''}: {m['cpu']}, "
+             f"{m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['device']}, "
+             f"load {m.get('load_average_start')} -> {m.get('load_average_end')}", ""]
+    rows = [("case", "measurement", "median", "spread / notes"), *table_rows(doc)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines += ["", "ratios:"]
+    for name, t in doc["targets"].items():
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+        value = t["value"]
+        shown = (", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+                 if isinstance(value, dict) else _fmt(value))
+        lines.append(f"  {name:28s} {shown:>24s}  target {t['target']:11s} {verdict}")
+    return "\n".join(lines)
