@@ -8,9 +8,6 @@ live under `<output_dir>/states/`; these files are what inference and users cons
 from __future__ import annotations
 
 import io
-import pickle
-import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,8 @@ from lesionseg import __version__
 from lesionseg.config import Config, from_dict, to_dict
 from lesionseg.errors import UserError, first_line
 from lesionseg.files import atomic_write_bytes
+from lesionseg.model import MobileNetEncoderDecoder
+from lesionseg.weights import torch_load
 
 # /2: the decoder with separable high-resolution stages and a transposed-conv logit head
 # (lesionseg 0.2); /1 files hold the earlier decoder, whose weights do not fit.
@@ -46,33 +45,6 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], cfg: Con
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str) -> Any:
-    """`torch.load(path, weights_only=True)` onto the CPU; a missing file raises
-    error("<path>: <missing> file not found"), a folder says so, and an unreadable file raises
-    error("<path>: <unreadable> (<reason>)") — never torch's advice to load it unsafely."""
-    if path.is_dir():
-        hint = next((f"; did you mean {path / n}?" for n in ("best.pt", "last.pt")
-                     if (path / n).is_file()), "")
-        raise error(f"{path}: is a folder, not a {missing} file{hint}")
-    if not path.is_file():
-        raise error(f"{path}: {missing} file not found")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors come in many types
-        raise error(f"{path}: {unreadable} ({_load_failure(e)})") from None
-
-
-def _load_failure(e: BaseException) -> str:
-    """Why torch.load failed, in our words. torch's weights-only message advises re-running
-    with weights_only=False, which would run whatever code the file holds: never pass that on."""
-    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
-        return ("not a weights-only PyTorch file: another program's file, a pickled object "
-                "or a damaged download")
-    return re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))
-
-
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
     """Read a checkpoint written by `save_weights`: (state_dict, config, meta)."""
     path = Path(path)
@@ -91,8 +63,6 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
 
 def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """The model a checkpoint describes, with its weights loaded (on the CPU, in eval mode)."""
-    from lesionseg.model import MobileNetEncoderDecoder
-
     state_dict, cfg, meta = load_weights(path)
     model = MobileNetEncoderDecoder(encoder_weights=None, freeze_encoder=False,
                                     decoder_channels=tuple(cfg.model.decoder_channels))

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lesionseg.errors import UserError
+from lesionseg.files import atomic_write_text
 
 
 class ConfigError(UserError, ValueError):
@@ -346,6 +347,4 @@ def to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
-    from lesionseg.files import atomic_write_text
-
     return atomic_write_text(path, to_yaml(cfg))

@@ -42,7 +42,10 @@ from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
 from lesionseg.inference import ERROR_COLUMNS, with_scores, write_csv
 from lesionseg.metrics import METRIC_NAMES, binary_counts, summarize
+from lesionseg.modelcard import write_run_card
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
+from lesionseg.report import write_report
+from lesionseg.tracking import log_cross_validation
 from lesionseg.tuning import store_choice, val_probabilities
 
 log = logging.getLogger(__name__)
@@ -272,8 +275,6 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
              summary["spread"]["jaccard"]["mean"], summary["spread"]["jaccard"]["std"],
              chosen.threshold, chosen.name, root / CV_DIR)
     if log_wandb and cfg.tracking.backend == "wandb":
-        from lesionseg.tracking import log_cross_validation
-
         log_cross_validation(root, summary, cfg)
     return summary
 
@@ -281,8 +282,6 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
 def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
                    checkpoints: list[Path], cfg: Config, stored: bool) -> dict[str, Any]:
     """cv/metrics.csv, cv/masks/, cv/summary.json and cv/report.html."""
-    from lesionseg.report import write_report
-
     out = root / CV_DIR
     rows, counts = _rows(oofs, chosen)
     _, default_counts = _rows(oofs, Postprocess()) if chosen != Postprocess() else (rows, counts)
@@ -329,8 +328,6 @@ def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
 def _store_summary(checkpoints: list[Path], summary: dict[str, Any]) -> None:
     """Each fold's best.pt gets the out-of-fold scores (`meta["oof"]`: pooled, and its own
     fold's) and a fresh MODEL_CARD.md that shows them with the pooled choice."""
-    from lesionseg.modelcard import write_run_card
-
     names = ("dice", "jaccard", "threshold_jaccard")
     for ckpt, fold in zip(checkpoints, summary["per_fold"], strict=True):
         state_dict, cfg, meta = load_weights(ckpt)

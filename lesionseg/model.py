@@ -6,9 +6,8 @@ concatenation, conv-BN-ReLU; a last transposed conv to the logits) and
 `MobileNetEncoderDecoder`, which normalizes RGB in [0, 1] with ImageNet statistics held in a
 buffer, pads to a multiple of 32 and crops the logits back.
 
-Encoder weights come from `None` (random), `"imagenet"` (torchvision's cache only, never a
-download unless LESIONSEG_ALLOW_DOWNLOAD=1) or a local state-dict file; anything that cannot be
-loaded is a `WeightsError`, never a silent random initialization.
+The architecture only: pretrained encoder weights (`None`: random, `"imagenet"`, or a local
+state-dict file) are read by lesionseg.weights, checkpoints by lesionseg.checkpoint.
 """
 
 from __future__ import annotations
@@ -17,15 +16,14 @@ import copy
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+from torchvision.models import mobilenet_v2
 
-from lesionseg.errors import UserError, first_line
+from lesionseg.weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +42,6 @@ ENCODER_CHANNELS = (16, 24, 32, 96, 1280)  # strides 2, 4, 8, 16, 32
 
 DEFAULT_DECODER_CHANNELS = (96, 64, 48, 32)  # strides 16, 8, 4, 2
 SEPARABLE_FROM_STAGE = 2  # decoder stages 2 and 3 (strides 4 and 2) fuse with separable convs
-
-ALLOW_DOWNLOAD_ENV = "LESIONSEG_ALLOW_DOWNLOAD"
-
-
-class WeightsError(UserError):
-    """Encoder weights that cannot be had: not cached, missing, unreadable or not fitting."""
 
 
 class MobileNetEncoder(nn.Module):
@@ -77,7 +69,7 @@ class DecoderStage(nn.Module):
 
     The fusion is a full 3×3 conv, or (`separable`, for the high-resolution stages) a
     depthwise 3×3 conv followed by a 1×1 conv, as in DeepLabV3+'s decoder: at strides 4 and 2
-    a full 3×3 conv cost 0.8 of the model's 2.2 GMAC at 384², the separable one a tenth of it.
+    a full 3×3 conv would dominate the model's multiply-accumulates.
     """
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int,
@@ -106,8 +98,8 @@ class CustomDecoder(nn.Module):
 
     `decoder_channels` are the widths at strides 16, 8, 4 and 2; the stages at strides 4 and 2
     fuse with separable convs. No feature map is ever made at full resolution: a learned 2×2
-    sub-pixel upsampling of the stride-2 features gives the logits (a full-resolution feature
-    stage cost a third of a training step on the CPU, mostly memory traffic).
+    sub-pixel upsampling of the stride-2 features gives the logits (full-resolution feature
+    maps are mostly memory traffic on a CPU).
     """
 
     def __init__(self, encoder_channels: Sequence[int] = ENCODER_CHANNELS,
@@ -195,9 +187,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every BatchNorm folded into the convolution before it
     (the encoder's conv-BN pairs and each decoder stage's fusion conv + BN).
 
-    The outputs are the same up to float rounding (max |Δlogit| ~ 1e-6 on random BN
-    statistics); on this CPU an eval BatchNorm costs as much as a conv, and the fused forward is
-    ~40% faster at 384², batch 8. For inference only: the copy cannot be trained (no BN).
+    The outputs are the same up to float rounding; an eval BatchNorm costs about as much as a
+    conv on a CPU, so the fused forward is faster. For inference only: the copy cannot be
+    trained (no BN).
     """
     fused = copy.deepcopy(model).eval()
     for module in fused.modules():
@@ -239,89 +231,3 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def imagenet_cache_path() -> Path:
-    """Where torchvision keeps the IMAGENET1K_V2 MobileNetV2 weights (honours TORCH_HOME)."""
-    url = MobileNet_V2_Weights.IMAGENET1K_V2.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
-def load_encoder_weights(encoder: MobileNetEncoder, source: str | os.PathLike) -> None:
-    """Load `"imagenet"` or a state-dict file into the encoder; any failure is a WeightsError."""
-    if str(source) == "imagenet":
-        state, origin = _imagenet_state_dict(), "imagenet"
-    else:
-        path = Path(source).expanduser()
-        state, origin = _read_state_dict(path), str(path)
-    _load_into(encoder, state, origin)
-    log.info("encoder weights loaded from %s", origin)
-
-
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """The cached torchvision ImageNet weights; a download only if LESIONSEG_ALLOW_DOWNLOAD=1."""
-    weights = MobileNet_V2_Weights.IMAGENET1K_V2
-    path = imagenet_cache_path()
-    if path.is_file():
-        return _read_state_dict(path)
-    if os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
-        log.info("downloading %s to %s (%s=1)", weights.url, path, ALLOW_DOWNLOAD_ENV)
-        try:
-            return weights.get_state_dict(progress=True, check_hash=True)
-        except Exception as e:  # URL, HTTP, hash and file errors come in many types
-            raise WeightsError(f"model.encoder_weights=imagenet: download of {weights.url} "
-                               f"failed ({first_line(e)})") from None
-    raise WeightsError(
-        f"model.encoder_weights=imagenet: ImageNet weights are not cached at {path}; on a "
-        f"machine with internet fetch {weights.url} and put the file at that path (set "
-        f"TORCH_HOME to change the cache folder), or pass a local state-dict file as "
-        f"model.encoder_weights=/path/to/mobilenet_v2.pth, or model.encoder_weights=null for a "
-        f"random encoder (or set {ALLOW_DOWNLOAD_ENV}=1 to allow the download)")
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load a state dict (weights only), unwrapping a {"state_dict": …} container."""
-    from lesionseg.checkpoint import torch_load
-
-    obj = torch_load(path, WeightsError, "encoder weights", "not a readable state-dict file")
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: not a state dict (expected a mapping of names to tensors)")
-    return obj
-
-
-def _encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a full torchvision, encoder-only or lesionseg state dict onto `features.*` keys.
-
-    DDP's `module.` and our own `encoder.` prefixes are stripped; `classifier.*` (torchvision)
-    and decoder keys (a whole lesionseg model) are ignored; bare `0.0.weight` keys (a
-    `features` module's own state dict) get the `features.` prefix.
-    """
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("encoder.features.") for k in state):
-        return {k.removeprefix("encoder."): v for k, v in state.items()
-                if k.startswith("encoder.features.")}
-    if any(k.startswith("features.") for k in state):
-        return {k: v for k, v in state.items() if k.startswith("features.")}
-    return {f"features.{k}": v for k, v in state.items()}
-
-
-def _load_into(encoder: MobileNetEncoder, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Strictly load the mapped state dict, naming missing, unexpected and misshapen keys."""
-    mapped = _encoder_keys(state)
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in mapped]
-    unexpected = [k for k in mapped if k not in expected]
-    misshapen = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}"
-                 for k, v in expected.items() if k in mapped and mapped[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if misshapen:
-        problems.append(f"{len(misshapen)} shape mismatches (e.g. {', '.join(misshapen[:2])})")
-    if problems:
-        raise WeightsError(f"{origin}: not MobileNetV2 encoder weights: {'; '.join(problems)}")
-    encoder.load_state_dict(mapped, strict=True)

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg import __version__
-from lesionseg.checkpoint import build_model_from_checkpoint, torch_load
+from lesionseg.checkpoint import build_model_from_checkpoint
 from lesionseg.config import Config
 from lesionseg.data.shards import read_manifest
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text, sha256_file
 from lesionseg.postprocess import Postprocess
 from lesionseg.runtime import ExportedFileError, export_format, read_metadata
+from lesionseg.weights import torch_load
 
 log = logging.getLogger(__name__)
 

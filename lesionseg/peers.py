@@ -6,25 +6,25 @@ with smp's model). segmentation-models-pytorch is the optional [bench] extra.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from typing import Any
+
+import torch
+from torch import nn
+
+from lesionseg.model import IMAGENET_MEAN, IMAGENET_STD
 
 
 def peer_available() -> bool:
     """Whether segmentation-models-pytorch can be imported."""
-    import importlib.util
-
     return importlib.util.find_spec("segmentation_models_pytorch") is not None
 
 
 def build_peer() -> Any:
     """smp.Unet("mobilenet_v2", encoder_weights=None) behind the same ImageNet normalization
     as ours, with the encoder/decoder parameter split our optimizer builder expects."""
-    import segmentation_models_pytorch as smp
-    import torch
-    from torch import nn
-
-    from lesionseg.model import IMAGENET_MEAN, IMAGENET_STD
+    import segmentation_models_pytorch as smp  # optional: the [bench] extra
 
     class PeerUnet(nn.Module):
         """[0, 1] RGB → normalize → smp U-Net → logits (like MobileNetEncoderDecoder)."""

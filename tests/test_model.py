@@ -14,14 +14,12 @@ from lesionseg.checkpoint import build_model_from_checkpoint, save_weights
 from lesionseg.config import Config
 from lesionseg.errors import UserError
 from lesionseg.model import (
-    ALLOW_DOWNLOAD_ENV,
     CustomDecoder,
     MobileNetEncoder,
     MobileNetEncoderDecoder,
-    WeightsError,
     fuse_for_inference,
-    imagenet_cache_path,
 )
+from lesionseg.weights import ALLOW_DOWNLOAD_ENV, WeightsError, imagenet_cache_path
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from lesionseg.data.cv import cv2
 from lesionseg.errors import UserError
+from lesionseg.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,6 @@ def write_mask(path: str | Path, mask: Image.Image | np.ndarray, compress_level:
 
     `mask`: a mode-L 0/255 image, or an array as `mask_from_array` takes it; a uint8 array that
     is already 0/255 is encoded as it is (no copy)."""
-    from lesionseg.files import atomic_write_bytes
-
     if isinstance(mask, Image.Image):
         if mask.mode != "L":
             raise ValueError(f"mask image must be mode L, got {mask.mode}")
