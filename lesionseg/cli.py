@@ -18,9 +18,9 @@ from lesionseg.errors import EXIT_USAGE, UserError, environment_message, is_envi
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "synth": ("lesionseg.data.synthetic", "add_arguments", "command",
               "write synthetic dermoscopy-like cases in the ISIC 2016 layout (folders or zips)"),
-    "pack": ("lesionseg.data.shards", "add_pack_arguments", "pack_command",
+    "pack": ("lesionseg.commands.pack", "add_pack_arguments", "pack_command",
              "pack ISIC 2016 folders or official zips into WebDataset shards + manifest.json"),
-    "verify": ("lesionseg.data.shards", "add_verify_arguments", "verify_command",
+    "verify": ("lesionseg.commands.pack", "add_verify_arguments", "verify_command",
                "check a packed shard folder's counts and sha256 against its manifest"),
     "train": ("lesionseg.commands.train", "add_arguments", "command",
               "train the MobileNetV2 encoder-decoder (use `accelerate launch` for several processes)"),

@@ -16,6 +16,7 @@ the limits is never written (`export_model`); `verify_file` checks an existing o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ from lesionseg.config import Config, to_dict
 from lesionseg.data.synthetic import render_case
 from lesionseg.data.transforms import to_float_images
 from lesionseg.errors import EXIT_FAILED, EXIT_OK, UserError
-from lesionseg.files import atomic_write_bytes, check_output_dir, sha256_bytes, sha256_file
+from lesionseg.files import atomic_write_bytes, check_output_dir, sha256_file
 from lesionseg.model import OUTPUT_STRIDE, fuse_for_inference
 from lesionseg.modelcard import write_model_card
 from lesionseg.postprocess import Postprocess
@@ -315,7 +316,7 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str = "onnx",
     atomic_write_bytes(out, data)
     seconds = time.perf_counter() - start
     log.info("exported %s (%s, %s, %.1f MB, sha256 %s) in %.1f s", out, fmt, precision,
-             len(data) / 1e6, sha256_bytes(data)[:12], seconds)
+             len(data) / 1e6, hashlib.sha256(data).hexdigest()[:12], seconds)
     if write_card:
         write_model_card(checkpoint, out.parent / "MODEL_CARD.md")
     return ExportResult(out, metadata, parity, seconds, len(data))

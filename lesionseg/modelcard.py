@@ -17,7 +17,7 @@ from typing import Any
 from lesionseg import __version__
 from lesionseg.checkpoint import build_model_from_checkpoint
 from lesionseg.config import Config
-from lesionseg.data.shards import read_manifest
+from lesionseg.data.shard_format import read_manifest
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text, sha256_file
 from lesionseg.postprocess import Postprocess

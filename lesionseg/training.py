@@ -4,6 +4,7 @@ lesionseg/commands/train.py). New code imports from their modules."""
 
 from lesionseg.commands.launch import maybe_relaunch_cpu_ranks, requested_cpu_processes
 from lesionseg.commands.train import EPILOG, add_arguments, command
+from lesionseg.data.shard_format import read_shard
 from lesionseg.errors import DataError
 from lesionseg.train.batches import EpochBatches, fetch_batches
 from lesionseg.train.build import (
@@ -36,14 +37,7 @@ from lesionseg.train.resume import (
 from lesionseg.train.schedule import Schedule, lr_factor, plan_schedule
 from lesionseg.train.signals import StopFlag, agree
 from lesionseg.train.step import StepResult, StepStats, TrainingError, count_bad_steps, train_step
-from lesionseg.train.streams import (
-    TrainStream,
-    ValStream,
-    lane_samples,
-    lane_shards,
-    read_shard,
-    shuffled,
-)
+from lesionseg.train.streams import TrainStream, ValStream, lane_samples, lane_shards, shuffled
 
 __all__ = [
     "DEMO_DEFAULTS", "EPILOG", "METRICS_FILE", "DataError", "DataPlan", "EpochBatches", "Loader",

@@ -20,7 +20,7 @@ import torch
 from lesionseg.checkpoint import load_weights, save_weights
 from lesionseg.config import InferConfig
 from lesionseg.data.cv import cv2
-from lesionseg.data.shards import decode_sample, iter_raw
+from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.inference import load_predictor
 from lesionseg.postprocess import Postprocess, choose

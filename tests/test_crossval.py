@@ -20,7 +20,7 @@ from lesionseg.checkpoint import load_weights
 from lesionseg.cli import main
 from lesionseg.config import load_config
 from lesionseg.data.folds import assign_folds
-from lesionseg.data.shards import shard_keys, split_urls
+from lesionseg.data.shard_format import shard_keys, split_urls
 from lesionseg.errors import EXIT_USAGE
 from lesionseg.files import sha256_file
 from lesionseg.metrics import summarize

@@ -13,7 +13,7 @@ import torch
 
 from lesionseg.checkpoint import save_weights
 from lesionseg.config import load_config
-from lesionseg.data.shards import read_manifest
+from lesionseg.data.shard_format import read_manifest
 from lesionseg.files import sha256_file
 from lesionseg.model import MobileNetEncoderDecoder
 from lesionseg.modelcard import render_model_card, write_run_card

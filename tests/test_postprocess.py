@@ -181,7 +181,7 @@ def test_tuning_stores_the_validation_choice_in_the_checkpoint(
     """tune_checkpoint scores the val shards as inference would and writes choose()'s answer
     (and its table) into best.pt; the weights are unchanged."""
     from lesionseg.checkpoint import load_weights
-    from lesionseg.data.shards import split_urls
+    from lesionseg.data.shard_format import split_urls
     from lesionseg.tuning import tune_checkpoint, val_probabilities
 
     ckpt = tmp_path / "best.pt"

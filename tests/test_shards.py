@@ -16,19 +16,16 @@ from PIL import Image
 from lesionseg.config import PackConfig
 from lesionseg.data.images import encode_png
 from lesionseg.data.isic import DataError, find_cases, read_case
-from lesionseg.data.shards import (
+from lesionseg.data.shard_format import (
     MANIFEST,
     SPLITS,
     decode_sample,
-    is_val,
     iter_raw,
     iter_samples,
-    pack,
     read_manifest,
     split_urls,
-    stored_size,
-    verify,
 )
+from lesionseg.data.shards import is_val, pack, stored_size, verify
 from lesionseg.data.synthetic import OFFICIAL_NAMES
 from lesionseg.errors import UserError
 from lesionseg.files import sha256_file

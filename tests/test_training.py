@@ -119,7 +119,7 @@ def test_batch_size_beyond_the_train_split_is_a_clear_error():
 def test_memory_error_while_reading_is_not_blamed_on_the_shard(packed_shards, monkeypatch):
     import webdataset.tariterators as tariterators
 
-    from lesionseg.train.streams import read_shard
+    from lesionseg.data.shard_format import read_shard
 
     def out_of_memory(*_args, **_kwargs):
         raise MemoryError()
@@ -237,7 +237,7 @@ def test_shard_cut_short_by_a_damaged_header_is_not_silently_shorter(packed_shar
     """tarfile (and WebDataset's reader) end a tar at a damaged header as if it were complete:
     read_shard checks the count against the manifest, so training never drops samples
     silently (a DataError naming the shard; with data.on_error=skip, a warning)."""
-    from lesionseg.train.streams import read_shard
+    from lesionseg.data.shard_format import read_shard
 
     shards = tmp_path / "shards"
     shutil.copytree(packed_shards, shards)

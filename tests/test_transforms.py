@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from lesionseg.data.images import encode_jpeg, encode_png
-from lesionseg.data.shards import decode_sample, raw_image_size
+from lesionseg.data.shard_format import decode_sample, raw_image_size
 from lesionseg.data.transforms import (
     LUMA,
     AugmentParams,

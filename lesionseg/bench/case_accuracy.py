@@ -42,7 +42,8 @@ from PIL import Image
 from lesionseg.bench.measure import rounded
 from lesionseg.bench.plan import BenchPlan
 from lesionseg.config import load_config
-from lesionseg.data.shards import MANIFEST, pack
+from lesionseg.data.shard_format import MANIFEST
+from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import OFFICIAL_NAMES, write_isic_dataset
 from lesionseg.errors import UserError
 from lesionseg.losses import SegmentationLoss

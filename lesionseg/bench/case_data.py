@@ -23,7 +23,13 @@ from lesionseg.bench.datasets import (
 from lesionseg.bench.measure import interleaved, rounded, stats, timed
 from lesionseg.bench.plan import OTHER_STORE_SIDE, BenchPlan
 from lesionseg.data.images import load_image, load_mask
-from lesionseg.data.shards import decode_sample, iter_raw, raw_image_size, read_manifest, split_urls
+from lesionseg.data.shard_format import (
+    decode_sample,
+    iter_raw,
+    raw_image_size,
+    read_manifest,
+    split_urls,
+)
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,

@@ -17,7 +17,8 @@ from PIL import Image
 
 from lesionseg.bench.plan import RACE_SEED, SOURCE_SEED, SPEED_CASE_EPOCHS, BenchPlan
 from lesionseg.config import load_config
-from lesionseg.data.shards import MANIFEST, pack
+from lesionseg.data.shard_format import MANIFEST
+from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import OFFICIAL_NAMES, write_isic_dataset
 from lesionseg.recipe import resolve
 

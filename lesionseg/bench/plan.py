@@ -15,7 +15,6 @@ SOURCE_SEED = 0  # seed of the full-size synthetic source (data and infer cases)
 RACE_SEED = 1  # seed of the demo-sized data set of the equal-time training race
 OTHER_STORE_SIDE = 1024  # data case: also shards stored with this longest side (more detail)
 RACE_VAL_FRACTION = 0.2  # of the race's cases, validated (more than the default: less noise)
-PEER_NAME = 'smp.Unet("mobilenet_v2", encoder_weights=None)'
 MACS_SIDE = 384  # multiply-accumulates are counted for one image of this side
 SPEED_CASE_EPOCHS = 100  # the speed cases resolve the recipe as for a schedule this long
 

@@ -32,10 +32,10 @@ from lesionseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+ISIC_SPLITS = ("train", "test")  # the official data's splits (pack draws val from train)
 MASK_RE = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
 TEST_RE = re.compile(r"ISBI2016_ISIC_Part1_Test_", re.IGNORECASE)
-MAX_MEMBER_BYTES = 1 << 30  # a zip member bigger than this (uncompressed) is refused
+MAX_MEMBER_BYTES = 1 << 30  # an archive member (or file) larger than this is refused unread
 IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
 
@@ -127,7 +127,7 @@ def _unsafe_member(name: str) -> bool:
 def _parse_source(source: str | Path) -> tuple[Path, str | None]:
     """`PATH` or `SPLIT=PATH` (train/test) -> (path, forced split or None)."""
     text = str(source)
-    for split in SPLITS:
+    for split in ISIC_SPLITS:
         prefix = f"{split}="
         if text.startswith(prefix) and not Path(text).exists():
             return Path(text[len(prefix):]), split

@@ -1,9 +1,6 @@
-"""Pack ISIC cases into WebDataset tar shards with a manifest, verify them, and read them back.
+"""Pack ISIC cases into WebDataset tar shards with a manifest, and verify a packed folder.
 
-Format (see shards/README.md): `<out>/{train,val,test}-NNNNNN.tar`, one sample per case with
-`<id>.jpg` (image, longest side <= max_side), `<id>.png` (mask, mode L, 0/255, the stored
-image's size) and `<id>.json` ({"id", "orig_size": [h, w], "split", "source"});
-`manifest.json` lists every shard with its samples, bytes and sha256.
+The format and its reader: lesionseg.data.shard_format (and shards/README.md).
 
 Determinism: cases are ordered by (split, id) and written by the main process, tar headers
 are fixed (mtime 0, uid/gid 0, fixed names and mode), and worker processes only encode, so
@@ -12,10 +9,8 @@ the same input gives byte-identical shards whatever the number of workers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
-import functools
 import hashlib
 import io
 import json
@@ -23,20 +18,19 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from lesionseg import __version__
-from lesionseg.config import Config, PackConfig, load_config, save_config, validate
+from lesionseg.config import Config, PackConfig, validate
 from lesionseg.data.cv import cv2
 from lesionseg.data.images import (
     ImageError,
@@ -45,7 +39,6 @@ from lesionseg.data.images import (
     encode_png,
     load_image,
     load_mask,
-    peek_size,
 )
 from lesionseg.data.isic import (
     Case,
@@ -55,26 +48,23 @@ from lesionseg.data.isic import (
     raise_problems,
     report_problems,
 )
-from lesionseg.errors import EXIT_FAILED, EXIT_OK, UserError
+from lesionseg.data.shard_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_RE,
+    SPLITS,
+    decode_sample,
+    iter_raw,
+    read_manifest,
+    split_urls,
+)
+from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
-FORMAT = "lesionseg-wds"
-FORMAT_VERSION = 1
-SHARD_RE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 TAR_BLOCK = 512
-
-
-class Sample(NamedTuple):
-    """One decoded shard sample."""
-
-    id: str
-    image: Image.Image  # RGB
-    mask: Image.Image  # L, values 0/255, the image's size
-    meta: dict[str, Any]  # {"id", "orig_size": [h, w], "split", "source"}
 
 
 # ----------------------------------------------------------------------------- split, sizes
@@ -410,146 +400,6 @@ def summary(manifest: dict[str, Any], out: Path, workers: int) -> str:
             f"Manifest: {out / MANIFEST}")
 
 
-# ----------------------------------------------------------------------------- readers
-
-
-def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a packed folder; UserError naming the folder if missing or invalid."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{folder}: no {MANIFEST} (not a packed shard folder, or its pack did "
-                        "not finish; run jobs/pack.py)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    ok = (isinstance(manifest, dict) and manifest.get("format") == FORMAT
-          and isinstance(manifest.get("shards"), list) and isinstance(manifest.get("splits"), dict)
-          and all(isinstance(manifest["splits"].get(s), dict) for s in SPLITS))
-    if not ok:
-        raise UserError(f"{path}: not a lesionseg shard manifest (expected format {FORMAT!r} "
-                        "with shards and splits)")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path}: format version {manifest['format_version']} is newer than this "
-                        f"lesionseg ({__version__}) understands; upgrade lesionseg")
-    return manifest
-
-
-def split_urls(folder: str | Path, split: str) -> list[str]:
-    """Absolute paths of a split's shards, in order (empty when the split has no case)."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    manifest = read_manifest(folder)
-    root = Path(folder).resolve()
-    return [str(root / name) for name in manifest["splits"][split]["shards"]]
-
-
-@functools.lru_cache(maxsize=16)
-def _listed_samples(folder: str) -> dict[str, int]:
-    try:
-        shards = read_manifest(folder)["shards"]
-    except UserError:
-        return {}
-    return {e["name"]: int(e["samples"]) for e in shards
-            if isinstance(e, dict) and "name" in e and "samples" in e}
-
-
-def listed_samples(url: str) -> int | None:
-    """How many samples the manifest beside a shard says it holds (None: not listed there).
-    A reader compares it with what it read: tarfile ends a tar silently at a damaged header."""
-    path = Path(url)
-    return _listed_samples(str(path.parent)).get(path.name)
-
-
-def _entry(sample: dict[str, Any], exts: tuple[str, ...], where: str) -> bytes:
-    for ext in exts:
-        for key in (ext, f".{ext}"):
-            if key in sample:
-                return sample[key]
-    raise DataError(f"{where}: sample has no .{exts[0]} entry (has {sorted(sample)})")
-
-
-def decode_sample(sample: dict[str, Any], min_size: int | None = None,
-                  draft_size: tuple[int, int] | None = None) -> Sample:
-    """Decode a raw WebDataset sample (`__key__`, `jpg`, `png`, `json` bytes) to a Sample.
-
-    With `min_size` the JPEG is decoded at a reduced DCT scale whose shorter side still holds
-    min_size pixels (much faster when the consumer resizes down) and the mask is resized to
-    the decoded image's size with nearest neighbour, so the two stay aligned. With
-    `draft_size` (width, height) the JPEG is decoded at the smallest DCT scale at least that
-    large and the mask is left at the stored size (for `apply_augmentation`, which maps both
-    from the stored size's coordinates)."""
-    key = sample.get("__key__", "?")
-    where = f"{sample.get('__url__', 'shard')}:{key}"
-    try:
-        meta = json.loads(_entry(sample, ("json",), where))
-    except ValueError as e:
-        raise DataError(f"{where}.json: not valid JSON ({e})") from None
-    image, size = load_image(_entry(sample, ("jpg", "jpeg"), where), f"{where}.jpg",
-                             min_size=min_size, draft_size=draft_size)
-    mask = load_mask(_entry(sample, ("png",), where), f"{where}.png", expected_size=size)
-    if draft_size is None and mask.size != image.size:
-        mask = mask.resize(image.size, Image.NEAREST)
-    return Sample(str(meta.get("id", key)), image, mask, meta)
-
-
-def raw_image_size(sample: dict[str, Any]) -> tuple[int, int]:
-    """(height, width) of a raw sample's stored image, read from its header alone."""
-    where = f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"
-    return peek_size(_entry(sample, ("jpg", "jpeg"), where), f"{where}.jpg")
-
-
-def _key_ext(name: str) -> tuple[str, str]:
-    """WebDataset's grouping: key = path up to the first '.' of the base name."""
-    directory, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext
-
-
-def iter_raw(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples (`__key__`, `__url__`, ext -> bytes) from tar shards, in order."""
-    for url in urls:
-        try:
-            with tarfile.open(url, "r") as tar:
-                current: dict[str, Any] = {}
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = _key_ext(member.name)
-                    if current and current["__key__"] != key:
-                        yield current
-                        current = {}
-                    if not current:
-                        current = {"__key__": key, "__url__": url}
-                    current[ext] = tar.extractfile(member).read()
-                if current:
-                    yield current
-        except (OSError, tarfile.TarError, EOFError) as e:
-            raise DataError(f"{url}: cannot be read as a tar shard ({e})") from None
-
-
-def shard_keys(urls: Iterable[str]) -> list[str]:
-    """The sample keys of tar shards, in order, from their headers alone (no member is read)."""
-    keys: list[str] = []
-    for url in urls:
-        try:
-            with tarfile.open(url, "r") as tar:
-                for member in tar:
-                    key = _key_ext(member.name)[0]
-                    if member.isfile() and (not keys or keys[-1] != key):
-                        keys.append(key)
-        except (OSError, tarfile.TarError, EOFError) as e:
-            raise DataError(f"{url}: cannot be read as a tar shard ({e})") from None
-    return keys
-
-
-def iter_samples(folder: str | Path, split: str, min_size: int | None = None) -> Iterator[Sample]:
-    """Every sample of a split, decoded, in shard order (plain sequential reader)."""
-    for raw in iter_raw(split_urls(folder, split)):
-        yield decode_sample(raw, min_size=min_size)
-
-
-# ----------------------------------------------------------------------------- verify
 
 
 def verify(folder: str | Path, decode: bool = False) -> list[str]:
@@ -604,102 +454,3 @@ def _verify_decode(folder: Path) -> list[str]:
                 problems.append(f"{raw['__url__']}: id {sample.id} appears more than once")
             seen.add(sample.id)
     return problems
-
-
-# ----------------------------------------------------------------------------- commands
-
-
-def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `lesionseg pack` / jobs/pack.py; option defaults come from the config."""
-    d = PackConfig()
-    parser.description = (
-        "Pack ISIC 2016 Part 1 data into WebDataset shards: train/val/test tar files plus "
-        "manifest.json (written last). Training cases are split into train/val by a hash of "
-        "(seed, id); the official test set stays test. Precedence: defaults < --config file < "
-        "key=value overrides < the options below.")
-    parser.add_argument("--source", action="append", required=True, metavar="PATH",
-                        help="an ISIC root folder, an official zip (e.g. "
-                             "ISBI2016_ISIC_Part1_Training_Data.zip), or an image or mask folder; "
-                             "repeat for several. Prefix test= to treat a plain folder as test data")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output folder, e.g. shards/isic2016 (old shards there are replaced)")
-    parser.add_argument("--val-fraction", type=float,
-                        help=f"fraction of training cases held out as val (default {d.val_fraction})")
-    parser.add_argument("--seed", type=int, help=f"seed of the train/val split (default {d.split_seed})")
-    parser.add_argument("--max-side", type=int,
-                        help=f"store images with at most this longest side; 0 keeps the original "
-                             f"JPEG bytes where possible (default {d.max_side})")
-    parser.add_argument("--jpeg-quality", type=int,
-                        help=f"quality of re-encoded JPEGs (default {d.jpeg_quality})")
-    parser.add_argument("--shard-max-samples", type=int,
-                        help=f"at most this many samples per shard (default {d.shard_max_samples})")
-    parser.add_argument("--shard-max-bytes", type=int,
-                        help=f"at most about this many bytes per shard (default {d.shard_max_bytes})")
-    parser.add_argument("--workers", type=int,
-                        help=f"encoding worker processes (default {d.workers})")
-    parser.add_argument("--on-error", choices=("raise", "skip"),
-                        help="bad case: stop naming the files (raise, default) or leave it out "
-                             "and print a report (skip)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--config", metavar="FILE", help="YAML config file (its pack: section)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. pack.shard_max_samples=200")
-
-
-_FLAG_KEYS = {"val_fraction": "val_fraction", "seed": "split_seed", "max_side": "max_side",
-              "jpeg_quality": "jpeg_quality", "shard_max_samples": "shard_max_samples",
-              "shard_max_bytes": "shard_max_bytes", "workers": "workers", "on_error": "on_error"}
-
-
-def pack_config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults <- --config <- key=value <- explicit flags, validated (ConfigError names the key)."""
-    overrides = list(args.overrides or [])
-    for attr, key in _FLAG_KEYS.items():
-        value = getattr(args, attr)
-        if value is not None:
-            overrides.append(f"pack.{key}={value}")
-    return load_config(args.config, overrides)
-
-
-def pack_command(args: argparse.Namespace) -> int:
-    """Run the pack job and print its summary."""
-    cfg = pack_config_from_args(args)
-    out = Path(args.out)
-    manifest = pack(args.source, out, cfg.pack, progress=not args.no_progress)
-    save_config(cfg, out / "config.yaml")
-    print(summary(manifest, out, cfg.pack.workers))
-    return EXIT_OK
-
-
-def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `lesionseg verify`."""
-    parser.description = (
-        "Check a packed shard folder against its manifest.json: every shard present with its "
-        "size, sha256 and sample count, split counts consistent, no unlisted shards. Exit 1 and "
-        "name each problem if anything is wrong.")
-    parser.add_argument("folder", metavar="FOLDER", help="packed folder, e.g. shards/isic2016")
-    parser.add_argument("--decode", action="store_true",
-                        help="also decode every sample (image readable, mask binary and aligned)")
-
-
-def verify_command(args: argparse.Namespace) -> int:
-    """Run verify: print problems (one a line) or a one-line OK."""
-    problems = verify(args.folder, decode=args.decode)
-    manifest = read_manifest(args.folder)
-    if problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        print(f"{args.folder}: {len(problems)} problem(s)")
-        return EXIT_FAILED
-    counts = ", ".join(f"{s} {manifest['splits'][s]['count']}" for s in SPLITS)
-    print(f"OK {args.folder}: {len(manifest['shards'])} shards, {manifest['total_samples']} "
-          f"samples ({counts}) match the manifest")
-    return EXIT_OK
-
-
-__all__ = [
-    "Sample", "ShardWriter", "add_pack_arguments", "add_verify_arguments",
-    "assign_split", "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples",
-    "listed_samples", "pack",
-    "pack_command", "read_manifest", "split_urls", "stored_size", "verify", "verify_command",
-]

@@ -37,16 +37,15 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from lesionseg.data.images import IMAGE_EXTENSIONS
-from lesionseg.data.isic import IGNORED_NAMES, MASK_RE
+from lesionseg.data.isic import IGNORED_NAMES, MASK_RE, MAX_MEMBER_BYTES
+from lesionseg.data.shard_format import MANIFEST, SPLITS, read_manifest, sample_key, split_urls
 from lesionseg.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
-MAX_MEMBER_BYTES = 1 << 30  # an archive member (or file) larger than this is refused unread
 # A compressed tar is listed only while its members' declared bytes stay under this many times
 # its size on disk (and MAX_MEMBER_BYTES): images barely compress, a listing bomb does.
 MAX_TAR_EXPANSION = 100
-MANIFEST_NAME = "manifest.json"  # of a packed shard folder (lesionseg.data.shards.MANIFEST)
 MAX_ID_BYTES = 150  # ids are cut to this many UTF-8 bytes (file names stay under 255 bytes)
 FOLDER_SEP = "__"  # joins an id's folders and stem: patient1__IMG_0001
 ZIP_SUFFIXES = (".zip",)
@@ -304,7 +303,7 @@ class _Scanner:
         """Dispatch one input path (folder, shard folder, archive or single file)."""
         self.label = sanitize_id(_archive_stem(path.resolve().name))
         if path.is_dir():
-            if (path / MANIFEST_NAME).is_file() and not as_truth:
+            if (path / MANIFEST).is_file() and not as_truth:
                 self.add_shards(path)
             else:
                 self.add_dir(path, as_truth)
@@ -374,11 +373,11 @@ class _Scanner:
             for info in members:
                 if not info.isreg():
                     continue
-                key, ext = _sample_key(info.name)
+                key, ext = sample_key(info.name)
                 samples[key][ext.lower()] = info
             if problem or (listed is not None and len(samples) != listed):
                 self.errors.append({"input": str(tar_path), "id": "", "reason": (
-                    f"shard holds {len(samples)} readable samples, {MANIFEST_NAME} lists "
+                    f"shard holds {len(samples)} readable samples, {MANIFEST} lists "
                     f"{listed}{f'; {problem}' if problem else ''} (check it with lesionseg "
                     "verify; repack it)")})
             with _open_decompressed(str(tar_path)) as stream:
@@ -401,13 +400,6 @@ class _Scanner:
         orig_size = (int(orig[0]), int(orig[1])) if isinstance(orig, list) and len(orig) == 2 else None
         item = Item(sid, blob, truth_blob, orig_size, truth_scaled=truth is not None, split=split)
         self.images.append(_Found(item, self.label, sid, f"{os.path.abspath(tar_path)}:{key}"))
-
-
-def _sample_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the path up to the first '.' of the base name."""
-    folder, _, base = name.replace("\\", "/").rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
 
 
 class _HeaderTap:
@@ -501,8 +493,6 @@ def _shard_files(folder: Path, splits: tuple[str, ...]
     """The splits read and their (split, shard tar, samples the manifest lists) triples:
     `splits`, or by default test, else val (train alone is refused: it would score the
     training data)."""
-    from lesionseg.data.shards import SPLITS, read_manifest, split_urls
-
     manifest = read_manifest(folder)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lesionseg.data.folds import fold_split
-from lesionseg.data.shards import read_manifest, shard_keys, split_urls
+from lesionseg.data.shard_format import read_manifest, shard_keys, split_urls
 from lesionseg.errors import DataError
 from lesionseg.train import LOGGER
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg.config import Config, was_set
-from lesionseg.data.shards import MANIFEST, pack
+from lesionseg.data.shard_format import MANIFEST
+from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.train import LOGGER
 

@@ -18,17 +18,14 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import tarfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset import tariterators
-from webdataset.gopen import gopen
 
 from lesionseg.config import Config
-from lesionseg.data.shards import decode_sample, listed_samples, raw_image_size
+from lesionseg.data.shard_format import decode_sample, raw_image_size, read_shard
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,
@@ -44,41 +41,6 @@ log = logging.getLogger(LOGGER)
 
 # A lane that reads this many shards in a row without one sample gives up (all bad or empty).
 MAX_EMPTY_SHARDS = 64
-_WARNED_SHARDS: set[str] = set()
-
-
-def read_shard(url: str, on_error: str,
-               ids: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (`__key__`, `__url__`, ext → bytes) of one shard, streamed with WebDataset's
-    tar reader; with `ids`, only the samples whose key is one of them (a fold's). A corrupt
-    shard is a DataError naming it, or (on_error=skip) a warning and the end of that shard."""
-    stream = None
-    try:
-        stream = gopen(url)
-        read = 0
-        for sample in tariterators.group_by_keys(
-                tariterators.tar_file_expander([{"url": url, "stream": stream}])):
-            read += 1
-            if ids is None or sample["__key__"] in ids:
-                yield sample
-        listed = listed_samples(url)
-        if listed is not None and read != listed:  # tarfile stops silently at a bad header
-            raise tarfile.ReadError(f"{read} of the {listed} samples its manifest lists could "
-                                    "be read (a damaged tar header?)")
-    except MemoryError:
-        raise  # not the shard's fault (e.g. data.batch_size or data.shuffle_buffer too large)
-    except Exception as e:  # tarfile, OS, zlib and webdataset errors come in many types
-        msg = f"{url}: corrupt or unreadable shard ({type(e).__name__}: {first_line(e)})"
-        if on_error != "skip":
-            raise DataError(msg + "; repack it, or set data.on_error=skip") from None
-        if url not in _WARNED_SHARDS:  # a lane may come back to it every cycle: warn once
-            _WARNED_SHARDS.add(url)
-            log.warning("%s; skipping the rest of this shard (every time it is read)", msg)
-    finally:
-        if stream is not None:
-            stream.close()
-
-
 def lane_shards(urls: tuple[str, ...], seed: int, epoch: int, lane: int,
                 lanes: int) -> Iterator[str]:
     """Endless shard sequence of one lane: each cycle is a seeded permutation of all shards,
