@@ -40,7 +40,7 @@ from lesionseg.data.folds import FOLD_DIR_PREFIX, fold_dir
 from lesionseg.data.images import write_mask
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_bytes, atomic_write_text, sha256_file
-from lesionseg.inference import ERROR_COLUMNS, with_scores, write_csv
+from lesionseg.infer.merge import ERROR_COLUMNS, with_scores, write_csv
 from lesionseg.metrics import METRIC_NAMES, binary_counts, summarize
 from lesionseg.modelcard import write_run_card
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess

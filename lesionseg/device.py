@@ -10,11 +10,15 @@ import torch
 from lesionseg.data.transforms import to_float_images
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """`no`: full precision; `bf16`/`fp16`: torch.autocast on the device's type."""
-    if precision == "no":
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """A mixed-precision setting (`no`, `bf16`, `fp16`) as the autocast dtype (None: fp32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` on the device's type; None: full precision (no autocast)."""
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import csv
-import io
 import json
 import logging
 import math
 import os
-import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,58 +30,58 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lesionseg.commands.launch import maybe_relaunch_cpu_ranks
-from lesionseg.config import Config, InferConfig, from_dict, load_config, to_dict
+from lesionseg.config import Config, InferConfig, load_config, to_dict
 from lesionseg.data.cv import cv2
-from lesionseg.data.folds import fold_checkpoints
 from lesionseg.data.images import (
     encode_grey_png,
     encode_jpeg,
-    load_image,
-    load_mask,
-    mask_orientation,
     write_mask,
 )
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
-from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.errors import UserError, environment_message, first_line, is_environmental
-from lesionseg.export import export_model
 from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
-from lesionseg.metrics import METRIC_NAMES, binary_counts, scores, summarize
+from lesionseg.infer import InferenceError
+from lesionseg.infer.decode import ItemDataset, collate, decode_item, read_truth
+from lesionseg.infer.journal import (
+    MASKS,
+    OVERLAYS,
+    PARTS,
+    PROBS,
+    THUMBS,
+    RowLog,
+    check_signature,
+    done_ids,
+    parts_done,
+    read_rows,
+)
+from lesionseg.infer.merge import ERROR_COLUMNS, METRIC_COLUMNS, merge, with_scores, write_csv
+from lesionseg.infer.predict import (
+    TTA_FLIPS,
+    Ensemble,
+    Predictor,
+    ensemble_members,
+    load_ensemble,
+    load_exported,
+    load_predictor,
+    precision_name,
+    tta_average,
+)
+from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import CHOICES as POSTPROCESS_CHOICES
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
-from lesionseg.runtime import BACKENDS, export_format, open_backend
+from lesionseg.runtime import BACKENDS
 from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
-PARTS = "parts"  # under --out: per (part, rank) row files, done markers, run.json
-MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"
-ROW_FILE_RE = re.compile(r"^rows-p(\d+)-r(\d+)\.jsonl$")
-DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
 THUMB_SIDE = 256  # longest side of the report's thumbnails
-# metrics.csv columns: DESIGN.md's contract first, then counts and bookkeeping; one row per
-# image that got a mask (with truth or not), so it maps every input to its mask.
-METRIC_COLUMNS = ("id", "height", "width", "dice", "iou", "accuracy", "sensitivity",
-                  "specificity", "threshold_jaccard", "tp", "fp", "fn", "tn", "status", "reason",
-                  "input", "mask", "split", "pred_area", "pred_fraction")
-ERROR_COLUMNS = ("input", "id", "reason")
-# Run settings that must match when a part resumes or joins an existing --out.
-SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
-                  "threshold", "postprocess", "tta", "shard_splits")
-
-
-# Flip TTA: the image and every mirror combination of its two axes (as nnU-Net mirrors 2D
-# inputs by default), predicted in one batch and flipped back before averaging.
-TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
-
-
-class InferenceError(UserError):
-    """An output folder or setting that prevents the run (names the file or option)."""
 
 
 # --------------------------------------------------------------------------- command line
@@ -239,276 +235,6 @@ def job_part(num_shards: int | None, shard_index: int | None,
     return num_shards, shard_index
 
 
-# --------------------------------------------------------------------------- decoding (workers)
-
-
-class ItemDataset(Dataset):
-    """Reads and decodes items in DataLoader workers. A failing item never raises: it comes
-    back as {"error": reason} so that one bad file cannot stop the batch."""
-
-    def __init__(self, items: list[Item], image_size: int, preview_side: int) -> None:
-        self.items, self.image_size, self.preview_side = items, image_size, preview_side
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        try:
-            return {"index": index, **decode_item(item, self.image_size, self.preview_side)}
-        except UserError as e:
-            return {"index": index, "error": str(e)}
-        except OSError as e:
-            if is_environmental(e, reading=True):  # an I/O error: stop, retried on rerun
-                return {"index": index, "error": environment_message(e, f"reading {item.origin}"),
-                        "environmental": True}
-            return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
-        except Exception as e:  # any reader/decoder failure is this item's, not the batch's
-            log.debug("decoding %s failed", item.origin, exc_info=True)
-            return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
-
-
-def decode_item(item: Item, image_size: int, preview_side: int) -> dict[str, Any]:
-    """Image → eval-transformed tensor; truth → packed bits (1 = lesion) at the original size,
-    row-major, h*w bits; preview → an RGB array of at most preview_side pixels a side."""
-    data = item.image.read()
-    img, display = load_image(data, item.origin, min_size=image_size)
-    size = item.orig_size or display
-    x, _ = eval_transform(img, None, image_size)
-    out: dict[str, Any] = {"image": x, "size": size, "truth_bits": None, "truth_error": None,
-                           "truth_note": "", "preview": None}
-    if preview_side:  # img is not needed any more: shrink it in place (no copy)
-        img.thumbnail((preview_side, preview_side), Image.BILINEAR)
-        out["preview"] = np.asarray(img)
-    if item.truth is not None:
-        try:
-            truth, note = read_truth(item, size, display)
-            # load_mask gives exactly 0/255, so packbits' "nonzero" is the ISIC "> 128". Packed,
-            # the truth crosses to the main process as 1/8 of the bytes (pickled, not shm).
-            out["truth_bits"], out["truth_note"] = np.packbits(np.asarray(truth)), note
-        except UserError as e:
-            out["truth_error"] = str(e)
-        except Exception as e:  # unreadable truth: the prediction is still written
-            out["truth_error"] = f"{item.truth.origin}: {type(e).__name__}: {e}"
-    return out
-
-
-def read_truth(item: Item, size: tuple[int, int],
-               stored: tuple[int, int]) -> tuple[Image.Image, str]:
-    """The truth mask at `size` (h, w). A shard's mask stored downscaled with its image is
-    resized (nearest) to the original size; any other size mismatch is an error."""
-    assert item.truth is not None
-    data = item.truth.read()
-    if item.truth_scaled and stored != size:
-        mask = load_mask(data, item.truth.origin, expected_size=stored)
-        return (mask.resize((size[1], size[0]), Image.NEAREST),
-                f"truth resized from the shard's {stored[1]}x{stored[0]}")
-    mask = load_mask(data, item.truth.origin, expected_size=size)
-    orientation = mask_orientation(data, item.truth.origin)
-    note = (f"truth carries EXIF orientation {orientation}: read unrotated, as the ISIC scorer "
-            "reads it" if orientation != 1 else "")
-    return mask, note
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the decoded images; keep per-item extras (and failures) as lists."""
-    good = [s for s in samples if "error" not in s]
-    images = stack_images([s.pop("image") for s in good]) if good else None
-    return {"images": images, "good": good, "failed": [s for s in samples if "error" in s]}
-
-
-# --------------------------------------------------------------------------- model
-
-
-@dataclass
-class Predictor:
-    """The model on its device; `__call__` maps a uint8 (or float [0, 1]) batch to
-    probabilities at S×S. With `runtime` (an exported file's backend, `lesionseg.runtime`),
-    that runs instead of `model`, with the same flip TTA around it."""
-
-    model: torch.nn.Module | None
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    tta: bool
-    runtime: Any = None
-
-    @property
-    def backend(self) -> str:
-        """torch, onnxruntime or torchscript."""
-        return self.runtime.name if self.runtime is not None else "torch"
-
-    @property
-    def precision(self) -> str:
-        """What the forward computes in: fp16/bf16 (autocast, or an fp16 file) or fp32."""
-        return self.runtime.precision if self.runtime is not None else precision_name(self.amp_dtype)
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.runtime is not None:
-            return self._run_exported(images)
-        x = to_float_images(images.to(self.device, non_blocking=True))
-        x = x.contiguous(memory_format=torch.channels_last)
-        n = x.shape[0]
-        if self.tta:
-            x = torch.cat([x.flip(dims) if dims else x for dims in TTA_FLIPS])
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
-        with amp:
-            probs = torch.sigmoid(self.model(x).float())[:, 0]
-        if self.tta:
-            probs = tta_average(probs, n)
-        return probs.float().cpu()
-
-    def _run_exported(self, images: torch.Tensor) -> torch.Tensor:
-        """The exported file on the batch as given (uint8 on the CPU), flip TTA around it."""
-        n = images.shape[0]
-        if self.tta:
-            images = torch.cat([images.flip(dims) if dims else images for dims in TTA_FLIPS])
-        probs = self.runtime(images)
-        return (tta_average(probs, n) if self.tta else probs).float().cpu()
-
-
-@dataclass
-class Ensemble:
-    """Several predictors on one device whose probabilities are averaged (each with its own
-    flip TTA, so that with --tta every model × flip counts once). The models run one after
-    another on each batch: only one model's activations are alive at a time (the weights of
-    all stay on the device: a few MB each)."""
-
-    members: list[Predictor]
-
-    @property
-    def device(self) -> torch.device:
-        return self.members[0].device
-
-    @property
-    def runtime(self) -> Any:
-        return self.members[0].runtime
-
-    @property
-    def backend(self) -> str:
-        return self.members[0].backend
-
-    @property
-    def precision(self) -> str:
-        return self.members[0].precision
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        total = self.members[0](images)
-        for member in self.members[1:]:
-            total += member(images)
-        return total / len(self.members)
-
-
-def tta_average(probs: torch.Tensor, n: int) -> torch.Tensor:
-    """The mean of the len(TTA_FLIPS) views of n images (stacked view by view), each flipped
-    back."""
-    views = probs.split(n)
-    return sum(p.flip(dims) if dims else p
-               for p, dims in zip(views, TTA_FLIPS, strict=True)) / len(TTA_FLIPS)
-
-
-def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
-    """`infer.mixed_precision` → autocast dtype (auto: fp16 on CUDA, none elsewhere)."""
-    if setting == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
-
-
-def load_predictor(checkpoint: str | Path, cfg: InferConfig,
-                   device: torch.device) -> tuple[Predictor, Config, dict[str, Any]]:
-    """Model from a checkpoint, BatchNorm folded, on `device`, channels_last, in eval mode;
-    or, for an exported file or `cfg.backend` onnxruntime, the runtime that runs it
-    (`load_exported`). Returns the checkpoint's config and metadata either way."""
-    from lesionseg.checkpoint import build_model_from_checkpoint
-    from lesionseg.model import fuse_for_inference
-
-    if cfg.backend != "torch" or export_format(checkpoint) is not None:
-        return load_exported(checkpoint, cfg, device)
-    model, ckpt_cfg, meta = build_model_from_checkpoint(checkpoint)
-    model = fuse_for_inference(model)  # BatchNorm folded into the convs: ~40% faster here
-    model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta), ckpt_cfg, meta
-
-
-def ensemble_members(checkpoints: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The model files a run uses: every --checkpoint, a cross-validation run folder standing
-    for its fold-I/best.pt files (lesionseg.data.folds). A file named twice is an error."""
-    given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
-    if not given:
-        raise InferenceError("missing --checkpoint")
-    members: list[Path] = []
-    for path in map(Path, given):
-        members += fold_checkpoints(path) if path.is_dir() else [path]
-    seen: set[Path] = set()
-    for path in members:
-        if path.resolve() in seen:
-            raise InferenceError(f"--checkpoint {path}: given twice (an ensemble member counts "
-                                 "once)")
-        seen.add(path.resolve())
-    return members
-
-
-def load_ensemble(members: list[Path], cfg: InferConfig, device: torch.device,
-                  ) -> tuple[Predictor | Ensemble, Config, dict[str, Any], int]:
-    """One predictor (a single member) or the Ensemble of all, the first member's config,
-    the metadata the run applies (`ensemble_meta`), and the side the models see:
-    `cfg.image_size`, else the members' data.image_size, which must agree."""
-    loaded = [load_predictor(path, cfg, device) for path in members]
-    sizes = {str(path): c.data.image_size for path, (_, c, _) in zip(members, loaded, strict=True)}
-    if not cfg.image_size and len(set(sizes.values())) > 1:
-        listed = ", ".join(f"{p}: {s}" for p, s in sizes.items())
-        raise InferenceError(f"the ensemble's models were trained at different data.image_size "
-                             f"({listed}); pass --image-size S to run them all at S")
-    image_size = cfg.image_size or loaded[0][1].data.image_size
-    if len(loaded) == 1:
-        predictor, ckpt_cfg, meta = loaded[0]
-        return predictor, ckpt_cfg, meta, image_size
-    metas = [meta for _, _, meta in loaded]
-    return (Ensemble([p for p, _, _ in loaded]), loaded[0][1], ensemble_meta(members, metas),
-            image_size)
-
-
-def ensemble_meta(members: list[Path], metas: list[dict[str, Any]]) -> dict[str, Any]:
-    """What an ensemble applies: the members' stored threshold and post-processing when they
-    all hold the same one (the folds of one cross-validation do: the pooled choice), else none
-    (0.5, no steps; a warning says so)."""
-    choices = {str(Postprocess.from_meta(m)) for m in metas}
-    meta: dict[str, Any] = {"ensemble": len(members)}
-    if len(choices) == 1 and "postprocess" in metas[0]:
-        meta["postprocess"] = metas[0]["postprocess"]
-    elif any("postprocess" in m for m in metas):
-        log.warning("the ensemble's models stored different thresholds/post-processing; using "
-                    "threshold %g without post-processing unless --threshold/--postprocess say "
-                    "otherwise", DEFAULT_THRESHOLD)
-    return meta
-
-
-def load_exported(checkpoint: str | Path, cfg: InferConfig,
-                  device: torch.device) -> tuple[Predictor, Config, dict[str, Any]]:
-    """An exported file on its runtime (ONNX → onnxruntime, TorchScript → torch), or a
-    checkpoint exported to ONNX on the fly (parity-checked; the session holds the graph, so
-    the temporary file goes at once). Config and metadata come from the file's metadata."""
-    fmt = export_format(checkpoint)
-    if fmt == "torchscript" and cfg.backend == "onnxruntime":
-        raise InferenceError(f"--checkpoint {checkpoint}: a TorchScript file runs on torch; "
-                             "use --backend torch, or export to ONNX for onnxruntime")
-    threads = torch.get_num_threads()
-    if fmt is None:
-        with tempfile.TemporaryDirectory(prefix="lesionseg-infer-") as tmp:
-            log.info("exporting %s to ONNX for onnxruntime (parity-checked)", checkpoint)
-            onnx_path = export_model(checkpoint, Path(tmp) / "model.onnx", "onnx",
-                                     write_card=False).path
-            runtime, meta = open_backend(onnx_path, str(device), threads)
-    else:
-        runtime, meta = open_backend(checkpoint, str(device), threads)
-    log.info("%s runs %s (%s, %s; providers %s)", runtime.name, checkpoint, meta["file_format"],
-             runtime.precision, ", ".join(map(str, runtime.providers)))
-    predictor = Predictor(None, runtime.device, None, cfg.tta, runtime=runtime)
-    return predictor, from_dict(meta["config"]), dict(meta.get("checkpoint_meta") or {})
-
-
 # --------------------------------------------------------------------------- per image outputs
 
 
@@ -626,134 +352,6 @@ TRUTH_RGB = (255, 215, 0)  # truth outline: yellow
 _KERNEL_3X3 = np.ones((3, 3), np.uint8)
 
 
-# --------------------------------------------------------------------------- part files
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a part file (a torn last line, from a kill, is ignored)."""
-    rows = []
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                log.warning("%s: skipping a malformed row", path)
-    return rows
-
-
-class RowLog:
-    """One process's append-only row file: whole lines only, each flushed and fsynced."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_torn_tail()
-        self.file = open(path, "ab")  # noqa: SIM115 (held open across appends; see close)
-
-    def _drop_torn_tail(self) -> None:
-        """Truncate a last line without its newline (the process died mid-write)."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a torn last row (%d bytes)", self.path, len(data) - keep)
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-                f.flush()
-                os.fsync(f.fileno())
-
-    def append(self, row: dict[str, Any]) -> None:
-        try:
-            self.file.write(json.dumps(row, sort_keys=True).encode("utf-8") + b"\n")
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        except OSError as e:  # a torn line is dropped when the file is opened again
-            raise InferenceError(environment_message(e, f"{self.path}: appending a row")) from None
-
-    def close(self) -> None:
-        self.file.close()
-
-
-RETRIED_STATUSES = ("error", "failed")  # rows that --retry-failed does again
-
-
-def done_ids(parts_dir: Path, retry_failed: bool = False) -> set[str]:
-    """Ids with a row in any part file: finished (or recorded as failed) by an earlier run;
-    with `retry_failed`, only those with a row that is not an error or a failed score."""
-    ids: set[str] = set()
-    for path in sorted(parts_dir.glob("rows-*.jsonl")):
-        ids.update(r["id"] for r in read_rows(path)
-                   if "id" in r and not (retry_failed and r.get("status") in RETRIED_STATUSES))
-    return ids
-
-
-SIGNATURE_FILE = "signature.json"  # under parts/: created exclusively by the first run
-
-
-def check_signature(parts_dir: Path, signature: dict[str, Any]) -> None:
-    """Claim the output folder for this run's settings, or refuse to mix with a different run.
-
-    The first run creates parts/signature.json exclusively (O_EXCL: of two runs racing into
-    one --out exactly one creates it); every other run, part or rank compares its settings
-    with it. Reading run.json instead left a window in which two runs with different
-    checkpoints both passed and mixed their rows."""
-    path = parts_dir / SIGNATURE_FILE
-    data = json.dumps({k: signature[k] for k in SIGNATURE_KEYS}, sort_keys=True).encode()
-    legacy = parts_dir / "run.json"  # an --out written before signature.json existed
-    if not path.exists() and legacy.exists():
-        _compare_signature(path, json.loads(legacy.read_text()).get("signature", {}), signature)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        _compare_signature(path, _read_signature(path), signature)
-        return
-    with os.fdopen(fd, "wb") as f:
-        f.write(data + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _read_signature(path: Path, wait_s: float = 10.0) -> dict[str, Any]:
-    """The claimed signature; its creator may still be writing it (a few bytes): wait."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            raw = path.read_bytes()
-            if raw.endswith(b"\n"):
-                return json.loads(raw)
-        except ValueError:
-            pass
-        if time.monotonic() > deadline:
-            raise InferenceError(f"{path}: unreadable; delete it (or use a new --out) if no "
-                                 "other run is starting there")
-        time.sleep(0.05)
-
-
-def _compare_signature(path: Path, previous: dict[str, Any], signature: dict[str, Any]) -> None:
-    differ = [k for k in SIGNATURE_KEYS if previous.get(k) != signature[k]]
-    if differ:
-        raise InferenceError(
-            f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "
-            "use a new --out (or the same settings to resume)")
-
-
-def parts_done(parts_dir: Path, num_shards: int) -> tuple[bool, list[int]]:
-    """(all parts done, missing parts): a part is done when every rank of some world size
-    left its marker."""
-    markers: dict[tuple[int, int], set[int]] = {}
-    for path in parts_dir.glob("done-*.json"):
-        m = DONE_FILE_RE.match(path.name)
-        if m:
-            part, rank, world = (int(g) for g in m.groups())
-            markers.setdefault((part, world), set()).add(rank)
-    missing = [p for p in range(num_shards)
-               if not any(part == p and len(ranks) == world for (part, world), ranks in markers.items())]
-    return not missing, missing
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -764,9 +362,6 @@ def _distributed(device: str = "auto") -> Any:
     launch of N processes would give N processes that each think they are alone (and do
     all the work). So: CPU when asked (infer.device=cpu or the launcher), or when there is
     no CUDA."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceError(f"--device {device}: no CUDA device is visible here; use "
                              "--device cpu (or auto)")
@@ -788,10 +383,6 @@ def run_device(setting: str, state: Any) -> torch.device:
                              "device(s) visible")
     return torch.device(setting)
 
-
-def precision_name(amp_dtype: torch.dtype | None) -> str:
-    """What the forward pass computes in: fp16/bf16 (autocast) or fp32."""
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(amp_dtype, "fp32")
 
 
 def run_inference(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path],
@@ -1061,147 +652,13 @@ def _finish_or_error_row(item: Item, sample: dict[str, Any], prob: torch.Tensor,
                 "reason": f"{item.origin}: {type(e).__name__}: {first_line(e)}"}
 
 
-# --------------------------------------------------------------------------- merge
-
-
-def _collect_rows(parts_dir: Path) -> list[dict[str, Any]]:
-    """All part rows, one per id (an 'ok' row wins over others), sorted by id."""
-    best: dict[str, dict[str, Any]] = {}
-    rank = {"ok": 0, "failed": 1, "no_truth": 2, "error": 3}
-    for path in sorted(parts_dir.glob("rows-*.jsonl")):
-        for row in read_rows(path):
-            old = best.get(row["id"])
-            if old is None or rank.get(row["status"], 9) < rank.get(old["status"], 9):
-                best[row["id"]] = row
-    return [best[k] for k in sorted(best)]
-
-
-def with_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], torch.Tensor]:
-    """Add the six ISIC scores (from lesionseg.metrics) to every 'ok' row; return the counts."""
-    scored = [r for r in rows if r["status"] == "ok"]
-    counts = torch.tensor([[r["tp"], r["fp"], r["fn"], r["tn"]] for r in scored],
-                          dtype=torch.int64).reshape(-1, 4)
-    if scored:
-        per_image = {k: v.tolist() for k, v in scores(counts).items()}
-        for i, row in enumerate(scored):
-            for name in METRIC_NAMES:
-                row[name] = per_image[name][i]
-            row["iou"] = row["jaccard"]
-    return rows, counts
-
-
-def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    atomic_write_text(path, buf.getvalue())
-
-
-def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
-    """Combine every part under `out` into metrics.csv, errors.csv, summary.json (and
-    report.html): rows deduplicated by id and sorted. Safe to run again at any time."""
-    from lesionseg.report import write_report
-
-    out = Path(out)
-    parts_dir = out / PARTS
-    if not (parts_dir / "run.json").is_file():
-        raise InferenceError(f"{out}: no inference run here (missing {PARTS}/run.json)")
-    run = json.loads((parts_dir / "run.json").read_text())
-    num_shards = run["signature"]["num_shards"]
-    complete, missing = parts_done(parts_dir, num_shards)
-    if not complete:
-        log.warning("%s: part(s) %s not finished; merging what is there", out,
-                    ", ".join(map(str, missing)))
-    if complete:
-        _remove_stale_temps(out)
-    rows, counts = with_scores(_collect_rows(parts_dir))
-    inventory = _merged_inventory(parts_dir)
-    metric_rows = [{**r, "mask": f"{MASKS}/{r['id']}_Segmentation.png",
-                    "pred_fraction": _fraction(r.get("pred_area"), r)} for r in rows
-                   if r["status"] in ("ok", "failed", "no_truth")]
-    error_rows = inventory["errors"] + [
-        {"input": r["input"], "id": r["id"], "reason": r["reason"]}
-        for r in rows if r["status"] in ("error", "failed")]
-    error_rows.sort(key=lambda e: (e["id"], e["input"]))
-    write_csv(out / "metrics.csv", METRIC_COLUMNS, metric_rows)
-    write_csv(out / "errors.csv", ERROR_COLUMNS, error_rows)
-    summary = _summary(run, rows, counts, inventory, error_rows, parts_dir, complete, missing)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    if report if report is not None else run["config"]["infer"]["report"]:
-        write_report(out / "report.html", summary, metric_rows, out / THUMBS)
-    if complete and run["config"]["infer"].get("log_wandb"):
-        from lesionseg.tracking import log_inference
-
-        log_inference(out, summary, metric_rows, out / THUMBS, run["config"].get("tracking", {}),
-                      images=run["config"]["infer"].get("report_images", 60))
-    log.info("merged %d images into %s: %d scored, mean Dice %s, %d errors", len(rows), out,
-             int(counts.shape[0]), _fmt(summary["means"].get("dice")), len(error_rows))
-    return summary
-
-
-def _fraction(area: int | None, row: dict[str, Any]) -> float | None:
-    """Predicted lesion area as a fraction of the image (None for rows of an older version)."""
-    if area is None or not row.get("height") or not row.get("width"):
-        return None
-    return round(area / (row["height"] * row["width"]), 6)
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Delete temporary files a killed writer left (`.<name>.*.tmp`): the ISIC scorer would
-    pair them by the id in their names. Only once every part is done, so no writer is live."""
-    for folder in (MASKS, PROBS, OVERLAYS, THUMBS):
-        for tmp in (out / folder).glob(".*.tmp"):
-            log.warning("removing %s, left by a killed writer", tmp)
-            tmp.unlink(missing_ok=True)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) and not math.isnan(value) else "n/a"
-
-
-def _merged_inventory(parts_dir: Path) -> dict[str, Any]:
-    """Input errors and skip counts (every part found the same; union of their files)."""
-    errors: dict[tuple[str, str], dict[str, str]] = {}
-    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0,
-                              "shard_splits": {}}
-    for path in sorted(parts_dir.glob("inventory-p*.json")):
-        inv = json.loads(path.read_text())
-        for e in inv["errors"]:
-            errors[(e["input"], e["id"])] = e
-        for key in ("skipped", "images", "masks_found", "masks_unused", "shard_splits"):
-            merged[key] = inv.get(key, merged[key])
-    merged["errors"] = list(errors.values())
-    return merged
-
-
-def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
-             error_rows: list[dict], parts_dir: Path, complete: bool, missing: list[int]) -> dict:
-    """summary.json: macro means, counts, failures, checkpoint, config, throughput."""
-    means = summarize(counts)
-    means["iou"] = means["jaccard"]
-    status = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "no_truth", "error")}
-    timing = [json.loads(p.read_text()) for p in sorted(parts_dir.glob("done-*.json"))]
-    return {
-        "complete": complete, "missing_parts": missing, "num_shards": run["signature"]["num_shards"],
-        "images_found": inventory["images"],
-        "masks_written": status["ok"] + status["failed"] + status["no_truth"],
-        "scored": status["ok"], "metrics_failed": status["failed"], "without_truth": status["no_truth"],
-        "errors": len(error_rows), "skipped_files": inventory["skipped"],
-        "shard_splits_read": inventory["shard_splits"],
-        "inputs": run["signature"]["inputs"], "masks": run["signature"]["masks"],
-        "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],
-        "means": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()},
-        "failures": [{"id": e["id"], "input": e["input"], "reason": e["reason"]} for e in error_rows],
-        "threshold": run["signature"].get("threshold"),
-        "postprocess": run["signature"].get("postprocess", "none"),
-        "tta": run["signature"].get("tta", False),
-        "device": run.get("runtime", {}).get("device"),
-        "backend": run.get("runtime", {}).get("backend", "torch"),
-        "precision": run.get("runtime", {}).get("precision"),
-        "checkpoint": run["checkpoint"], "config": run["config"],
-        "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),
-                       "note": "sum over processes of images/s in their last session",
-                       "processes": timing},
-    }
+# The names other modules and the tests reach through this module (the infer job's API).
+__all__ = [
+    "ERROR_COLUMNS", "METRIC_COLUMNS", "PRED_RGB", "THUMB_SIDE", "TRUTH_RGB", "TTA_FLIPS",
+    "Ensemble", "InferenceError", "ItemDataset", "OutputSpec", "Predictor", "RowLog",
+    "add_arguments", "applied_postprocess", "check_signature", "collate", "command",
+    "decode_item", "done_ids", "ensemble_members", "finish_item", "full_size_mask", "job_part",
+    "load_ensemble", "load_exported", "load_predictor", "merge", "parts_done", "precision_name",
+    "read_rows", "read_truth", "render_overlay", "run_inference", "tta_average", "with_scores",
+    "write_csv", "write_mask",
+]

@@ -22,7 +22,7 @@ from lesionseg.config import InferConfig
 from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
-from lesionseg.inference import load_predictor
+from lesionseg.infer.predict import load_predictor
 from lesionseg.postprocess import Postprocess, choose
 
 log = logging.getLogger(__name__)

@@ -25,13 +25,13 @@ from lesionseg.checkpoint import build_model_from_checkpoint, save_weights
 from lesionseg.data.images import load_image
 from lesionseg.data.sources import collect
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.infer.decode import decode_item
+from lesionseg.infer.predict import load_predictor
 from lesionseg.inference import (
     THUMB_SIDE,
     OutputSpec,
     applied_postprocess,
-    decode_item,
     finish_item,
-    load_predictor,
     run_inference,
 )
 from lesionseg.metrics import confusion_counts

@@ -17,7 +17,7 @@ from lesionseg import tracking
 from lesionseg.checkpoint import build_model_from_checkpoint, save_weights
 from lesionseg.config import Config, save_config
 from lesionseg.data.memory import ValBatches
-from lesionseg.device import autocast, to_model_input
+from lesionseg.device import autocast, precision_dtype, to_model_input
 from lesionseg.errors import DataError, UserError
 from lesionseg.metrics import confusion_counts, summarize
 from lesionseg.train import LOGGER
@@ -49,7 +49,7 @@ def validation_counts(model: torch.nn.Module, loader: Any, device: torch.device,
                 continue
             x = to_model_input(batch["image"], device, channels_last)
             truth = batch["mask"].to(device, non_blocking=True) > 0
-            with autocast(device, precision):
+            with autocast(device, precision_dtype(precision)):
                 logits = model(x)
             pred = logits.float() > 0
             counts = confusion_counts(pred, truth).cpu().tolist()

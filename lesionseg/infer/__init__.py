@@ -1,0 +1,14 @@
+"""The infer job's parts below its run (lesionseg/inference.py: arguments, per-image outputs
+and the run):
+
+    journal.py  the part files under <out>/parts/ (rows, signature, done markers), --out layout
+    decode.py   reading and decoding inputs in DataLoader workers
+    predict.py  the forward pass: a checkpoint, an exported file, or an ensemble of them
+    merge.py    part files → metrics.csv, errors.csv, summary.json, report.html
+"""
+
+from lesionseg.errors import UserError
+
+
+class InferenceError(UserError):
+    """An output folder or setting that prevents the run (names the file or option)."""
