@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
               "train the MobileNetV2 encoder-decoder (use `accelerate launch` for several processes)"),
     "cv": ("lesionseg.crossval", "add_arguments", "command",
            "evaluate a cross-validation run (data.folds=K): out-of-fold scores, pooled choice"),
-    "infer": ("lesionseg.inference", "add_arguments", "command",
+    "infer": ("lesionseg.commands.infer", "add_arguments", "command",
               "batch inference: masks, per-image Dice/IoU, summary and report for folders/archives"),
     "export": ("lesionseg.export", "add_arguments", "command",
                "export a checkpoint to ONNX or TorchScript (preprocessing inside), parity-checked"),

@@ -54,8 +54,11 @@ from lesionseg.data.shard_format import (
     MANIFEST,
     SHARD_RE,
     SPLITS,
+    Sample,
     decode_sample,
     iter_raw,
+    iter_samples,
+    listed_samples,
     read_manifest,
     split_urls,
 )
@@ -454,3 +457,12 @@ def _verify_decode(folder: Path) -> list[str]:
                 problems.append(f"{raw['__url__']}: id {sample.id} appears more than once")
             seen.add(sample.id)
     return problems
+
+
+# Packing and verifying live here; the readers (lesionseg.data.shard_format) are re-exported
+# under their old names, which shards/README.md once documented.
+__all__ = [
+    "MANIFEST", "SPLITS", "Sample", "ShardWriter", "assign_split", "build_manifest",
+    "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples", "listed_samples",
+    "pack", "read_manifest", "split_urls", "stored_size", "summary", "verify",
+]
