@@ -16,7 +16,7 @@ from lesionseg.errors import EXIT_USAGE, UserError, environment_message, is_envi
 
 # name -> (module, add_arguments function, command function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "synth": ("lesionseg.data.synthetic", "add_arguments", "command",
+    "synth": ("lesionseg.commands.synth", "add_arguments", "command",
               "write synthetic dermoscopy-like cases in the ISIC 2016 layout (folders or zips)"),
     "pack": ("lesionseg.commands.pack", "add_pack_arguments", "pack_command",
              "pack ISIC 2016 folders or official zips into WebDataset shards + manifest.json"),
@@ -24,11 +24,11 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                "check a packed shard folder's counts and sha256 against its manifest"),
     "train": ("lesionseg.commands.train", "add_arguments", "command",
               "train the MobileNetV2 encoder-decoder (use `accelerate launch` for several processes)"),
-    "cv": ("lesionseg.crossval", "add_arguments", "command",
+    "cv": ("lesionseg.commands.cv", "add_arguments", "command",
            "evaluate a cross-validation run (data.folds=K): out-of-fold scores, pooled choice"),
     "infer": ("lesionseg.commands.infer", "add_arguments", "command",
               "batch inference: masks, per-image Dice/IoU, summary and report for folders/archives"),
-    "export": ("lesionseg.export", "add_arguments", "command",
+    "export": ("lesionseg.commands.export", "add_arguments", "command",
                "export a checkpoint to ONNX or TorchScript (preprocessing inside), parity-checked"),
     "bench": ("lesionseg.commands.bench", "add_arguments", "command",
               "benchmarks: data pipeline, training step and inference, side by side"),

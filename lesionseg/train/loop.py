@@ -145,11 +145,10 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
     last_saved = progress.step if resume_from is not None else -1
     global_batch = cfg.data.batch_size * world * o.grad_accum_steps
     stats, skipped_total = StepStats(), 0
-    bar = tqdm(total=schedule.total_steps, initial=progress.step, desc="train", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
     unfreeze = cfg.model.freeze_encoder and cfg.model.unfreeze_after_epochs > 0
     model.train()
-    try:
+    with tqdm(total=schedule.total_steps, initial=progress.step, desc="train", unit="step",
+              disable=not accelerator.is_main_process, dynamic_ncols=True) as bar:
         while progress.step < schedule.total_steps:  # an epoch (or what is left of it)
             started = time.perf_counter()  # the first step's time includes starting the epoch
             if unfreeze and progress.epoch >= cfg.model.unfreeze_after_epochs:
@@ -164,19 +163,15 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
                     batches, error = epoch.take(o.grad_accum_steps)
                     # One all-reduce per step: every rank learns whether any rank was asked to
                     # stop or failed to read its batches, before anyone enters the step's
-                    # collectives.
+                    # collectives. A stop wins: the state it saves needs no data.
                     stopping, failed = agree(accelerator, stop.is_set, error is not None)
-                    if failed and not stopping:  # (a stop wins: the saved state needs no data)
-                        raise DataError(error if error else "another process failed reading "
-                                        "its training data; see its error above")
                     if stopping:
-                        if progress.step != last_saved:
-                            states.save_state(accelerator, run_dir, progress, scheduler,
-                                              t.keep_states)
-                        log.info("stop requested (signal): state saved at step %d; exiting "
-                                 "with %d so the job is rerun to resume", progress.step,
-                                 EXIT_RESUME)
+                        _save_and_stop(accelerator, run_dir, progress, scheduler, t.keep_states,
+                                       saved=progress.step == last_saved)
                         return EXIT_RESUME, model
+                    if failed:
+                        raise DataError(error or "another process failed reading its training "
+                                        "data; see its error above")
                     stats.skipped_samples += _log_skipped(batches, rank)
 
                     result = train_step(accelerator, model, optimizer, loss_fn, batches, cfg)
@@ -191,13 +186,12 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
                         epoch.close()  # its workers stop before validation starts others
                     stats.add(result, global_batch, time.perf_counter() - started)
                     bar.update(1)
-                    if progress.step % t.log_every_steps == 0 \
-                            or progress.step == schedule.total_steps:
+                    last = progress.step == schedule.total_steps
+                    if progress.step % t.log_every_steps == 0 or last:
                         log_train_scalars(accelerator, stats, optimizer, progress, bar)
                         skipped_total += stats.skipped_samples
                         stats = StepStats()
 
-                    last = progress.step == schedule.total_steps
                     if last:
                         progress.extra["finished_at"] = progress.step  # in the final state
                     validate = last or (t.val_every_steps > 0
@@ -212,8 +206,6 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
                                           t.keep_states)
                         last_saved = progress.step
                     started = time.perf_counter()
-    finally:
-        bar.close()
     skipped_total += stats.skipped_samples
     if skipped_total:
         log.warning("rank %d skipped %d bad training samples in this segment", rank,
@@ -299,6 +291,16 @@ def _log_start(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
              (f" (fold {cfg.data.fold} of {cfg.data.folds} held out of the train + val "
               "cases)" if cfg.data.folds else "")
              + (f", demo data in {data.folder}" if demo else ""))
+
+
+def _save_and_stop(accelerator: Any, run_dir: Path, progress: Progress, scheduler: Any,
+                   keep: int, saved: bool) -> None:
+    """A stop signal at a step boundary: save a state (unless this step's is saved already)
+    and say how the run goes on."""
+    if not saved:
+        states.save_state(accelerator, run_dir, progress, scheduler, keep)
+    log.info("stop requested (signal): state saved at step %d; exiting with %d so the job is "
+             "rerun to resume", progress.step, EXIT_RESUME)
 
 
 def _log_skipped(batches: list[dict[str, Any]], rank: int) -> int:
