@@ -120,11 +120,12 @@ def _prepare(make: Callable[[], tuple[str, torch.Tensor, torch.Tensor]], on_erro
         return None
 
 
-def _collate(ids: list[str], images: list[torch.Tensor], masks: list[torch.Tensor],
+def _collate(rows: list[tuple[str, torch.Tensor, torch.Tensor]],
              skipped: list[str]) -> dict[str, Any]:
-    """uint8 images stacked channels_last (float conversion happens on the device), masks."""
-    return {"id": ids, "image": stack_images(images), "mask": torch.stack(masks),
-            "skipped": skipped}
+    """(id, image, mask) rows as a batch: uint8 images stacked channels_last (float conversion
+    happens on the device), masks stacked."""
+    return {"id": [r[0] for r in rows], "image": stack_images([r[1] for r in rows]),
+            "mask": torch.stack([r[2] for r in rows]), "skipped": skipped}
 
 
 class TrainStream(IterableDataset):
@@ -168,23 +169,18 @@ class TrainStream(IterableDataset):
     def _batch(self, items: list[tuple[int, dict[str, Any]]], lane_id: int) -> dict[str, Any]:
         """Decode and augment; with on_error=skip a bad sample's slot is refilled with a good
         sample of the same batch (deterministic, and every batch keeps its size)."""
-        ids, images, masks, skipped = [], [], [], []
+        rows, skipped = [], []
         for index, raw in items:
             g = generator_for(self.seed, self.epoch, lane_id, index, raw.get("__key__"))
             done = _prepare(lambda raw=raw, g=g: _augmented(raw, self.augment, g, self.soft),
                             self.on_error, skipped)
-            if done is None:
-                continue
-            ids.append(done[0])
-            images.append(done[1])
-            masks.append(done[2])
-        if not ids:
+            if done is not None:
+                rows.append(done)
+        if not rows:
             raise DataError(f"every sample of a training batch was bad, e.g. {skipped[0]}")
-        for k in range(len(items) - len(ids)):
-            ids.append(ids[k])
-            images.append(images[k])
-            masks.append(masks[k])
-        return _collate(ids, images, masks, skipped)
+        for k in range(len(items) - len(rows)):
+            rows.append(rows[k])
+        return _collate(rows, skipped)
 
 
 class ValStream(IterableDataset):
@@ -202,7 +198,7 @@ class ValStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         lane, lanes = self.rank * workers + worker, self.world * workers
-        ids, images, masks, skipped = [], [], [], []
+        rows, skipped = [], []
         position = 0
         for url in self.urls:
             for raw in read_shard(url, self.on_error, self.ids):
@@ -214,12 +210,10 @@ class ValStream(IterableDataset):
                                 self.on_error, skipped)
                 if done is None:
                     continue
-                ids.append(done[0])
-                images.append(done[1])
-                masks.append(done[2])
-                if len(ids) == self.batch_size:
-                    yield _collate(ids, images, masks, skipped)
-                    ids, images, masks, skipped = [], [], [], []
-        if ids or skipped:
-            yield (_collate(ids, images, masks, skipped) if ids
+                rows.append(done)
+                if len(rows) == self.batch_size:
+                    yield _collate(rows, skipped)
+                    rows, skipped = [], []
+        if rows or skipped:
+            yield (_collate(rows, skipped) if rows
                    else {"id": [], "image": None, "mask": None, "skipped": skipped})
