@@ -28,8 +28,9 @@ from lesionseg.config import Config, InferConfig, validate
 from lesionseg.data.images import load_image
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.errors import UserError
+from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import Predictor, load_predictor
-from lesionseg.inference import applied_postprocess, full_size_mask
+from lesionseg.inference import applied_postprocess
 from lesionseg.postprocess import Postprocess
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]  # noqa: UP007 (runtime alias)

@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -42,7 +41,6 @@ from lesionseg.config import Config, InferConfig, load_config, to_dict
 from lesionseg.data.cv import cv2
 from lesionseg.data.images import (
     encode_grey_png,
-    encode_jpeg,
     write_mask,
 )
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
@@ -52,10 +50,8 @@ from lesionseg.infer import InferenceError
 from lesionseg.infer.decode import ItemDataset, collate, decode_item, read_truth
 from lesionseg.infer.journal import (
     MASKS,
-    OVERLAYS,
     PARTS,
     PROBS,
-    THUMBS,
     RowLog,
     check_signature,
     done_ids,
@@ -63,6 +59,16 @@ from lesionseg.infer.journal import (
     read_rows,
 )
 from lesionseg.infer.merge import ERROR_COLUMNS, METRIC_COLUMNS, merge, with_scores, write_csv
+from lesionseg.infer.outputs import (
+    PRED_RGB,
+    THUMB_SIDE,
+    TRUTH_RGB,
+    OutputSpec,
+    above_threshold,
+    full_size_mask,
+    render_overlay,
+    write_previews,
+)
 from lesionseg.infer.predict import (
     TTA_FLIPS,
     Ensemble,
@@ -79,9 +85,6 @@ from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
-
-THUMB_SIDE = 256  # longest side of the report's thumbnails
-
 
 # --------------------------------------------------------------------------- work split
 
@@ -107,18 +110,6 @@ def job_part(num_shards: int | None, shard_index: int | None,
 
 
 # --------------------------------------------------------------------------- per image outputs
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What to write for each image, and where."""
-
-    out: Path
-    threshold: float
-    save_probs: bool
-    save_overlays: bool
-    thumbs: bool
-    steps: tuple[str, ...] = ()  # post-processing after the threshold (lesionseg.postprocess)
 
 
 def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
@@ -150,77 +141,6 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     if sample["preview"] is not None:
         write_previews(item.id, sample["preview"], pred, truth, spec)
     return row
-
-
-def full_size_mask(prob: torch.Tensor, size: tuple[int, int],
-                   post: Postprocess) -> tuple[np.ndarray, np.ndarray]:
-    """(probability map upsampled to size = (h, w), float32; mask uint8 0/255): bilinear,
-    "probability > threshold", then the post-processing steps. The job and `lesionseg.api`
-    both turn predictions into masks here."""
-    h, w = size
-    p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
-    full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
-    pred = above_threshold(full, post.threshold)  # uint8: 255 where prob > t
-    if post.steps:
-        pred = post.apply(pred)
-    return full, pred
-
-
-def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 255 where `full` > threshold (float32 compare), else 0. cv2.compare reads a 1×1
-    array as a scalar and refuses "scalar op scalar", so a one-pixel image is done by numpy."""
-    if full.size == 1:
-        return np.where(full > np.float32(threshold), 255, 0).astype(np.uint8)
-    return cv2.compare(full, float(threshold), cv2.CMP_GT)
-
-
-def write_previews(image_id: str, preview: np.ndarray, pred: np.ndarray,
-                   truth: np.ndarray | None, spec: OutputSpec) -> None:
-    """Overlay JPEG (outlines: prediction blue, truth yellow) and/or report thumbnail."""
-    overlay = render_overlay(preview, pred, truth)
-    if spec.save_overlays:
-        atomic_write_bytes(spec.out / OVERLAYS / f"{image_id}_overlay.jpg", encode_jpeg(overlay, 90))
-    if spec.thumbs:
-        overlay.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
-        atomic_write_bytes(spec.out / THUMBS / f"{image_id}.jpg", encode_jpeg(overlay, 80))
-
-
-def _mask_at(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> Image.Image:
-    """A full-size mask (nonzero = lesion) as a 0/255 L image at (width, height) = size, by
-    nearest neighbour (pixel centres, as PIL's NEAREST). Only the output pixels are touched."""
-    arr = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if arr.dtype != np.uint8:
-        arr = arr.astype(np.uint8)
-    small = cv2.resize(arr, size, interpolation=cv2.INTER_NEAREST_EXACT)
-    return Image.fromarray(above_threshold(small, 0), mode="L")
-
-
-def render_overlay(preview: np.ndarray, pred: np.ndarray | torch.Tensor,
-                   truth: np.ndarray | torch.Tensor | None) -> Image.Image:
-    """The image with the predicted lesion's outline in blue and the truth's in yellow:
-    outlines, not fills, so the lesion itself stays visible under both (blue/yellow also
-    reads for red-green colour-blind eyes). The prediction is drawn last, on top.
-
-    Whole-array arithmetic and cv2.erode: boolean fancy indexing of the RGB pixels and PIL's
-    sort-based MinFilter cost ~3 ms each on a 256-pixel preview."""
-    size = (preview.shape[1], preview.shape[0])
-    width = max(2, max(size) // 128)  # 2 px on a 256-px thumbnail, also after shrinking
-    out = np.array(preview, dtype=np.uint8, copy=True)
-    for mask, colour in ((truth, TRUTH_RGB), (pred, PRED_RGB)):
-        if mask is not None:
-            out[_outline(np.asarray(_mask_at(mask, size)), width) > 0] = colour
-    return Image.fromarray(out, mode="RGB")
-
-
-def _outline(mask: np.ndarray, width: int) -> np.ndarray:
-    """The inner band of `width` pixels of a 0/255 mask: the mask minus its erosion (outside
-    the image counts as the nearest pixel, so the image border is not an outline)."""
-    return mask ^ cv2.erode(mask, _KERNEL_3X3, iterations=width, borderType=cv2.BORDER_REPLICATE)
-
-
-PRED_RGB = (30, 144, 255)  # prediction outline: blue
-TRUTH_RGB = (255, 215, 0)  # truth outline: yellow
-_KERNEL_3X3 = np.ones((3, 3), np.uint8)
 
 
 # --------------------------------------------------------------------------- the run
@@ -527,6 +447,7 @@ def _finish_or_error_row(item: Item, sample: dict[str, Any], prob: torch.Tensor,
 __all__ = [
     "ERROR_COLUMNS", "METRIC_COLUMNS", "PRED_RGB", "THUMB_SIDE", "TRUTH_RGB", "TTA_FLIPS",
     "Ensemble", "InferenceError", "ItemDataset", "OutputSpec", "Predictor", "RowLog",
+    "above_threshold", "write_previews",
     "applied_postprocess", "check_signature", "collate",
     "decode_item", "done_ids", "ensemble_members", "finish_item", "full_size_mask", "job_part",
     "load_ensemble", "load_exported", "load_predictor", "merge", "parts_done", "precision_name",

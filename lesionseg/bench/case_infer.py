@@ -26,14 +26,9 @@ from lesionseg.data.images import load_image
 from lesionseg.data.sources import collect
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
 from lesionseg.infer.decode import decode_item
+from lesionseg.infer.outputs import THUMB_SIDE, OutputSpec
 from lesionseg.infer.predict import load_predictor
-from lesionseg.inference import (
-    THUMB_SIDE,
-    OutputSpec,
-    applied_postprocess,
-    finish_item,
-    run_inference,
-)
+from lesionseg.inference import applied_postprocess, finish_item, run_inference
 from lesionseg.metrics import confusion_counts
 from lesionseg.train.build import build_model
 

@@ -1,9 +1,10 @@
-"""The infer job's parts below its run (lesionseg/inference.py: arguments, per-image outputs
-and the run):
+"""The infer job's parts below its run (lesionseg/inference.py: the work split, finishing one
+image, the run; lesionseg/commands/infer.py: its command line):
 
     journal.py  the part files under <out>/parts/ (rows, signature, done markers), --out layout
     decode.py   reading and decoding inputs in DataLoader workers
     predict.py  the forward pass: a checkpoint, an exported file, or an ensemble of them
+    outputs.py  what to write per image, the full-size mask, previews and overlays
     merge.py    part files → metrics.csv, errors.csv, summary.json, report.html
 """
 
