@@ -19,16 +19,12 @@ picklable for DataLoader workers; archives are opened lazily once per process.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import json
 import logging
-import lzma
 import os
 import re
 import tarfile
-import threading
 import unicodedata
 import zipfile
 from collections import Counter, defaultdict
@@ -36,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from lesionseg.data.archive import Blob, base_name, is_compressed_tar, open_decompressed
 from lesionseg.data.images import IMAGE_EXTENSIONS
 from lesionseg.data.isic import IGNORED_NAMES, MASK_RE, MAX_MEMBER_BYTES
 from lesionseg.data.shard_format import MANIFEST, SPLITS, read_manifest, sample_key, split_urls
@@ -59,92 +56,6 @@ SKIP_LINK = "not a regular file (link, device or folder)"
 
 class SourceError(UserError, ValueError):
     """An input path that cannot be used at all (missing, unreadable archive, no images)."""
-
-
-# --------------------------------------------------------------------------- reading bytes
-
-
-@dataclass(frozen=True)
-class Blob:
-    """Where one file's bytes live: a plain file, a zip member, or a tar member (by the
-    offset of its data in the decompressed stream, so reading needs no header scan)."""
-
-    kind: str  # "file", "zip" or "tar"
-    path: str  # the file, or the archive holding the member
-    member: str = ""  # member name inside the archive (for messages, and zip lookup)
-    offset: int = 0  # tar: byte offset of the member's data in the (decompressed) tar stream
-    size: int = 0  # tar: member size in bytes
-
-    @property
-    def origin(self) -> str:
-        """How errors.csv and messages name this file: `path` or `archive:member`."""
-        return f"{self.path}:{self.member}" if self.kind != "file" else self.path
-
-    @property
-    def name(self) -> str:
-        """The base name of the file or member."""
-        return _base_name(self.member) if self.kind != "file" else Path(self.path).name
-
-    def read(self) -> bytes:
-        """The file's bytes. Raises OSError/zipfile errors; callers record them per item."""
-        if self.kind == "file":
-            return Path(self.path).read_bytes()
-        if self.kind == "zip":
-            with _LOCK:
-                return _zip_handle(self.path).read(self.member)
-        if self.kind == "tar":
-            with _LOCK:
-                stream = _tar_stream(self.path)
-                stream.seek(self.offset)
-                data = stream.read(self.size)
-            if len(data) != self.size:
-                raise OSError(f"archive ended early: got {len(data)} of {self.size} bytes")
-            return data
-        raise ValueError(f"unknown blob kind {self.kind!r}")
-
-
-# Archive handles are per process (keyed by pid): a handle inherited across fork shares its
-# file offset with the parent, and concurrent seeks from two processes would corrupt reads.
-_HANDLES: dict[tuple[int, str, str], object] = {}
-_LOCK = threading.Lock()
-
-
-def _cached(kind: str, path: str, opener) -> object:
-    key = (os.getpid(), kind, path)
-    handle = _HANDLES.get(key)
-    if handle is None:
-        for stale in [k for k in _HANDLES if k[0] != key[0]]:
-            del _HANDLES[stale]  # the parent's handles: drop (never close) them in a child
-        handle = _HANDLES[key] = opener(path)
-    return handle
-
-
-def _zip_handle(path: str) -> zipfile.ZipFile:
-    return _cached("zip", path, zipfile.ZipFile)  # type: ignore[return-value]
-
-
-def _open_decompressed(path: str) -> BinaryIO:
-    """The tar stream of `path`, decompressed by its magic bytes (gzip, bzip2, xz or none)."""
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic.startswith(b"\x1f\x8b"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if magic.startswith(b"BZh"):
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    if magic.startswith(b"\xfd7zXZ\x00"):
-        return lzma.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
-
-
-def _tar_stream(path: str) -> BinaryIO:
-    return _cached("tar", path, _open_decompressed)  # type: ignore[return-value]
-
-
-def is_compressed_tar(path: str) -> bool:
-    """Whether reading a member of this tar means decompressing everything before it."""
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    return magic.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
 
 
 # --------------------------------------------------------------------------- items
@@ -179,11 +90,6 @@ class Inventory:
     masks_found: int = 0
     masks_unused: int = 0
     shard_splits: dict[str, list[str]] = field(default_factory=dict)  # shard folder -> splits read
-
-
-def _base_name(member: str) -> str:
-    """Base name of an archive member, whatever its separators ('/' or '\\')."""
-    return PurePosixPath(member.replace("\\", "/")).name
 
 
 def _cut(text: str, max_bytes: int) -> str:
@@ -380,7 +286,7 @@ class _Scanner:
                     f"shard holds {len(samples)} readable samples, {MANIFEST} lists "
                     f"{listed}{f'; {problem}' if problem else ''} (check it with lesionseg "
                     "verify; repack it)")})
-            with _open_decompressed(str(tar_path)) as stream:
+            with open_decompressed(str(tar_path)) as stream:
                 metas = {key: _read_meta(stream, parts.get("json")) for key, parts in samples.items()}
             for key, parts in sorted(samples.items()):
                 self._add_sample(tar_path, key, parts, metas[key], split)
@@ -388,7 +294,7 @@ class _Scanner:
     def _add_sample(self, tar_path: Path, key: str, parts: dict[str, tarfile.TarInfo],
                     meta: dict, split: str) -> None:
         image = parts.get("jpg")
-        sid = sanitize_id(str(meta.get("id") or _base_name(key)))
+        sid = sanitize_id(str(meta.get("id") or base_name(key)))
         if image is None:
             self.errors.append({"input": f"{tar_path}:{key}", "id": sid,
                                 "reason": "shard sample has no jpg image"})
@@ -456,7 +362,7 @@ def list_tar(path: str | Path) -> tuple[list[tarfile.TarInfo], str | None]:
     budget = max(MAX_MEMBER_BYTES, MAX_TAR_EXPANSION * path.stat().st_size)
     members: list[tarfile.TarInfo] = []
     try:
-        with _open_decompressed(str(path)) as raw:
+        with open_decompressed(str(path)) as raw:
             tap = _HeaderTap(raw)
             with tarfile.open(fileobj=tap, mode="r:") as tf:  # type: ignore[arg-type]
                 while True:
