@@ -40,6 +40,7 @@ from typing import Any
 
 from lesionseg.errors import UserError
 from lesionseg.peers import build_peer, peer_available
+from lesionseg.threadplan import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,6 @@ class BenchPlan:
     data_batches: int = 4  # batches per timed round in the data case
     loop_steps: int = 8  # timed steps per block in the loop-vs-pure comparison
     train_workers: int = 2  # DataLoader workers of the real training loop
-    infer_workers: int = 2  # decode workers of the batch-inference job
     race_cases: int = 240  # synthetic cases of the equal-time race (demo-like sizes)
     race_sides: tuple[int, int] = (320, 1024)  # their longest sides: from, to
     race_size: int = 256  # training/validation side of the race
@@ -1045,7 +1045,6 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     pairs = source_pairs(source)
     ckpt = bench_checkpoint(workdir, plan.image_size)
     cfg = _config([f"infer.batch_size={plan.batch_size}",
-                   f"infer.num_workers={plan.infer_workers}",
                    "infer.tta=false"])  # one forward per image, like the naive loop
     naive_model, _, _ = build_model_from_checkpoint(ckpt)
     predictor, _, _ = load_predictor(ckpt, cfg.infer, torch.device("cpu"))
@@ -1058,7 +1057,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     runs_dir = workdir / "infer-runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     counter = {"n": 0}
-    job: dict[str, list[float]] = {"loop_s": [], "wall_s": [], "forward_s": []}
+    job: dict[str, Any] = {"loop_s": [], "wall_s": [], "forward_s": [], "threads": None}
 
     def pipeline() -> float:
         counter["n"] += 1
@@ -1073,6 +1072,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         job["loop_s"].append(process["seconds"])
         job["wall_s"].append(wall)
         job["forward_s"].append(process["forward_seconds"])
+        job["threads"] = process.get("threads")
         shutil.rmtree(out, ignore_errors=True)
         return process["seconds"]
 
@@ -1105,7 +1105,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     wall_s = stats(job["wall_s"])
     return {
         "threads": torch.get_num_threads(), "image_size": plan.image_size,
-        "batch_size": plan.batch_size, "num_workers": plan.infer_workers, "images": n,
+        "batch_size": plan.batch_size, "job_threads": job["threads"], "images": n,
         "source_megapixels_mean": _r(statistics.fmean(mps)), "source_megapixels_max": _r(max(mps)),
         "job_loop_s": job_s, "job_wall_s": wall_s,
         "job_forward_inside_s": stats(job["forward_s"]), "naive_s": naive_s,
@@ -1123,14 +1123,6 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
                    "infer_efficiency": _r(ideal / job_s["median"]),
                    "infer_wall_over_loop": _r(wall_s["median"] / job_s["median"])},
     }
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def ideal_infer_seconds(forward_s: float, stages: dict[str, Any], images: int,

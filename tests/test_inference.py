@@ -32,6 +32,7 @@ from lesionseg.data.images import load_image
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.inference import cpu_has_bf16
 from lesionseg.metrics import confusion_counts, scores
 from lesionseg.model import MobileNetEncoderDecoder
 
@@ -242,14 +243,23 @@ def test_device_and_precision_are_said_and_recorded(data: dict[str, Path], tmp_p
                                                      caplog: pytest.LogCaptureFixture,
                                                      capsys: pytest.CaptureFixture) -> None:
     one = sorted(data["images"].glob("*.jpg"))[0]
-    for i, (extra, precision) in enumerate((((), "fp32"), (("infer.mixed_precision=bf16",), "bf16"))):
+    auto = "bf16" if cpu_has_bf16() else "fp32"  # auto: bf16 where the CPU has it in hardware
+    cases = (((), auto, "infer.mixed_precision=auto: "),
+             (("infer.mixed_precision=no",), "fp32", "infer.mixed_precision=no"),
+             (("infer.mixed_precision=bf16",), "bf16", "infer.mixed_precision=bf16"))
+    for i, (extra, precision, reason) in enumerate(cases):
         caplog.clear()
         with caplog.at_level("INFO", logger="lesionseg"):
             assert infer(data, tmp_path / f"o{i}", one, extra=("--device", "cpu", *extra)) == 0
-        assert f"inference on cpu, {precision} precision" in caplog.text
+        assert f"inference on cpu, {precision} precision ({reason}" in caplog.text
+        assert "threads: 1 torch thread(s)" in caplog.text  # the test's infer.num_threads=1
         summary = json.loads((tmp_path / f"o{i}" / "summary.json").read_text())
         assert (summary["device"], summary["precision"]) == ("cpu", precision)
+        assert summary["precision_reason"].startswith(reason)
         assert summary["config"]["infer"]["device"] == "cpu"
+        threads = summary["throughput"]["processes"][0]["threads"]
+        assert (threads["torch_threads"], threads["decode_workers"]) == (1, 0)  # as the test set
+        assert threads["finish_threads"] >= 1 and threads["cores"] >= 1
     capsys.readouterr()
     assert infer(data, tmp_path / "bad", one, extra=("--device", "tpu")) == 2
     assert "infer.device" in capsys.readouterr().err
