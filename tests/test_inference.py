@@ -311,6 +311,32 @@ def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], pac
     assert infer(data, tmp_path / "none", train_only, extra=("--no-report",)) == 2
 
 
+def test_decode_workers_and_finishing_threads_do_not_change_a_result(data: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """Single images decoded by two workers and stacked here (the CPU path), four finishing
+    threads: the same rows and masks as one process doing everything in turn."""
+    ref, par = tmp_path / "ref", tmp_path / "par"
+    assert infer(data, ref, data["isic"], extra=("--no-report",)) == 0
+    assert infer(data, par, data["isic"], extra=("--no-report", "--workers", "2",
+                                                  "infer.post_threads=4")) == 0
+    assert (par / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
+    assert mask_arrays(par).keys() == mask_arrays(ref).keys()
+    assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(par).values(),
+                                                    mask_arrays(ref).values(), strict=True))
+    threads = json.loads((par / "summary.json").read_text())["throughput"]["processes"][0]["threads"]
+    assert (threads["decode_workers"], threads["finish_threads"]) == (2, 4)
+
+
+def test_batched_keeps_order_and_failures() -> None:
+    samples = [{"index": i, "image": torch.full((3, 4, 4), i, dtype=torch.uint8)} for i in range(5)]
+    samples[2] = {"index": 2, "error": "bad"}
+    batches = list(inference._batched(iter(samples), 2))
+    assert [len(b["good"]) + len(b["failed"]) for b in batches] == [2, 2, 1]
+    assert [s["index"] for b in batches for s in b["good"]] == [0, 1, 3, 4]
+    assert batches[1]["failed"][0]["error"] == "bad" and batches[1]["images"].shape[0] == 1
+    assert batches[2]["images"][0, 0, 0, 0] == 4
+
+
 def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     assert infer(data, one, data["isic"], extra=("--save-overlays",)) == 0
