@@ -137,19 +137,19 @@ class TrackingConfig:
 @dataclass
 class InferConfig:
     batch_size: int = 8  # images per forward pass
-    num_workers: int = 2  # decode workers per process
+    num_workers: int | None = None  # decode workers per process (null: sized with the other threads, lesionseg/threadplan.py)
     image_size: int = 0  # side the model sees; 0 = the checkpoint's data.image_size
     threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
     postprocess: str = "auto"  # auto (the checkpoint's choice), none, largest, fill or largest+fill
     tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
-    mixed_precision: str = "auto"  # auto (fp16 on CUDA, off on CPU), no, fp16 or bf16
+    mixed_precision: str = "auto"  # auto (fp16 on CUDA, bf16 on a CPU with AMX/AVX-512 BF16, else fp32), no, fp16 or bf16
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
     backend: str = "torch"  # torch, or onnxruntime (a checkpoint is exported on the fly, parity-checked)
     save_probs: bool = False  # write 8-bit probability PNGs to probs/
     save_overlays: bool = False  # write overlay JPEGs to overlays/
     report: bool = True  # write report.html (and the thumbnails it shows) after merging
-    post_threads: int = 0  # threads that upsample, threshold, encode PNGs and score (0 = min(4, CPUs))
-    num_threads: int = 0  # torch CPU threads per process (0 = torch's default); 1 on busy shared CPUs
+    post_threads: int = 0  # threads that upsample, threshold, encode PNGs and score (0: sized with the other threads)
+    num_threads: int = 0  # torch CPU threads per process (0: sized with the other threads; CPU: half the cores)
     overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
     report_images: int = 60  # overlay thumbnails in report.html, shared by its galleries (worst, best, …)
     log_wandb: bool = False  # also log the results to W&B (tracking.*): per-image table with overlays, summary
@@ -256,7 +256,8 @@ def validate(cfg: Config) -> Config:
     _check(bool(t.resume), "train.resume", t.resume, "use auto, none or a state folder")
     _check(cfg.tracking.log_images >= 0, "tracking.log_images", cfg.tracking.log_images, "must be >= 0")
     _check(i.batch_size >= 1, "infer.batch_size", i.batch_size, "must be at least 1")
-    _check(i.num_workers >= 0, "infer.num_workers", i.num_workers, "must be >= 0")
+    _check(i.num_workers is None or i.num_workers >= 0, "infer.num_workers", i.num_workers,
+           "must be >= 0 (or null: sized with the other threads)")
     _check(i.image_size == 0 or i.image_size >= 32, "infer.image_size", i.image_size, "must be 0 or >= 32")
     _check(i.threshold is None or 0 < i.threshold < 1, "infer.threshold", i.threshold,
            "must be in (0, 1), or null (the checkpoint's choice)")

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,15 +73,18 @@ from lesionseg.infer.predict import (
     TTA_FLIPS,
     Ensemble,
     Predictor,
+    cpu_has_bf16,
     ensemble_members,
     load_ensemble,
     load_exported,
     load_predictor,
     precision_name,
+    precision_reason,
     tta_average,
 )
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
+from lesionseg.threadplan import plan_threads, usable_cores
 from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,15 @@ def _distributed(device: str = "auto") -> Any:
     return PartialState(cpu=cpu)
 
 
+def local_processes(state: Any) -> int:
+    """How many processes of this job share this host's cores: the launcher's local world
+    size (torchrun, accelerate launch), else every process of a one-host CPU launch, else 1."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) > 0:
+        return int(local)
+    return max(1, state.num_processes) if state.device.type == "cpu" else 1
+
+
 def run_device(setting: str, state: Any) -> torch.device:
     """The device this process runs on: the launcher's (cuda:LOCAL_RANK, or cpu), except that
     one process may be sent to a chosen GPU with infer.device=cuda:N."""
@@ -187,8 +199,6 @@ def run_inference(checkpoint: str | Path | Sequence[str | Path], inputs: list[st
     cfg = cfg or load_config(None, [])
     check_output_dir(out, "--out")
     threads = torch.get_num_threads()
-    if cfg.infer.num_threads:
-        torch.set_num_threads(cfg.infer.num_threads)
     try:
         return _run(checkpoint, inputs, Path(out), cfg, list(masks), num_shards, shard_index,
                     retry_failed)
@@ -207,6 +217,15 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     device = run_device(icfg.device, state)
     if not state.is_main_process:
         logging.getLogger("lesionseg").setLevel(logging.WARNING)
+    # Threads first: the runtime (torch or onnxruntime) takes its count when it is opened.
+    threads = plan_threads(usable_cores() // local_processes(state), device.type == "cuda",
+                           icfg.num_threads, icfg.num_workers, icfg.post_threads,
+                           torch_default=torch.get_num_threads())
+    torch.set_num_threads(threads.torch_threads)
+    icfg = replace(icfg, num_threads=threads.torch_threads, num_workers=threads.decode_workers,
+                   post_threads=threads.finish_threads)
+    cfg = replace(cfg, infer=icfg)
+    log.info("threads: %s", threads.describe())
     parts_dir = out / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
 
@@ -218,11 +237,13 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     if predictor.runtime is not None:
         device = predictor.device
     runtime = {"device": device.type if state.num_processes > 1 else str(device),
-               "precision": predictor.precision, "backend": predictor.backend,
-               "processes": state.num_processes}
-    log.info("inference on %s, %s precision (infer.mixed_precision=%s), backend %s, "
+               "precision": predictor.precision,
+               "precision_reason": precision_reason(icfg.mixed_precision, predictor),
+               "backend": predictor.backend, "processes": state.num_processes}
+    log.info("inference on %s, %s precision (%s), backend %s, "
              "%d process(es), %s, %d px, threshold %g, post-processing %s (%s)%s",
-             runtime["device"], runtime["precision"], icfg.mixed_precision, runtime["backend"],
+             runtime["device"], runtime["precision"], runtime["precision_reason"],
+             runtime["backend"],
              state.num_processes, f"ensemble of {len(members)} models" if len(members) > 1
              else "one model", image_size, post.threshold, post.name, post_source,
              ", flip TTA" if icfg.tta else "")
@@ -259,7 +280,7 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     finally:
         row_log.close()
     stats.update(part=shard_index, rank=state.process_index, world_size=state.num_processes,
-                 assigned=len(mine))
+                 assigned=len(mine), threads=threads.as_dict())
     atomic_write_text(parts_dir / f"done-p{shard_index:04d}-r{state.process_index:03d}-of-"
                       f"{state.num_processes:03d}.json", json.dumps(stats, indent=1))
     # Every process of this part is done before anyone looks: then the main process alone
@@ -341,14 +362,47 @@ def _plain(value: Any) -> Any:
 
 
 def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_side: int,
-                pin_memory: bool) -> DataLoader:
-    """Workers decode and resize; batches keep failures alongside the good images."""
-    workers = min(icfg.num_workers, max(1, math.ceil(len(items) / icfg.batch_size)))
-    return DataLoader(ItemDataset(items, image_size, preview_side), batch_size=icfg.batch_size,
-                      shuffle=False, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, persistent_workers=False,
-                      prefetch_factor=2 if workers else None,
-                      worker_init_fn=WorkerInit() if workers else None)
+                pin_memory: bool) -> Iterator[dict[str, Any]]:
+    """Workers decode and resize; batches keep failures alongside the good images.
+
+    With pinned memory (CUDA) a worker decodes a whole batch, pinned as it arrives. Otherwise
+    each worker decodes single images and this process stacks them into batches: the first
+    batch is ready when every worker has decoded its share of it, not when one worker has
+    decoded all of it (on 2 cores with 2 batches in all, the wait for the first batch is a
+    large part of the job's time)."""
+    if pin_memory:
+        workers = min(icfg.num_workers or 0, max(1, math.ceil(len(items) / icfg.batch_size)))
+        return iter(DataLoader(ItemDataset(items, image_size, preview_side),
+                               batch_size=icfg.batch_size, shuffle=False, num_workers=workers,
+                               collate_fn=collate, pin_memory=True, persistent_workers=False,
+                               prefetch_factor=2 if workers else None,
+                               worker_init_fn=WorkerInit() if workers else None))
+    workers = min(icfg.num_workers or 0, len(items))
+    # Two batches in flight, as with whole batches per worker.
+    prefetch = max(2, math.ceil(2 * icfg.batch_size / workers)) if workers else None
+    loader = DataLoader(ItemDataset(items, image_size, preview_side), batch_size=None,
+                        shuffle=False, num_workers=workers, collate_fn=_one_sample,
+                        persistent_workers=False, prefetch_factor=prefetch,
+                        worker_init_fn=WorkerInit() if workers else None)
+    return _batched(iter(loader), icfg.batch_size)
+
+
+def _one_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """The loader's per-sample 'collate': the sample as the worker made it."""
+    return sample
+
+
+def _batched(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
+    """Group single samples, in order, into `collate`d batches of `batch_size` (the last may
+    be smaller)."""
+    chunk: list[dict[str, Any]] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield collate(chunk)
+            chunk = []
+    if chunk:
+        yield collate(chunk)
 
 
 def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size: int,
@@ -360,10 +414,10 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
     if not items:
         return _loop_stats(counts, time.perf_counter() - start)
     preview_side = icfg.overlay_max_side if spec.save_overlays else (THUMB_SIDE if spec.thumbs else 0)
-    loader = make_loader(items, image_size, icfg, preview_side,
-                         pin_memory=predictor.device.type == "cuda")
-    batches = iter(loader)  # fork the decode workers now, before any thread exists here
-    threads = icfg.post_threads or min(4, os.cpu_count() or 1)
+    # The decode workers fork here, before any thread exists in this process.
+    batches = make_loader(items, image_size, icfg, preview_side,
+                          pin_memory=predictor.device.type == "cuda")
+    threads = icfg.post_threads or 1
     max_pending = 2 * threads + icfg.batch_size  # bounds memory: full-size maps live only here
     bar = tqdm(total=len(items), unit="img", disable=not show_progress, desc="infer")
     pending: set[cf.Future] = set()
@@ -449,7 +503,7 @@ __all__ = [
     "Ensemble", "InferenceError", "ItemDataset", "OutputSpec", "Predictor", "RowLog",
     "above_threshold", "write_previews",
     "applied_postprocess", "check_signature", "collate",
-    "decode_item", "done_ids", "ensemble_members", "finish_item", "full_size_mask", "job_part",
+    "cpu_has_bf16", "decode_item", "done_ids", "ensemble_members", "finish_item", "full_size_mask", "job_part",
     "load_ensemble", "load_exported", "load_predictor", "merge", "parts_done", "precision_name",
     "read_rows", "read_truth", "render_overlay", "run_inference", "tta_average", "with_scores",
     "write_csv", "write_mask",

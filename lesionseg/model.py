@@ -183,15 +183,16 @@ class MobileNetEncoderDecoder(nn.Module):
         return self
 
 
-def fuse_for_inference(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of `model` with every BatchNorm folded into the convolution before it
+def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """An eval-mode copy of `model` (with `inplace`, the model itself: no copy, for a model
+    built only to run inference) with every BatchNorm folded into the convolution before it
     (the encoder's conv-BN pairs and each decoder stage's fusion conv + BN).
 
     The outputs are the same up to float rounding; an eval BatchNorm costs about as much as a
     conv on a CPU, so the fused forward is faster. For inference only: the copy cannot be
     trained (no BN).
     """
-    fused = copy.deepcopy(model).eval()
+    fused = (model if inplace else copy.deepcopy(model)).eval()
     for module in fused.modules():
         if isinstance(module, nn.Sequential):  # torchvision's Conv2dNormActivation, block.conv
             names = list(module._modules)

@@ -18,18 +18,20 @@ from lesionseg.export import export_model
 
 @pytest.fixture(scope="module")
 def job_masks(tiny_checkpoint: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The infer job's masks for the tiny cases (torch backend, defaults)."""
+    """The infer job's masks for the tiny cases (torch backend, defaults but fp32)."""
     out = tmp_path_factory.mktemp("api_job") / "out"
     assert main(["infer", "--checkpoint", str(tiny_checkpoint["ckpt"]), "--input",
                  str(tiny_checkpoint["images"]), "--out", str(out), "--workers", "0",
-                 "--no-report", "infer.num_threads=1"]) == 0
+                 "--no-report", "infer.num_threads=1", "infer.mixed_precision=no"]) == 0
     return {p.name.removesuffix("_Segmentation.png"): np.asarray(Image.open(p))
             for p in (out / "masks").glob("*.png")}
 
 
 @pytest.fixture(scope="module")
 def segmenter(tiny_checkpoint: dict) -> Segmenter:
-    return Segmenter.load(tiny_checkpoint["ckpt"], device="cpu")
+    # fp32: the exact comparisons below (batch = singles, onnxruntime) are about the API, and
+    # `auto` is bf16 on a CPU with bf16 hardware.
+    return Segmenter.load(tiny_checkpoint["ckpt"], device="cpu", mixed_precision="no")
 
 
 def images_of(data: dict) -> list[Path]:

@@ -16,7 +16,7 @@ from lesionseg.cli import main
 from lesionseg.peers import peer_available
 
 TINY = BenchPlan(images=3, min_side=64, max_side=160, image_size=64, batch_size=2, warmup=0,
-                 repeats=1, data_batches=1, loop_steps=1, train_workers=1, infer_workers=1,
+                 repeats=1, data_batches=1, loop_steps=1, train_workers=1,
                  race_cases=24, race_sides=(64, 128), race_size=64, race_budget_s=1.0,
                  race_slice_s=0.5, accuracy_size=64, accuracy_epochs=1, accuracy_train=20,
                  accuracy_test=3, accuracy_sides=(64, 160), accuracy_seeds=1)

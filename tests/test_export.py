@@ -201,7 +201,9 @@ def masks(out: Path) -> dict[str, np.ndarray]:
 
 def test_infer_job_gives_torch_masks_on_every_backend(exported: dict, tiny_checkpoint: dict,
                                                       tmp_path: Path) -> None:
-    torch_sum = run_infer(exported["ckpt"], tiny_checkpoint, tmp_path / "torch")
+    # fp32 on torch too (auto is bf16 on a CPU with bf16 hardware; the exported files run fp32)
+    torch_sum = run_infer(exported["ckpt"], tiny_checkpoint, tmp_path / "torch",
+                          "infer.mixed_precision=no")
     reference = masks(tmp_path / "torch")
     assert len(reference) == 5 and torch_sum["backend"] == "torch"
     assert 0 < np.mean([m.mean() / 255 for m in reference.values()]) < 1  # not empty, not full
@@ -246,7 +248,7 @@ def test_exported_files_make_an_ensemble_on_their_runtimes(exported: dict, tiny_
     ensemble, _, meta, size = load_ensemble([exported["onnx"], exported["ts"]], InferConfig(), cpu)
     assert isinstance(ensemble, Ensemble) and size == TINY_SIZE
     assert meta["postprocess"]["threshold"] == TINY_POSTPROCESS["threshold"]  # both agree
-    reference, _, _ = load_predictor(exported["ckpt"], InferConfig(), cpu)
+    reference, _, _ = load_predictor(exported["ckpt"], InferConfig(mixed_precision="no"), cpu)
     images = stack_images([eval_transform(load_image(p.read_bytes())[0], None, TINY_SIZE)[0]
                            for p in sorted(tiny_checkpoint["images"].glob("*.jpg"))[:2]])
     members = [m(images) for m in ensemble.members]
@@ -254,7 +256,7 @@ def test_exported_files_make_an_ensemble_on_their_runtimes(exported: dict, tiny_
     assert torch.allclose(ensemble(images), reference(images), rtol=0, atol=1e-4)
     summary = run_infer(exported["onnx"], tiny_checkpoint, tmp_path / "ens", "--checkpoint",
                         str(exported["ts"]))
-    run_infer(exported["ckpt"], tiny_checkpoint, tmp_path / "torch")
+    run_infer(exported["ckpt"], tiny_checkpoint, tmp_path / "torch", "infer.mixed_precision=no")
     assert summary["backend"] == "onnxruntime" and len(summary["checkpoint"]["members"]) == 2
     got, want = masks(tmp_path / "ens"), masks(tmp_path / "torch")
     assert got.keys() == want.keys() and all((got[k] == want[k]).mean() >= 0.9999 for k in want)

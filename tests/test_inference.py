@@ -32,6 +32,7 @@ from lesionseg.data.images import load_image
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.inference import cpu_has_bf16
 from lesionseg.metrics import confusion_counts, scores
 from lesionseg.model import MobileNetEncoderDecoder
 
@@ -242,14 +243,23 @@ def test_device_and_precision_are_said_and_recorded(data: dict[str, Path], tmp_p
                                                      caplog: pytest.LogCaptureFixture,
                                                      capsys: pytest.CaptureFixture) -> None:
     one = sorted(data["images"].glob("*.jpg"))[0]
-    for i, (extra, precision) in enumerate((((), "fp32"), (("infer.mixed_precision=bf16",), "bf16"))):
+    auto = "bf16" if cpu_has_bf16() else "fp32"  # auto: bf16 where the CPU has it in hardware
+    cases = (((), auto, "infer.mixed_precision=auto: "),
+             (("infer.mixed_precision=no",), "fp32", "infer.mixed_precision=no"),
+             (("infer.mixed_precision=bf16",), "bf16", "infer.mixed_precision=bf16"))
+    for i, (extra, precision, reason) in enumerate(cases):
         caplog.clear()
         with caplog.at_level("INFO", logger="lesionseg"):
             assert infer(data, tmp_path / f"o{i}", one, extra=("--device", "cpu", *extra)) == 0
-        assert f"inference on cpu, {precision} precision" in caplog.text
+        assert f"inference on cpu, {precision} precision ({reason}" in caplog.text
+        assert "threads: 1 torch thread(s)" in caplog.text  # the test's infer.num_threads=1
         summary = json.loads((tmp_path / f"o{i}" / "summary.json").read_text())
         assert (summary["device"], summary["precision"]) == ("cpu", precision)
+        assert summary["precision_reason"].startswith(reason)
         assert summary["config"]["infer"]["device"] == "cpu"
+        threads = summary["throughput"]["processes"][0]["threads"]
+        assert (threads["torch_threads"], threads["decode_workers"]) == (1, 0)  # as the test set
+        assert threads["finish_threads"] >= 1 and threads["cores"] >= 1
     capsys.readouterr()
     assert infer(data, tmp_path / "bad", one, extra=("--device", "tpu")) == 2
     assert "infer.device" in capsys.readouterr().err
@@ -299,6 +309,32 @@ def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], pac
     train_only = tmp_path / "train_only"
     pack([data["isic"]], train_only, PackConfig(workers=1, val_fraction=0), progress=False)
     assert infer(data, tmp_path / "none", train_only, extra=("--no-report",)) == 2
+
+
+def test_decode_workers_and_finishing_threads_do_not_change_a_result(data: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """Single images decoded by two workers and stacked here (the CPU path), four finishing
+    threads: the same rows and masks as one process doing everything in turn."""
+    ref, par = tmp_path / "ref", tmp_path / "par"
+    assert infer(data, ref, data["isic"], extra=("--no-report",)) == 0
+    assert infer(data, par, data["isic"], extra=("--no-report", "--workers", "2",
+                                                  "infer.post_threads=4")) == 0
+    assert (par / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
+    assert mask_arrays(par).keys() == mask_arrays(ref).keys()
+    assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(par).values(),
+                                                    mask_arrays(ref).values(), strict=True))
+    threads = json.loads((par / "summary.json").read_text())["throughput"]["processes"][0]["threads"]
+    assert (threads["decode_workers"], threads["finish_threads"]) == (2, 4)
+
+
+def test_batched_keeps_order_and_failures() -> None:
+    samples = [{"index": i, "image": torch.full((3, 4, 4), i, dtype=torch.uint8)} for i in range(5)]
+    samples[2] = {"index": 2, "error": "bad"}
+    batches = list(inference._batched(iter(samples), 2))
+    assert [len(b["good"]) + len(b["failed"]) for b in batches] == [2, 2, 1]
+    assert [s["index"] for b in batches for s in b["good"]] == [0, 1, 3, 4]
+    assert batches[1]["failed"][0]["error"] == "bad" and batches[1]["images"].shape[0] == 1
+    assert batches[2]["images"][0, 0, 0, 0] == 4
 
 
 def test_two_parts_then_merge_equal_one_run(data: dict[str, Path], tmp_path: Path) -> None:

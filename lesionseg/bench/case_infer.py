@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import os
 import shutil
 import statistics
 import time
@@ -30,6 +29,7 @@ from lesionseg.infer.outputs import THUMB_SIDE, OutputSpec
 from lesionseg.infer.predict import load_predictor
 from lesionseg.inference import applied_postprocess, finish_item, run_inference
 from lesionseg.metrics import confusion_counts
+from lesionseg.threadplan import usable_cores
 from lesionseg.train.build import build_model
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     pairs = source_pairs(source)
     ckpt = bench_checkpoint(workdir, plan.image_size)
     cfg = bench_config([f"infer.batch_size={plan.batch_size}",
-                   f"infer.num_workers={plan.infer_workers}",
                    "infer.tta=false"])  # one forward per image, like the naive loop
     naive_model, _, _ = build_model_from_checkpoint(ckpt)
     predictor, _, _ = load_predictor(ckpt, cfg.infer, torch.device("cpu"))
@@ -113,7 +112,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     runs_dir = workdir / "infer-runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     counter = {"n": 0}
-    job: dict[str, list[float]] = {"loop_s": [], "wall_s": [], "forward_s": []}
+    job: dict[str, Any] = {"loop_s": [], "wall_s": [], "forward_s": [], "threads": None}
 
     def pipeline() -> float:
         counter["n"] += 1
@@ -128,6 +127,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         job["loop_s"].append(process["seconds"])
         job["wall_s"].append(wall)
         job["forward_s"].append(process["forward_seconds"])
+        job["threads"] = process.get("threads")
         shutil.rmtree(out, ignore_errors=True)
         return process["seconds"]
 
@@ -160,7 +160,7 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     wall_s = stats(job["wall_s"])
     return {
         "threads": torch.get_num_threads(), "image_size": plan.image_size,
-        "batch_size": plan.batch_size, "num_workers": plan.infer_workers, "images": n,
+        "batch_size": plan.batch_size, "job_threads": job["threads"], "images": n,
         "source_megapixels_mean": rounded(statistics.fmean(mps)),
         "source_megapixels_max": rounded(max(mps)),
         "job_loop_s": job_s, "job_wall_s": wall_s,
@@ -179,14 +179,6 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
                    "infer_efficiency": rounded(ideal / job_s["median"]),
                    "infer_wall_over_loop": rounded(wall_s["median"] / job_s["median"])},
     }
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def ideal_infer_seconds(forward_s: float, stages: dict[str, Any], images: int,

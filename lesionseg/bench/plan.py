@@ -40,7 +40,6 @@ class BenchPlan:
     data_batches: int = 4  # batches per timed round in the data case
     loop_steps: int = 8  # timed steps per block in the loop-vs-pure comparison
     train_workers: int = 2  # DataLoader workers of the real training loop
-    infer_workers: int = 2  # decode workers of the batch-inference job
     race_cases: int = 240  # synthetic cases of the equal-time race (demo-like sizes)
     race_sides: tuple[int, int] = (320, 1024)  # their longest sides: from, to
     race_size: int = 256  # training/validation side of the race

@@ -66,7 +66,9 @@ Slurm array) split them across jobs, and the last part to finish merges."""
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help=f"images per forward pass (default {d.batch_size})")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help=f"decode worker processes per process (default {d.num_workers})")
+                        help="decode worker processes per process (default: sized together "
+                             "with the torch and finishing threads from the cores; the "
+                             "\"threads:\" log line says what was chosen)")
     parser.add_argument("--image-size", type=int, metavar="S",
                         help="side the model sees (default: the checkpoint's data.image_size)")
     parser.add_argument("--threshold", type=float, metavar="P",

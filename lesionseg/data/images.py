@@ -185,7 +185,11 @@ def load_mask(src: Source, name: str | None = None,
     if expected_size is not None and (img.height, img.width) != tuple(expected_size):
         raise ImageError(f"{name}: mask is {img.width}x{img.height} but its image is "
                          f"{expected_size[1]}x{expected_size[0]} (width x height)")
-    # Pillow's histogram is one C pass: far cheaper than np.unique's sort on 12 MP masks.
+    # The usual 0/255 mask: one cv2 pass over a view of its pixels (~4x cheaper than Pillow's
+    # histogram on a 12 MP mask, itself far cheaper than np.unique's sort). Anything else
+    # takes the histogram, which also names the values.
+    if is_binary_255(np.asarray(img)):
+        return img
     values = np.flatnonzero(np.asarray(img.histogram()))
     if np.isin(values, (0, 255)).all():
         return img

@@ -116,10 +116,38 @@ def tta_average(probs: torch.Tensor, n: int) -> torch.Tensor:
                for p, dims in zip(views, TTA_FLIPS, strict=True)) / len(TTA_FLIPS)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX tiles or AVX-512 BF16), where bf16
+    autocast runs the forward ~1.5x faster than fp32; elsewhere bf16 is emulated and slower.
+    (torch.cpu's probes are private; a torch without them counts as no.)"""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    try:
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    except Exception:  # noqa: BLE001 (a probe that fails means: do not rely on it)
+        return False
+
+
+def precision_reason(setting: str, predictor: Predictor | Ensemble) -> str:
+    """Why the forward runs in its precision, for the start-up line and the summary."""
+    if predictor.runtime is not None:
+        return f"the {predictor.backend} runtime's file"
+    if setting != "auto":
+        return f"infer.mixed_precision={setting}"
+    if predictor.device.type == "cuda":
+        return "infer.mixed_precision=auto: fp16 on CUDA"
+    if predictor.device.type == "cpu" and cpu_has_bf16():
+        return "infer.mixed_precision=auto: this CPU has bf16 hardware (AMX or AVX-512 BF16)"
+    return "infer.mixed_precision=auto: fp32, no bf16 hardware on this device"
+
+
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
-    """`infer.mixed_precision` → autocast dtype (auto: fp16 on CUDA, none elsewhere)."""
+    """`infer.mixed_precision` → autocast dtype. auto: fp16 on CUDA; bf16 on a CPU with bf16
+    hardware (on the accuracy benchmark's 40 hard test images, two trained seeds, Dice moved
+    by -0.0002 and -0.0005); fp32 elsewhere."""
     if setting == "auto":
-        return torch.float16 if device.type == "cuda" else None
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
     return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
 
 
@@ -131,7 +159,8 @@ def load_predictor(checkpoint: str | Path, cfg: InferConfig,
     if cfg.backend != "torch" or export_format(checkpoint) is not None:
         return load_exported(checkpoint, cfg, device)
     model, ckpt_cfg, meta = build_model_from_checkpoint(checkpoint)
-    model = fuse_for_inference(model)  # BatchNorm folded into the convs: ~40% faster here
+    # BatchNorm folded into the convs: ~40% faster here; in place, the model is ours alone
+    model = fuse_for_inference(model, inplace=True)
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     return Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta), ckpt_cfg, meta
 
