@@ -77,7 +77,7 @@ class CheckPlan:
     """Sizes, repeats and time limits of one run (`plan_for` gives the presets)."""
 
     device: str = "cuda"  # cuda or cpu
-    image_size: int = 384  # side of the training step, inference and train-job images
+    image_size: int = 384  # side of the training-step and inference images (train_job: the demo's)
     batch_size: int = 16  # images per training step and per inference forward
     warmup: int = 5  # untimed training steps / copies before the timed ones
     steps: int = 30  # timed training steps per variant (figures are medians)
@@ -225,8 +225,9 @@ def run_checks(plan: CheckPlan, workdir: Path, out: Path, quick: bool = False) -
         "parts": {}}
     for part in PARTS:
         left = deadline - time.monotonic()
-        if plan.device != "cuda" and part in CUDA_ONLY:
-            doc["parts"][part] = {"status": "skipped", "reason": CUDA_ONLY[part]}
+        skip = not_applicable(part, plan)
+        if skip:
+            doc["parts"][part] = {"status": "skipped", "reason": skip}
         elif left < 2 * KILL_GRACE_S:
             doc["parts"][part] = {"status": "skipped", "reason": "out of time (--budget)"}
         else:
@@ -239,6 +240,17 @@ def run_checks(plan: CheckPlan, workdir: Path, out: Path, quick: bool = False) -
         doc["total_seconds"] = round(time.monotonic() - started, 1)
         atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def not_applicable(part: str, plan: CheckPlan) -> str | None:
+    """Why a part does not run on this host (None: it runs)."""
+    import torch
+
+    if plan.device != "cuda" and part in CUDA_ONLY:
+        return CUDA_ONLY[part]
+    if part == "ddp" and torch.cuda.device_count() < 2:
+        return f"{torch.cuda.device_count()} GPU (NCCL refuses two ranks on one GPU)"
+    return None
 
 
 def run_part(part: str, plan: CheckPlan, workdir: Path, limit_s: float) -> dict[str, Any]:
@@ -290,17 +302,11 @@ def _part_main(part: str, plan: CheckPlan, workdir: str, deadline: float, result
     setup_logging()
     try:
         result = {"status": "ok", **PART_FUNCTIONS[part](plan, Path(workdir), deadline)}
-    except Skipped as e:
-        result = {"status": "skipped", "reason": str(e)}
     except Exception as e:  # noqa: BLE001 (recorded in the JSON; the next part runs)
         log.error("gpucheck %s failed: %s: %s", part, type(e).__name__, e)
         result = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                   "traceback": traceback.format_exc()[-3000:]}
     atomic_write_text(result_file, json.dumps(result, indent=1, default=str))
-
-
-class Skipped(Exception):
-    """A part that does not apply here (CUDA only, one GPU); the message says why."""
 
 
 # ============================================================================ measuring
@@ -417,6 +423,7 @@ class StepVariant:
     scaler: Any
     precision: str  # train.mixed_precision name: no, fp16, bf16
     channels_last: bool
+    grad_clip: float  # optim.grad_clip (0 = off)
 
 
 def step_variant(plan: CheckPlan, precision: str, channels_last: bool,
@@ -438,7 +445,7 @@ def step_variant(plan: CheckPlan, precision: str, channels_last: bool,
     if compile_model:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return StepVariant(model, optimizer, scaler, precision, channels_last)
+    return StepVariant(model, optimizer, scaler, precision, channels_last, cfg.optim.grad_clip)
 
 
 def step_batch(plan: CheckPlan, channels_last: bool) -> tuple[Any, Any]:
@@ -455,7 +462,7 @@ def step_batch(plan: CheckPlan, channels_last: bool) -> tuple[Any, Any]:
     return x.to(device), y.to(device)
 
 
-def train_step(v: StepVariant, loss_fn: Any, x: Any, y: Any, grad_clip: float = 1.0) -> Any:
+def train_step(v: StepVariant, loss_fn: Any, x: Any, y: Any) -> Any:
     """One optimizer step: autocast forward, fp32 loss, scaled backward, unscale, clip, AdamW
     (skipped by the scaler on inf/NaN gradients in fp16). Returns the loss (on the device)."""
     import torch
@@ -466,8 +473,9 @@ def train_step(v: StepVariant, loss_fn: Any, x: Any, y: Any, grad_clip: float = 
         logits = v.model(x)
     loss, _ = loss_fn(logits, y)
     v.scaler.scale(loss).backward()
-    v.scaler.unscale_(v.optimizer)
-    torch.nn.utils.clip_grad_norm_(v.model.parameters(), grad_clip)
+    if v.grad_clip:
+        v.scaler.unscale_(v.optimizer)
+        torch.nn.utils.clip_grad_norm_(v.model.parameters(), v.grad_clip)
     v.scaler.step(v.optimizer)
     v.scaler.update()
     v.optimizer.zero_grad(set_to_none=True)
@@ -675,7 +683,8 @@ def infer_precision(plan: CheckPlan, inputs: InferInputs, precision: str) -> dic
     predictor = load_predictor(inputs.checkpoint, cfg.infer, device)[0]
     jobs, naive_s, forward_s = [], [], []
     for round_ in range(1 + plan.infer_repeats):
-        log.info("inference %s: round %d of %d", precision, round_, plan.infer_repeats)
+        log.info("inference %s: round %d of %d", PRECISION_NAMES[precision], round_,
+                 plan.infer_repeats)
         job = time_job(inputs, cfg)
         naive = time_naive(inputs, plan, precision)
         forward = time_forward(predictor, inputs.images8, plan.batch_size)
@@ -785,7 +794,7 @@ def check_train_job(plan: CheckPlan, workdir: Path, deadline: float) -> dict[str
     for k, precision in enumerate(plan.precisions):
         left = deadline - time.monotonic() - KILL_GRACE_S
         timeout = left / (len(plan.precisions) - k)
-        log.info("train job %s: at most %.0f s", precision, timeout)
+        log.info("train job %s: at most %.0f s", PRECISION_NAMES[precision], timeout)
         ran = run_command([sys.executable, str(TRAIN_SCRIPT),
                            *train_overrides(plan, precision, precision)],
                           cwd, cwd / f"train-{precision}.log", timeout)
@@ -801,20 +810,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def ddp_command(plan: CheckPlan, processes: int, port: int) -> list[str]:
+    """`accelerate launch --multi_gpu` of the training job (bf16) over `processes` ranks."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "bf16",
+            "--dynamo_backend", "no", "--main_process_port", str(port), str(TRAIN_SCRIPT),
+            *train_overrides(plan, "bf16", "ddp"), f"optim.max_steps={plan.ddp_steps}"]
+
+
 def check_ddp(plan: CheckPlan, workdir: Path, deadline: float) -> dict[str, Any]:
-    """`accelerate launch --multi_gpu` of the training job over every GPU (NCCL), bf16."""
+    """The training job over every GPU, DDP over NCCL (the demo data of train_job, reused)."""
     import torch
 
-    gpus = torch.cuda.device_count()
-    if gpus < 2:
-        raise Skipped(f"{gpus} GPU (NCCL refuses two ranks on one GPU)")
+    gpus = torch.cuda.device_count()  # at least 2 (not_applicable)
     cwd = workdir / "train-job"
     cwd.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", str(gpus), "--num_machines", "1", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(TRAIN_SCRIPT),
-           *train_overrides(plan, "bf16", "ddp"), f"optim.max_steps={plan.ddp_steps}"]
-    ran = run_command(cmd, cwd, cwd / "train-ddp.log",
+    ran = run_command(ddp_command(plan, gpus, _free_port()), cwd, cwd / "train-ddp.log",
                       deadline - time.monotonic() - KILL_GRACE_S)
     result = read_train_run(ran, cwd / "runs" / "ddp")
     return {"processes": gpus, "steps": plan.ddp_steps, **result,

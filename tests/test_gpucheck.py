@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from lesionseg.gpucheck import PARTS, _summarize, plan_for, read_train_run, run_part
+from lesionseg.gpucheck import (
+    PARTS,
+    _free_port,
+    _summarize,
+    ddp_command,
+    not_applicable,
+    plan_for,
+    read_train_run,
+    run_command,
+    run_part,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "jobs" / "gpucheck.py"
@@ -127,3 +137,28 @@ def test_budget_overrides_the_plan_and_quick_is_shorter() -> None:
     assert plan_for("cuda", quick=True, budget_s=100).budget_s == 100
     assert plan_for("cpu", quick=False).precisions == ("no", "bf16")
     assert full.precisions == ("fp16", "bf16") and full.batch_size == 16
+
+
+@pytest.mark.slow
+def test_ddp_launch_line_runs_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ddp part's `accelerate launch` line as two gloo ranks on the CPU: on a host with
+    two GPUs the same line runs over NCCL."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    plan = plan_for("cpu", quick=True)
+    ran = run_command(ddp_command(plan, 2, _free_port()), tmp_path, tmp_path / "ddp.log", 240)
+    run = read_train_run(ran, tmp_path / "runs" / "ddp")
+    assert run["ok"] and run["world_size"] == 2 and run["loss_finite"], run.get("log_tail")
+
+
+def test_cuda_only_parts_and_one_gpu_ddp_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    cpu, cuda = plan_for("cpu", quick=True), plan_for("cuda", quick=True)
+    assert "CUDA only" in not_applicable("pinned_memory", cpu)
+    assert "CUDA only" in not_applicable("ddp", cpu)
+    assert not_applicable("inference", cpu) is None and not_applicable("compile", cpu) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert not_applicable("ddp", cuda).startswith("1 GPU")
+    assert not_applicable("pinned_memory", cuda) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert not_applicable("ddp", cuda) is None
