@@ -62,6 +62,10 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
     for key in ("job_images_per_s", "naive_images_per_s", "forward_images_per_s",
                 "forward_onnxruntime_images_per_s"):
         assert _positive(infer[key]), key
+    assert infer["precision"] in ("fp32", "bf16")
+    assert (infer["forward_fp32_s"] is None) == (infer["precision"] == "fp32")
+    threads = infer["job_threads"]
+    assert threads["cores"] >= 1 and threads["torch_threads"] >= 1 and threads["finish_threads"] >= 1
     # Accuracy: every trainer scored by the same scorer on the same 3 hard test cases; the top
     # level holds their Dice, and the margins are exactly the differences.
     runs = accuracy["equal_epochs"]

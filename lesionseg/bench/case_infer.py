@@ -103,6 +103,10 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
                    "infer.tta=false"])  # one forward per image, like the naive loop
     naive_model, _, _ = build_model_from_checkpoint(ckpt)
     predictor, _, _ = load_predictor(ckpt, cfg.infer, torch.device("cpu"))
+    # The job's precision is auto (bf16 on a CPU with bf16 hardware): fp32 side by side too.
+    fp32 = (None if predictor.precision == "fp32" else
+            load_predictor(ckpt, dataclasses.replace(cfg.infer, mixed_precision="no"),
+                           torch.device("cpu"))[0])
     ort_predictor = onnxruntime_predictor(ckpt, cfg.infer)
     log.info("infer: decoding %d images for the pure-forward baseline", len(pairs))
     images8 = stack_images([
@@ -145,7 +149,13 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         return timed(lambda: [ort_predictor(images8[i:i + plan.batch_size])
                               for i in range(0, len(images8), plan.batch_size)])
 
+    def forward_fp32() -> float:
+        return timed(lambda: [fp32(tensors[i:i + plan.batch_size])
+                              for i in range(0, len(tensors), plan.batch_size)])
+
     variants = {"job": pipeline, "naive": naive, "forward": forward}
+    if fp32 is not None:
+        variants["forward_fp32"] = forward_fp32
     if ort_predictor is not None:
         variants["forward_ort"] = forward_ort
     runs = interleaved(variants, plan.warmup, plan.repeats)
@@ -170,6 +180,8 @@ def bench_infer(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         "job_images_per_s": rate["job"], "job_wall_images_per_s": rounded(
             n / wall_s["median"]),
         "naive_images_per_s": rate["naive"], "forward_images_per_s": rate["forward"],
+        "precision": predictor.precision,
+        "forward_fp32_s": stats(runs["forward_fp32"]) if fp32 is not None else None,
         "forward_onnxruntime_s": ort_s,
         "forward_onnxruntime_images_per_s": rounded(n / ort_s["median"]) if ort_s else None,
         "note": "job = run_inference with the job's defaults (report on); loop time excludes "
