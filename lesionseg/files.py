@@ -1,13 +1,17 @@
 """Atomic file writes and hashes: every output is written to a temporary name, then renamed,
-so a process killed at any moment leaves either the old file or the complete new one."""
+so a process killed at any moment leaves either the old file or the complete new one; and the
+work folder of the benchmark and GPU-check commands."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from lesionseg.errors import UserError
@@ -84,3 +88,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def work_folder(path: str | None, prefix: str) -> Iterator[Path]:
+    """The given folder (created, kept), or a temporary one (`prefix`…) removed afterwards."""
+    if path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        yield folder.resolve()
+        return
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -34,15 +34,16 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lesionseg.bench.table import aligned, format_value
 from lesionseg.errors import EXIT_USAGE, UserError
+from lesionseg.files import work_folder
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def command(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise GpuCheckError(f"--out {out}: folder {out.parent} does not exist")
     plan = plan_for(args.device, args.quick, args.budget)
-    with _workdir(args.workdir) as workdir:
+    with work_folder(args.workdir, "lesionseg-gpucheck-") as workdir:
         doc = run_checks(plan, workdir, out, quick=args.quick)
     print(format_table(doc))
     print(f"\nresults written to {out}")
@@ -191,21 +192,6 @@ def main(argv: list[str] | None = None, prog: str = "jobs/gpucheck.py") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-@contextlib.contextmanager
-def _workdir(path: str | None) -> Iterator[Path]:
-    """The given folder (created, kept), or a temporary one removed afterwards."""
-    if path:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder.resolve()
-        return
-    folder = Path(tempfile.mkdtemp(prefix="lesionseg-gpucheck-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ============================================================================ the run
@@ -566,37 +552,6 @@ def check_pinned_memory(plan: CheckPlan, workdir: Path, deadline: float) -> dict
 # ============================================================================ inference
 
 
-def naive_pass(model: Any, pairs: list[tuple[Path, Path]], out: Path, size: int, device: Any,
-               precision: str) -> None:
-    """The baseline a user writes first, on `device`: per image, full PIL decode, resize to
-    size², one forward, upsample to the original size on the device, threshold, copy back,
-    save the PNG, score against the truth. One image at a time."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image, ImageOps
-
-    from lesionseg.device import autocast, precision_dtype
-    from lesionseg.metrics import confusion_counts
-
-    out.mkdir(parents=True, exist_ok=True)
-    for image_path, mask_path in pairs:
-        with Image.open(image_path) as raw:
-            img = ImageOps.exif_transpose(raw).convert("RGB")
-        w, h = img.size
-        x = torch.from_numpy(np.array(img.resize((size, size), Image.BILINEAR)))
-        x = x.permute(2, 0, 1).unsqueeze(0).to(device).float().div(255)
-        with torch.inference_mode(), autocast(device, precision_dtype(precision)):
-            prob = torch.sigmoid(model(x).float())
-            full = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            pred = (full > 0.5).cpu().numpy()
-        mask = Image.fromarray((pred * 255).astype(np.uint8), mode="L")
-        mask.save(out / f"{image_path.stem}_Segmentation.png")
-        with Image.open(mask_path) as t:
-            truth = torch.from_numpy(np.asarray(t) > 128)
-        confusion_counts(torch.from_numpy(pred), truth)
-
-
 @dataclass
 class InferInputs:
     """What every inference variant reads, made once: the full-size source folder and its
@@ -654,7 +609,9 @@ def time_job(inputs: InferInputs, cfg: Any) -> dict[str, Any]:
 
 
 def time_naive(inputs: InferInputs, plan: CheckPlan, precision: str) -> float:
-    """Seconds of one naive pass over every image."""
+    """Seconds of one naive pass (the CPU bench's, on this device) over every image."""
+    from lesionseg.bench.case_infer import naive_pass
+
     device = _device(plan)
     t0 = time.perf_counter()
     naive_pass(inputs.naive_model, inputs.pairs, inputs.runs_dir / "naive", plan.image_size,
@@ -866,14 +823,6 @@ def _summarize(doc: dict[str, Any]) -> None:
     doc["failed_parts"] = [p for p, r in parts.items() if r["status"] in ("failed", "timeout")]
 
 
-def _fmt(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.3g}{unit}" if abs(value) < 100 else f"{value:.0f}{unit}"
-    return f"{value}{unit}"
-
-
 def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(part, measurement, value, notes) rows of the printed table."""
     rows: list[tuple[str, str, str, str]] = []
@@ -888,7 +837,7 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def _environment_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [("environment", "device", str(r["device_name"]),
-             f"capability {r['capability']}, {r['gpu_count']} GPU(s), {_fmt(r['memory_gb'])} GB, "
+             f"capability {r['capability']}, {r['gpu_count']} GPU(s), {format_value(r['memory_gb'])} GB, "
              f"bf16 {r['bf16_supported']}"),
             ("environment", "torch / torchvision / accelerate",
              f"{r['torch']} / {r['torchvision']} / {r['accelerate']}",
@@ -897,19 +846,19 @@ def _environment_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 def _train_step_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [("train_step", f"{name}, batch {r['batch_size']} at {r['image_size']}², s",
-             _fmt(v["step_s"]), f"{_fmt(v['images_per_s'])} img/s, peak "
-             f"{_fmt(v['peak_memory_mb'])} MB, loss finite {v['loss_finite']}")
+             format_value(v["step_s"]), f"{format_value(v['images_per_s'])} img/s, peak "
+             f"{format_value(v['peak_memory_mb'])} MB, loss finite {v['loss_finite']}")
             for name, v in r["variants"].items()]
 
 
 def _compile_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    return [("compile", "torch.compile bf16 channels_last step, s", _fmt(r["step_s"]),
-             f"{_fmt(r['images_per_s'])} img/s; first step (compiling) "
-             f"{_fmt(r['first_step_s'])} s")]
+    return [("compile", "torch.compile bf16 channels_last step, s", format_value(r["step_s"]),
+             f"{format_value(r['images_per_s'])} img/s; first step (compiling) "
+             f"{format_value(r['first_step_s'])} s")]
 
 
 def _pinned_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    return [("pinned_memory", f"host→device {name}, GB/s", _fmt(r[name]["gb_per_s"]),
+    return [("pinned_memory", f"host→device {name}, GB/s", format_value(r[name]["gb_per_s"]),
              f"{r['bytes'] / 2**20:.1f} MB uint8 batch, non_blocking")
             for name in ("pageable", "pinned")]
 
@@ -918,11 +867,11 @@ def _inference_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     for precision, p in r["precisions"].items():
         rows += [("inference", f"{precision}: batch job / naive / forward, img/s",
-                  f"{_fmt(p['job_images_per_s'])} / {_fmt(p['naive_images_per_s'])} / "
-                  f"{_fmt(p['forward_images_per_s'])}",
+                  f"{format_value(p['job_images_per_s'])} / {format_value(p['naive_images_per_s'])} / "
+                  f"{format_value(p['forward_images_per_s'])}",
                   f"{r['images']} full-size images, batch {r['batch_size']}"),
                  ("inference", f"{precision}: speedup vs naive / over pure forward",
-                  f"{_fmt(p['infer_speedup_vs_naive'])} / {_fmt(p['infer_over_pure_forward'])}",
+                  f"{format_value(p['infer_speedup_vs_naive'])} / {format_value(p['infer_over_pure_forward'])}",
                   "targets >= 3 / <= 1.3 (GPU)")]
     threads = r.get("threads") or {}
     rows.append(("inference", "thread plan (torch / decode workers / finishing)",
@@ -932,8 +881,8 @@ def _inference_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def _train_run_row(part: str, name: str, run: dict[str, Any]) -> tuple[str, str, str, str]:
-    return (part, f"{name}: final val Dice", _fmt(run["final_val_dice"]),
-            f"wall {_fmt(run['wall_s'])} s, step {_fmt(run['step_time_s'])} s, loss finite "
+    return (part, f"{name}: final val Dice", format_value(run["final_val_dice"]),
+            f"wall {format_value(run['wall_s'])} s, step {format_value(run['step_time_s'])} s, loss finite "
             f"{run['loss_finite']}, exit {run['exit_status']}")
 
 
@@ -955,17 +904,12 @@ def format_table(doc: dict[str, Any]) -> str:
     """The printed table, then the targets and the failed parts."""
     lines = [f"lesionseg gpucheck{' (quick)' if doc.get('quick') else ''} on {doc['device']}, "
              f"{doc.get('total_seconds')} s", ""]
-    rows = [("part", "measurement", "value", "notes"), *table_rows(doc)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for k, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += aligned([("part", "measurement", "value", "notes"), *table_rows(doc)])
     lines += ["", "targets:"]
     for name, t in doc["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not judged"}[t["met"]]
-        lines.append(f"  {name:26s} {_fmt(t['value']):>8s}  target {t['target']:7s} {verdict}")
-    lines.append(f"  compile_speedup_vs_eager   {_fmt(doc['compile_speedup_vs_eager']):>8s}")
+        lines.append(f"  {name:26s} {format_value(t['value']):>8s}  target {t['target']:7s} {verdict}")
+    lines.append(f"  compile_speedup_vs_eager   {format_value(doc['compile_speedup_vs_eager']):>8s}")
     if doc["failed_parts"]:
         lines.append(f"\nparts failed or timed out: {', '.join(doc['failed_parts'])}")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from lesionseg.checkpoint import build_model_from_checkpoint, save_weights
 from lesionseg.data.images import load_image
 from lesionseg.data.sources import collect
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.device import autocast, precision_dtype
 from lesionseg.infer.decode import decode_item
 from lesionseg.infer.outputs import THUMB_SIDE, OutputSpec
 from lesionseg.infer.predict import load_predictor
@@ -44,24 +45,28 @@ def bench_checkpoint(workdir: Path, image_size: int) -> Path:
     return path
 
 
-def naive_pass(model: Any, pairs: list[tuple[Path, Path]], out: Path, size: int) -> None:
-    """The baseline: per image, full PIL decode, resize to size², one forward, upsample to the
-    original size, threshold, save the PNG, score against the truth. One image at a time."""
+def naive_pass(model: Any, pairs: list[tuple[Path, Path]], out: Path, size: int,
+               device: torch.device | str = "cpu", precision: str = "no") -> None:
+    """The baseline a user writes first: per image, full PIL decode, resize to size², one
+    forward on `device` (autocast per `precision`), upsample to the original size there,
+    threshold, copy back, save the PNG, score against the truth. One image at a time."""
+    device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     for image_path, mask_path in pairs:
         with Image.open(image_path) as raw:
             img = ImageOps.exif_transpose(raw).convert("RGB")
         w, h = img.size
         x = torch.from_numpy(np.array(img.resize((size, size), Image.BILINEAR)))
-        x = x.permute(2, 0, 1).float().div(255).unsqueeze(0)
-        with torch.inference_mode():
-            prob = torch.sigmoid(model(x))
-        full = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        mask = Image.fromarray(((full > 0.5).numpy() * 255).astype(np.uint8), mode="L")
+        x = x.permute(2, 0, 1).unsqueeze(0).to(device).float().div(255)
+        with torch.inference_mode(), autocast(device, precision_dtype(precision)):
+            prob = torch.sigmoid(model(x).float())
+            full = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            pred = (full > 0.5).cpu().numpy()
+        mask = Image.fromarray((pred * 255).astype(np.uint8), mode="L")
         mask.save(out / f"{image_path.stem}_Segmentation.png")
         with Image.open(mask_path) as t:
             truth = torch.from_numpy(np.asarray(t) > 128)
-        confusion_counts(torch.from_numpy(np.asarray(mask) > 128), truth)
+        confusion_counts(torch.from_numpy(pred), truth)
 
 
 def infer_stage_costs(source: Path, cfg: Any, predictor: Any, image_size: int,

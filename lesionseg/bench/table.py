@@ -59,7 +59,8 @@ def target_table(doc: dict[str, Any]) -> dict[str, Any]:
     return table
 
 
-def _fmt(value: Any, unit: str = "") -> str:
+def format_value(value: Any, unit: str = "") -> str:
+    """A figure for the printed tables: 3 significant digits, whole numbers from 100."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -76,51 +77,51 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for key, label in (("shards_images_per_s", "shard pipeline"),
                            ("folder_images_per_s", "folder loader (full decode)")):
             s = d[key]
-            rows.append(("data", f"{label}, img/s/worker", _fmt(s["median"]),
-                         f"{_fmt(s['min'])}-{_fmt(s['max'])}"))
+            rows.append(("data", f"{label}, img/s/worker", format_value(s["median"]),
+                         f"{format_value(s['min'])}-{format_value(s['max'])}"))
         for key, s in d.items():
             if key.startswith("shards_max_side_"):
                 side = key.split("_")[3]
                 rows.append(("data", f"shard pipeline, stored at {side} px, img/s/worker",
-                             _fmt(s["median"]), f"{_fmt(s['min'])}-{_fmt(s['max'])}"))
+                             format_value(s["median"]), f"{format_value(s['min'])}-{format_value(s['max'])}"))
         st = d["stages_ms_per_image"]
-        rows.append(("data", "ms/img decode + transform: shards", _fmt(st["shard_decode_ms"]),
-                     f"+ {_fmt(st['shard_transform_ms'])}"))
-        rows.append(("data", "ms/img decode + transform: folder", _fmt(st["folder_decode_ms"]),
-                     f"+ {_fmt(st['folder_transform_ms'])}"))
-        rows.append(("data", "packing, cases/s", _fmt(d["pack_cases_per_s"]),
+        rows.append(("data", "ms/img decode + transform: shards", format_value(st["shard_decode_ms"]),
+                     f"+ {format_value(st['shard_transform_ms'])}"))
+        rows.append(("data", "ms/img decode + transform: folder", format_value(st["folder_decode_ms"]),
+                     f"+ {format_value(st['folder_transform_ms'])}"))
+        rows.append(("data", "packing, cases/s", format_value(d["pack_cases_per_s"]),
                      f"{d['pack_workers']} workers"))
     if "train" in cases:
         t = cases["train"]
         for name, s in t["step_s"].items():
-            rows.append(("train", f"step {name}, s", _fmt(s["median"]),
-                         f"{_fmt(s['min'])}-{_fmt(s['max'])}"))
+            rows.append(("train", f"step {name}, s", format_value(s["median"]),
+                         f"{format_value(s['min'])}-{format_value(s['max'])}"))
         lp = t["loop"]
         rows.append(("train", "pure step (train_step, pre-made), s",
-                     _fmt(lp["pure_step_s"]["mean"]), f"median {_fmt(lp['pure_step_s']['median'])}"))
+                     format_value(lp["pure_step_s"]["mean"]), f"median {format_value(lp['pure_step_s']['median'])}"))
         rows.append(("train", f"real loop ({lp['num_workers']} workers), s",
-                     _fmt(lp["loop_step_s"]["mean"]), f"median {_fmt(lp['loop_step_s']['median'])}"))
+                     format_value(lp["loop_step_s"]["mean"]), f"median {format_value(lp['loop_step_s']['median'])}"))
         race = t["race"]
         for name in ("ours", "smp"):
             if name in race:
                 r = race[name]
                 rows.append(("train", f"race {name}: val Dice after {race['budget_s']:g} s "
-                             f"at {race['image_size']}²", _fmt(r["val_dice"]),
+                             f"at {race['image_size']}²", format_value(r["val_dice"]),
                              f"{r['steps']} steps"))
         for name, c in t["model"].items():
             gm = next(v for k, v in c.items() if k.startswith("gmacs_"))
             rows.append(("train", f"{name}: params (trainable), GMACs", f"{c['params'] / 1e6:.2f} M",
-                         f"({c['trainable_params'] / 1e6:.2f} M), {_fmt(gm)} GMAC"))
+                         f"({c['trainable_params'] / 1e6:.2f} M), {format_value(gm)} GMAC"))
     if "infer" in cases:
         i = cases["infer"]
-        rows.append(("infer", "batch job, img/s", _fmt(i["job_images_per_s"]),
-                     f"wall incl. start-up {_fmt(i['job_wall_images_per_s'])}"))
-        rows.append(("infer", "naive loop, img/s", _fmt(i["naive_images_per_s"]), ""))
+        rows.append(("infer", "batch job, img/s", format_value(i["job_images_per_s"]),
+                     f"wall incl. start-up {format_value(i['job_wall_images_per_s'])}"))
+        rows.append(("infer", "naive loop, img/s", format_value(i["naive_images_per_s"]), ""))
         rows.append(("infer", f"pure forward batch {i['batch_size']}, img/s",
-                     _fmt(i["forward_images_per_s"]), i.get("precision", "")))
+                     format_value(i["forward_images_per_s"]), i.get("precision", "")))
         if i.get("forward_fp32_s"):
             rows.append(("infer", f"pure forward batch {i['batch_size']}, fp32, img/s",
-                         _fmt(rounded(i["images"] / i["forward_fp32_s"]["median"])), ""))
+                         format_value(rounded(i["images"] / i["forward_fp32_s"]["median"])), ""))
         if i.get("job_threads"):
             th = i["job_threads"]
             rows.append(("infer", "job threads: torch / decode workers / finishing",
@@ -128,10 +129,10 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          f"{th['finish_threads']}", f"on {th['cores']} cores"))
         if i.get("forward_onnxruntime_images_per_s"):
             rows.append(("infer", f"pure forward batch {i['batch_size']}, onnxruntime, img/s",
-                         _fmt(i["forward_onnxruntime_images_per_s"]), "same batches, uint8 in"))
+                         format_value(i["forward_onnxruntime_images_per_s"]), "same batches, uint8 in"))
         st = i["stages_ms_per_image"]
         rows.append(("infer", "ms/img on 1 core: decode_item + finish_item",
-                     _fmt(st["decode_item_ms"]), f"+ {_fmt(st['finish_item_ms'])}"))
+                     format_value(st["decode_item_ms"]), f"+ {format_value(st['finish_item_ms'])}"))
     if "accuracy" in cases:
         a = cases["accuracy"]
         for label, group in (("equal epochs", "equal_epochs"), ("equal time", "equal_time")):
@@ -139,16 +140,27 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 if group == "equal_time" and name == "ours":
                     continue
                 seeds = r.get("per_seed")
-                per_seed = (", seeds " + " / ".join(_fmt(x["dice"]) for x in seeds)
+                per_seed = (", seeds " + " / ".join(format_value(x["dice"]) for x in seeds)
                             if seeds else "")
                 rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
-                             f"{a['image_size']}²", f"{_fmt(r['dice'])} / {_fmt(r['jaccard'])}",
-                             f"{r['epochs']} epochs, {_fmt(r['train_seconds'])} s{per_seed}"))
+                             f"{a['image_size']}²", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}",
+                             f"{r['epochs']} epochs, {format_value(r['train_seconds'])} s{per_seed}"))
     for case, c in cases.items():
         m = c.get("memory", {})
-        rows.append((case, "peak RSS (process / largest child), MB", _fmt(m.get("peak_rss_mb")),
-                     _fmt(m.get("children_peak_rss_mb"))))
+        rows.append((case, "peak RSS (process / largest child), MB", format_value(m.get("peak_rss_mb")),
+                     format_value(m.get("children_peak_rss_mb"))))
     return rows
+
+
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as lines of left-aligned columns, a rule under the first (the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -157,17 +169,12 @@ def format_table(doc: dict[str, Any]) -> str:
     lines = [f"lesionseg bench{' (quick)' if doc.get('quick') else ''}: {m['cpu']}, "
              f"{m['cores']} cores, {m['threads']} threads, torch {m['torch']}, {m['device']}, "
              f"load {m.get('load_average_start')} -> {m.get('load_average_end')}", ""]
-    rows = [("case", "measurement", "median", "spread / notes"), *table_rows(doc)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for k, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += aligned([("case", "measurement", "median", "spread / notes"), *table_rows(doc)])
     lines += ["", "ratios:"]
     for name, t in doc["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         value = t["value"]
-        shown = (", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
-                 if isinstance(value, dict) else _fmt(value))
+        shown = (", ".join(f"{k} {format_value(v)}" for k, v in value.items())
+                 if isinstance(value, dict) else format_value(value))
         lines.append(f"  {name:28s} {shown:>24s}  target {t['target']:11s} {verdict}")
     return "\n".join(lines)

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from lesionseg.bench.harness import run_bench
 from lesionseg.bench.plan import CASES, BenchError, plan_for
 from lesionseg.bench.table import format_table
-from lesionseg.files import atomic_write_text
+from lesionseg.files import atomic_write_text, work_folder
 
 EPILOG = """what each case measures (see lesionseg/bench/ for the method):
   data   training input pipeline (shards -> decoded, augmented 384² batches) in images/s per
@@ -107,7 +103,7 @@ def command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise BenchError(f"--out {out}: folder {out.parent} does not exist")
-    with _workdir(args.workdir) as workdir:
+    with work_folder(args.workdir, "lesionseg-bench-") as workdir:
         results = run_bench(plan, cases, workdir, threads=args.threads, quick=args.quick)
     results["command"] = [Path(sys.argv[0]).name, *sys.argv[1:]]
     atomic_write_text(out, json.dumps(results, indent=1) + "\n")
@@ -116,16 +112,3 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _workdir(path: str | None) -> Iterator[Path]:
-    """The given folder (created, kept), or a temporary one removed afterwards."""
-    if path:
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        yield folder.resolve()
-        return
-    folder = Path(tempfile.mkdtemp(prefix="lesionseg-bench-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
