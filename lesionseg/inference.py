@@ -84,7 +84,7 @@ from lesionseg.infer.predict import (
 )
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
-from lesionseg.threadplan import plan_threads, usable_cores
+from lesionseg.threadplan import lower_priority, plan_threads, usable_cores
 from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
@@ -380,10 +380,11 @@ def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_s
     workers = min(icfg.num_workers or 0, len(items))
     # Two batches in flight, as with whole batches per worker.
     prefetch = max(2, math.ceil(2 * icfg.batch_size / workers)) if workers else None
+    # The forward pass shares these cores: the workers yield to it (`lower_priority`).
     loader = DataLoader(ItemDataset(items, image_size, preview_side), batch_size=None,
                         shuffle=False, num_workers=workers, collate_fn=_one_sample,
                         persistent_workers=False, prefetch_factor=prefetch,
-                        worker_init_fn=WorkerInit() if workers else None)
+                        worker_init_fn=WorkerInit(lower_priority) if workers else None)
     return _batched(iter(loader), icfg.batch_size)
 
 
@@ -439,7 +440,10 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
             cf.wait(pending, return_when=cf.FIRST_COMPLETED)
 
     # The bar closes also when a full disk stops the run, so the error is the last line.
-    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish") as pool, \
+    # On a CPU the finishing threads, like the decode workers, yield to the forward pass.
+    on_cpu = predictor.device.type == "cpu"
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish",
+                               initializer=lower_priority if on_cpu else None) as pool, \
             contextlib.closing(bar):
         for batch in batches:
             for failed in batch["failed"]:

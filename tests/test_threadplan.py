@@ -2,35 +2,58 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import math
+import os
+import sys
+import threading
+
 import pytest
 
-from lesionseg.threadplan import plan_threads, usable_cores
+from lesionseg.threadplan import STAGE_NICE, lower_priority, plan_threads, usable_cores
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
-def test_cpu_plan_splits_the_cores_between_forward_and_stages(cores: int) -> None:
+def test_cpu_plan_gives_the_forward_half_and_sizes_the_stages_for_every_core(cores: int) -> None:
     plan = plan_threads(cores, on_gpu=False)
     assert plan.torch_threads == max(1, cores // 2)
-    assert plan.decode_workers >= 1 and plan.finish_threads >= 1
-    # The CPU stages get the cores the forward leaves, never fewer than one each.
-    assert plan.decode_workers + plan.finish_threads == max(2, cores - plan.torch_threads)
+    # The stages run niced and take every cycle the forward leaves: sized for all the cores,
+    # about 70 % decode, 30 % finishing, at least one each.
+    assert plan.decode_workers == max(1, math.ceil(0.7 * cores))
+    assert plan.finish_threads == max(1, math.ceil(0.3 * cores))
+    assert cores <= plan.decode_workers + plan.finish_threads <= cores + 1
     assert plan.chosen == ("torch threads", "decode workers", "finishing threads")
 
 
-def test_cpu_plan_on_two_cores_is_one_thread_per_stage() -> None:
+def test_cpu_plan_on_two_cores() -> None:
     plan = plan_threads(2, on_gpu=False)
-    assert (plan.torch_threads, plan.decode_workers, plan.finish_threads) == (1, 1, 1)
-    assert "1 torch thread(s), 1 decode worker(s), 1 finishing thread(s) on 2 core(s)" in \
+    assert (plan.torch_threads, plan.decode_workers, plan.finish_threads) == (1, 2, 1)
+    assert "1 torch thread(s), 2 decode worker(s), 1 finishing thread(s) on 2 core(s)" in \
         plan.describe()
 
 
-def test_counts_the_user_set_are_kept_and_the_rest_fill_the_cores() -> None:
+def test_counts_the_user_set_are_kept() -> None:
     plan = plan_threads(16, on_gpu=False, num_threads=4)
-    assert plan.torch_threads == 4 and plan.decode_workers + plan.finish_threads == 12
+    assert plan.torch_threads == 4 and (plan.decode_workers, plan.finish_threads) == (12, 5)
     assert plan.chosen == ("decode workers", "finishing threads")
     plan = plan_threads(16, on_gpu=False, num_threads=2, num_workers=0, post_threads=3)
     assert (plan.torch_threads, plan.decode_workers, plan.finish_threads) == (2, 0, 3)
     assert plan.chosen == () and "all set by hand" in plan.describe()
+
+
+def test_lower_priority_raises_this_threads_nice_value_only() -> None:
+    def probe() -> tuple[int, int]:
+        before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        lower_priority()
+        return before, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are Linux's")
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with cf.ThreadPoolExecutor(1) as pool:
+        before, after = pool.submit(probe).result()
+    assert after == max(before, STAGE_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
 
 
 def test_gpu_plan_gives_the_cores_to_decode_and_finish() -> None:
