@@ -72,6 +72,7 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32])  # widths at strides 16, 8, 4, 2
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = False  # torch.compile the model
+    head_prior: float | None = 0.25  # a new model's initial lesion probability: logit head bias log(p/(1-p)), as RetinaNet's prior; null = PyTorch's init
 
 
 @dataclass
@@ -201,6 +202,8 @@ def validate(cfg: Config) -> Config:
     d, p, m, lo, o, t, i = cfg.data, cfg.pack, cfg.model, cfg.loss, cfg.optim, cfg.train, cfg.infer
     _check(d.image_size >= 32, "data.image_size", d.image_size, "must be at least 32")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1")
+    _check(cfg.model.head_prior is None or 0 < cfg.model.head_prior < 1, "model.head_prior",
+           cfg.model.head_prior, "must be a probability in (0, 1), or null")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be at least 1")
     _check(d.scale_min is None or 0 < d.scale_min <= 1, "data.scale_min", d.scale_min,
