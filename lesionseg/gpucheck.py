@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lesionseg.bench.measure import rounded
 from lesionseg.bench.table import aligned, format_value
 from lesionseg.errors import EXIT_USAGE, UserError
 from lesionseg.files import work_folder
@@ -298,13 +299,8 @@ def _part_main(part: str, plan: CheckPlan, workdir: str, deadline: float, result
 # ============================================================================ measuring
 
 
-def _r(x: float | None) -> float | None:
-    """Round to 4 significant digits (plenty for timings)."""
-    return float(f"{x:.4g}") if x and math.isfinite(x) else x
-
-
 def _median(values: list[float]) -> float | None:
-    return _r(statistics.median(values)) if values else None
+    return rounded(statistics.median(values)) if values else None
 
 
 def _device(plan: CheckPlan) -> Any:
@@ -484,9 +480,9 @@ def time_variant(plan: CheckPlan, v: StepVariant) -> dict[str, Any]:
     times = timed_calls(step, plan.warmup, plan.steps, device)
     median = statistics.median(times)
     loss = float(last["loss"])
-    return {"step_s": _median(times), "step_s_min": _r(min(times)),
-            "step_s_max": _r(max(times)), "images_per_s": _r(plan.batch_size / median),
-            "peak_memory_mb": _peak_mb(device), "last_loss": _r(loss),
+    return {"step_s": _median(times), "step_s_min": rounded(min(times)),
+            "step_s_max": rounded(max(times)), "images_per_s": rounded(plan.batch_size / median),
+            "peak_memory_mb": _peak_mb(device), "last_loss": rounded(loss),
             "loss_finite": math.isfinite(loss)}
 
 
@@ -508,7 +504,7 @@ def check_train_step(plan: CheckPlan, workdir: Path, deadline: float) -> dict[st
     return {"image_size": plan.image_size, "batch_size": plan.batch_size,
             "warmup": plan.warmup, "steps": plan.steps, "variants": variants,
             "fastest": fastest,
-            "speedup_fastest_vs_fp32_contiguous": _r(base / variants[fastest]["step_s"])}
+            "speedup_fastest_vs_fp32_contiguous": rounded(base / variants[fastest]["step_s"])}
 
 
 def check_compile(plan: CheckPlan, workdir: Path, deadline: float) -> dict[str, Any]:
@@ -525,7 +521,7 @@ def check_compile(plan: CheckPlan, workdir: Path, deadline: float) -> dict[str, 
     compile_s = time.perf_counter() - t0
     log.info("compile: first step %.1f s", compile_s)
     return {"variant": "bf16 channels_last, torch.compile(model)",
-            "first_step_s": _r(compile_s), **time_variant(plan, v)}
+            "first_step_s": rounded(compile_s), **time_variant(plan, v)}
 
 
 # ============================================================================ pinned memory
@@ -544,8 +540,8 @@ def check_pinned_memory(plan: CheckPlan, workdir: Path, deadline: float) -> dict
         times = timed_calls(lambda src=src: src.to(device, non_blocking=True), plan.warmup,
                             plan.copies, device)
         median = statistics.median(times)
-        result[name] = {"copy_s": _r(median), "gb_per_s": _r(batch.numel() / median / 1e9)}
-    result["pinned_speedup"] = _r(result["pageable"]["copy_s"] / result["pinned"]["copy_s"])
+        result[name] = {"copy_s": rounded(median), "gb_per_s": rounded(batch.numel() / median / 1e9)}
+    result["pinned_speedup"] = rounded(result["pageable"]["copy_s"] / result["pinned"]["copy_s"])
     return result
 
 
@@ -653,14 +649,14 @@ def infer_precision(plan: CheckPlan, inputs: InferInputs, precision: str) -> dic
     n = len(inputs.pairs)
     loop, naive, forward = (statistics.median(v) for v in
                             ([j["loop_s"] for j in jobs], naive_s, forward_s))
-    return {"setting": f"infer.mixed_precision={precision}", "job_loop_s": _r(loop),
+    return {"setting": f"infer.mixed_precision={precision}", "job_loop_s": rounded(loop),
             "job_wall_s": _median([j["wall_s"] for j in jobs]),
             "job_forward_inside_s": _median([j["forward_s"] for j in jobs]),
-            "naive_s": _r(naive), "forward_s": _r(forward),
-            "job_images_per_s": _r(n / loop), "naive_images_per_s": _r(n / naive),
-            "forward_images_per_s": _r(n / forward),
-            "infer_speedup_vs_naive": _r(naive / loop),
-            "infer_over_pure_forward": _r(loop / forward), "threads": jobs[-1]["threads"]}
+            "naive_s": rounded(naive), "forward_s": rounded(forward),
+            "job_images_per_s": rounded(n / loop), "naive_images_per_s": rounded(n / naive),
+            "forward_images_per_s": rounded(n / forward),
+            "infer_speedup_vs_naive": rounded(naive / loop),
+            "infer_over_pure_forward": rounded(loop / forward), "threads": jobs[-1]["threads"]}
 
 
 def check_inference(plan: CheckPlan, workdir: Path, deadline: float) -> dict[str, Any]:
@@ -727,9 +723,9 @@ def read_train_run(ran: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     world = WORLD_RE.search(text)
     finite = bool(losses) and all(map(math.isfinite, losses)) and "non-finite" not in text
     result = {**ran, "ok": ran["exit_status"] == 0 and dice is not None,
-              "final_val_dice": _r(dice), "loss_finite": finite,
-              "logged_losses": len(losses), "first_loss": _r(losses[0]) if losses else None,
-              "last_loss": _r(losses[-1]) if losses else None,
+              "final_val_dice": rounded(dice), "loss_finite": finite,
+              "logged_losses": len(losses), "first_loss": rounded(losses[0]) if losses else None,
+              "last_loss": rounded(losses[-1]) if losses else None,
               "step_time_s": _median(step_times[1:] or step_times),
               "world_size": int(world.group(1)) if world else None}
     if not result["ok"]:
@@ -818,7 +814,7 @@ def _summarize(doc: dict[str, Any]) -> None:
     eager = parts.get("train_step", {}).get("variants", {}).get("bf16 channels_last", {})
     compiled = parts.get("compile", {})
     doc["compile_speedup_vs_eager"] = (
-        _r(eager["step_s"] / compiled["step_s"])
+        rounded(eager["step_s"] / compiled["step_s"])
         if eager.get("step_s") and compiled.get("step_s") else None)
     doc["failed_parts"] = [p for p, r in parts.items() if r["status"] in ("failed", "timeout")]
 

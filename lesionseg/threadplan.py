@@ -24,6 +24,7 @@ batch 8, bf16; loop seconds, medians of 8 interleaved rounds): torch/decode/fini
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -70,12 +71,10 @@ def usable_cores() -> int:
 
 
 def plan_threads(cores: int, on_gpu: bool, num_threads: int = 0, num_workers: int | None = None,
-                 post_threads: int = 0, torch_default: int | None = None,
-                 batches: int | None = None) -> ThreadPlan:
+                 post_threads: int = 0, torch_default: int | None = None) -> ThreadPlan:
     """The plan for `cores` cores. `num_threads`/`post_threads` 0 and `num_workers` None
     mean "choose". `torch_default`: torch's own thread count (kept on a GPU, where the forward
-    barely uses the CPU). `batches`: how many batches the job has (no more workers than that).
-    """
+    barely uses the CPU). The loader caps the workers at the images or batches it has."""
     cores = max(1, cores)
     chosen: list[str] = []
     if on_gpu:
@@ -91,8 +90,6 @@ def plan_threads(cores: int, on_gpu: bool, num_threads: int = 0, num_workers: in
         workers = (num_workers if num_workers is not None
                    else max(1, math.ceil(cores * DECODE_SHARE)))
         finish = post_threads or max(1, math.ceil(cores * (1 - DECODE_SHARE)))
-    if batches is not None:
-        workers = min(workers, max(1, batches)) if workers else 0
     if not num_threads:
         chosen.append("torch threads")
     if num_workers is None:
@@ -103,17 +100,14 @@ def plan_threads(cores: int, on_gpu: bool, num_threads: int = 0, num_workers: in
 
 
 def lower_priority(_worker_id: int | None = None) -> None:
-    """Run the calling thread (on Linux, where each thread has its own nice value; elsewhere
-    the process) at `STAGE_NICE`: a decode worker or finishing thread then waits while the
-    forward pass has work for a core, and runs in every gap it leaves. Raising one's own nice
-    value needs no privilege; where it fails nothing changes. Usable as a DataLoader
-    `worker_init_fn` tail and a thread pool `initializer`."""
-    try:
-        if hasattr(threading, "get_native_id") and sys.platform.startswith("linux"):
-            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                           max(current, STAGE_NICE))
-        else:
-            os.nice(max(0, STAGE_NICE - os.nice(0)))
-    except (OSError, AttributeError):
-        pass
+    """Run the calling thread at `STAGE_NICE`: a decode worker or finishing thread then waits
+    while the forward pass has work for a core, and runs in every gap it leaves. Linux only,
+    where each thread has its own nice value; elsewhere nice is per process, and a finishing
+    thread would lower the forward's priority with its own, so nothing changes there. Raising
+    one's own nice value needs no privilege; where it fails nothing changes. Usable as a
+    DataLoader `worker_init_fn` tail and a thread pool `initializer`."""
+    if not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), STAGE_NICE))

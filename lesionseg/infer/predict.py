@@ -16,7 +16,7 @@ import torch
 from lesionseg.checkpoint import build_model_from_checkpoint
 from lesionseg.config import Config, InferConfig, from_dict
 from lesionseg.data.folds import fold_checkpoints
-from lesionseg.device import autocast, to_model_input
+from lesionseg.device import autocast, precision_dtype, to_model_input
 from lesionseg.export import export_model
 from lesionseg.infer import InferenceError
 from lesionseg.model import fuse_for_inference
@@ -133,11 +133,9 @@ def precision_reason(setting: str, predictor: Predictor | Ensemble) -> str:
         return f"the {predictor.backend} runtime's file"
     if setting != "auto":
         return f"infer.mixed_precision={setting}"
-    if predictor.device.type == "cuda":
-        return "infer.mixed_precision=auto: fp16 on CUDA"
-    if predictor.device.type == "cpu" and cpu_has_bf16():
-        return "infer.mixed_precision=auto: this CPU has bf16 hardware (AMX or AVX-512 BF16)"
-    return "infer.mixed_precision=auto: fp32, no bf16 hardware on this device"
+    why = {"fp16": "fp16 on CUDA", "bf16": "this CPU has bf16 hardware (AMX or AVX-512 BF16)"}
+    return ("infer.mixed_precision=auto: "
+            + why.get(predictor.precision, "fp32, no bf16 hardware on this device"))
 
 
 def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
@@ -148,7 +146,7 @@ def amp_dtype_for(setting: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda":
             return torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
-    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[setting]
+    return precision_dtype(setting)
 
 
 def load_predictor(checkpoint: str | Path, cfg: InferConfig,
