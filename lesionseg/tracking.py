@@ -203,7 +203,10 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
                                              -(r.get("pred_fraction") or 0), r["id"]))
         overlays = [wandb.Image(str(thumbs / f"{r['id']}.jpg"), caption=r["id"]) for r in ranked
                     if (thumbs / f"{r['id']}.jpg").is_file()][:images]
-        run.log({"infer/images": table, **({"infer/overlays": overlays} if overlays else {})})
+        # commit=True: the row is written now, not left as a partial row for finish() to flush
+        # (under load the exit record could overtake it, and the Table was lost: a CI run).
+        run.log({"infer/images": table, **({"infer/overlays": overlays} if overlays else {})},
+                commit=True)
         values = {f"infer/{k}": v for k, v in (summary.get("means") or {}).items() if v is not None}
         values.update({f"infer/{k}": summary.get(k) for k in (
             "images_found", "masks_written", "scored", "without_truth", "errors", "device",
@@ -249,7 +252,7 @@ def log_cross_validation(root: Path, summary: dict[str, Any], cfg: Config) -> st
         table = wandb.Table(columns=["fold", "images", *names])
         for f in summary["per_fold"]:
             table.add_data(f["fold"], f["images"], *[f["means"][k] for k in names])
-        run.log({"cv/folds_table": table})
+        run.log({"cv/folds_table": table}, commit=True)
         run.summary.update(values)
         log.info("W&B cross-validation run %s (%s) under %s", run.id, mode, folder)
         return str(Path(run.dir).parent)
