@@ -64,10 +64,16 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
 def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """The model a checkpoint describes, with its weights loaded (on the CPU, in eval mode)."""
     state_dict, cfg, meta = load_weights(path)
-    model = MobileNetEncoderDecoder(encoder_weights=None, freeze_encoder=False,
-                                    decoder_channels=tuple(cfg.model.decoder_channels))
+    # Built on the meta device (no memory, no random init) and given the checkpoint's tensors:
+    # ~50 ms less start-up than initialising weights only to overwrite them. Copied to the
+    # standard strides a new model has (a channels_last save keeps its own, even in size-1
+    # dims, and oneDNN picks its kernels by them: the forward changed by 1e-7).
+    with torch.device("meta"):
+        model = MobileNetEncoderDecoder(encoder_weights=None, freeze_encoder=False,
+                                        decoder_channels=tuple(cfg.model.decoder_channels))
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict({k: torch.empty_like(v, memory_format=torch.contiguous_format)
+                               .copy_(v) for k, v in state_dict.items()}, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({first_line(e)})") from None
     return model.eval(), cfg, meta

@@ -220,10 +220,10 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     # Threads first: the runtime (torch or onnxruntime) takes its count when it is opened.
     threads = plan_threads(usable_cores() // local_processes(state), device.type == "cuda",
                            icfg.num_threads, icfg.num_workers, icfg.post_threads,
-                           torch_default=torch.get_num_threads())
+                           torch_default=torch.get_num_threads(), worker_type=icfg.worker_type)
     torch.set_num_threads(threads.torch_threads)
     icfg = replace(icfg, num_threads=threads.torch_threads, num_workers=threads.decode_workers,
-                   post_threads=threads.finish_threads)
+                   post_threads=threads.finish_threads, worker_type=threads.worker_type)
     cfg = replace(cfg, infer=icfg)
     log.info("threads: %s", threads.describe())
     parts_dir = out / PARTS
@@ -363,29 +363,57 @@ def _plain(value: Any) -> Any:
 
 def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_side: int,
                 pin_memory: bool) -> Iterator[dict[str, Any]]:
-    """Workers decode and resize; batches keep failures alongside the good images.
+    """Decode workers read, decode and resize; batches keep failures alongside the good images.
 
-    With pinned memory (CUDA) a worker decodes a whole batch, pinned as it arrives. Otherwise
-    each worker decodes single images and this process stacks them into batches: the first
-    batch is ready when every worker has decoded its share of it, not when one worker has
-    decoded all of it (on 2 cores with 2 batches in all, the wait for the first batch is a
-    large part of the job's time)."""
+    `infer.worker_type` thread (as planned on a CPU): a pool of decode threads in this process
+    decodes single images, at most two batches ahead, and they are stacked here in order.
+    process: DataLoader workers; with pinned memory (CUDA) a worker decodes a whole batch,
+    pinned as it arrives, else each decodes single images stacked here: the first batch is then
+    ready when every worker has decoded its share of it, not when one worker has decoded all
+    of it (on 2 cores with 2 batches in all, that wait is a large part of the job's time). On a
+    CPU worker processes run at the stages' lower priority (`lower_priority`); decode threads
+    at normal priority (lesionseg/threadplan.py says why)."""
+    dataset = ItemDataset(items, image_size, preview_side)
+    if icfg.worker_type == "thread" or not icfg.num_workers:
+        workers = min(icfg.num_workers or 0, len(items))
+        samples = (_decoded_in_threads(dataset, workers, 2 * icfg.batch_size)
+                   if workers else (dataset[i] for i in range(len(dataset))))
+        batches = _batched(samples, icfg.batch_size)
+        return (_pinned(b) for b in batches) if pin_memory else batches
     if pin_memory:
-        workers = min(icfg.num_workers or 0, max(1, math.ceil(len(items) / icfg.batch_size)))
-        return iter(DataLoader(ItemDataset(items, image_size, preview_side),
-                               batch_size=icfg.batch_size, shuffle=False, num_workers=workers,
-                               collate_fn=collate, pin_memory=True, persistent_workers=False,
-                               prefetch_factor=2 if workers else None,
-                               worker_init_fn=WorkerInit() if workers else None))
-    workers = min(icfg.num_workers or 0, len(items))
+        workers = min(icfg.num_workers, max(1, math.ceil(len(items) / icfg.batch_size)))
+        return iter(DataLoader(dataset, batch_size=icfg.batch_size, shuffle=False,
+                               num_workers=workers, collate_fn=collate, pin_memory=True,
+                               persistent_workers=False, prefetch_factor=2,
+                               worker_init_fn=WorkerInit()))
+    workers = min(icfg.num_workers, len(items))
     # Two batches in flight, as with whole batches per worker.
-    prefetch = max(2, math.ceil(2 * icfg.batch_size / workers)) if workers else None
-    # The forward pass shares these cores: the workers yield to it (`lower_priority`).
-    loader = DataLoader(ItemDataset(items, image_size, preview_side), batch_size=None,
-                        shuffle=False, num_workers=workers, collate_fn=_one_sample,
-                        persistent_workers=False, prefetch_factor=prefetch,
-                        worker_init_fn=WorkerInit(lower_priority) if workers else None)
+    prefetch = max(2, math.ceil(2 * icfg.batch_size / workers))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                        collate_fn=_one_sample, persistent_workers=False,
+                        prefetch_factor=prefetch, worker_init_fn=WorkerInit(lower_priority))
     return _batched(iter(loader), icfg.batch_size)
+
+
+def _decoded_in_threads(dataset: ItemDataset, threads: int, ahead: int) -> Iterator[dict[str, Any]]:
+    """The dataset's samples in order, decoded by a pool of `threads` threads, at most `ahead`
+    in flight (memory stays bounded however far the consumer lags)."""
+    pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    try:
+        futures: dict[int, cf.Future] = {}
+        for i in range(len(dataset)):
+            for j in range(i + len(futures), min(len(dataset), i + ahead)):
+                futures[j] = pool.submit(dataset.__getitem__, j)
+            yield futures.pop(i).result()
+    finally:  # also when the consumer stops early (an error, a full disk): no decode left running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its images in pinned memory (a faster, asynchronous copy to the GPU)."""
+    if batch["images"] is not None:
+        batch["images"] = batch["images"].pin_memory()
+    return batch
 
 
 def _one_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -440,10 +468,10 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
             cf.wait(pending, return_when=cf.FIRST_COMPLETED)
 
     # The bar closes also when a full disk stops the run, so the error is the last line.
-    # On a CPU the finishing threads, like the decode workers, yield to the forward pass.
-    on_cpu = predictor.device.type == "cpu"
+    # On a CPU with worker processes the finishing threads, like them, yield to the forward.
+    yields = predictor.device.type == "cpu" and icfg.worker_type == "process" and icfg.num_workers
     with cf.ThreadPoolExecutor(threads, thread_name_prefix="finish",
-                               initializer=lower_priority if on_cpu else None) as pool, \
+                               initializer=lower_priority if yields else None) as pool, \
             contextlib.closing(bar):
         for batch in batches:
             for failed in batch["failed"]:

@@ -115,6 +115,9 @@ class OnnxBackend:
             raise ExportedFileError(f"{path}: {ORT_MISSING}") from None
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # ORT warns about unused initializers; not the user's concern
+        # ORT's intra-op threads spin-wait after each run by default: on a CPU they would take
+        # the cores from the decode workers and finishing threads between batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

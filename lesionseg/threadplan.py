@@ -1,25 +1,32 @@
 """How many threads each stage of the inference job gets, sized together from the cores.
 
-The job has three stages that run at once: decode workers (processes: read, reduced-scale
-JPEG decode, resize, the truth PNG), the forward pass (torch's intra-op threads in the main
-process) and finishing threads (upsample, threshold, encode the mask PNG, score). On a CPU all
-three share the same cores. Sized one by one (torch takes every core, two decode workers,
+The job has three stages that run at once: decode workers (read, reduced-scale JPEG decode,
+resize, the truth PNG), the forward pass (torch's intra-op threads in the main process) and
+finishing threads (upsample, threshold, encode the mask PNG, score). On a CPU all three share
+the same cores. Sized one by one (torch takes every core, two decode workers,
 `min(4, CPUs)` finishing threads) the forward suffered most: an OpenMP layer waits for its
 slowest thread, and a thread that lost its core stalls them all.
 
-So on a CPU the forward gets half the cores (`cores // 2` torch threads), and the CPU stages
-run at a lower priority (`lower_priority`, nice `STAGE_NICE`): they take every cycle the
-forward leaves (while it waits for a batch, after the last one, on the other cores) and yield
-while it runs. They are sized for all the cores, split by their share of the per-image work
-(decode ~70 %): `ceil(cores × 0.7)` decode workers and `ceil(cores × 0.3)` finishing threads.
-On a GPU the forward needs few cores and the rest decode and finish at normal priority.
-Any count the user sets (`infer.num_threads`, `infer.num_workers`, `infer.post_threads`) is
+So on a CPU the forward gets half the cores (`cores // 2` torch threads), and the stages are
+sized for all the cores, split by their share of the per-image work (decode ~70 %):
+`ceil(cores × 0.7)` decode workers and `ceil(cores × 0.3)` finishing threads. Up to
+`MAX_DECODE_THREADS` the decode workers are threads of the job's own process (see there why),
+at normal priority. Decode worker *processes* (more workers, or `infer.worker_type=process`)
+and, with them, the finishing threads run at a lower priority (`lower_priority`, nice
+`STAGE_NICE`), as measured for processes. On a GPU the forward needs few cores and the rest
+decode (in processes: pinned whole batches) and finish at normal priority. Any count the user
+sets (`infer.num_threads`, `infer.num_workers`, `infer.post_threads`, `infer.worker_type`) is
 kept; the start-up log line says what was chosen and why.
 
 Measured on the 2-core development machine (bench infer case: 16 full-size images, 384²,
-batch 8, bf16; loop seconds, medians of 8 interleaved rounds): torch/decode/finish 1/1/1 1.67,
-1/2/1 1.54, 1/2/2 1.50, 2/2/2 1.66 (all with the stages niced); without the lower priority
-1/1/1 1.64, 1/2/1 1.76, 2/2/2 1.69 (4 rounds).
+batch 8, bf16; median loop seconds of interleaved rounds in one process):
+- worker processes, torch/decode/finish 1/2/1: 1.24 (1.9-2.2 CPU seconds per job);
+  decode threads 1/2/1: 0.84 (1.4-1.5 CPU seconds), the same masks.
+- decode threads, nice 10 vs normal priority: 0.945 vs 0.98 on a quiet host, but 1.49 vs
+  1.15 beside one other busy process (niced stages lose their core to it): normal priority.
+- two torch threads (all cores): 0.79-0.83 on a quiet host, but 1.65-1.84 beside one busy
+  process and 3-4 s during a test run (the OpenMP stall above), against 1.15-1.3 with one.
+  A host whose cores are the job's alone may set `infer.num_threads` to its core count.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ from dataclasses import dataclass
 # 29-50 ms, a finishing thread 13-15 ms per full-size image at 384², one thread each).
 DECODE_SHARE = 0.7
 GPU_MAX_WORKERS, GPU_MAX_FINISH = 8, 4
+# Up to this many decode workers, a CPU job decodes in threads of its own process: the decoders
+# (Pillow, OpenCV, zlib) release the GIL, and threads need no fork of the loaded process, no
+# pickling of each sample through a pipe and no start-up (on the 2-core machine: 1.9-2.2 CPU
+# seconds per 16-image job with worker processes, 1.4-1.5 with threads, the same masks). Past
+# it, the ~1-2 ms per image each decode holds the GIL would start to serialise them.
+MAX_DECODE_THREADS = 8
 STAGE_NICE = 10  # nice value of the CPU stages (decode workers, finishing threads) on a CPU
 
 
@@ -44,22 +57,24 @@ class ThreadPlan:
 
     cores: int
     torch_threads: int  # intra-op threads of the forward pass
-    decode_workers: int  # DataLoader worker processes (0: decode in the main process)
+    decode_workers: int  # decode workers (0: decode in the main thread)
     finish_threads: int  # threads that upsample, threshold, write and score
+    worker_type: str  # "thread" (a pool in this process) or "process" (DataLoader workers)
     chosen: tuple[str, ...]  # the counts the plan chose (the others were set by the user)
     why: str
 
     def describe(self) -> str:
         """One line for the start-up log and the summary."""
         chosen = f"; chosen: {', '.join(self.chosen)}" if self.chosen else "; all set by hand"
+        kind = "thread(s)" if self.worker_type == "thread" else "worker process(es)"
         return (f"{self.torch_threads} torch thread(s), {self.decode_workers} decode "
-                f"worker(s), {self.finish_threads} finishing thread(s) on {self.cores} "
+                f"{kind}, {self.finish_threads} finishing thread(s) on {self.cores} "
                 f"core(s) ({self.why}{chosen})")
 
     def as_dict(self) -> dict[str, object]:
         return {"cores": self.cores, "torch_threads": self.torch_threads,
                 "decode_workers": self.decode_workers, "finish_threads": self.finish_threads,
-                "chosen": list(self.chosen), "why": self.why}
+                "worker_type": self.worker_type, "chosen": list(self.chosen), "why": self.why}
 
 
 def usable_cores() -> int:
@@ -71,10 +86,12 @@ def usable_cores() -> int:
 
 
 def plan_threads(cores: int, on_gpu: bool, num_threads: int = 0, num_workers: int | None = None,
-                 post_threads: int = 0, torch_default: int | None = None) -> ThreadPlan:
-    """The plan for `cores` cores. `num_threads`/`post_threads` 0 and `num_workers` None
-    mean "choose". `torch_default`: torch's own thread count (kept on a GPU, where the forward
-    barely uses the CPU). The loader caps the workers at the images or batches it has."""
+                 post_threads: int = 0, torch_default: int | None = None,
+                 worker_type: str = "auto") -> ThreadPlan:
+    """The plan for `cores` cores. `num_threads`/`post_threads` 0, `num_workers` None and
+    `worker_type` auto mean "choose". `torch_default`: torch's own thread count (kept on a
+    GPU, where the forward barely uses the CPU). The loader caps the workers at the images or
+    batches it has."""
     cores = max(1, cores)
     chosen: list[str] = []
     if on_gpu:
@@ -84,19 +101,22 @@ def plan_threads(cores: int, on_gpu: bool, num_threads: int = 0, num_workers: in
                    else max(1, min(GPU_MAX_WORKERS, round(cores * DECODE_SHARE))))
         finish = post_threads or max(1, min(GPU_MAX_FINISH, cores - workers))
     else:
-        why = ("the forward and the CPU stages share the cores: the forward half of them, "
-               "the stages every cycle it leaves, at a lower priority")
+        why = "the forward and the CPU stages share the cores: the forward half of them"
         torch_threads = num_threads or max(1, cores // 2)
         workers = (num_workers if num_workers is not None
                    else max(1, math.ceil(cores * DECODE_SHARE)))
         finish = post_threads or max(1, math.ceil(cores * (1 - DECODE_SHARE)))
+    if worker_type == "auto":
+        worker_type = "thread" if not on_gpu and workers <= MAX_DECODE_THREADS else "process"
+    if not on_gpu and worker_type == "process":
+        why += ", the stages at a lower priority"
     if not num_threads:
         chosen.append("torch threads")
     if num_workers is None:
         chosen.append("decode workers")
     if not post_threads:
         chosen.append("finishing threads")
-    return ThreadPlan(cores, torch_threads, workers, finish, tuple(chosen), why)
+    return ThreadPlan(cores, torch_threads, workers, finish, worker_type, tuple(chosen), why)
 
 
 def lower_priority(_worker_id: int | None = None) -> None:

@@ -311,20 +311,56 @@ def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], pac
     assert infer(data, tmp_path / "none", train_only, extra=("--no-report",)) == 2
 
 
-def test_decode_workers_and_finishing_threads_do_not_change_a_result(data: dict[str, Path],
-                                                                     tmp_path: Path) -> None:
-    """Single images decoded by two workers and stacked here (the CPU path), four finishing
-    threads: the same rows and masks as one process doing everything in turn."""
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_decode_workers_and_finishing_threads_do_not_change_a_result(
+        data: dict[str, Path], tmp_path: Path, worker_type: str) -> None:
+    """Single images decoded by two decode threads (the CPU default) or two worker processes
+    and stacked here, four finishing threads: the same rows and masks as one process doing
+    everything in turn."""
     ref, par = tmp_path / "ref", tmp_path / "par"
     assert infer(data, ref, data["isic"], extra=("--no-report",)) == 0
     assert infer(data, par, data["isic"], extra=("--no-report", "--workers", "2",
-                                                  "infer.post_threads=4")) == 0
+                                                  "infer.post_threads=4",
+                                                  f"infer.worker_type={worker_type}")) == 0
     assert (par / "metrics.csv").read_text() == (ref / "metrics.csv").read_text()
     assert mask_arrays(par).keys() == mask_arrays(ref).keys()
     assert all(np.array_equal(a, b) for a, b in zip(mask_arrays(par).values(),
                                                     mask_arrays(ref).values(), strict=True))
     threads = json.loads((par / "summary.json").read_text())["throughput"]["processes"][0]["threads"]
     assert (threads["decode_workers"], threads["finish_threads"]) == (2, 4)
+    assert threads["worker_type"] == worker_type
+
+
+def test_decode_threads_keep_order_bound_the_work_in_flight_and_stop_with_the_consumer() -> None:
+    """The thread pool yields the samples in order, never has more than `ahead` submitted and
+    not yet taken, and stops (no decode left running) when the consumer stops early."""
+    import threading
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    class Slow:
+        def __len__(self) -> int:
+            return 20
+
+        def __getitem__(self, i: int) -> dict:
+            with lock:
+                started.append(i)
+            time.sleep(0.002 * (i % 3))  # out-of-order completion
+            return {"index": i}
+
+    gen = inference._decoded_in_threads(Slow(), 3, 4)
+    taken = []
+    for sample in gen:
+        taken.append(sample["index"])
+        with lock:
+            assert len(started) <= len(taken) - 1 + 4  # at most `ahead` beyond what was taken
+        if len(taken) == 10:
+            break
+    gen.close()
+    assert taken == list(range(10))
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+    assert max(started) < 14
 
 
 def test_batched_keeps_order_and_failures() -> None:
@@ -459,7 +495,7 @@ def test_decode_workers_die_with_a_killed_parent(data: dict[str, Path], tmp_path
     out = tmp_path / "out"
     cmd = [PY, str(REPO / "jobs" / "infer.py"), "--checkpoint", str(data["ckpt"]), "--input",
            str(many), "--out", str(out), "--workers", "2", "--batch-size", "1",
-           "--image-size", "256", "infer.num_threads=1"]
+           "--image-size", "256", "infer.num_threads=1", "infer.worker_type=process"]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -10,7 +10,13 @@ import threading
 
 import pytest
 
-from lesionseg.threadplan import STAGE_NICE, lower_priority, plan_threads, usable_cores
+from lesionseg.threadplan import (
+    MAX_DECODE_THREADS,
+    STAGE_NICE,
+    lower_priority,
+    plan_threads,
+    usable_cores,
+)
 
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
@@ -28,8 +34,22 @@ def test_cpu_plan_gives_the_forward_half_and_sizes_the_stages_for_every_core(cor
 def test_cpu_plan_on_two_cores() -> None:
     plan = plan_threads(2, on_gpu=False)
     assert (plan.torch_threads, plan.decode_workers, plan.finish_threads) == (1, 2, 1)
-    assert "1 torch thread(s), 2 decode worker(s), 1 finishing thread(s) on 2 core(s)" in \
+    assert "1 torch thread(s), 2 decode thread(s), 1 finishing thread(s) on 2 core(s)" in \
         plan.describe()
+    assert plan.worker_type == "thread" and plan.as_dict()["worker_type"] == "thread"
+
+
+def test_decode_workers_are_threads_on_a_small_cpu_else_processes() -> None:
+    """Threads on a CPU up to MAX_DECODE_THREADS decode workers (no fork, no pickling); worker
+    processes past it (the GIL) and on a GPU host (pinned whole batches); the user's choice
+    is kept."""
+    assert plan_threads(8, on_gpu=False).worker_type == "thread"  # 6 decode workers
+    many = plan_threads(16, on_gpu=False)
+    assert many.decode_workers > MAX_DECODE_THREADS and many.worker_type == "process"
+    assert "decode worker process(es)" in many.describe()
+    assert plan_threads(8, on_gpu=True).worker_type == "process"
+    assert plan_threads(2, on_gpu=False, worker_type="process").worker_type == "process"
+    assert plan_threads(16, on_gpu=True, worker_type="thread").worker_type == "thread"
 
 
 def test_counts_the_user_set_are_kept() -> None:

@@ -159,14 +159,19 @@ def peek_size(src: Source, name: str | None = None) -> tuple[int, int]:
     return display_size(_open(src, name))
 
 
-def mask_orientation(src: Source, name: str | None = None) -> int:
-    """The EXIF orientation a mask file carries (1 = none), from its header."""
-    return _orientation(_open(src, _name(src, name)))
-
-
 def load_mask(src: Source, name: str | None = None,
               expected_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode a lesion mask to mode L with values exactly 0/255, its pixels as stored.
+    """Decode a lesion mask to mode L with values exactly 0/255, its pixels as stored
+    (`load_mask_oriented` without the orientation)."""
+    return load_mask_oriented(src, name, expected_size)[0]
+
+
+def load_mask_oriented(src: Source, name: str | None = None,
+                       expected_size: tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+    """Decode a lesion mask to mode L with values exactly 0/255, its pixels as stored, and
+    the EXIF orientation it carries (1 = none). The orientation is read from the decoded
+    file: a PNG may keep its eXIf chunk after the pixels, so asking the header alone would
+    decode the mask a second time.
 
     As the official ISIC scorer reads masks: an EXIF orientation is NOT applied (the scorer
     ignores it; applying it made our metrics and the scorer's disagree), only warned about.
@@ -189,13 +194,13 @@ def load_mask(src: Source, name: str | None = None,
     # histogram on a 12 MP mask, itself far cheaper than np.unique's sort). Anything else
     # takes the histogram, which also names the values.
     if is_binary_255(np.asarray(img)):
-        return img
+        return img, orientation
     values = np.flatnonzero(np.asarray(img.histogram()))
     if np.isin(values, (0, 255)).all():
-        return img
+        return img, orientation
     if np.isin(values, (0, 1)).all():
         log.warning("%s: mask has values 0/1; scaled to 0/255", name)
-        return img.point(lambda v: 255 if v else 0)
+        return img.point(lambda v: 255 if v else 0), orientation
     shown = ", ".join(str(v) for v in values[:6]) + (", …" if len(values) > 6 else "")
     raise ImageError(f"{name}: mask is not binary ({len(values)} distinct values: {shown}); "
                      "expected 0/255 (or 0/1)")

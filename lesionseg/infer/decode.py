@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from lesionseg.data.images import (
     load_image,
     load_mask,
-    mask_orientation,
+    load_mask_oriented,
 )
 from lesionseg.data.sources import Item
 from lesionseg.data.transforms import eval_transform, stack_images
@@ -82,8 +82,7 @@ def read_truth(item: Item, size: tuple[int, int],
         mask = load_mask(data, item.truth.origin, expected_size=stored)
         return (mask.resize((size[1], size[0]), Image.NEAREST),
                 f"truth resized from the shard's {stored[1]}x{stored[0]}")
-    mask = load_mask(data, item.truth.origin, expected_size=size)
-    orientation = mask_orientation(data, item.truth.origin)
+    mask, orientation = load_mask_oriented(data, item.truth.origin, expected_size=size)
     note = (f"truth carries EXIF orientation {orientation}: read unrotated, as the ISIC scorer "
             "reads it" if orientation != 1 else "")
     return mask, note
