@@ -22,9 +22,8 @@ from lesionseg.data.images import (
     encode_jpeg,
     encode_png,
     load_image,
-    load_mask,
 )
-from lesionseg.data.isic import Case, DataError, Problem
+from lesionseg.data.isic import Case, DataError, Problem, load_case_mask
 from lesionseg.errors import UserError
 
 
@@ -92,10 +91,7 @@ def encode_case(case: Case, split: str, cfg: PackConfig) -> tuple[dict[str, byte
             image = Image.fromarray(cv2.resize(np.asarray(image), (target[1], target[0]),
                                                interpolation=cv2.INTER_AREA))
         jpg = encode_jpeg(image, cfg.jpeg_quality)
-    try:
-        mask = load_mask(raw_mask, str(case.mask), expected_size=size)
-    except ImageError as e:
-        raise ImageError(f"{e} (case {case.id}, image {name})") from None
+    mask = load_case_mask(case, raw_mask, size)
     if mask.size != (target[1], target[0]):
         mask = mask.resize((target[1], target[0]), Image.NEAREST)
     meta = {"id": case.id, "orig_size": [size[0], size[1]], "split": split, "source": name}

@@ -30,7 +30,8 @@ from lesionseg.data.walk import IGNORED_NAMES, Damaged, Entry, walk
 from lesionseg.errors import DataError
 
 __all__ = ["IGNORED_NAMES", "ISIC_SPLITS", "MASK_RE", "MAX_MEMBER_BYTES", "Case", "DataError",
-           "Problem", "decode_case", "find_cases", "raise_problems", "read_case", "report_problems"]
+           "Problem", "decode_case", "find_cases", "load_case_mask", "raise_problems", "read_case",
+           "report_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,15 @@ def find_cases(sources: list[str | Path], on_error: str = "raise", *, require_ma
     return cases
 
 
+def load_case_mask(case: Case, mask_bytes: bytes, size: tuple[int, int]) -> Image.Image:
+    """The case's mask (L 0/255), checked to be binary and of the image's display `size`
+    (height, width); errors name the mask, the case and its image."""
+    try:
+        return load_mask(mask_bytes, str(case.mask), expected_size=size)
+    except ImageError as e:
+        raise ImageError(f"{e} (case {case.id}, image {case.image})") from None
+
+
 def decode_case(case: Case, image_bytes: bytes, mask_bytes: bytes | None,
                 min_size: int | None = None) -> tuple[Image.Image, Image.Image | None, dict[str, Any]]:
     """Decode a case's bytes through the one image loader: (RGB image, L 0/255 mask, meta).
@@ -213,10 +223,7 @@ def decode_case(case: Case, image_bytes: bytes, mask_bytes: bytes | None,
     image, size = load_image(image_bytes, str(case.image), min_size=min_size)
     mask = None
     if mask_bytes is not None and case.mask is not None:
-        try:
-            mask = load_mask(mask_bytes, str(case.mask), expected_size=size)
-        except ImageError as e:
-            raise ImageError(f"{e} (case {case.id}, image {case.image})") from None
+        mask = load_case_mask(case, mask_bytes, size)
     meta = {"id": case.id, "orig_size": [size[0], size[1]], "split": case.split,
             "source": str(case.image)}
     return image, mask, meta

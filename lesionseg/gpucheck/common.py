@@ -21,7 +21,7 @@ def kill_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def median(values: list[float]) -> float | None:
+def rounded_median(values: list[float]) -> float | None:
     return rounded(statistics.median(values)) if values else None
 
 

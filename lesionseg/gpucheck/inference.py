@@ -18,7 +18,7 @@ from lesionseg.bench.plan import plan_for as bench_plan_for
 from lesionseg.checkpoint import build_model_from_checkpoint
 from lesionseg.data.images import load_image
 from lesionseg.data.transforms import eval_transform, stack_images
-from lesionseg.gpucheck.common import device_of, median, peak_mb, reset_peak, sync
+from lesionseg.gpucheck.common import device_of, peak_mb, reset_peak, rounded_median, sync
 from lesionseg.gpucheck.plan import PRECISION_NAMES, CheckPlan
 from lesionseg.inference import load_predictor, run_inference
 
@@ -117,8 +117,8 @@ def infer_precision(plan: CheckPlan, inputs: InferInputs, precision: str) -> dic
     loop, naive, forward = (statistics.median(v) for v in
                             ([j["loop_s"] for j in jobs], naive_s, forward_s))
     return {"setting": f"infer.mixed_precision={precision}", "job_loop_s": rounded(loop),
-            "job_wall_s": median([j["wall_s"] for j in jobs]),
-            "job_forward_inside_s": median([j["forward_s"] for j in jobs]),
+            "job_wall_s": rounded_median([j["wall_s"] for j in jobs]),
+            "job_forward_inside_s": rounded_median([j["forward_s"] for j in jobs]),
             "naive_s": rounded(naive), "forward_s": rounded(forward),
             "job_images_per_s": rounded(n / loop), "naive_images_per_s": rounded(n / naive),
             "forward_images_per_s": rounded(n / forward),

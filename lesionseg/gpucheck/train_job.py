@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg.bench.measure import rounded
-from lesionseg.gpucheck.common import kill_session, median
+from lesionseg.gpucheck.common import kill_session, rounded_median
 from lesionseg.gpucheck.plan import KILL_GRACE_S, PRECISION_NAMES, TRAIN_SCRIPT, CheckPlan
 
 log = logging.getLogger("lesionseg.gpucheck")
@@ -65,7 +65,7 @@ def read_train_run(ran: dict[str, Any], run_dir: Path) -> dict[str, Any]:
               "final_val_dice": rounded(dice), "loss_finite": finite,
               "logged_losses": len(losses), "first_loss": rounded(losses[0]) if losses else None,
               "last_loss": rounded(losses[-1]) if losses else None,
-              "step_time_s": median(step_times[1:] or step_times),
+              "step_time_s": rounded_median(step_times[1:] or step_times),
               "world_size": int(world.group(1)) if world else None}
     if not result["ok"]:
         result["log_tail"] = text[-3000:]

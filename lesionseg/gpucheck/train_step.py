@@ -14,7 +14,14 @@ from typing import Any
 from lesionseg.bench.datasets import bench_config
 from lesionseg.bench.measure import rounded
 from lesionseg.device import autocast, precision_dtype
-from lesionseg.gpucheck.common import device_of, peak_mb, reset_peak, sync, timed_calls
+from lesionseg.gpucheck.common import (
+    device_of,
+    peak_mb,
+    reset_peak,
+    rounded_median,
+    sync,
+    timed_calls,
+)
 from lesionseg.gpucheck.plan import PRECISION_NAMES, CheckPlan
 from lesionseg.losses import SegmentationLoss
 from lesionseg.train.build import build_model, build_optimizer
@@ -103,7 +110,7 @@ def time_variant(plan: CheckPlan, v: StepVariant) -> dict[str, Any]:
     times = timed_calls(step, plan.warmup, plan.steps, device)
     median = statistics.median(times)
     loss = float(last["loss"])
-    return {"step_s": median(times), "step_s_min": rounded(min(times)),
+    return {"step_s": rounded_median(times), "step_s_min": rounded(min(times)),
             "step_s_max": rounded(max(times)), "images_per_s": rounded(plan.batch_size / median),
             "peak_memory_mb": peak_mb(device), "last_loss": rounded(loss),
             "loss_finite": math.isfinite(loss)}

@@ -93,12 +93,7 @@ def histogram_svg(values: list[float], xlabel: str, bins: int = HIST_BINS, width
         x = left + plot_w * marker
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{above}" y2="{above + plot_h}" '
                      'stroke="#b00" stroke-dasharray="4 3"/>')
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{above + plot_h}" '
-                 f'y2="{above + plot_h}" stroke="#444"/><line x1="{left}" x2="{left}" '
-                 f'y1="{above}" y2="{above + plot_h}" stroke="#444"/>'
-                 f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">'
-                 f'{html.escape(xlabel)}</text><text transform="translate(12 {above + plot_h / 2})'
-                 ' rotate(-90)" text-anchor="middle">images</text></svg>')
+    parts.append(_axes(left, above, plot_w, plot_h, height, xlabel, "images"))
     return "".join(parts)
 
 
@@ -139,14 +134,20 @@ def dice_vs_size_svg(rows: list[dict[str, Any]], width: int = 620, height: int =
                      f'fill="{colours.get(error_type(r), EVEN_COLOUR)}" fill-opacity="0.7">'
                      f'<title>{html.escape(r["id"])}: Dice {r["dice"]:.3f}, lesion '
                      f'{pct(size)}</title></circle>')
-    parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{above + plot_h}" '
-                 f'y2="{above + plot_h}" stroke="#444"/><line x1="{left}" x2="{left}" '
-                 f'y1="{above}" y2="{above + plot_h}" stroke="#444"/>'
-                 f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">'
-                 'lesion area (truth) as a share of the image, log scale</text>'
-                 f'<text transform="translate(12 {above + plot_h / 2}) rotate(-90)" '
-                 'text-anchor="middle">Dice</text></svg>')
+    parts.append(_axes(left, above, plot_w, plot_h, height,
+                       "lesion area (truth) as a share of the image, log scale", "Dice"))
     return "".join(parts)
 
 
 # --------------------------------------------------------------------------- sections
+
+
+def _axes(left: float, above: float, plot_w: float, plot_h: float, height: int, xlabel: str,
+          ylabel: str) -> str:
+    """A chart's x and y axis lines and labels, and the end of its SVG."""
+    return (f'<line x1="{left}" x2="{left + plot_w}" y1="{above + plot_h}" '
+            f'y2="{above + plot_h}" stroke="#444"/><line x1="{left}" x2="{left}" '
+            f'y1="{above}" y2="{above + plot_h}" stroke="#444"/>'
+            f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">'
+            f'{html.escape(xlabel)}</text><text transform="translate(12 {above + plot_h / 2})'
+            f' rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text></svg>')
