@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesionseg.data import sources
+from lesionseg.data import archive, sources
 from lesionseg.data.sources import (
     SKIP_HIDDEN,
     SKIP_NOT_IMAGE,
@@ -261,7 +261,7 @@ def test_compressed_tar_listing_stops_at_declared_size_limits(tmp_path: Path,
     """Listing a compressed tar decompresses every member's data to reach the next header: a
     few KB declaring GBs took a minute. Declared sizes are checked while listing (limits made
     small here): the listing stops there, and the archive is reported once."""
-    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 1 << 20)
+    monkeypatch.setattr(archive, "MAX_MEMBER_BYTES", 1 << 20)
     one_big = tmp_path / "big.tar.gz"
     with tarfile.open(one_big, "w:gz") as tf:
         _add_tar(tf, "a.jpg", _jpeg(0))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from lesionseg.config import Config, PackConfig, load_config, save_config
 from lesionseg.data.shard_format import SPLITS, read_manifest
-from lesionseg.data.shards import pack, summary, verify
+from lesionseg.data.shards import pack, summary
+from lesionseg.data.verify import verify
 from lesionseg.errors import EXIT_FAILED, EXIT_OK
 
 

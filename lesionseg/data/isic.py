@@ -15,72 +15,29 @@ unreadable file) when a case is read. Each names the files involved.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
-import zipfile
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from lesionseg.data.archive import MAX_MEMBER_BYTES, Blob
 from lesionseg.data.images import IMAGE_EXTENSIONS, ImageError, load_image, load_mask
+from lesionseg.data.walk import IGNORED_NAMES, Damaged, Entry, walk
 from lesionseg.errors import DataError
+
+__all__ = ["IGNORED_NAMES", "ISIC_SPLITS", "MASK_RE", "MAX_MEMBER_BYTES", "Case", "DataError",
+           "Problem", "decode_case", "find_cases", "load_case_mask", "raise_problems", "read_case",
+           "report_problems"]
 
 log = logging.getLogger(__name__)
 
 ISIC_SPLITS = ("train", "test")  # the official data's splits (pack draws val from train)
 MASK_RE = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
 TEST_RE = re.compile(r"ISBI2016_ISIC_Part1_Test_", re.IGNORECASE)
-MAX_MEMBER_BYTES = 1 << 30  # an archive member (or file) larger than this is refused unread
-IGNORED_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db"}
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """A file on disk, or a member of a zip file read in place (picklable for worker processes)."""
-
-    path: str
-    member: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.member}" if self.member else self.path
-
-    @property
-    def name(self) -> str:
-        """The file's base name (of the member for zips)."""
-        return PurePosixPath(self.member).name if self.member else Path(self.path).name
-
-    def read_bytes(self) -> bytes:
-        """The file's bytes; errors name the file."""
-        try:
-            if self.member is None:
-                return Path(self.path).read_bytes()
-            return _zip(self.path).read(self.member)
-        except (OSError, zipfile.BadZipFile, KeyError, EOFError, RuntimeError) as e:
-            raise DataError(f"{self}: cannot be read ({e})") from None
-
-    def size(self) -> int:
-        """Size in bytes (uncompressed, for zip members)."""
-        if self.member is None:
-            return Path(self.path).stat().st_size
-        return _zip(self.path).getinfo(self.member).file_size
-
-
-def _zip(path: str) -> zipfile.ZipFile:
-    """One open ZipFile per zip and process: reading a member then costs no directory scan.
-    Keyed by process id (a forked worker must not share its parent's file offset) and by
-    modification time and size (a rewritten zip is reopened)."""
-    st = Path(path).stat()
-    return _open_zip(path, os.getpid(), st.st_mtime_ns, st.st_size)
-
-
-@lru_cache(maxsize=16)
-def _open_zip(path: str, pid: int, mtime_ns: int, size: int) -> zipfile.ZipFile:
-    return zipfile.ZipFile(path)
 
 
 @dataclass(frozen=True)
@@ -88,8 +45,8 @@ class Case:
     """One ISIC case: its id, image, mask (None only when masks are optional) and split hint."""
 
     id: str
-    image: FileRef
-    mask: FileRef | None
+    image: Blob
+    mask: Blob | None
     split: str  # "train" or "test"
 
 
@@ -107,8 +64,6 @@ class Problem:
 
 def _classify(name: str) -> tuple[str, str] | None:
     """('mask'|'image', id) for a file name, or None for files that are neither."""
-    if name.startswith(".") or name in IGNORED_NAMES:
-        return None
     m = MASK_RE.match(name)
     if m:
         return "mask", m.group("id")
@@ -116,12 +71,6 @@ def _classify(name: str) -> tuple[str, str] | None:
     if suffix in IMAGE_EXTENSIONS:
         return "image", name[: -len(suffix)]
     return None
-
-
-def _unsafe_member(name: str) -> bool:
-    """Absolute paths, drive letters, backslashes or '..' parts: never trust such a name."""
-    return (name.startswith(("/", "\\")) or "\\" in name or re.match(r"^[A-Za-z]:", name) is not None
-            or ".." in PurePosixPath(name).parts)
 
 
 def _parse_source(source: str | Path) -> tuple[Path, str | None]:
@@ -141,61 +90,47 @@ def _split_of(parts: str, forced: str | None) -> str:
 
 
 class _Collector:
-    """Collects image and mask refs by id, and the problems met on the way."""
+    """Collects image and mask blobs by id from what the input walk finds, and the problems
+    met on the way."""
 
     def __init__(self) -> None:
-        self.images: dict[str, list[tuple[FileRef, str]]] = defaultdict(list)
-        self.masks: dict[str, list[FileRef]] = defaultdict(list)
+        self.images: dict[str, list[tuple[Blob, str]]] = defaultdict(list)
+        self.masks: dict[str, list[Blob]] = defaultdict(list)
         self.problems: list[Problem] = []
         self.files_seen = 0
 
-    def add(self, ref: FileRef, location: str, forced: str | None) -> None:
-        kind_id = _classify(ref.name)
+    def add_path(self, path: Path, forced: str | None) -> None:
+        """Every file in a folder, an official zip or a single file (tars are not read)."""
+        for entry in walk(path, tars=False):
+            if isinstance(entry, Damaged):
+                self.problems.append(Problem(None, (entry.path,), entry.reason))
+            elif not entry.skip:
+                self.add(entry, forced)
+
+    def add(self, entry: Entry, forced: str | None) -> None:
+        blob = entry.blob
+        if entry.unsafe:
+            self.problems.append(Problem(None, (blob.origin,),
+                                         "unsafe member name in zip (absolute or '..' path)"))
+            return
+        if entry.oversize:
+            self.problems.append(Problem(None, (blob.origin,), entry.oversize))
+            return
+        kind_id = _classify(blob.name)
         if kind_id is None:
             return
         self.files_seen += 1
         kind, cid = kind_id
         if "." in cid:
-            self.problems.append(Problem(cid, (str(ref),), "the id part of the name holds a '.'; "
+            self.problems.append(Problem(cid, (blob.origin,), "the id part of the name holds a '.'; "
                                         "shard keys cannot (rename the file)"))
             return
         if kind == "mask":
-            self.masks[cid].append(ref)
+            self.masks[cid].append(blob)
         else:
-            self.images[cid].append((ref, _split_of(location, forced)))
-
-    def add_zip(self, path: Path, forced: str | None) -> None:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                infos = zf.infolist()
-        except (OSError, zipfile.BadZipFile) as e:
-            self.problems.append(Problem(None, (str(path),), f"not a readable zip file ({e})"))
-            return
-        for info in infos:
-            if info.is_dir():
-                continue
-            parts = PurePosixPath(info.filename).parts
-            if any(p in IGNORED_NAMES for p in parts):
-                continue
-            if _unsafe_member(info.filename):
-                self.problems.append(Problem(None, (f"{path}:{info.filename}",),
-                                             "unsafe member name in zip (absolute or '..' path)"))
-                continue
-            if info.file_size > MAX_MEMBER_BYTES:
-                self.problems.append(Problem(None, (f"{path}:{info.filename}",),
-                                             f"member of {info.file_size} bytes is too big"))
-                continue
-            self.add(FileRef(str(path), info.filename), f"{path.name}/{info.filename}", forced)
-
-    def add_dir(self, folder: Path, forced: str | None) -> None:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder).parts
-            if any(p in IGNORED_NAMES or p.startswith(".") for p in rel):
-                continue
-            if path.is_file() and path.suffix.lower() == ".zip":
-                self.add_zip(path, forced)
-            elif path.is_file():
-                self.add(FileRef(str(path)), str(path), forced)
+            # The split hint is read from the file's path, or the zip's name and member's path.
+            location = f"{Path(blob.path).name}/{blob.member}" if blob.kind == "zip" else blob.path
+            self.images[cid].append((blob, _split_of(location, forced)))
 
 
 def _pair(col: _Collector, require_masks: bool) -> tuple[list[Case], list[Problem]]:
@@ -252,12 +187,8 @@ def find_cases(sources: list[str | Path], on_error: str = "raise", *, require_ma
     col = _Collector()
     for source in sources:
         path, forced = _parse_source(source)
-        if path.is_dir():
-            col.add_dir(path, forced)
-        elif path.is_file() and path.suffix.lower() == ".zip":
-            col.add_zip(path, forced)
-        elif path.is_file():
-            col.add(FileRef(str(path)), str(path), forced)
+        if path.is_dir() or path.is_file():
+            col.add_path(path, forced)
         else:
             raise DataError(f"{path}: source does not exist")
     cases, found = _pair(col, require_masks)
@@ -274,6 +205,15 @@ def find_cases(sources: list[str | Path], on_error: str = "raise", *, require_ma
     return cases
 
 
+def load_case_mask(case: Case, mask_bytes: bytes, size: tuple[int, int]) -> Image.Image:
+    """The case's mask (L 0/255), checked to be binary and of the image's display `size`
+    (height, width); errors name the mask, the case and its image."""
+    try:
+        return load_mask(mask_bytes, str(case.mask), expected_size=size)
+    except ImageError as e:
+        raise ImageError(f"{e} (case {case.id}, image {case.image})") from None
+
+
 def decode_case(case: Case, image_bytes: bytes, mask_bytes: bytes | None,
                 min_size: int | None = None) -> tuple[Image.Image, Image.Image | None, dict[str, Any]]:
     """Decode a case's bytes through the one image loader: (RGB image, L 0/255 mask, meta).
@@ -283,10 +223,7 @@ def decode_case(case: Case, image_bytes: bytes, mask_bytes: bytes | None,
     image, size = load_image(image_bytes, str(case.image), min_size=min_size)
     mask = None
     if mask_bytes is not None and case.mask is not None:
-        try:
-            mask = load_mask(mask_bytes, str(case.mask), expected_size=size)
-        except ImageError as e:
-            raise ImageError(f"{e} (case {case.id}, image {case.image})") from None
+        mask = load_case_mask(case, mask_bytes, size)
     meta = {"id": case.id, "orig_size": [size[0], size[1]], "split": case.split,
             "source": str(case.image)}
     return image, mask, meta

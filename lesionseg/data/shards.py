@@ -1,6 +1,8 @@
-"""Pack ISIC cases into WebDataset tar shards with a manifest, and verify a packed folder.
+"""Pack ISIC cases into WebDataset tar shards with a manifest: find the cases, encode them
+(lesionseg.data.encode), write the shards and the manifest under the output folder's lock.
 
-The format and its reader: lesionseg.data.shard_format (and shards/README.md).
+The format and its reader: lesionseg.data.shard_format (and shards/README.md); verifying a
+packed folder: lesionseg.data.verify.
 
 Determinism: cases are ordered by (split, id) and written by the main process, tar headers
 are fixed (mtime 0, uid/gid 0, fixed names and mode), and worker processes only encode, so
@@ -11,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import tarfile
 import time
@@ -25,23 +25,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from lesionseg import __version__
 from lesionseg.config import Config, PackConfig, validate
-from lesionseg.data.cv import cv2
-from lesionseg.data.images import (
-    ImageError,
-    display_size,
-    encode_jpeg,
-    encode_png,
-    load_image,
-    load_mask,
-)
+from lesionseg.data.encode import assign_split, encode_case, encoded, is_val, stored_size
 from lesionseg.data.isic import (
-    Case,
     DataError,
     Problem,
     find_cases,
@@ -62,123 +51,13 @@ from lesionseg.data.shard_format import (
     read_manifest,
     split_urls,
 )
+from lesionseg.data.verify import verify
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
-
-
-# ----------------------------------------------------------------------------- split, sizes
-
-
-def is_val(case_id: str, seed: int, fraction: float) -> bool:
-    """Whether a training case goes to val: a hash of (seed, id), so the choice is the same
-    on every machine, rerun and worker count, and adding cases never moves old ones."""
-    digest = hashlib.sha256(f"{seed}:{case_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def assign_split(case: Case, cfg: PackConfig) -> str:
-    """train/val/test of a case: the official test set stays test."""
-    if case.split == "test":
-        return "test"
-    return "val" if is_val(case.id, cfg.split_seed, cfg.val_fraction) else "train"
-
-
-def stored_size(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """(height, width) an image is stored at: downscaled (never up) to max_side; 0 = as is."""
-    longest = max(height, width)
-    if max_side <= 0 or longest <= max_side:
-        return height, width
-    scale = max_side / longest
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-# ----------------------------------------------------------------------------- encoding (workers)
-
-
-def _probe(raw: bytes, max_side: int) -> tuple[tuple[int, int], tuple[int, int], bool] | None:
-    """Header only: (display size, stored size, original bytes can be kept), or None when
-    Pillow cannot open it (the image loader then names the problem). Original JPEG bytes are
-    kept when they need no change: RGB, no EXIF rotation, no downscaling."""
-    try:
-        with Image.open(io.BytesIO(raw)) as img:
-            orig = display_size(img)
-            target = stored_size(*orig, max_side)
-            orientation = img.getexif().get(0x0112, 1) if img.format == "JPEG" else None
-            keep = (img.format == "JPEG" and img.mode == "RGB" and orientation in (1, None)
-                    and target == orig)
-            return orig, target, keep
-    except Exception:  # any header failure is reported by load_image with the file's name
-        return None
-
-
-def encode_case(case: Case, split: str, cfg: PackConfig) -> tuple[dict[str, bytes], int]:
-    """Read, check and encode one case into its shard entries; returns (entries, source bytes).
-
-    Raises ImageError/DataError naming the files when the case is unusable."""
-    if case.mask is None:
-        raise DataError(f"{case.image}: image without mask")
-    raw_image, raw_mask = case.image.read_bytes(), case.mask.read_bytes()
-    name = str(case.image)
-    probe = _probe(raw_image, cfg.max_side)
-    if probe is None:
-        load_image(raw_image, name)  # raises the precise error
-        raise ImageError(f"{name}: cannot be read as an image")
-    orig, target, keep = probe
-    if keep:
-        image, size = load_image(raw_image, name)  # full decode: truncation is caught here
-        jpg = raw_image
-    else:
-        image, size = load_image(raw_image, name, min_size=min(target) if target != orig else None)
-        if image.size != (target[1], target[0]):
-            # Area averaging, the reduction training and inference apply too (transforms._sample):
-            # a sharper filter (Lanczos) stored images with ~20% more fine detail than the
-            # model ever sees at inference, where originals are area-reduced to its input.
-            image = Image.fromarray(cv2.resize(np.asarray(image), (target[1], target[0]),
-                                               interpolation=cv2.INTER_AREA))
-        jpg = encode_jpeg(image, cfg.jpeg_quality)
-    try:
-        mask = load_mask(raw_mask, str(case.mask), expected_size=size)
-    except ImageError as e:
-        raise ImageError(f"{e} (case {case.id}, image {name})") from None
-    if mask.size != (target[1], target[0]):
-        mask = mask.resize((target[1], target[0]), Image.NEAREST)
-    meta = {"id": case.id, "orig_size": [size[0], size[1]], "split": split, "source": name}
-    entries = {
-        "jpg": jpg,
-        "png": encode_png(mask),
-        "json": json.dumps(meta, sort_keys=True).encode(),
-    }
-    return entries, len(raw_image) + len(raw_mask)
-
-
-def _encode_task(task: tuple[Case, str, PackConfig]) -> tuple[Case, str, Any]:
-    """Worker entry: ('ok', (entries, source bytes)) or ('error', Problem) — never raises for
-    bad input, so one bad case cannot take down the pool."""
-    case, split, cfg = task
-    try:
-        return case, "ok", encode_case(case, split, cfg)
-    except UserError as e:
-        files = (str(case.image),) + ((str(case.mask),) if case.mask else ())
-        return case, "error", Problem(case.id, files, str(e))
-
-
-def _encoded(tasks: list[tuple[Case, str, PackConfig]], workers: int) -> Iterator[tuple[Case, str, Any]]:
-    """Encode tasks in order: in this process for one worker, else in a process pool.
-
-    Fork where the platform has it: unlike spawn it does not re-run the caller's main module,
-    so scripts and notebooks without an `if __name__ == "__main__"` guard work too. Workers
-    only use Pillow and numpy, never torch, so forking a parent holding torch threads is safe."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_encode_task, tasks)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap(_encode_task, tasks, chunksize=1)
 
 
 # ----------------------------------------------------------------------------- tar writing
@@ -355,7 +234,7 @@ def _pack(sources: list[str | Path], out: str | Path, cfg: PackConfig,
     writers = {s: ShardWriter(out, s, cfg.shard_max_samples, cfg.shard_max_bytes) for s in SPLITS}
     late: list[Problem] = []
     source_bytes = 0
-    results = _encoded(tasks, cfg.workers)
+    results = encoded(tasks, cfg.workers)
     try:
         for case, status, value in tqdm(results, total=len(tasks), desc="pack", unit="case",
                                         disable=not progress):
@@ -405,62 +284,9 @@ def summary(manifest: dict[str, Any], out: Path, workers: int) -> str:
 
 
 
-def verify(folder: str | Path, decode: bool = False) -> list[str]:
-    """Everything wrong with a packed folder compared to its manifest (empty = all good):
-    missing, resized or altered shards, wrong sample counts, unlisted shards; with `decode`
-    also every sample's image/mask."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    problems: list[str] = []
-    for entry in manifest["shards"]:
-        path = folder / entry["name"]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (file altered or corrupt)")
-        try:
-            keys = [raw["__key__"] for raw in iter_raw([str(path)])]
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        if len(keys) != entry["samples"]:
-            problems.append(f"{path}: {len(keys)} samples, manifest says {entry['samples']}")
-    for split in SPLITS:
-        listed = [s for s in manifest["shards"] if s["split"] == split]
-        count = manifest["splits"][split]["count"]
-        if sum(s["samples"] for s in listed) != count:
-            problems.append(f"{folder / MANIFEST}: split {split} counts {count} but its shards "
-                            f"hold {sum(s['samples'] for s in listed)}")
-    listed_names = {s["name"] for s in manifest["shards"]}
-    for path in sorted(folder.iterdir()):
-        if SHARD_RE.match(path.name) and path.name not in listed_names:
-            problems.append(f"{path}: shard not listed in the manifest (left from another pack?)")
-    if decode and not problems:
-        problems.extend(_verify_decode(folder))
-    return problems
-
-
-def _verify_decode(folder: Path) -> list[str]:
-    """Decode every sample: image readable, mask binary and the image's size, ids unique."""
-    problems, seen = [], set()
-    for split in SPLITS:
-        for raw in iter_raw(split_urls(folder, split)):
-            try:
-                sample = decode_sample(raw)
-            except UserError as e:
-                problems.append(str(e))
-                continue
-            if sample.id in seen:
-                problems.append(f"{raw['__url__']}: id {sample.id} appears more than once")
-            seen.add(sample.id)
-    return problems
-
-
-# Packing and verifying live here; the readers (lesionseg.data.shard_format) are re-exported
-# under their old names, which shards/README.md once documented.
+# Packing lives here; encoding (lesionseg.data.encode), verifying (lesionseg.data.verify) and
+# the readers (lesionseg.data.shard_format) are re-exported under their old names, which
+# shards/README.md once documented.
 __all__ = [
     "MANIFEST", "SPLITS", "Sample", "ShardWriter", "assign_split", "build_manifest",
     "decode_sample", "encode_case", "is_val", "iter_raw", "iter_samples", "listed_samples",
