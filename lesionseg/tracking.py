@@ -110,11 +110,20 @@ def start(accelerator: Any, cfg: Config, run_dir: Path, resumed_step: int = 0) -
                               init_kwargs={"wandb": init})
     run = accelerator.get_tracker("wandb", unwrap=True)
     define_metrics(run, cfg.train.best_metric)
+    run.summary.update(trained_on(accelerator, prefix="run/"))
     files_dir = getattr(run, "dir", None)
     if files_dir:
         atomic_write_text(Path(files_dir) / CONFIG_COPY, to_yaml(cfg))
     log.info("W&B run %s (%s, %s%s) under %s", run_id, mode, f"segment {segment}",
              f", resumed at step {resumed_step}" if resumed_step else "", folder)
+
+
+def trained_on(accelerator: Any, prefix: str = "") -> dict[str, Any]:
+    """What a training run ran on: device type, processes, mixed precision (W&B summary
+    `run/*`, and the checkpoints' meta `trained_on`)."""
+    return {f"{prefix}device": accelerator.device.type,
+            f"{prefix}processes": accelerator.num_processes,
+            f"{prefix}precision": str(accelerator.mixed_precision)}
 
 
 def define_metrics(run: Any, best_metric: str) -> None:

@@ -135,6 +135,11 @@ def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
     assert metrics["val/*"].step_metric == "optim/step" and metrics["val/dice"].summary.max
     summary = summary_values(run)
     assert summary["val/dice"] == {"max": max(row["val/dice"] for row in val_rows)}
+    # What it ran on: in the run summary and in both checkpoints' meta.
+    on = {"device": "cpu", "processes": 1, "precision": "no"}
+    assert {k: summary[f"run/{k}"] for k in on} == on
+    from lesionseg.checkpoint import load_weights
+    assert all(load_weights(out / name)[2]["trained_on"] == on for name in ("best.pt", "last.pt"))
     overlays = [row for row in rows if "val/overlays/_type" in row]
     assert len(overlays) == 2 and all(row["val/overlays/count"] == 2 for row in overlays)
     masks = overlays[0]["val/overlays/all_masks"]

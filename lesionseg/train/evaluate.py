@@ -152,7 +152,8 @@ def validate_and_keep_best(accelerator: Any, model: Any, data: DataPlan, cfg: Co
         if main and cfg.train.select == "best":
             net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
             save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
-                         epoch=progress.epoch, val=metrics, best_metric=cfg.train.best_metric)
+                         epoch=progress.epoch, val=metrics, best_metric=cfg.train.best_metric,
+                         trained_on=tracking.trained_on(accelerator))
             save_config(cfg, run_dir / "config.yaml")
 
 

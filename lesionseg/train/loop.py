@@ -219,11 +219,12 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
     post-processing or the fold's held-out predictions, config.yaml and MODEL_CARD.md."""
     net = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     last_val = progress.extra.get("last_val", {})
+    on = tracking.trained_on(accelerator)
     save_weights(run_dir / "last.pt", net.state_dict(), cfg, step=progress.step,
-                 epoch=progress.epoch, val=last_val)
+                 epoch=progress.epoch, val=last_val, trained_on=on)
     if cfg.train.select == "final":
         save_weights(run_dir / "best.pt", net.state_dict(), cfg, step=progress.step,
-                     epoch=progress.epoch, val=last_val, select="final")
+                     epoch=progress.epoch, val=last_val, select="final", trained_on=on)
     if cfg.data.folds and (run_dir / "best.pt").is_file():  # its held-out cases: out of fold
         predict_held_out(run_dir, cfg, data.val_urls, data.val_ids, accelerator.device)
     elif cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
