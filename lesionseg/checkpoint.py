@@ -7,7 +7,9 @@ live under `<output_dir>/states/`; these files are what inference and users cons
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
     """Read a checkpoint written by `save_weights`: (state_dict, config, meta)."""
     path = Path(path)
     payload = torch_load(path, CheckpointError, "checkpoint",
-                         "not a lesionseg checkpoint; use best.pt or last.pt from a training run")
+                         "not a lesionseg checkpoint; use best.pt or last.pt from a training run",
+                         mmap=True)
     if isinstance(payload, dict) and payload.get("format") in OLDER_FORMATS:
         raise CheckpointError(
             f"{path}: written by lesionseg {payload.get('lesionseg_version', '< 0.2')} "
@@ -64,16 +67,42 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
 def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """The model a checkpoint describes, with its weights loaded (on the CPU, in eval mode)."""
     state_dict, cfg, meta = load_weights(path)
-    # Built on the meta device (no memory, no random init) and given the checkpoint's tensors:
-    # ~50 ms less start-up than initialising weights only to overwrite them. Copied to the
-    # standard strides a new model has (a channels_last save keeps its own, even in size-1
-    # dims, and oneDNN picks its kernels by them: the forward changed by 1e-7).
-    with torch.device("meta"):
+    # Built without initialising weights that the checkpoint overwrites at once (strict: every
+    # parameter and buffer): ~8 ms instead of ~35 of the inference job's start-up.
+    with _no_weight_init():
         model = MobileNetEncoderDecoder(encoder_weights=None, freeze_encoder=False,
                                         decoder_channels=tuple(cfg.model.decoder_channels))
     try:
-        model.load_state_dict({k: torch.empty_like(v, memory_format=torch.contiguous_format)
-                               .copy_(v) for k, v in state_dict.items()}, assign=True)
+        model.load_state_dict(state_dict)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({first_line(e)})") from None
     return model.eval(), cfg, meta
+
+
+_INIT_MODULES = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, torch.nn.BatchNorm2d)
+
+
+@contextlib.contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """While building a model whose weights are loaded right after (as transformers'
+    `no_init_weights`): `torch.nn.init`'s in-place initialisers and the layers'
+    `reset_parameters` do nothing, so parameters keep torch.empty's memory. Only for a
+    strict `load_state_dict` to follow; not thread-safe (the job builds models on one thread)."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(init, n) for n in names}
+    resets = {m: m.__dict__.get("reset_parameters") for m in _INIT_MODULES}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        for m in _INIT_MODULES:
+            m.reset_parameters = lambda self: None
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+        for m, f in resets.items():
+            if f is None:
+                del m.reset_parameters
+            else:
+                m.reset_parameters = f

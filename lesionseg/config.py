@@ -151,7 +151,7 @@ class InferConfig:
     save_overlays: bool = False  # write overlay JPEGs to overlays/
     report: bool = True  # write report.html (and the thumbnails it shows) after merging
     post_threads: int = 0  # threads that upsample, threshold, encode PNGs and score (0: sized with the other threads)
-    num_threads: int = 0  # torch CPU threads per process (0: sized with the other threads; CPU: half the cores)
+    num_threads: int = 0  # torch CPU threads per process (0: sized with the other threads; CPU: all cores in turns with the stages, half beside them on a busy host)
     overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
     report_images: int = 60  # overlay thumbnails in report.html, shared by its galleries (worst, best, …)
     log_wandb: bool = False  # also log the results to W&B (tracking.*): per-image table with overlays, summary

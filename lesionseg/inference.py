@@ -22,10 +22,9 @@ import concurrent.futures as cf
 import contextlib
 import json
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lesionseg.config import Config, InferConfig, load_config, to_dict
@@ -58,6 +56,7 @@ from lesionseg.infer.journal import (
     parts_done,
     read_rows,
 )
+from lesionseg.infer.loader import make_loader
 from lesionseg.infer.merge import ERROR_COLUMNS, METRIC_COLUMNS, merge, with_scores, write_csv
 from lesionseg.infer.outputs import (
     PRED_RGB,
@@ -69,6 +68,7 @@ from lesionseg.infer.outputs import (
     render_overlay,
     write_previews,
 )
+from lesionseg.infer.phases import ForwardPhases
 from lesionseg.infer.predict import (
     TTA_FLIPS,
     Ensemble,
@@ -85,7 +85,6 @@ from lesionseg.infer.predict import (
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.threadplan import lower_priority, plan_threads, usable_cores
-from lesionseg.workers import WorkerInit
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +274,11 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
                       post.steps)
     row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
     try:
+        # Phases need torch's threads: a runtime (onnxruntime) keeps the count it opened with.
         stats = process_items(todo, predictor, image_size, icfg, spec, row_log,
-                              show_progress=state.is_local_main_process)
+                              show_progress=state.is_local_main_process,
+                              phased=threads.phased and predictor.runtime is None,
+                              shared_threads=threads.shared_threads)
     finally:
         row_log.close()
     stats.update(part=shard_index, rank=state.process_index, world_size=state.num_processes,
@@ -361,91 +363,23 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_side: int,
-                pin_memory: bool) -> Iterator[dict[str, Any]]:
-    """Decode workers read, decode and resize; batches keep failures alongside the good images.
-
-    `infer.worker_type` thread (as planned on a CPU): a pool of decode threads in this process
-    decodes single images, at most two batches ahead, and they are stacked here in order.
-    process: DataLoader workers; with pinned memory (CUDA) a worker decodes a whole batch,
-    pinned as it arrives, else each decodes single images stacked here: the first batch is then
-    ready when every worker has decoded its share of it, not when one worker has decoded all
-    of it (on 2 cores with 2 batches in all, that wait is a large part of the job's time). On a
-    CPU worker processes run at the stages' lower priority (`lower_priority`); decode threads
-    at normal priority (lesionseg/threadplan.py says why)."""
-    dataset = ItemDataset(items, image_size, preview_side)
-    if icfg.worker_type == "thread" or not icfg.num_workers:
-        workers = min(icfg.num_workers or 0, len(items))
-        samples = (_decoded_in_threads(dataset, workers, 2 * icfg.batch_size)
-                   if workers else (dataset[i] for i in range(len(dataset))))
-        batches = _batched(samples, icfg.batch_size)
-        return (_pinned(b) for b in batches) if pin_memory else batches
-    if pin_memory:
-        workers = min(icfg.num_workers, max(1, math.ceil(len(items) / icfg.batch_size)))
-        return iter(DataLoader(dataset, batch_size=icfg.batch_size, shuffle=False,
-                               num_workers=workers, collate_fn=collate, pin_memory=True,
-                               persistent_workers=False, prefetch_factor=2,
-                               worker_init_fn=WorkerInit()))
-    workers = min(icfg.num_workers, len(items))
-    # Two batches in flight, as with whole batches per worker.
-    prefetch = max(2, math.ceil(2 * icfg.batch_size / workers))
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=_one_sample, persistent_workers=False,
-                        prefetch_factor=prefetch, worker_init_fn=WorkerInit(lower_priority))
-    return _batched(iter(loader), icfg.batch_size)
-
-
-def _decoded_in_threads(dataset: ItemDataset, threads: int, ahead: int) -> Iterator[dict[str, Any]]:
-    """The dataset's samples in order, decoded by a pool of `threads` threads, at most `ahead`
-    in flight (memory stays bounded however far the consumer lags)."""
-    pool = cf.ThreadPoolExecutor(threads, thread_name_prefix="decode")
-    try:
-        futures: dict[int, cf.Future] = {}
-        for i in range(len(dataset)):
-            for j in range(i + len(futures), min(len(dataset), i + ahead)):
-                futures[j] = pool.submit(dataset.__getitem__, j)
-            yield futures.pop(i).result()
-    finally:  # also when the consumer stops early (an error, a full disk): no decode left running
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _pinned(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch with its images in pinned memory (a faster, asynchronous copy to the GPU)."""
-    if batch["images"] is not None:
-        batch["images"] = batch["images"].pin_memory()
-    return batch
-
-
-def _one_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """The loader's per-sample 'collate': the sample as the worker made it."""
-    return sample
-
-
-def _batched(samples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[str, Any]]:
-    """Group single samples, in order, into `collate`d batches of `batch_size` (the last may
-    be smaller)."""
-    chunk: list[dict[str, Any]] = []
-    for sample in samples:
-        chunk.append(sample)
-        if len(chunk) == batch_size:
-            yield collate(chunk)
-            chunk = []
-    if chunk:
-        yield collate(chunk)
-
-
 def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size: int,
                   icfg: InferConfig,
-                  spec: OutputSpec, row_log: RowLog, show_progress: bool = True) -> dict[str, Any]:
-    """The loop: decode (workers) → forward (here) → finish (threads) → rows (here)."""
+                  spec: OutputSpec, row_log: RowLog, show_progress: bool = True,
+                  phased: bool = False, shared_threads: int = 1) -> dict[str, Any]:
+    """The loop: decode (workers) → forward (here) → finish (threads) → rows (here).
+    `phased`: the forward and the stages take turns (lesionseg/infer/phases.py), falling back
+    to `shared_threads` torch threads beside the stages when other processes load the cores."""
     start = time.perf_counter()
     counts = {"images": 0, "errors": 0, "forward_s": 0.0}
     if not items:
         return _loop_stats(counts, time.perf_counter() - start)
     preview_side = icfg.overlay_max_side if spec.save_overlays else (THUMB_SIDE if spec.thumbs else 0)
-    # The decode workers fork here, before any thread exists in this process.
+    # Phased (the plan says when): the forward takes every core, the stages wait meanwhile.
+    phases = ForwardPhases(phased, shared_threads)
+    # Decode worker processes fork here, before any thread exists in this process.
     batches = make_loader(items, image_size, icfg, preview_side,
-                          pin_memory=predictor.device.type == "cuda")
+                          pin_memory=predictor.device.type == "cuda", before_item=phases.wait)
     threads = icfg.post_threads or 1
     max_pending = 2 * threads + icfg.batch_size  # bounds memory: full-size maps live only here
     bar = tqdm(total=len(items), unit="img", disable=not show_progress, desc="infer")
@@ -483,19 +417,30 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
             if batch["images"] is None:
                 continue
             t0 = time.perf_counter()
-            probs = predictor(batch["images"])
+            with phases.forward():
+                probs = predictor(batch["images"])
             counts["forward_s"] += time.perf_counter() - t0
             for sample, prob in zip(batch["good"], probs, strict=True):
                 drain(max_pending - 1)
-                pending.add(pool.submit(_finish_safely, items[sample["index"]], sample, prob, spec))
+                pending.add(pool.submit(_finish_in_turn, phases, items[sample["index"]], sample,
+                                        prob, spec))
         drain(0)
+    counts["phases"] = {"mode": phases.mode, "others_cores": phases.others_cores}
     return _loop_stats(counts, time.perf_counter() - start)
 
 
 def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {"images": counts["images"], "errors": counts["errors"], "seconds": round(seconds, 3),
             "forward_seconds": round(counts["forward_s"], 3),
-            "images_per_s": round(counts["images"] / seconds, 3) if counts["images"] else None}
+            "images_per_s": round(counts["images"] / seconds, 3) if counts["images"] else None,
+            **({"phases": counts["phases"]} if "phases" in counts else {})}
+
+
+def _finish_in_turn(phases: ForwardPhases, item: Item, sample: dict[str, Any],
+                    prob: torch.Tensor, spec: OutputSpec) -> dict:
+    """`_finish_safely` once the forward, if phased, has finished its turn."""
+    phases.wait()
+    return _finish_safely(item, sample, prob, spec)
 
 
 def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:

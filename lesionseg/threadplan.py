@@ -7,9 +7,13 @@ the same cores. Sized one by one (torch takes every core, two decode workers,
 `min(4, CPUs)` finishing threads) the forward suffered most: an OpenMP layer waits for its
 slowest thread, and a thread that lost its core stalls them all.
 
-So on a CPU the forward gets half the cores (`cores // 2` torch threads), and the stages are
-sized for all the cores, split by their share of the per-image work (decode ~70 %):
-`ceil(cores × 0.7)` decode workers and `ceil(cores × 0.3)` finishing threads. Up to
+So on a CPU with decode threads (Linux, 2+ cores) the plan is *phased*
+(lesionseg/infer/phases.py): the forward takes every core in its turn while the decode and
+finishing threads wait, and falls back to half the cores beside them once other processes
+use these cores. Otherwise the forward gets half the cores (`cores // 2` torch threads). The
+stages are sized for all the cores, split by their share of the per-image work (decode
+~70 %): `ceil(cores × 0.7)` decode workers and `ceil(cores × 0.3)` finishing threads (phased:
+one per core, as they run between forwards). Up to
 `MAX_DECODE_THREADS` the decode workers are threads of the job's own process (see there why),
 at normal priority. Decode worker *processes* (more workers, or `infer.worker_type=process`)
 and, with them, the finishing threads run at a lower priority (`lower_priority`, nice
@@ -24,9 +28,10 @@ batch 8, bf16; median loop seconds of interleaved rounds in one process):
   decode threads 1/2/1: 0.84 (1.4-1.5 CPU seconds), the same masks.
 - decode threads, nice 10 vs normal priority: 0.945 vs 0.98 on a quiet host, but 1.49 vs
   1.15 beside one other busy process (niced stages lose their core to it): normal priority.
-- two torch threads (all cores): 0.79-0.83 on a quiet host, but 1.65-1.84 beside one busy
-  process and 3-4 s during a test run (the OpenMP stall above), against 1.15-1.3 with one.
-  A host whose cores are the job's alone may set `infer.num_threads` to its core count.
+- two torch threads (all cores) beside the stages: 0.79-0.83 on a quiet host, but 1.65-1.84
+  beside one busy process and 3-4 s during a test run (the OpenMP stall above), against
+  1.15-1.3 with one. Phased (all cores, the stages waiting): 0.76-0.82 quiet (two finishing
+  threads; one: 0.82), and beside one busy process it goes shared: 1.18-1.31 (half: 1.21-1.25).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ GPU_MAX_WORKERS, GPU_MAX_FINISH = 8, 4
 # seconds per 16-image job with worker processes, 1.4-1.5 with threads, the same masks). Past
 # it, the ~1-2 ms per image each decode holds the GIL would start to serialise them.
 MAX_DECODE_THREADS = 8
+PROC_STAT = "/proc/stat"  # where the phased plan reads other processes' load (Linux)
 STAGE_NICE = 10  # nice value of the CPU stages (decode workers, finishing threads) on a CPU
 
 
@@ -60,6 +66,8 @@ class ThreadPlan:
     decode_workers: int  # decode workers (0: decode in the main thread)
     finish_threads: int  # threads that upsample, threshold, write and score
     worker_type: str  # "thread" (a pool in this process) or "process" (DataLoader workers)
+    phased: bool  # the forward takes every core in turns with the stages (infer/phases.py)
+    shared_threads: int  # torch threads when the cores are shared (phased: its fall-back)
     chosen: tuple[str, ...]  # the counts the plan chose (the others were set by the user)
     why: str
 
@@ -67,14 +75,18 @@ class ThreadPlan:
         """One line for the start-up log and the summary."""
         chosen = f"; chosen: {', '.join(self.chosen)}" if self.chosen else "; all set by hand"
         kind = "thread(s)" if self.worker_type == "thread" else "worker process(es)"
-        return (f"{self.torch_threads} torch thread(s), {self.decode_workers} decode "
+        turns = (f" in turns with the stages ({self.shared_threads} beside them when other "
+                 "processes use these cores)" if self.phased else "")
+        return (f"{self.torch_threads} torch thread(s){turns}, {self.decode_workers} decode "
                 f"{kind}, {self.finish_threads} finishing thread(s) on {self.cores} "
                 f"core(s) ({self.why}{chosen})")
 
     def as_dict(self) -> dict[str, object]:
         return {"cores": self.cores, "torch_threads": self.torch_threads,
                 "decode_workers": self.decode_workers, "finish_threads": self.finish_threads,
-                "worker_type": self.worker_type, "chosen": list(self.chosen), "why": self.why}
+                "worker_type": self.worker_type, "phased": self.phased,
+                "shared_threads": self.shared_threads, "chosen": list(self.chosen),
+                "why": self.why}
 
 
 def usable_cores() -> int:
@@ -110,13 +122,26 @@ def plan_threads(cores: int, on_gpu: bool, num_threads: int = 0, num_workers: in
         worker_type = "thread" if not on_gpu and workers <= MAX_DECODE_THREADS else "process"
     if not on_gpu and worker_type == "process":
         why += ", the stages at a lower priority"
+    shared = torch_threads
+    # Phased: decode threads that can wait for their turn, a count we chose, and a way to see
+    # other processes' load (/proc/stat) for the fall-back to sharing the cores.
+    phased = (not on_gpu and worker_type == "thread" and not num_threads and cores >= 2
+              and os.path.exists(PROC_STAT))
+    if phased:
+        torch_threads = cores
+        # The stages run between forwards, where the last batch's finishing has every core
+        # to itself (the job's tail): one finishing thread per core (2 cores: 0.76 vs 0.82 s).
+        finish = post_threads or cores
+        why = ("the forward takes every core in turns with the decode and finishing threads, "
+               "which wait while it runs")
     if not num_threads:
         chosen.append("torch threads")
     if num_workers is None:
         chosen.append("decode workers")
     if not post_threads:
         chosen.append("finishing threads")
-    return ThreadPlan(cores, torch_threads, workers, finish, worker_type, tuple(chosen), why)
+    return ThreadPlan(cores, torch_threads, workers, finish, worker_type, phased, shared,
+                      tuple(chosen), why)
 
 
 def lower_priority(_worker_id: int | None = None) -> None:

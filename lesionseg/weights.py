@@ -6,6 +6,7 @@ initialization. Checkpoints of whole runs (best.pt, last.pt) are lesionseg.check
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -30,7 +31,8 @@ class WeightsError(UserError):
 
 
 
-def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str) -> Any:
+def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str,
+               mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` onto the CPU; a missing file raises
     error("<path>: <missing> file not found"), a folder says so, and an unreadable file raises
     error("<path>: <unreadable> (<reason>)") — never torch's advice to load it unsafely."""
@@ -43,6 +45,9 @@ def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files
             warnings.simplefilter("ignore")
+            if mmap:  # tensors read from the mapped file (zip format only; else read in full)
+                with contextlib.suppress(RuntimeError):
+                    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors come in many types
         raise error(f"{path}: {unreadable} ({_load_failure(e)})") from None

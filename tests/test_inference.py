@@ -32,6 +32,7 @@ from lesionseg.data.images import load_image
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.infer import loader
 from lesionseg.inference import cpu_has_bf16
 from lesionseg.metrics import confusion_counts, scores
 from lesionseg.model import MobileNetEncoderDecoder
@@ -349,7 +350,7 @@ def test_decode_threads_keep_order_bound_the_work_in_flight_and_stop_with_the_co
             time.sleep(0.002 * (i % 3))  # out-of-order completion
             return {"index": i}
 
-    gen = inference._decoded_in_threads(Slow(), 3, 4)
+    gen = loader.decoded_in_threads(Slow(), 3, 4)
     taken = []
     for sample in gen:
         taken.append(sample["index"])
@@ -366,7 +367,7 @@ def test_decode_threads_keep_order_bound_the_work_in_flight_and_stop_with_the_co
 def test_batched_keeps_order_and_failures() -> None:
     samples = [{"index": i, "image": torch.full((3, 4, 4), i, dtype=torch.uint8)} for i in range(5)]
     samples[2] = {"index": 2, "error": "bad"}
-    batches = list(inference._batched(iter(samples), 2))
+    batches = list(loader.batched(iter(samples), 2))
     assert [len(b["good"]) + len(b["failed"]) for b in batches] == [2, 2, 1]
     assert [s["index"] for b in batches for s in b["good"]] == [0, 1, 3, 4]
     assert batches[1]["failed"][0]["error"] == "bad" and batches[1]["images"].shape[0] == 1

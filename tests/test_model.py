@@ -249,6 +249,24 @@ def test_checkpoint_round_trip(tmp_path, model):
         assert torch.equal(rebuilt(x), model(x))
 
 
+def test_checkpoint_model_is_built_without_weight_init_which_comes_back_after(tmp_path, model):
+    """The rebuilt model skips initialising what the checkpoint overwrites; a checkpoint
+    that does not fit is still an error, and torch's initialisers work again after both."""
+    path = save_weights(tmp_path / "best.pt", model.eval().state_dict(), Config())
+    rebuilt, _, _ = build_model_from_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(),
+                                                 model.state_dict().values(), strict=True))
+    wrong = save_weights(tmp_path / "wrong.pt", {"x": torch.zeros(1)}, Config())
+    with pytest.raises(UserError, match="do not fit"):
+        build_model_from_checkpoint(wrong)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    assert conv.weight.abs().sum() > 0 and torch.equal(conv.bias, conv.bias)
+    t = torch.nn.init.ones_(torch.empty(2))
+    assert torch.equal(t, torch.ones(2))
+    assert "reset_parameters" not in torch.nn.Conv2d.__dict__
+
+
 def test_older_checkpoint_is_a_clear_error_and_its_encoder_still_loads(tmp_path, model):
     path = save_weights(tmp_path / "old.pt", model.state_dict(), Config())
     payload = torch.load(path, weights_only=True)

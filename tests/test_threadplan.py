@@ -18,25 +18,40 @@ from lesionseg.threadplan import (
     usable_cores,
 )
 
+PROC = os.path.exists("/proc/stat")  # the phased plan needs it to watch other processes
+
 
 @pytest.mark.parametrize("cores", [1, 2, 3, 4, 8, 16, 64])
-def test_cpu_plan_gives_the_forward_half_and_sizes_the_stages_for_every_core(cores: int) -> None:
+def test_cpu_plan_sizes_the_stages_for_every_core(cores: int) -> None:
     plan = plan_threads(cores, on_gpu=False)
-    assert plan.torch_threads == max(1, cores // 2)
-    # The stages run niced and take every cycle the forward leaves: sized for all the cores,
-    # about 70 % decode, 30 % finishing, at least one each.
+    # Phased (decode threads, Linux, 2+ cores): the forward takes every core in its turn and
+    # one finishing thread per core; else (1 core, worker processes) half the cores.
+    phased = PROC and cores >= 2 and plan.worker_type == "thread"
+    assert plan.phased == phased and plan.shared_threads == max(1, cores // 2)
+    assert plan.torch_threads == (cores if phased else max(1, cores // 2))
+    # The stages are sized for all the cores: about 70 % decode, 30 % finishing.
     assert plan.decode_workers == max(1, math.ceil(0.7 * cores))
-    assert plan.finish_threads == max(1, math.ceil(0.3 * cores))
-    assert cores <= plan.decode_workers + plan.finish_threads <= cores + 1
+    assert plan.finish_threads == (cores if phased else max(1, math.ceil(0.3 * cores)))
     assert plan.chosen == ("torch threads", "decode workers", "finishing threads")
 
 
+@pytest.mark.skipif(not PROC, reason="the phased plan watches /proc/stat (Linux)")
 def test_cpu_plan_on_two_cores() -> None:
     plan = plan_threads(2, on_gpu=False)
-    assert (plan.torch_threads, plan.decode_workers, plan.finish_threads) == (1, 2, 1)
-    assert "1 torch thread(s), 2 decode thread(s), 1 finishing thread(s) on 2 core(s)" in \
+    assert (plan.torch_threads, plan.decode_workers, plan.finish_threads) == (2, 2, 2)
+    assert plan.phased and plan.shared_threads == 1
+    assert ("2 torch thread(s) in turns with the stages (1 beside them when other processes "
+            "use these cores), 2 decode thread(s), 2 finishing thread(s) on 2 core(s)") in \
         plan.describe()
-    assert plan.worker_type == "thread" and plan.as_dict()["worker_type"] == "thread"
+    d = plan.as_dict()
+    assert (d["worker_type"], d["phased"], d["shared_threads"]) == ("thread", True, 1)
+
+
+def test_no_phases_with_worker_processes_a_torch_count_set_or_a_gpu() -> None:
+    for plan in (plan_threads(2, on_gpu=False, worker_type="process"),
+                 plan_threads(2, on_gpu=False, num_threads=1), plan_threads(4, on_gpu=True)):
+        assert not plan.phased
+    assert plan_threads(2, on_gpu=False, worker_type="process").torch_threads == 1
 
 
 def test_decode_workers_are_threads_on_a_small_cpu_else_processes() -> None:
