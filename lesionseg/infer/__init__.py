@@ -2,7 +2,9 @@
 image, the run; lesionseg/commands/infer.py: its command line):
 
     journal.py  the part files under <out>/parts/ (rows, signature, done markers), --out layout
-    decode.py   reading and decoding inputs in DataLoader workers
+    decode.py   reading and decoding one input (in a decode thread or worker process)
+    loader.py   decode threads or DataLoader worker processes → batches, in order
+    phases.py   the forward and the CPU stages taking turns on the cores
     predict.py  the forward pass: a checkpoint, an exported file, or an ensemble of them
     outputs.py  what to write per image, the full-size mask, previews and overlays
     merge.py    part files → metrics.csv, errors.csv, summary.json, report.html
