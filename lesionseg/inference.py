@@ -2,18 +2,20 @@
 archives and shard folders, split across processes (`accelerate launch`) and jobs (Slurm).
 
 Pipeline per process: `sources.collect` → this (part, rank)'s items minus those already done →
-DataLoader workers read and decode (JPEG draft) and resize with the eval transform → batched
-forward (inference mode, channels_last, AMP on CUDA, optional flip TTA) → a thread pool
-upsamples each probability map to the original size once, thresholds, writes the mask PNG,
-scores it against the truth, and the main thread appends one row per image to its part file.
+decode threads (or DataLoader worker processes) read and decode (JPEG draft) and resize with
+the eval transform → batched forward (inference mode, channels_last, autocast, optional flip
+TTA; on a CPU in turns with the stages, lesionseg/infer/phases.py) → a thread pool upsamples
+each probability map to the original size once, thresholds, writes the mask PNG, scores it
+against the truth, and the main thread appends one row per image to its part file.
 
 Restartable: a mask is written (temporary name + rename) before its row, rows are appended
 one fsynced line at a time, and a rerun skips every id that already has a row. When a part's
 processes finish they leave done markers; whoever sees every part done merges the part files
 into metrics.csv, errors.csv, summary.json and report.html (`--merge DIR` does it by hand).
 
-Here: the work split, the per-image outputs and the run; below it in lesionseg/infer/: decode,
-predict, journal, merge; the command line: lesionseg/commands/infer.py.
+Here: the run (`run_inference`, `process_items`) and the threshold it applies; below it in
+lesionseg/infer/: split (the work split), decode, loader, phases, predict, finish (one image's
+outputs), journal, merge; the command line: lesionseg/commands/infer.py.
 """
 
 from __future__ import annotations
@@ -22,34 +24,26 @@ import concurrent.futures as cf
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
 from tqdm import tqdm
 
 from lesionseg.config import Config, InferConfig, load_config, to_dict
-from lesionseg.data.cv import cv2
 from lesionseg.data.images import (
-    encode_grey_png,
     write_mask,
 )
 from lesionseg.data.sources import Inventory, Item, assign, collect, read_order
-from lesionseg.errors import UserError, environment_message, first_line, is_environmental
-from lesionseg.files import atomic_write_bytes, atomic_write_text, check_output_dir, sha256_file
+from lesionseg.files import atomic_write_text, check_output_dir, sha256_file
 from lesionseg.infer import InferenceError
 from lesionseg.infer.decode import ItemDataset, collate, decode_item, read_truth
+from lesionseg.infer.finish import finish_in_turn, finish_item
 from lesionseg.infer.journal import (
-    MASKS,
     PARTS,
-    PROBS,
     RowLog,
     check_signature,
     done_ids,
@@ -82,109 +76,13 @@ from lesionseg.infer.predict import (
     precision_reason,
     tta_average,
 )
-from lesionseg.metrics import binary_counts
+from lesionseg.infer.split import distributed_state, job_part, local_processes, run_device
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.threadplan import lower_priority, plan_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- work split
-
-
-def job_part(num_shards: int | None, shard_index: int | None,
-             env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(N, I) from the flags, else from a Slurm array (`--array=0-9:2` gives index 0..4)."""
-    env = os.environ if env is None else env
-    if num_shards is None:
-        num_shards = int(env.get("SLURM_ARRAY_TASK_COUNT", "1"))
-    if shard_index is None:
-        if "SLURM_ARRAY_TASK_ID" in env and num_shards > 1:
-            first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1") or 1)
-            shard_index = (int(env["SLURM_ARRAY_TASK_ID"]) - first) // step
-        else:
-            shard_index = 0
-    if num_shards < 1:
-        raise InferenceError(f"--num-shards must be at least 1, got {num_shards}")
-    if not 0 <= shard_index < num_shards:
-        raise InferenceError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
-    return num_shards, shard_index
-
-
-# --------------------------------------------------------------------------- per image outputs
-
-
-def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """Upsample one probability map to the original size, threshold, post-process (the
-    spec's steps), write the mask (and optional extras), score it against the truth; returns
-    the image's row. Runs in a thread.
-
-    The upsampling is bilinear with pixel centres aligned (as F.interpolate with
-    align_corners=False) in float32, by cv2 (~4x cheaper than torch on one thread); the
-    prediction is exactly "probability > infer.threshold", compared in float32 (as torch does
-    with a Python float). The mask stays a uint8 0/255 array from the compare to the PNG; the
-    scores come from it and the 0/1 truth bits without any bool or tensor copies."""
-    h, w = sample["size"]
-    full, pred = full_size_mask(prob, (h, w), Postprocess(spec.threshold, spec.steps))
-    write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
-    if spec.save_probs:  # round(prob * 255), ties to even as torch's round
-        probs8 = cv2.convertScaleAbs(full, alpha=255.0)
-        atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png", encode_grey_png(probs8))
-    del full
-    row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
-                           "status": "no_truth", "reason": "", "pred_area": cv2.countNonZero(pred)}
-    truth = None
-    if sample["truth_error"]:
-        row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")
-    elif sample["truth_bits"] is not None:
-        truth = np.unpackbits(sample["truth_bits"], count=h * w).reshape(h, w)  # uint8 0/1
-        tp, fp, fn, tn = binary_counts(pred, truth)
-        row.update(status="ok", reason=sample["truth_note"], tp=tp, fp=fp, fn=fn, tn=tn)
-    if sample["preview"] is not None:
-        write_previews(item.id, sample["preview"], pred, truth, spec)
-    return row
-
-
 # --------------------------------------------------------------------------- the run
-
-
-def _distributed(device: str = "auto") -> Any:
-    """Accelerate's process state (1 process under plain python).
-
-    PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: without `cpu=True` a CPU
-    launch of N processes would give N processes that each think they are alone (and do
-    all the work). So: CPU when asked (infer.device=cpu or the launcher), or when there is
-    no CUDA."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InferenceError(f"--device {device}: no CUDA device is visible here; use "
-                             "--device cpu (or auto)")
-    cpu = device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
-    return PartialState(cpu=cpu)
-
-
-def local_processes(state: Any) -> int:
-    """How many processes of this job share this host's cores: the launcher's local world
-    size (torchrun, accelerate launch), else every process of a one-host CPU launch, else 1."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    if local.isdigit() and int(local) > 0:
-        return int(local)
-    return max(1, state.num_processes) if state.device.type == "cpu" else 1
-
-
-def run_device(setting: str, state: Any) -> torch.device:
-    """The device this process runs on: the launcher's (cuda:LOCAL_RANK, or cpu), except that
-    one process may be sent to a chosen GPU with infer.device=cuda:N."""
-    if ":" not in setting:
-        return state.device
-    if state.num_processes > 1:
-        raise InferenceError(f"--device {setting}: one GPU per process is chosen by the "
-                             "launcher; use --device cuda with several processes")
-    index = int(setting.split(":")[1])
-    if index >= torch.cuda.device_count():
-        raise InferenceError(f"--device {setting}: only {torch.cuda.device_count()} CUDA "
-                             "device(s) visible")
-    return torch.device(setting)
-
 
 
 def run_inference(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path],
@@ -212,7 +110,7 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     """Enumerate, pick this (part, rank)'s unfinished items, process them, mark the part done
     and merge if it was the last one."""
     icfg = cfg.infer
-    state = _distributed(icfg.device)
+    state = distributed_state(icfg.device)
     device = run_device(icfg.device, state)
     if not state.is_main_process:
         logging.getLogger("lesionseg").setLevel(logging.WARNING)
@@ -422,7 +320,7 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
             counts["forward_s"] += time.perf_counter() - t0
             for sample, prob in zip(batch["good"], probs, strict=True):
                 drain(max_pending - 1)
-                pending.add(pool.submit(_finish_in_turn, phases, items[sample["index"]], sample,
+                pending.add(pool.submit(finish_in_turn, phases, items[sample["index"]], sample,
                                         prob, spec))
         drain(0)
     counts["phases"] = {"mode": phases.mode, "others_cores": phases.others_cores}
@@ -434,44 +332,6 @@ def _loop_stats(counts: dict[str, Any], seconds: float) -> dict[str, Any]:
             "forward_seconds": round(counts["forward_s"], 3),
             "images_per_s": round(counts["images"] / seconds, 3) if counts["images"] else None,
             **({"phases": counts["phases"]} if "phases" in counts else {})}
-
-
-def _finish_in_turn(phases: ForwardPhases, item: Item, sample: dict[str, Any],
-                    prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """`_finish_safely` once the forward, if phased, has finished its turn."""
-    phases.wait()
-    return _finish_safely(item, sample, prob, spec)
-
-
-def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
-    """`finish_item`, with any failure of this image recorded as its error row instead of
-    raised (`_finish_or_error_row`); a shard sample's row names its split."""
-    row = _finish_or_error_row(item, sample, prob, spec)
-    if item.split:
-        row["split"] = item.split
-    return row
-
-
-def _finish_or_error_row(item: Item, sample: dict[str, Any], prob: torch.Tensor,
-                         spec: OutputSpec) -> dict:
-    """Any failure of this image (whatever its type: cv2.error, numpy, Pillow, MemoryError)
-    becomes the image's error row. A failure of the machine (disk full, read-only folder, I/O
-    error) is not the image's: it stops the run with an InferenceError and no row, so the
-    rerun does the image again."""
-    try:
-        return finish_item(item, sample, prob, spec)
-    except OSError as e:
-        if is_environmental(e):  # disk full, read-only: stop; the rerun redoes this image
-            raise InferenceError(environment_message(
-                e, f"{spec.out}: writing the outputs of {item.id}")) from None
-        return {"id": item.id, "input": item.origin, "status": "error",
-                "reason": f"{item.origin}: writing outputs failed: {first_line(e)}"}
-    except UserError as e:
-        return {"id": item.id, "input": item.origin, "status": "error", "reason": str(e)}
-    except Exception as e:  # noqa: BLE001 (one image must never stop the batch)
-        log.debug("finishing %s failed", item.origin, exc_info=True)
-        return {"id": item.id, "input": item.origin, "status": "error",
-                "reason": f"{item.origin}: {type(e).__name__}: {first_line(e)}"}
 
 
 # The names other modules and the tests reach through this module (the infer job's API).

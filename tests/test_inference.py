@@ -32,6 +32,7 @@ from lesionseg.data.images import load_image
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
+from lesionseg.infer import finish as finishing
 from lesionseg.infer import loader
 from lesionseg.inference import cpu_has_bf16
 from lesionseg.metrics import confusion_counts, scores
@@ -412,14 +413,14 @@ def test_injected_crash_then_rerun_completes(data: dict[str, Path], tmp_path: Pa
             raise InjectedCrash("injected crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "finish_item", crash_after_three)
+    monkeypatch.setattr(finishing, "finish_item", crash_after_three)
     monkeypatch.setenv("LESIONSEG_TEST", "1")
     with pytest.raises(InjectedCrash, match="injected crash"):
         infer(data, out, data["isic"], extra=("infer.post_threads=1",))
     rows_file = next((out / "parts").glob("rows-*.jsonl"))
     assert 1 <= len(inference.read_rows(rows_file)) <= 3
     assert not (out / "metrics.csv").exists()
-    monkeypatch.setattr(inference, "finish_item", real)
+    monkeypatch.setattr(finishing, "finish_item", real)
     assert infer(data, out, data["isic"]) == 0
     ids = [r["id"] for r in inference.read_rows(rows_file)]
     assert len(ids) == len(set(ids)) == N_CASES
@@ -625,7 +626,7 @@ def test_one_pixel_image_and_any_per_image_exception_do_not_stop_the_batch(
             raise cv2.error("injected: not among the errors anyone expected")
         return real(item, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "finish_item", finish)
+    monkeypatch.setattr(finishing, "finish_item", finish)
     out = tmp_path / "out"
     assert infer(data, out, folder) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -685,7 +686,7 @@ def test_disk_full_stops_in_one_line_and_the_rerun_retries(data: dict[str, Path]
                 raise _no_space(path)
             return real(path, *args, **kwargs)
 
-        monkeypatch.setattr(inference, "write_mask", write_mask)
+        monkeypatch.setattr(finishing, "write_mask", write_mask)
     else:
         real_fsync = os.fsync
         row_files: list[int] = []
@@ -703,7 +704,7 @@ def test_disk_full_stops_in_one_line_and_the_rerun_retries(data: dict[str, Path]
             return real_fsync(fd)
 
         monkeypatch.setattr(inference.RowLog, "__init__", init)
-        monkeypatch.setattr(inference.os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", fsync)
     assert infer(data, out, data["isic"], extra=("infer.post_threads=1",)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "No space left on device" in err[-1] and "rerun" in err[-1]
@@ -728,7 +729,7 @@ def test_input_failures_are_final_unless_retry_failed(data: dict[str, Path], tmp
             raise ValueError("injected: this image's own failure")
         return real(item, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "finish_item", finish)
+    monkeypatch.setattr(finishing, "finish_item", finish)
     assert infer(data, out, data["isic"]) == 0
     monkeypatch.undo()
     assert infer(data, out, data["isic"]) == 0  # a plain rerun keeps the error: it is final
