@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models import mobilenet_v2
 
 from lesionseg.weights import load_encoder_weights
@@ -199,17 +199,25 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
             for a, b in zip(names, names[1:], strict=False):
                 conv, bn = module._modules[a], module._modules[b]
                 if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
-                    module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    _fold_bn(conv, bn)
                     module._modules[b] = nn.Identity()
         elif isinstance(module, DecoderStage) and isinstance(module.bn, nn.BatchNorm2d):
             if isinstance(module.conv, nn.Sequential):
-                module.conv[-1] = fuse_conv_bn_eval(module.conv[-1], module.bn)
+                _fold_bn(module.conv[-1], module.bn)
             else:
-                module.conv = fuse_conv_bn_eval(module.conv, module.bn)
+                _fold_bn(module.conv, module.bn)
             module.bn = nn.Identity()
     for p in fused.parameters():
         p.requires_grad_(False)
     return fused
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval BatchNorm into the conv before it, in place: torch's own arithmetic
+    (`fuse_conv_bn_weights`, as `fuse_conv_bn_eval`) without its copy of each conv (52 copies
+    were ~12 ms of the inference job's start-up)."""
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                                  bn.running_var, bn.eps, bn.weight, bn.bias)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
