@@ -28,13 +28,15 @@ from collections.abc import Iterator
 
 import torch
 
+from lesionseg.threadplan import PROC_STAT
+
 log = logging.getLogger(__name__)
 
 OTHER_LOAD_MAX = 0.25  # cores other processes may use on average before the job goes shared
 MIN_WINDOW_S = 0.05  # shortest interval a look averages over (/proc/stat counts in 10 ms ticks)
 
 
-def busy_seconds(cpus: set[int], stat: str = "/proc/stat") -> float | None:
+def busy_seconds(cpus: set[int], stat: str = PROC_STAT) -> float | None:
     """CPU seconds the given CPUs have spent busy (not idle, not waiting for I/O) since boot,
     from /proc/stat; None where there is no such file or it cannot be read."""
     try:
@@ -62,7 +64,7 @@ class ForwardPhases:
     to sharing the cores when other processes use them. Inactive (`phased=False`): `wait` is
     a no-op and `forward` only times nothing."""
 
-    def __init__(self, phased: bool, shared_threads: int, stat: str = "/proc/stat") -> None:
+    def __init__(self, phased: bool, shared_threads: int, stat: str = PROC_STAT) -> None:
         self.phased, self.shared_threads, self.stat = phased, shared_threads, stat
         self._turn = threading.Event()  # set: the stages may run
         self._turn.set()
