@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,29 +81,42 @@ def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Conf
 
 
 _INIT_MODULES = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear, torch.nn.BatchNorm2d)
+_BUILD_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _no_weight_init() -> Iterator[None]:
-    """While building a model whose weights are loaded right after (as transformers'
-    `no_init_weights`): `torch.nn.init`'s in-place initialisers and the layers'
-    `reset_parameters` do nothing, so parameters keep torch.empty's memory. Only for a
-    strict `load_state_dict` to follow; not thread-safe (the job builds models on one thread)."""
+    """While this thread builds a model whose weights are loaded right after (as
+    transformers' `no_init_weights`): `torch.nn.init`'s in-place initialisers and the layers'
+    `reset_parameters` do nothing *for this thread*, so its parameters keep torch.empty's
+    memory; any other thread initialises as always (the stand-ins call the originals there).
+    Builds take turns (a lock), so the originals are always the ones restored. Only for a
+    strict `load_state_dict` to follow."""
+    builder = threading.get_ident()
+
+    def skip(original: Any, returns_first: bool) -> Any:
+        def stand_in(first: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != builder:
+                return original(first, *args, **kwargs)
+            return first if returns_first else None
+        return stand_in
+
     init = torch.nn.init
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(init, n) for n in names}
-    resets = {m: m.__dict__.get("reset_parameters") for m in _INIT_MODULES}
-    try:
-        for n in names:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        for m in _INIT_MODULES:
-            m.reset_parameters = lambda self: None
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(init, n, f)
-        for m, f in resets.items():
-            if f is None:
-                del m.reset_parameters
-            else:
-                m.reset_parameters = f
+    with _BUILD_LOCK:
+        names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
+        saved = {n: getattr(init, n) for n in names}
+        resets = {m: m.__dict__.get("reset_parameters") for m in _INIT_MODULES}
+        try:
+            for n in names:
+                setattr(init, n, skip(saved[n], returns_first=True))
+            for m in _INIT_MODULES:
+                m.reset_parameters = skip(m.reset_parameters, returns_first=False)
+            yield
+        finally:
+            for n, f in saved.items():
+                setattr(init, n, f)
+            for m, f in resets.items():
+                if f is None:
+                    del m.reset_parameters
+                else:
+                    m.reset_parameters = f

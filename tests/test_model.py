@@ -267,6 +267,24 @@ def test_checkpoint_model_is_built_without_weight_init_which_comes_back_after(tm
     assert "reset_parameters" not in torch.nn.Conv2d.__dict__
 
 
+def test_weight_init_is_skipped_only_for_the_thread_that_builds(tmp_path, model) -> None:
+    """Another thread that builds a layer while a checkpoint's model is being built gets
+    initialised weights (the stand-ins call torch's own there)."""
+    import threading
+
+    from lesionseg import checkpoint
+
+    other: list[torch.Tensor] = []
+    with checkpoint._no_weight_init():
+        t = threading.Thread(target=lambda: other.append(
+            torch.nn.init.ones_(torch.nn.Conv2d(2, 3, 1).weight.detach().clone())))
+        t.start()
+        t.join(10)
+        mine = torch.nn.init.ones_(torch.zeros(2))
+    assert torch.equal(other[0], torch.ones(3, 2, 1, 1))
+    assert torch.equal(mine, torch.zeros(2))  # this thread's initialisers did nothing
+
+
 def test_older_checkpoint_is_a_clear_error_and_its_encoder_still_loads(tmp_path, model):
     path = save_weights(tmp_path / "old.pt", model.state_dict(), Config())
     payload = torch.load(path, weights_only=True)
