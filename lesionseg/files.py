@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import shutil
 import stat
@@ -83,8 +84,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, hashed memory-mapped in one call: hashlib lets go of the GIL for
+    the whole file (a thread hashing runs beside Python work; chunked reads each wait for
+    the GIL). Files that cannot be mapped (empty, some file systems) are read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        try:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                h.update(mapped)
+                return h.hexdigest()
+        except (OSError, ValueError):
+            pass
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -127,7 +127,11 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     parts_dir.mkdir(parents=True, exist_ok=True)
 
     members = ensemble_members(checkpoint)
-    predictor, ckpt_cfg, meta, image_size = load_ensemble(members, icfg, device)
+    # Hashed in a thread while the models load (hashing a mapped file holds no GIL).
+    with cf.ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+        hashing = hasher.map(sha256_file, members)
+        predictor, ckpt_cfg, meta, image_size = load_ensemble(members, icfg, device)
+        digests = list(hashing)
     post, post_source = applied_postprocess(icfg, meta)
     icfg = replace(icfg, threshold=post.threshold, postprocess=post.name)
     cfg = replace(cfg, infer=icfg)
@@ -145,7 +149,6 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
              else "one model", image_size, post.threshold, post.name, post_source,
              ", flip TTA" if icfg.tta else "")
     run_cfg = _run_config(ckpt_cfg, cfg, image_size)
-    digests = [sha256_file(p) for p in members]
     signature = {
         "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
         "masks": [str(Path(p).resolve()) for p in masks],

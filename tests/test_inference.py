@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from lesionseg import inference
-from lesionseg.checkpoint import save_weights
+from lesionseg.checkpoint import load_weights, save_weights
 from lesionseg.cli import main
 from lesionseg.config import PackConfig, load_config
 from lesionseg.data.images import load_image
@@ -795,6 +795,15 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
         err = capsys.readouterr().err
         assert f"{path.name}: not a lesionseg checkpoint" in err and "weights_only" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+    # Weights that do not fit the model its config describes: found while the model is built
+    # beside the decode workers (after the progress bar), the last line and status 2.
+    wrong = save_weights(tmp_path / "wrong.pt", {"x": torch.zeros(1)},
+                         load_weights(data["ckpt"])[1])
+    assert main(["infer", "--checkpoint", str(wrong), "--input", str(data["isic"]), "--out",
+                 str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "wrong.pt: weights do not fit" in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and not (tmp_path / "w" / "masks").exists()
     # A run folder as --checkpoint: said to be a folder, with the file it probably meant.
     run_dir = tmp_path / "run"
     run_dir.mkdir()

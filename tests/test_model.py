@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.models import mobilenet_v2
 
-from lesionseg.checkpoint import build_model_from_checkpoint, save_weights
+from lesionseg.checkpoint import build_model_from_checkpoint, load_weights, save_weights
 from lesionseg.config import Config
 from lesionseg.errors import UserError
 from lesionseg.model import (
@@ -283,6 +285,49 @@ def test_weight_init_is_skipped_only_for_the_thread_that_builds(tmp_path, model)
         mine = torch.nn.init.ones_(torch.zeros(2))
     assert torch.equal(other[0], torch.ones(3, 2, 1, 1))
     assert torch.equal(mine, torch.zeros(2))  # this thread's initialisers did nothing
+
+
+class _Touch:
+    """Pickles as a call to Path.touch: a file that runs code when it is unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_checkpoints_load_through_the_plain_tensor_unpickler_without_running_code(
+        tmp_path, model):
+    """A checkpoint reads through load_plain_tensors (C unpickler, tensors and containers
+    only) exactly as through torch's weights-only loader; a file that names anything else
+    runs nothing there, and load_weights then answers as weights_only does: refused, or read
+    when torch allows it (a torch.Size in the metadata)."""
+    from lesionseg.config import load_config
+    from lesionseg.weights import load_plain_tensors
+
+    cfg = load_config(None, ["data.image_size=96", "optim.epochs=3"])
+    path = save_weights(tmp_path / "best.pt", model.state_dict(), cfg, step=7,
+                        postprocess={"threshold": 0.6, "steps": ["largest"]})
+    fast = load_plain_tensors(path)
+    slow = torch.load(path, map_location="cpu", weights_only=True)
+    assert fast.keys() == slow.keys() and fast["config"] == slow["config"]
+    assert fast["meta"] == slow["meta"] == {"step": 7, "postprocess": {
+        "threshold": 0.6, "steps": ["largest"]}}
+    assert all(torch.equal(fast["state_dict"][k], v) for k, v in slow["state_dict"].items())
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "lesionseg-checkpoint/2", "config": {}, "meta": {},
+                "state_dict": {}, "x": _Touch(marker)}, evil)
+    with pytest.raises(pickle.UnpicklingError, match="not a plain tensor"):
+        load_plain_tensors(evil)
+    with pytest.raises(UserError, match="evil.pt: not a lesionseg checkpoint"):
+        load_weights(evil)
+    assert not marker.exists()
+    sized = save_weights(tmp_path / "sized.pt", model.state_dict(), cfg, shape=torch.Size([2]))
+    with pytest.raises(pickle.UnpicklingError):
+        load_plain_tensors(sized)
+    assert load_weights(sized)[2] == {"shape": torch.Size([2])}
 
 
 def test_older_checkpoint_is_a_clear_error_and_its_encoder_still_loads(tmp_path, model):
