@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.models import mobilenet_v2
 
 from lesionseg.checkpoint import build_model_from_checkpoint, load_weights, save_weights
-from lesionseg.config import Config
+from lesionseg.config import Config, load_config
 from lesionseg.errors import UserError
 from lesionseg.model import (
     CustomDecoder,
@@ -21,7 +21,12 @@ from lesionseg.model import (
     MobileNetEncoderDecoder,
     fuse_for_inference,
 )
-from lesionseg.weights import ALLOW_DOWNLOAD_ENV, WeightsError, imagenet_cache_path
+from lesionseg.weights import (
+    ALLOW_DOWNLOAD_ENV,
+    WeightsError,
+    imagenet_cache_path,
+    load_plain_tensors,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -303,9 +308,6 @@ def test_checkpoints_load_through_the_plain_tensor_unpickler_without_running_cod
     only) exactly as through torch's weights-only loader; a file that names anything else
     runs nothing there, and load_weights then answers as weights_only does: refused, or read
     when torch allows it (a torch.Size in the metadata)."""
-    from lesionseg.config import load_config
-    from lesionseg.weights import load_plain_tensors
-
     cfg = load_config(None, ["data.image_size=96", "optim.epochs=3"])
     path = save_weights(tmp_path / "best.pt", model.state_dict(), cfg, step=7,
                         postprocess={"threshold": 0.6, "steps": ["largest"]})
