@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lesionseg.files import atomic_write_bytes, atomic_write_text, current_umask
+from lesionseg.files import atomic_write_bytes, atomic_write_text, current_umask, sha256_file
 
 
 @pytest.fixture
@@ -74,3 +75,20 @@ def test_check_output_dir_refuses_files_and_paths_below_them(tmp_path: Path) -> 
     for path in (existing, existing / "sub" / "deeper"):
         with pytest.raises(UserError, match=r"^--out=.*existing file"):
             check_output_dir(path, "--out")
+
+
+def test_sha256_of_a_file_mapped_or_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sha256_file hashes the mapped file; an empty file (which cannot be mapped) and a file
+    system without mmap are read in chunks, with the same digest."""
+    data = bytes(range(256)) * 5000
+    full, empty = tmp_path / "full.bin", tmp_path / "empty.bin"
+    full.write_bytes(data)
+    empty.write_bytes(b"")
+    assert sha256_file(full) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+
+    def no_mmap(*args: object, **kwargs: object) -> None:
+        raise OSError("mmap not supported")
+
+    monkeypatch.setattr("lesionseg.files.mmap.mmap", no_mmap)
+    assert sha256_file(full, chunk=4096) == hashlib.sha256(data).hexdigest()
