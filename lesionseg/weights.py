@@ -80,9 +80,9 @@ _PLAIN_TENSORS_PICKLE.Unpickler = _PlainTensorsUnpickler
 
 def load_plain_tensors(path: Path) -> Any:
     """A zip-format torch.save file of plain tensors in plain containers (what
-    `checkpoint.save_weights` writes), memory-mapped, through `_PlainTensorsUnpickler`:
-    ~10 ms instead of ~21 for a checkpoint with weights_only=True, whose unpickler is
-    written in Python. Raises for anything else (torch_load then uses weights_only)."""
+    `checkpoint.save_weights` writes), memory-mapped, through `_PlainTensorsUnpickler`: in C,
+    where weights_only=True unpickles in Python (the README's bench section has the times).
+    Raises for anything else (torch_load then uses weights_only)."""
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True,
                       pickle_module=_PLAIN_TENSORS_PICKLE)
 
