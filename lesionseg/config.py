@@ -155,7 +155,7 @@ class InferConfig:
     overlay_max_side: int = 1024  # longest side of the overlay JPEGs (--save-overlays)
     report_images: int = 60  # overlay thumbnails in report.html, shared by its galleries (worst, best, …)
     log_wandb: bool = False  # also log the results to W&B (tracking.*): per-image table with overlays, summary
-    shard_splits: list[str] = field(default_factory=list)  # shard-folder inputs: splits to read ([] = test, else val)
+    splits: list[str] = field(default_factory=list)  # of inputs with splits (ISIC roots and zips, shard folders): those scored ([] = test; a shard folder without test: val)
 
 
 @dataclass
@@ -258,6 +258,8 @@ def validate(cfg: Config) -> Config:
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
     _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
     _check(bool(t.output_dir), "train.output_dir", t.output_dir, "must not be empty")
+    _check(all(s in ("train", "val", "test") for s in i.splits), "infer.splits", list(i.splits),
+           "choose from train, val, test (e.g. infer.splits=[train,test])")
     _check(bool(t.resume), "train.resume", t.resume, "use auto, none or a state folder")
     _check(cfg.tracking.log_images >= 0, "tracking.log_images", cfg.tracking.log_images, "must be >= 0")
     _check(i.batch_size >= 1, "infer.batch_size", i.batch_size, "must be at least 1")

@@ -123,9 +123,9 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
                    post_threads=threads.finish_threads, worker_type=threads.worker_type)
     cfg = replace(cfg, infer=icfg)
     log.info("threads: %s", threads.describe())
-    parts_dir = out / PARTS
-    parts_dir.mkdir(parents=True, exist_ok=True)
-
+    # Inputs, truth and models are checked before anything is written under --out: a
+    # mistyped path leaves --out as it was (absent, or free for the corrected command).
+    inventory = collect(inputs, masks, tuple(icfg.splits))
     members = ensemble_members(checkpoint)
     # Hashed in a thread while the models load (hashing a mapped file holds no GIL).
     with cf.ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
@@ -156,10 +156,11 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
         "checkpoint_sha256": digests[0] if len(digests) == 1 else digests,
         "image_size": image_size,
         "threshold": icfg.threshold, "postprocess": icfg.postprocess, "tta": icfg.tta,
-        "shard_splits": list(icfg.shard_splits),
+        "splits": list(icfg.splits),
     }
+    parts_dir = out / PARTS
+    parts_dir.mkdir(parents=True, exist_ok=True)
     check_signature(parts_dir, signature)
-    inventory = collect(inputs, masks, tuple(icfg.shard_splits))
     _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
                      run_cfg, inventory, shard_index, state.process_index, runtime)
 
@@ -253,7 +254,7 @@ def _write_run_files(parts_dir: Path, signature: dict, checkpoint: dict[str, Any
                "runtime": runtime, "config": to_dict(run_cfg)}
         atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
         inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
-               "shard_splits": inventory.shard_splits,
+               "splits_read": inventory.splits_read, "left_out": inventory.left_out,
                "images": len(inventory.items) + len(inventory.errors),
                "masks_found": inventory.masks_found, "masks_unused": inventory.masks_unused}
         atomic_write_text(parts_dir / f"inventory-p{part:04d}.json", json.dumps(inv, indent=1))

@@ -22,7 +22,8 @@ def job_masks(tiny_checkpoint: dict, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("api_job") / "out"
     assert main(["infer", "--checkpoint", str(tiny_checkpoint["ckpt"]), "--input",
                  str(tiny_checkpoint["images"]), "--out", str(out), "--workers", "0",
-                 "--no-report", "infer.num_threads=1", "infer.mixed_precision=no"]) == 0
+                 "--no-report", "--splits", "train", "infer.num_threads=1",
+                 "infer.mixed_precision=no"]) == 0
     return {p.name.removesuffix("_Segmentation.png"): np.asarray(Image.open(p))
             for p in (out / "masks").glob("*.png")}
 

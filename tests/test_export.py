@@ -188,7 +188,7 @@ def test_export_refuses_bad_options(tiny_checkpoint: dict, tmp_path: Path,
 def run_infer(ckpt: Path, data: dict, out: Path, *extra: str) -> dict | None:
     """The infer command in this process; the summary once every part is merged."""
     argv = ["infer", "--checkpoint", str(ckpt), "--input", str(data["images"]), "--masks",
-            str(data["truth"]), "--out", str(out), "--workers", "0", "--batch-size", "2",
+            str(data["truth"]), "--out", str(out), "--workers", "0", "--batch-size", "2", "--splits", "train",
             *extra, "infer.num_threads=1"]
     assert main(argv) == 0
     summary = out / "summary.json"

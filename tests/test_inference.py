@@ -71,6 +71,9 @@ def infer(data: dict[str, Path], out: Path, *inputs: Path | str, extra: tuple[st
             "--batch-size", "2"]
     for p in inputs:
         argv += ["--input", str(p)]
+    # The fixtures' ISIC data is mostly training data: every split, unless a test chooses.
+    if not any("splits" in e for e in extra):
+        argv += ["--splits", "train,val,test"]
     # One torch thread: on 2 cores busy with other work, 2 threads run ~10x slower. Overrides
     # go last (argparse takes key=value items as one group).
     return main(argv + list(extra) + ["infer.num_threads=1"])
@@ -96,7 +99,7 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
     pack([data["isic"]], shards, PackConfig(max_side=0, workers=1, val_fraction=0.3), progress=False)
 
     runs = {"folder": (data["isic"],), "zip": (zpath, "--masks", truth),
-            "tar": (tpath, "--masks", truth), "shards": (shards, "infer.shard_splits=[train,val]")}
+            "tar": (tpath, "--masks", truth), "shards": (shards, "infer.splits=[train,val]")}
     results = {}
     for name, (src, *masks) in runs.items():
         out = tmp_path / f"out-{name}"
@@ -209,6 +212,67 @@ def test_official_zips_equal_the_isic_root(data: dict[str, Path], isic_root: Pat
     assert all(np.array_equal(masks_a[k], masks_b[k]) for k in masks_a)
 
 
+def _without_input(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "input"} for r in rows]
+
+
+def test_isic_root_and_zips_score_the_test_split_with_per_split_means(
+        data: dict[str, Path], isic_root: Path, isic_zips: Path, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An ISIC root (16 training, 4 test cases) scored 20 images as one mean: now its test
+    split only, said in one log line; every row names its split; a choice of more splits
+    gives each split's means and names the pooled mean as such."""
+    with caplog.at_level("INFO", logger="lesionseg"):
+        assert infer(data, tmp_path / "root", isic_root, extra=("--splits", "")) == 0
+    lines = [r.getMessage() for r in caplog.records if "scoring the test split only" in r.getMessage()]
+    assert len(lines) == 1 and "16 train images left out" in lines[0], lines
+    rows = read_csv(tmp_path / "root" / "metrics.csv")
+    assert len(rows) == 4 and {r["split"] for r in rows} == {"test"}
+    summary = json.loads((tmp_path / "root" / "summary.json").read_text())
+    assert summary["means_splits"] == ["test"] and "means_note" not in summary
+    assert summary["left_out_by_split"] == {"train": 16}
+    assert summary["means_by_split"]["test"]["dice"] == pytest.approx(summary["means"]["dice"])
+    assert "Scores (4 images, test split)" in (tmp_path / "root" / "report.html").read_text()
+    # The official zips, given one by one or as their folder: the same four test images.
+    for name, inputs in (("zips", sorted(isic_zips.rglob("*.zip"))), ("zipdir", [isic_zips])):
+        assert infer(data, tmp_path / name, *inputs, extra=("--splits", "", "--no-report")) == 0
+        assert _without_input(read_csv(tmp_path / name / "metrics.csv")) == _without_input(rows)
+    # --splits train,test: both, each with its own means; the pooled mean says it pools.
+    assert infer(data, tmp_path / "both", isic_root, extra=("--splits", "train,test")) == 0
+    rows = read_csv(tmp_path / "both" / "metrics.csv")
+    assert sorted(r["split"] for r in rows) == ["test"] * 4 + ["train"] * 16
+    summary = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert set(summary["means_by_split"]) == {"train", "test"}
+    assert summary["means_by_split"]["train"]["images"] == 16
+    assert "pool the test and train splits" in summary["means_note"]
+    page = (tmp_path / "both" / "report.html").read_text()
+    assert "pooled over the test and train splits" in page and "Per split" in page
+    # The training folder alone holds no test split: refused, naming the setting.
+    assert infer(data, tmp_path / "train", isic_root / TRAIN_DIR, extra=("--splits", "")) == 2
+    assert not (tmp_path / "train").exists()
+
+
+def test_a_mistyped_input_masks_or_checkpoint_leaves_out_free(
+        data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A typo wrote parts/signature.json before the input was checked, so the corrected
+    command was refused ("holds a run with different inputs"). Now nothing is written under
+    --out before inputs, truth and checkpoint are known good."""
+    out = tmp_path / "out"
+    assert infer(data, out, tmp_path / "no-such-folder") == 2
+    assert "input does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    assert infer(data, out, data["images"], extra=("--masks", str(tmp_path / "no-truth"))) == 2
+    assert not out.exists()
+    assert main(["infer", "--checkpoint", str(tmp_path / "typo.pt"), "--input",
+                 str(data["images"]), "--splits", "train", "--out", str(out)]) == 2
+    assert not out.exists()
+    out.mkdir()  # an existing, empty --out stays empty
+    assert infer(data, out, tmp_path / "no-such-folder") == 2
+    assert list(out.iterdir()) == []
+    assert infer(data, out, data["images"], extra=("--no-report",)) == 0
+    assert len(read_csv(out / "metrics.csv")) == N_CASES
+
+
 class RedLogit(torch.nn.Module):
     """A per-pixel model (logit = 10·red − 5): flip-equivariant, so TTA must change nothing."""
 
@@ -274,7 +338,7 @@ def test_downscaled_shards_write_original_size(data: dict[str, Path], tmp_path: 
     shards = tmp_path / "small"
     pack([data["isic"]], shards, PackConfig(max_side=40, workers=1), progress=False)
     out = tmp_path / "out"
-    assert infer(data, out, shards, extra=("--no-report", "infer.shard_splits=[train,val]")) == 0
+    assert infer(data, out, shards, extra=("--no-report", "infer.splits=[train,val]")) == 0
     rows = read_csv(out / "metrics.csv")
     assert len(rows) == N_CASES and not (out / "report.html").exists()
     for row in rows:
@@ -293,24 +357,26 @@ def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], pac
     counts = {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")}
     assert all(counts.values())
     with caplog.at_level("INFO", logger="lesionseg"):
-        assert infer(data, tmp_path / "default", packed_shards, extra=("--no-report",)) == 0
-    assert "reading the test split" in caplog.text
+        assert infer(data, tmp_path / "default", packed_shards,
+                     extra=("--no-report", "--splits", "")) == 0
+    assert "scoring the test split only" in caplog.text
     rows = read_csv(tmp_path / "default" / "metrics.csv")
     assert len(rows) == counts["test"] and {r["split"] for r in rows} == {"test"}
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
-    assert summary["shard_splits_read"] == {str(packed_shards): ["test"]}
+    assert summary["splits_read"] == {str(packed_shards): ["test"]}
     assert infer(data, tmp_path / "chosen", packed_shards,
-                 extra=("--no-report", "infer.shard_splits=[val,train]")) == 0
+                 extra=("--no-report", "infer.splits=[val,train]")) == 0
     rows = read_csv(tmp_path / "chosen" / "metrics.csv")
     assert sorted(r["split"] for r in rows) == ["train"] * counts["train"] + ["val"] * counts["val"]
     # Without a test split: val; with neither: refused, naming the key to set.
     no_test = tmp_path / "no_test"
     pack([data["isic"]], no_test, PackConfig(workers=1, val_fraction=0.3), progress=False)
-    assert infer(data, tmp_path / "val", no_test, extra=("--no-report",)) == 0
+    assert infer(data, tmp_path / "val", no_test, extra=("--no-report", "--splits", "")) == 0
     assert {r["split"] for r in read_csv(tmp_path / "val" / "metrics.csv")} == {"val"}
     train_only = tmp_path / "train_only"
     pack([data["isic"]], train_only, PackConfig(workers=1, val_fraction=0), progress=False)
-    assert infer(data, tmp_path / "none", train_only, extra=("--no-report",)) == 2
+    assert infer(data, tmp_path / "none", train_only, extra=("--no-report", "--splits", "")) == 2
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("worker_type", ["thread", "process"])
@@ -749,7 +815,7 @@ def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> No
     def signature(sha: str) -> dict:
         return {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": sha,
                 "image_size": 64, "threshold": 0.5, "postprocess": "none", "tta": False,
-                "shard_splits": []}
+                "splits": []}
 
     for attempt in range(20):
         parts = tmp_path / f"out{attempt}" / "parts"
@@ -782,7 +848,8 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
     assert "missing --checkpoint, --out" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"nope")
-    assert main(["infer", "--checkpoint", str(bad), "--input", str(data["isic"]), "--out",
+    assert main(["infer", "--checkpoint", str(bad), "--input", str(data["isic"]),
+                 "--splits", "train", "--out",
                  str(tmp_path / "o")]) == 2
     assert "bad.pt: not a lesionseg checkpoint" in capsys.readouterr().err
     # Files torch's weights-only loader refuses: its advice (weights_only=False) is never passed on.
@@ -790,15 +857,16 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
     pickled.write_bytes(b"\x80\x04\x95" + bytes(range(256)) * 4)
     torch.save(torch.nn.Linear(2, 2), model_file)
     for path in (pickled, model_file):
-        assert main(["infer", "--checkpoint", str(path), "--input", str(data["isic"]), "--out",
-                     str(tmp_path / "o")]) == 2
+        assert main(["infer", "--checkpoint", str(path), "--input", str(data["isic"]),
+                     "--splits", "train", "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert f"{path.name}: not a lesionseg checkpoint" in err and "weights_only" not in err, err
         assert len(err.strip().splitlines()) == 1, err
     # Weights that do not fit the model its config describes: one line, status 2, no masks.
     wrong = save_weights(tmp_path / "wrong.pt", {"x": torch.zeros(1)},
                          load_weights(data["ckpt"])[1])
-    assert main(["infer", "--checkpoint", str(wrong), "--input", str(data["isic"]), "--out",
+    assert main(["infer", "--checkpoint", str(wrong), "--input", str(data["isic"]),
+                 "--splits", "train", "--out",
                  str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "wrong.pt: weights do not fit" in err[0], err
@@ -807,7 +875,8 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(data["ckpt"], run_dir / "best.pt")
-    assert main(["infer", "--checkpoint", str(run_dir), "--input", str(data["isic"]), "--out",
+    assert main(["infer", "--checkpoint", str(run_dir), "--input", str(data["isic"]),
+                 "--splits", "train", "--out",
                  str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "is a folder" in err and f"did you mean {run_dir / 'best.pt'}" in err
@@ -816,7 +885,7 @@ def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], t
     capsys.readouterr()
     for out in (bad, bad / "sub"):  # --out an existing file, or below one: one line, status 2
         assert main(["infer", "--checkpoint", str(data["ckpt"]), "--input", str(data["isic"]),
-                     "--out", str(out)]) == 2
+                     "--splits", "train", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--out" in err[0] and "existing file" in err[0], err
     assert inference.job_part(None, None, {"SLURM_ARRAY_TASK_COUNT": "5", "SLURM_ARRAY_TASK_ID": "7",
@@ -829,7 +898,7 @@ def test_two_processes_with_accelerate_equal_one(data: dict[str, Path], tmp_path
     if not accelerate.exists():
         pytest.skip("accelerate launcher not installed next to this python")
     args = ["--checkpoint", str(data["ckpt"]), "--input", str(data["isic"]), "--workers", "1",
-            "--batch-size", "1", "--no-report"]
+            "--batch-size", "1", "--no-report", "--splits", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     one = subprocess.run([PY, str(REPO / "jobs" / "infer.py"), *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -1016,7 +1085,7 @@ def test_decode_item_packs_the_truth_and_shrinks_the_preview(data: dict[str, Pat
     from lesionseg.data.images import load_mask
     from lesionseg.data.sources import collect
 
-    for item in collect([data["isic"]]).items[:3]:
+    for item in collect([data["isic"]], splits=("train",)).items[:3]:
         sample = inference.decode_item(item, IMAGE_SIZE, 32)
         h, w = sample["size"]
         truth = np.asarray(load_mask(item.truth.read(), expected_size=(h, w)))

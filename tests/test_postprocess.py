@@ -140,7 +140,7 @@ def noisy_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _infer(ckpt: Path, images: Path, truth: Path, out: Path, *extra: str) -> dict:
     argv = ["infer", "--checkpoint", str(ckpt), "--input", str(images), "--masks", str(truth),
-            "--out", str(out), "--workers", "0", "--batch-size", "2", *extra,
+            "--out", str(out), "--workers", "0", "--batch-size", "2", "--splits", "train", *extra,
             "infer.num_threads=1"]
     assert main(argv) == 0
     return json.loads((out / "summary.json").read_text())

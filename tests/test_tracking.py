@@ -172,7 +172,8 @@ def test_inference_job_logs_a_table_and_summary(tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["infer", "--checkpoint", str(ckpt), "--input", str(isic), "--out", str(out),
-                 "--workers", "0", "--wandb", "infer.num_threads=1"]) == 0
+                 "--workers", "0", "--wandb", "--splits", "train",
+                 "infer.num_threads=1"]) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run = runs[0]

@@ -21,16 +21,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 Segment every image in folders, archives (.zip, .tar, .tar.gz) and packed shard folders.
 Writes under --out: masks/<id>_Segmentation.png (original size and orientation, 0/255, ready
 for the ISIC scorer), metrics.csv (per image: input, mask, predicted area; scores with truth),
-errors.csv (every input that failed), summary.json and report.html. Each probability map is
+errors.csv (every input that failed), summary.json and report.html. Of an input with splits
+(an ISIC root or its official zips, a packed shard folder) only the test split is scored by
+default (--splits chooses); summary.json and the report give each split's own means. Each
+probability map is
 thresholded and post-processed as chosen on validation at the end of training (stored in the
 checkpoint), with flip TTA. Rerun with the same --out to resume where a run stopped (a full
 disk or read-only folder stops the run with status 2; the rerun continues). Under
 `accelerate launch` the images are split across processes; --num-shards/--shard-index (or a
 Slurm array) split them across jobs, and the last part to finish merges."""
-    parser.epilog = """examples:
-  python jobs/infer.py --checkpoint runs/demo/best.pt --input ISIC2016/ --out out/
+    parser.epilog = """examples (an ISIC root or shard folder: its test images only, unless --splits):
+  python jobs/infer.py --checkpoint runs/isic2016/best.pt --input ISIC2016/ --out out/
   python jobs/infer.py --checkpoint best.pt --input images.zip --masks truth.zip --out out/ --no-tta
   python jobs/infer.py --checkpoint runs/cv5 --input ISIC2016/ --out out/   # 5-fold ensemble
+  python jobs/infer.py --checkpoint best.pt --input ISIC2016/ --splits train,test --out out/
   python jobs/infer.py --checkpoint a/best.pt --checkpoint b/best.pt --input images/ --out out/
   accelerate launch jobs/infer.py --checkpoint best.pt --input shards/isic2016 --out out/
   python jobs/infer.py --merge out/   # combine the parts of an array job by hand"""
@@ -43,9 +47,13 @@ Slurm array) split them across jobs, and the last part to finish merges."""
                              "the threshold and post-processing. Required unless --merge")
     parser.add_argument("--input", metavar="PATH", action="append", default=[],
                         help="image folder (recursive), image file, .zip, .tar/.tar.gz/.tgz, "
-                             "packed shard folder (its test split, or val when it has none; "
-                             "infer.shard_splits=[val,test] chooses), ISIC root or official "
-                             "zip; repeatable")
+                             "packed shard folder (or its manifest.json), ISIC root or official "
+                             "zips; repeatable. Of an input with splits only --splits are "
+                             "scored")
+    parser.add_argument("--splits", metavar="LIST",
+                        help="splits to score of inputs that have them, comma-separated from "
+                             "train, val, test (default: test; a shard folder without one: "
+                             "val). Sets infer.splits")
     parser.add_argument("--masks", metavar="PATH", action="append", default=[],
                         help="ground-truth folder or zip, matched by id "
                              "(ISIC_0000000_Segmentation.png) or by file stem; repeatable")
@@ -122,6 +130,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
             overrides.append(f"infer.{key}={str(value).lower() if isinstance(value, bool) else value}")
     if args.no_report:
         overrides.append("infer.report=false")
+    if getattr(args, "splits", None):
+        overrides.append(f"infer.splits=[{args.splits}]")
     return load_config(args.config, overrides)
 
 

@@ -3,7 +3,8 @@
 Accepted sources: an ISIC root holding the official folders (or zips), the official zips
 themselves (read in place, never extracted), or a plain image folder plus a mask folder.
 Images pair with masks by id: `ISIC_0000000.jpg` <-> `ISIC_0000000_Segmentation.png`
-(`_segmentation.png`, `.jpeg` and `.png` images too). The split hint comes from the official
+(`_segmentation.png`, `.jpeg` and `.png` images too), or by stem when the masks lie in a
+folder or zip named as MASK_FOLDERS says (`images/case1.png` <-> `masks/case1.png`). The split hint comes from the official
 names (`…_Test_…` = test); anything else is training data unless the source is written
 `test=PATH`.
 
@@ -26,11 +27,11 @@ from PIL import Image
 
 from lesionseg.data.archive import MAX_MEMBER_BYTES, Blob
 from lesionseg.data.images import IMAGE_EXTENSIONS, ImageError, load_image, load_mask
-from lesionseg.data.walk import IGNORED_NAMES, Damaged, Entry, walk
+from lesionseg.data.walk import IGNORED_NAMES, Damaged, Entry, archive_stem, walk
 from lesionseg.errors import DataError
 
 __all__ = ["IGNORED_NAMES", "ISIC_SPLITS", "MASK_RE", "MAX_MEMBER_BYTES", "Case", "DataError",
-           "Problem", "decode_case", "find_cases", "load_case_mask", "raise_problems", "read_case",
+           "Problem", "decode_case", "find_cases", "in_mask_folder", "official_split", "load_case_mask", "raise_problems", "read_case",
            "report_problems"]
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,28 @@ log = logging.getLogger(__name__)
 ISIC_SPLITS = ("train", "test")  # the official data's splits (pack draws val from train)
 MASK_RE = re.compile(r"^(?P<id>.+)_segmentation\.png$", re.IGNORECASE)
 TEST_RE = re.compile(r"ISBI2016_ISIC_Part1_Test_", re.IGNORECASE)
+TRAIN_RE = re.compile(r"ISBI2016_ISIC_Part1_Training_", re.IGNORECASE)
+
+
+# Folders whose images are masks (the images/ + masks/ layout of smp, MONAI and most Kaggle
+# sets): a mask there pairs with the image of the same stem (`_mask` or `_segmentation` after
+# the stem is allowed), as `--masks` of inference pairs them.
+MASK_FOLDERS = frozenset({"masks", "mask", "labels", "label", "annotations", "gt",
+                          "ground_truth", "groundtruth", "segmentations"})
+MASK_STEM_RE = re.compile(r"^(?P<id>.+?)(_mask|_segmentation)?$", re.IGNORECASE)
+
+
+def in_mask_folder(folders: tuple[str, ...]) -> bool:
+    """Whether a file under these folders (the input's own name first) is a mask by layout."""
+    return any(f.lower() in MASK_FOLDERS for f in folders)
+
+
+def official_split(location: str) -> str:
+    """The official split a path names (`…_Test_…` test, `…_Training_…` train), or "" when it
+    names neither (inference then knows no split for the file)."""
+    if TEST_RE.search(location):
+        return "test"
+    return "train" if TRAIN_RE.search(location) else ""
 
 
 @dataclass(frozen=True)
@@ -62,14 +85,18 @@ class Problem:
         return f"{', '.join(self.files)}: {self.reason}"
 
 
-def _classify(name: str) -> tuple[str, str] | None:
-    """('mask'|'image', id) for a file name, or None for files that are neither."""
+def _classify(name: str, mask_folder: bool = False) -> tuple[str, str] | None:
+    """('mask'|'image', id) for a file name, or None for files that are neither; any image
+    in a mask folder is a mask, its id its stem (without `_mask`)."""
     m = MASK_RE.match(name)
     if m:
         return "mask", m.group("id")
     suffix = Path(name).suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
-        return "image", name[: -len(suffix)]
+        stem = name[: -len(suffix)]
+        if mask_folder:
+            return "mask", MASK_STEM_RE.match(stem).group("id")
+        return "image", stem
     return None
 
 
@@ -101,13 +128,14 @@ class _Collector:
 
     def add_path(self, path: Path, forced: str | None) -> None:
         """Every file in a folder, an official zip or a single file (tars are not read)."""
+        own = archive_stem(path.resolve().name)
         for entry in walk(path, tars=False):
             if isinstance(entry, Damaged):
                 self.problems.append(Problem(None, (entry.path,), entry.reason))
             elif not entry.skip:
-                self.add(entry, forced)
+                self.add(entry, forced, in_mask_folder((own, *entry.prefix, *entry.parts[:-1])))
 
-    def add(self, entry: Entry, forced: str | None) -> None:
+    def add(self, entry: Entry, forced: str | None, mask_folder: bool = False) -> None:
         blob = entry.blob
         if entry.unsafe:
             self.problems.append(Problem(None, (blob.origin,),
@@ -116,7 +144,7 @@ class _Collector:
         if entry.oversize:
             self.problems.append(Problem(None, (blob.origin,), entry.oversize))
             return
-        kind_id = _classify(blob.name)
+        kind_id = _classify(blob.name, mask_folder)
         if kind_id is None:
             return
         self.files_seen += 1
@@ -148,7 +176,8 @@ def _pair(col: _Collector, require_masks: bool) -> tuple[list[Case], list[Proble
             problems.append(Problem(cid, (str(masks[0]),), "mask without image"))
         elif not masks and require_masks:
             problems.append(Problem(cid, (str(images[0][0]),),
-                                    f"image without mask (expected {cid}_Segmentation.png)"))
+                                    f"image without mask (expected {cid}_Segmentation.png, or "
+                                    f"a mask named {cid} in a masks/ folder)"))
         else:
             ref, split = images[0]
             cases.append(Case(cid, ref, masks[0] if masks else None, split))

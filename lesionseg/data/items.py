@@ -45,7 +45,7 @@ class Item:
     orig_size: tuple[int, int] | None = None
     # The truth was stored downscaled with the image (shards): resize it (nearest) to orig_size.
     truth_scaled: bool = False
-    split: str = ""  # a shard sample's split (train, val or test); "" for other inputs
+    split: str = ""  # train, val or test: a shard sample's, or an official ISIC file's; "" unknown
 
     @property
     def origin(self) -> str:
@@ -61,7 +61,8 @@ class Inventory:
     skipped: Counter = field(default_factory=Counter)  # reason -> number of files
     masks_found: int = 0
     masks_unused: int = 0
-    shard_splits: dict[str, list[str]] = field(default_factory=dict)  # shard folder -> splits read
+    splits_read: dict[str, list[str]] = field(default_factory=dict)  # input with splits -> splits read
+    left_out: dict[str, int] = field(default_factory=dict)  # split -> images not read
 
 
 def _cut(text: str, max_bytes: int) -> str:
@@ -102,6 +103,7 @@ class Found:
     label: str  # the input's name (folder or archive without suffix)
     stem: str  # the file's own stem, sanitized
     key: str  # a stable text naming this file (absolute path [+ member]): hashed on clashes
+    walked: str = ""  # the input it was found in by walking it ("" for a shard sample)
 
 
 def _with_id(item: Item, new_id: str) -> Item:

@@ -19,16 +19,19 @@ from lesionseg.data.shard_format import MANIFEST, SPLITS, read_manifest, sample_
 log = logging.getLogger(__name__)
 
 
-def shard_items(folder: Path, shard_splits: tuple[str, ...], label: str
-                ) -> tuple[list[str], list[Found], list[dict[str, str]]]:
-    """A packed shard folder: (splits read, one found item per sample, errors). An item's image
-    is the sample's `jpg`, its truth the `png`, its original display size from its `json`
-    (images may be stored downscaled). Only the splits `shard_splits` names; by default the
-    test split, or val when there is none: scores over train (or train and val mixed) would be
-    optimistic."""
-    splits, tars = _shard_files(folder, shard_splits)
-    log.info("%s: reading the %s split%s (infer.shard_splits chooses)", folder,
-             " and ".join(splits), "s" if len(splits) > 1 else "")
+def shard_items(folder: Path, splits: tuple[str, ...], label: str
+                ) -> tuple[list[str], list[Found], list[dict[str, str]], dict[str, int]]:
+    """A packed shard folder: (splits read, one found item per sample, errors, samples left
+    out by split). An item's image is the sample's `jpg`, its truth the `png`, its original
+    display size from its `json` (images may be stored downscaled). Only the splits `splits`
+    names; by default the test split, or val when there is none: scores over train (or train
+    and val mixed) would be optimistic."""
+    splits, tars, left_out = _shard_files(folder, splits)
+    others = "; ".join(f"{n} {s} samples left out" for s, n in left_out.items())
+    log.info("%s: scoring the %s split%s%s", folder, ", ".join(splits),
+             "s" if len(splits) > 1 else "", f" only ({others}; --splits "
+             f"{','.join(s for s in SPLITS if s in (*splits, *left_out))} scores every split)"
+             if others else "")
     found: list[Found] = []
     errors: list[dict[str, str]] = []
     for split, tar_path, listed in tars:
@@ -55,7 +58,7 @@ def shard_items(folder: Path, shard_splits: tuple[str, ...], label: str
                 found.append(Found(sample, label, sample.id, f"{os.path.abspath(tar_path)}:{key}"))
             else:
                 errors.append(sample)
-    return splits, found, errors
+    return splits, found, errors, left_out
 
 
 def _sample_item(tar_path: Path, key: str, parts: dict[str, tarfile.TarInfo], meta: dict,
@@ -89,14 +92,14 @@ def _read_meta(stream: BinaryIO, info: tarfile.TarInfo | None) -> dict:
 
 
 def _shard_files(folder: Path, splits: tuple[str, ...]
-                 ) -> tuple[list[str], list[tuple[str, Path, int | None]]]:
-    """The splits read and their (split, shard tar, samples the manifest lists) triples:
-    `splits`, or by default test, else val (train alone is refused: it would score the
-    training data)."""
+                 ) -> tuple[list[str], list[tuple[str, Path, int | None]], dict[str, int]]:
+    """The splits read, their (split, shard tar, samples the manifest lists) triples and the
+    samples of the other splits: `splits`, or by default test, else val (train alone is
+    refused: it would score the training data)."""
     manifest = read_manifest(folder)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
-        raise SourceError(f"infer.shard_splits: unknown split(s) {', '.join(unknown)}; "
+        raise SourceError(f"infer.splits: unknown split(s) {', '.join(unknown)}; "
                           f"choose from {', '.join(SPLITS)}")
     available = [s for s in SPLITS if manifest["splits"][s].get("shards")]
     if splits:
@@ -108,8 +111,10 @@ def _shard_files(folder: Path, splits: tuple[str, ...]
         wanted = [s for s in ("test", "val") if s in available][:1]
         if not wanted:
             raise SourceError(f"{folder}: no test or val shards to score (the manifest has "
-                              f"{', '.join(available) or 'none'}); set infer.shard_splits=[train] "
+                              f"{', '.join(available) or 'none'}); set infer.splits=[train] "
                               "to segment the training split")
     counts = {e.get("name"): e.get("samples") for e in manifest["shards"] if isinstance(e, dict)}
+    left_out = {s: int(manifest["splits"][s].get("count") or 0) for s in available
+                if s not in wanted}
     return wanted, [(split, Path(u), counts.get(Path(u).name))
-                    for split in wanted for u in split_urls(folder, split)]
+                    for split in wanted for u in split_urls(folder, split)], left_out

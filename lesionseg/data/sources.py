@@ -26,7 +26,7 @@ from lesionseg.data.archive import (
     list_tar,
 )
 from lesionseg.data.images import IMAGE_EXTENSIONS
-from lesionseg.data.isic import MASK_RE
+from lesionseg.data.isic import MASK_RE, MASK_STEM_RE, in_mask_folder, official_split
 from lesionseg.data.items import (
     FOLDER_SEP,
     ISIC_NUMBER_RE,
@@ -39,7 +39,7 @@ from lesionseg.data.items import (
     resolve_ids,
     sanitize_id,
 )
-from lesionseg.data.shard_format import MANIFEST
+from lesionseg.data.shard_format import MANIFEST, SPLITS
 from lesionseg.data.shard_inputs import shard_items
 from lesionseg.data.walk import SKIP_HIDDEN, SKIP_LINK, Damaged, Entry, archive_stem, walk
 
@@ -71,21 +71,26 @@ def _classify(name: str) -> tuple[str, str]:
 class _Scanner:
     """Sorts every file the input walk finds into images, truth masks or skip counts."""
 
-    def __init__(self, shard_splits: tuple[str, ...]) -> None:
+    def __init__(self, splits: tuple[str, ...]) -> None:
         self.images: list[Found] = []
         self.masks: dict[str, list[Blob]] = defaultdict(list)  # by id
         self.mask_stems: dict[str, list[Blob]] = defaultdict(list)  # by bare stem
         self.errors: list[dict[str, str]] = []
         self.skipped: Counter = Counter()
-        self.shard_splits = shard_splits
-        self.splits_read: dict[str, list[str]] = {}  # shard folder -> splits read
+        self.splits = splits
+        self.splits_read: dict[str, list[str]] = {}  # input with splits -> splits read
+        self.left_out: Counter = Counter()  # split -> images of an input not read
 
     def add_path(self, path: Path, as_truth: bool = False) -> None:
-        """One input path: a shard folder, or whatever the walk finds in it."""
+        """One input path: a shard folder (or its manifest), or whatever the walk finds in it;
+        of an input with splits, only the splits chosen (`choose_splits`)."""
+        if path.name == MANIFEST and path.is_file() and not as_truth:
+            path = path.parent  # a pack's manifest stands for its shard folder
         label = sanitize_id(archive_stem(path.resolve().name))
         if path.is_dir() and (path / MANIFEST).is_file() and not as_truth:
-            splits, found, errors = shard_items(path, self.shard_splits, label)
+            splits, found, errors, left_out = shard_items(path, self.splits, label)
             self.splits_read[str(path)] = splits
+            self.left_out.update(left_out)
             self.images.extend(found)
             self.errors.extend(errors)
         elif path.is_dir() or path.is_file():
@@ -95,19 +100,36 @@ class _Scanner:
                         raise SourceError(str(entry))
                     self.errors.append({"input": entry.path, "id": "", "reason": entry.reason})
                 else:
-                    self.add(entry, label, as_truth)
+                    self.add(entry, label, as_truth, str(path))
         elif path.exists():
             raise SourceError(f"{path}: not a regular file or folder")
         else:
             raise SourceError(f"{path}: input does not exist")
 
-    def add(self, entry: Entry, label: str, as_truth: bool) -> None:
-        """One file the walk found in the input named `label`."""
+    def keep_splits(self) -> None:
+        """Of the images found by walking the inputs, keep those of the splits chosen
+        (`choose_splits`); note the splits read, per input, and those left out."""
+        walked = [f for f in self.images if f.walked]
+        kept, read, left_out = choose_splits(walked, self.splits)
+        for f in kept:
+            if f.item.split:
+                self.splits_read.setdefault(f.walked, [])
+                if f.item.split not in self.splits_read[f.walked]:
+                    self.splits_read[f.walked].append(f.item.split)
+        self.left_out.update(left_out)
+        self.images = [f for f in self.images if not f.walked] + kept
+
+    def add(self, entry: Entry, label: str, as_truth: bool, given: str = "") -> None:
+        """One file the walk found in the input named `label` (`given`: the input as given; an
+        official ISIC name in its name, or in the file's path, gives the file's split)."""
         blob = entry.blob
         kind, stem = ("skip", entry.skip) if entry.skip else _classify(entry.parts[-1])
         if kind == "skip":
             self.skipped[stem] += 1
             return
+        if kind == "image" and given and in_mask_folder(
+                (archive_stem(Path(given).resolve().name), *entry.prefix, *entry.parts[:-1])):
+            kind, stem = "mask", MASK_STEM_RE.match(stem).group("id")  # images/ + masks/
         if as_truth and kind == "image":
             stem = _stem(blob.name)
         value = file_id((*entry.prefix, *entry.parts[:-1]), stem)
@@ -121,7 +143,42 @@ class _Scanner:
             self.mask_stems[sanitize_id(stem)].append(blob)
         else:
             key = os.path.abspath(blob.path) + (f":{blob.member}" if blob.kind != "file" else "")
-            self.images.append(Found(Item(value, blob), label, sanitize_id(stem), key))
+            where = "/".join((Path(given).resolve().name, *entry.prefix, *entry.parts))
+            self.images.append(Found(Item(value, blob, split=official_split(where)), label,
+                                     sanitize_id(stem), key, walked=given))
+
+
+def choose_splits(found: list[Found], splits: tuple[str, ...]
+                  ) -> tuple[list[Found], list[str], Counter]:
+    """Of the images found, those to score: (kept, splits read, images left out by split).
+
+    Images whose split is known (the official ISIC names) are kept when their split is in
+    `splits`; by default (empty) the test split only: a mean over training images would be
+    reported as a test score. Images without a split are always kept. Inputs whose images
+    all fall outside the splits are an error that says which splits they hold."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise SourceError(f"infer.splits: unknown split(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(SPLITS)}")
+    held = Counter(f.item.split for f in found if f.item.split)
+    if not held:
+        return found, [], Counter()
+    wanted = [s for s in SPLITS if s in (splits or ("test",)) and s in held]
+    if not wanted:
+        have = ", ".join(f"{held[s]} {s}" for s in SPLITS if s in held)
+        where = ", ".join(sorted({f.walked for f in found if f.item.split}))
+        raise SourceError(f"{where}: no {' or '.join(splits or ('test',))} images (the input "
+                          f"holds {have}); --splits {','.join(s for s in SPLITS if s in held)} "
+                          "scores them (scores on training images are optimistic)")
+    kept = [f for f in found if not f.item.split or f.item.split in wanted]
+    left_out = Counter({s: n for s, n in held.items() if s not in wanted})
+    others = "; ".join(f"{n} {s} images left out" for s, n in sorted(left_out.items()))
+    log.info("%s: scoring the %s split%s%s (%d images%s)",
+             ", ".join(sorted({f.walked for f in found if f.item.split})), ", ".join(wanted),
+             "s" if len(wanted) > 1 else "", " only" if others else "",
+             sum(held[s] for s in wanted), f"; {others}: --splits "
+             f"{','.join(s for s in SPLITS if s in held)} scores every split" if others else "")
+    return kept, wanted, left_out
 
 
 # --------------------------------------------------------------------------- matching
@@ -163,18 +220,21 @@ def _match_truth(found: Found, stem_count: Counter, *indexes: _Index) -> Item:
 
 
 def collect(inputs: list[str | Path], masks: list[str | Path] = (),
-            shard_splits: tuple[str, ...] = ()) -> Inventory:
+            splits: tuple[str, ...] = ()) -> Inventory:
     """Enumerate every image in `inputs`, attach truth, and give each its own id.
 
+    Of an input with splits (an ISIC root or its official zips, a shard folder) only the
+    splits `splits` names are read (by default test; a shard folder without one, val).
     Truth precedence: `masks` (by id, by ISIC number, by stem), then `<id>_Segmentation.png`
     files found among the inputs, then a shard sample's own mask. Ids: see the module
     docstring and `resolve_ids`. Raises SourceError for a missing or unreadable input path,
     or when no image is found at all."""
     if not inputs:
         raise SourceError("no input given: pass --input PATH (folder, archive or shard folder)")
-    scanner = _Scanner(tuple(shard_splits))
+    scanner = _Scanner(tuple(splits))
     for path in inputs:
         scanner.add_path(Path(path))
+    scanner.keep_splits()
     truth_scanner = _Scanner(())
     for path in masks:
         truth_scanner.add_path(Path(path), as_truth=True)
@@ -188,7 +248,7 @@ def collect(inputs: list[str | Path], masks: list[str | Path] = (),
                  for b in blobs}
     inventory = Inventory(items, errors, scanner.skipped + truth_scanner.skipped,
                           masks_found=len(all_masks), masks_unused=len(all_masks - used),
-                          shard_splits=scanner.splits_read)
+                          splits_read=scanner.splits_read, left_out=dict(scanner.left_out))
     if not items and not errors:
         names = ", ".join(str(p) for p in inputs)
         raise SourceError(f"{names}: no images found ({sum(inventory.skipped.values())} other "

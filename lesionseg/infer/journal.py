@@ -22,7 +22,7 @@ MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"  # --out
 DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
 # Run settings that must match when a part resumes or joins an existing --out.
 SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
-                  "threshold", "postprocess", "tta", "shard_splits")
+                  "threshold", "postprocess", "tta", "splits")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

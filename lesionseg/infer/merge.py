@@ -105,8 +105,8 @@ def merge(out: str | Path, report: bool | None = None) -> dict[str, Any]:
     if complete and run["config"]["infer"].get("log_wandb"):
         log_inference(out, summary, metric_rows, out / THUMBS, run["config"].get("tracking", {}),
                       images=run["config"]["infer"].get("report_images", 60))
-    log.info("merged %d images into %s: %d scored, mean Dice %s, %d errors", len(rows), out,
-             int(counts.shape[0]), _fmt(summary["means"].get("dice")), len(error_rows))
+    log.info("merged %d images into %s: %d scored, %s, %d errors", len(rows), out,
+             int(counts.shape[0]), means_line(summary), len(error_rows))
     return summary
 
 
@@ -134,22 +134,52 @@ def _merged_inventory(parts_dir: Path) -> dict[str, Any]:
     """Input errors and skip counts (every part found the same; union of their files)."""
     errors: dict[tuple[str, str], dict[str, str]] = {}
     merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0,
-                              "shard_splits": {}}
+                              "splits_read": {}, "left_out": {}}
     for path in sorted(parts_dir.glob("inventory-p*.json")):
         inv = json.loads(path.read_text())
         for e in inv["errors"]:
             errors[(e["input"], e["id"])] = e
-        for key in ("skipped", "images", "masks_found", "masks_unused", "shard_splits"):
+        for key in ("skipped", "images", "masks_found", "masks_unused", "splits_read", "left_out"):
             merged[key] = inv.get(key, merged[key])
     merged["errors"] = list(errors.values())
     return merged
 
 
-def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
-             error_rows: list[dict], parts_dir: Path, complete: bool, missing: list[int]) -> dict:
-    """summary.json: macro means, counts, failures, checkpoint, config, throughput."""
+def _means(counts: torch.Tensor) -> dict[str, Any]:
+    """The six macro means (+ iou and images) of (N, 4) counts; None where nothing scored."""
     means = summarize(counts)
     means["iou"] = means["jaccard"]
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()}
+
+
+def split_means(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Macro means of the scored rows of each split (rows without a split are left out)."""
+    by_split: dict[str, list[list[int]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r.get("split"):
+            by_split.setdefault(r["split"], []).append([r["tp"], r["fp"], r["fn"], r["tn"]])
+    return {s: _means(torch.tensor(c, dtype=torch.int64).reshape(-1, 4))
+            for s, c in sorted(by_split.items())}
+
+
+def means_line(summary: dict[str, Any]) -> str:
+    """'mean Dice 0.81', or per split and the pool named when several splits were scored."""
+    by_split = summary.get("means_by_split") or {}
+    if len(by_split) <= 1:
+        split = f" ({next(iter(by_split))} split)" if by_split else ""
+        return f"mean Dice {_fmt(summary['means'].get('dice'))}{split}"
+    each = ", ".join(f"{s} {_fmt(m.get('dice'))} ({m.get('images')} images)"
+                     for s, m in by_split.items())
+    return (f"mean Dice per split: {each}; the pooled mean {_fmt(summary['means'].get('dice'))} "
+            "mixes splits: report each split's own")
+
+
+def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
+             error_rows: list[dict], parts_dir: Path, complete: bool, missing: list[int]) -> dict:
+    """summary.json: macro means (over every split scored, and per split), counts, failures,
+    checkpoint, config, throughput."""
+    means = _means(counts)
+    by_split = split_means(rows)
     status = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "failed", "no_truth", "error")}
     timing = [json.loads(p.read_text()) for p in sorted(parts_dir.glob("done-*.json"))]
     return {
@@ -158,10 +188,14 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "masks_written": status["ok"] + status["failed"] + status["no_truth"],
         "scored": status["ok"], "metrics_failed": status["failed"], "without_truth": status["no_truth"],
         "errors": len(error_rows), "skipped_files": inventory["skipped"],
-        "shard_splits_read": inventory["shard_splits"],
+        "splits_read": inventory["splits_read"], "left_out_by_split": inventory["left_out"],
         "inputs": run["signature"]["inputs"], "masks": run["signature"]["masks"],
         "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],
-        "means": {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in means.items()},
+        "means": means, "means_by_split": by_split,
+        # The top-level means pool these splits: a note says so when there are several.
+        "means_splits": sorted(by_split),
+        **({"means_note": f"means pool the {' and '.join(sorted(by_split))} splits; "
+                          "means_by_split has each"} if len(by_split) > 1 else {}),
         "failures": [{"id": e["id"], "input": e["input"], "reason": e["reason"]} for e in error_rows],
         "threshold": run["signature"].get("threshold"),
         "postprocess": run["signature"].get("postprocess", "none"),

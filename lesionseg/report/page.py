@@ -41,6 +41,7 @@ from lesionseg.report.tables import (
     kv_table,
     score_table,
     settings,
+    split_table,
 )
 
 
@@ -67,8 +68,11 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
                 "</div></div>"]
     if scored:
         line, failing = failure_line(scored)
-        sections += [f"<h2>Scores ({len(scored)} images)</h2>", line,
-                     score_table(scored, summary.get("means") or {}),
+        pooled = summary.get("means_splits") or []
+        which = (f", {pooled[0]} split" if len(pooled) == 1 else
+                 f", pooled over the {' and '.join(pooled)} splits" if pooled else "")
+        sections += [f"<h2>Scores ({len(scored)} images{which})</h2>", line,
+                     score_table(scored, summary.get("means") or {}), split_table(summary),
                      "<h3>Where the errors come from</h3>", error_split(scored, failing),
                      '<div class="cols"><div><h3>Dice per image</h3>',
                      histogram_svg([r["dice"] for r in scored], "Dice",

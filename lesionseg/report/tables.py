@@ -29,7 +29,8 @@ SETTING_KEYS = ("threshold", "postprocess", "tta", "image_size", "device", "prec
 COUNT_KEYS = {"complete", "missing_parts", "num_shards", "images_found", "masks_written", "scored",
               "metrics_failed", "without_truth", "errors", "skipped_files", "truth_masks_found",
               "truth_masks_unused", "means", "failures", "checkpoint", "config", "throughput",
-              "shard_splits_read", "inputs", "masks"}
+              "splits_read", "left_out_by_split", "means_by_split", "means_splits", "means_note",
+              "inputs", "masks"}
 SCORE_NAMES = (("dice", "Dice"), ("jaccard", "Jaccard (IoU)"), ("threshold_jaccard",
                "thresholded Jaccard"), ("sensitivity", "sensitivity"),
                ("specificity", "specificity"), ("accuracy", "accuracy"))
@@ -74,9 +75,28 @@ def settings(summary: dict[str, Any]) -> list[tuple[str, str]]:
         if key not in COUNT_KEYS and key not in SETTING_KEYS and (
                 isinstance(value, (str, int, float, bool))):
             out.append((key.replace("_", " "), num(value)))
-    for folder, splits in (summary.get("shard_splits_read") or {}).items():
-        out.append((f"shard splits read ({Path(folder).name})", ", ".join(splits)))
+    for folder, splits in (summary.get("splits_read") or {}).items():
+        out.append((f"splits scored ({Path(folder).name})", ", ".join(splits)))
+    left_out = summary.get("left_out_by_split") or {}
+    if left_out:
+        out.append(("left out (infer.splits)", ", ".join(f"{n} {s}" for s, n in left_out.items())))
     return out
+
+
+def split_table(summary: dict[str, Any]) -> str:
+    """Each split's own means when several splits were scored (empty otherwise): a mean
+    pooled over training and test images is no test score."""
+    by_split = summary.get("means_by_split") or {}
+    if len(by_split) < 2:
+        return ""
+    head = "".join(f'<th class="n">{html.escape(s)} ({m.get("images")})</th>'
+                   for s, m in by_split.items())
+    body = "".join(f'<tr><th>{label}</th>' + "".join(
+        f'<td class="n">{num(m.get(key))}</td>' for m in by_split.values()) + "</tr>"
+        for key, label in SCORE_NAMES)
+    return (f'<h3>Per split</h3><p class="bad">{html.escape(summary.get("means_note", ""))}: '
+            f'quote the test split\'s own means.</p><table><tr><th>metric</th>{head}</tr>'
+            f'{body}</table>')
 
 
 def counts(summary: dict[str, Any], errors_href: str) -> list[tuple[str, str]]:
