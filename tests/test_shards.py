@@ -242,3 +242,58 @@ def test_pack_from_zips_in_parallel(isic_zips: Path, tmp_path: Path) -> None:
     assert m["total_samples"] == 20 and verify(tmp_path / "z", decode=True) == []
     sources = [x.meta["source"] for x in iter_samples(tmp_path / "z", "test")]
     assert all(".zip:ISBI2016_ISIC_Part1_Test_Data/" in s for s in sources)
+
+
+def _images_and_masks(root: Path, isic: Path, n: int, *, zips: bool = False) -> list[Path]:
+    """The images/ + masks/ layout (smp, MONAI, Kaggle): the same file name in both folders,
+    from the first n cases of an ISIC root; as two folders or two zips."""
+    src = sorted((isic / OFFICIAL_NAMES["train", "image"]).glob("*.jpg"))[:n]
+    out = []
+    for kind in ("images", "masks"):
+        folder = root / kind
+        folder.mkdir(parents=True)
+        for i, p in enumerate(src):
+            if kind == "images":
+                Image.open(p).save(folder / f"case{i:03d}.png")
+            else:
+                shutil.copy(isic / OFFICIAL_NAMES["train", "mask"] / f"{p.stem}_Segmentation.png",
+                            folder / f"case{i:03d}.png")
+        if zips:
+            shutil.make_archive(str(folder), "zip", folder)
+            shutil.rmtree(folder)
+            folder = folder.with_suffix(".zip")
+        out.append(folder)
+    return out
+
+
+@pytest.mark.parametrize("zips", [False, True])
+def test_images_and_masks_folders_pair_by_stem(isic_root: Path, tmp_path: Path,
+                                               zips: bool) -> None:
+    """`--source own/images --source own/masks` with the same names in both was refused as
+    "duplicate id case000: 2 images"; now the masks folder's files are the masks, paired by
+    stem, with the usual checks (a mask without image names the file)."""
+    sources = _images_and_masks(tmp_path / "own", isic_root, 8, zips=zips)
+    cases = find_cases(sources)
+    assert [c.id for c in cases] == [f"case{i:03d}" for i in range(8)]
+    assert all(c.mask is not None and "masks" in str(c.mask) for c in cases)
+    image, mask, _ = read_case(cases[0])
+    assert mask.size == image.size
+    manifest = pack(sources, tmp_path / "shards", PackConfig(val_fraction=0.5, workers=1),
+                    progress=False)
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 8
+    if not zips:
+        (sources[0] / "case000.png").unlink()
+        with pytest.raises(DataError, match="case000.*mask without image"):
+            find_cases(sources)
+
+
+def test_a_pack_whose_val_split_would_be_empty_says_what_to_change(
+        isic_root: Path, tmp_path: Path) -> None:
+    """A small pack drew 0 val cases without a word, and training stopped on "no val samples"."""
+    sources = _images_and_masks(tmp_path / "own", isic_root, 3)
+    ids = [f"case{i:03d}" for i in range(3)]
+    seed = next(s for s in range(100) if not any(is_val(i, s, 0.1) for i in ids))
+    with pytest.raises(UserError, match="0 of 3 training cases fell to val.*--val-fraction"):
+        pack(sources, tmp_path / "shards", PackConfig(val_fraction=0.1, split_seed=seed,
+                                                      workers=1), progress=False)
+    assert not (tmp_path / "shards").exists()

@@ -20,6 +20,7 @@ import math
 import os
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -134,6 +135,25 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- pack
 
 
+def check_split_sizes(counts: Counter, cfg: PackConfig) -> None:
+    """Refuse a pack whose train or val split would be empty (training needs both: a 12-case
+    pack drew 0 val cases at val_fraction 0.1, and training stopped with "no val samples"),
+    saying what to change; an empty val by choice (val_fraction 0) is a warning."""
+    training = counts["train"] + counts["val"]
+    if training and not counts["train"]:
+        raise UserError(f"pack: all {training} training cases fell to val at "
+                        f"--val-fraction {cfg.val_fraction}; lower it so train keeps cases")
+    if training and not counts["val"]:
+        if cfg.val_fraction > 0:
+            raise UserError(
+                f"pack: 0 of {training} training cases fell to val at --val-fraction "
+                f"{cfg.val_fraction} (a hash of seed and id draws them); training needs val "
+                f"cases: raise --val-fraction (e.g. {min(0.5, max(0.2, 2 / training)):.2f}) or "
+                "change --seed")
+        log.warning("pack: --val-fraction 0 leaves val empty; training needs val cases "
+                    "(cross-validation, data.folds=K, draws its own from train)")
+
+
 def _prepare_out(out: Path) -> None:
     """Create the folder and remove its manifest first: until this pack finishes, the folder
     is not a valid shard set (a run that dies leaves no manifest)."""
@@ -230,6 +250,7 @@ def _pack(sources: list[str | Path], out: str | Path, cfg: PackConfig,
     cases = find_cases(sources, on_error=cfg.on_error, problems=skipped)
     tasks = sorted(((c, assign_split(c, cfg), cfg) for c in cases),
                    key=lambda t: (SPLITS.index(t[1]), t[0].id))
+    check_split_sizes(Counter(t[1] for t in tasks), cfg)
     _prepare_out(out)
     writers = {s: ShardWriter(out, s, cfg.shard_max_samples, cfg.shard_max_bytes) for s in SPLITS}
     late: list[Problem] = []
