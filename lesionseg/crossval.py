@@ -264,7 +264,8 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
             # choose() compares p > t: give it the 8-bit maps as post_mask reads them.
             chosen = store_choice(checkpoints, [p.astype(np.float32) / np.float32(255)
                                                 for p in probs], truths,
-                                  f"pooled out-of-fold predictions of {folds} folds")
+                                  f"pooled out-of-fold predictions of {folds} folds"
+                                  ) or Postprocess()
         else:
             chosen = Postprocess()
         summary = _write_outputs(root, oofs, chosen, checkpoints, cfg, stored=store)

@@ -128,3 +128,33 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
     }
     out["images"] = n
     return out
+
+
+# A model whose mean predicted lesion share of an image lies outside this range predicts
+# (almost) nothing or (almost) everything: ISIC lesions cover ~2-80% of an image, and a model
+# that has learnt them predicts a share in that range on average.
+DEGENERATE_FRACTION = (0.005, 0.95)
+
+
+def predicted_fraction(counts: torch.Tensor) -> float:
+    """Mean over images of the predicted lesion share of the image, (tp + fp) / all pixels,
+    from (N, 4) counts (NaN when N = 0)."""
+    c = counts.to(torch.float64).reshape(-1, 4)
+    if not c.shape[0]:
+        return float("nan")
+    return float(((c[:, 0] + c[:, 1]) / c.sum(dim=1).clamp(min=1)).mean())
+
+
+def degenerate(pred_fraction: float | None, where: str = "val") -> str | None:
+    """Why a model with this mean predicted lesion share is unusable, or None when it is not
+    (or unknown): the one rule training, tuning and the model card apply."""
+    if pred_fraction is None or pred_fraction != pred_fraction:  # unknown or NaN
+        return None
+    low, high = DEGENERATE_FRACTION
+    if low <= pred_fraction <= high:
+        return None
+    what = "almost no lesion" if pred_fraction < low else "lesion almost everywhere"
+    return (f"the model predicts {what} on {where} (mean predicted lesion area "
+            f"{100 * pred_fraction:.1f}% of an image): it has not learnt to segment; check "
+            "the masks (0/255, paired with the right images), the learning rate and the "
+            "number of steps before using these weights")

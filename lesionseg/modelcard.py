@@ -9,7 +9,6 @@ with the parity each file carries.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from lesionseg.config import Config
 from lesionseg.data.shard_format import read_manifest
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text, sha256_file
+from lesionseg.metrics import degenerate
 from lesionseg.postprocess import Postprocess
 from lesionseg.runtime import ExportedFileError, export_format, read_metadata
 from lesionseg.weights import torch_load
@@ -86,6 +86,13 @@ def _recipe(cfg: Config) -> list[str]:
             f"- weights kept: train.select={t.select}"]
 
 
+def _warning(meta: dict[str, Any]) -> list[str]:
+    """A loud first section when the weights predict (almost) nothing or everything on val
+    at 0.5 and tuning found no threshold at which they do not."""
+    why = None if meta.get("postprocess") else degenerate((meta.get("val") or {}).get("pred_fraction"))
+    return [f"> **WARNING — degenerate model:** {why}.", ""] if why else []
+
+
 def _metrics(meta: dict[str, Any]) -> list[str]:
     val = meta.get("val") or {}
     lines = []
@@ -98,10 +105,28 @@ def _metrics(meta: dict[str, Any]) -> list[str]:
     else:
         lines.append("No validation metrics are stored in this checkpoint.")
     oof = meta.get("oof")
-    lines.append("\n**Out-of-fold metrics:** " + (
-        json.dumps(oof) if oof else "not measured: this model was trained on one train/val "
-        "split, without cross-validation folds; there are no out-of-fold predictions."))
-    return lines
+    if not oof:
+        lines.append("\n**Out-of-fold metrics:** not measured: this model was trained on one "
+                     "train/val split, without cross-validation folds; there are no out-of-fold "
+                     "predictions.")
+        return lines
+    return [*lines, *_oof_table(oof)]
+
+
+def _oof_table(oof: dict[str, Any]) -> list[str]:
+    """The cross-validation's out-of-fold scores as a table: pooled over every fold's held-out
+    cases, and this model's own fold."""
+    columns = [k for k, v in oof.items() if isinstance(v, dict)]  # pooled, fold_I
+    names = sorted({n for c in columns for n in oof[c]}, key=lambda n: (n != "dice", n))
+    header = " | ".join(c.replace("_", " ") for c in columns)
+    rows = [f"| {n} | " + " | ".join(_cell(oof[c].get(n)) for c in columns) + " |" for n in names]
+    return [f"\n**Out-of-fold metrics** ({oof.get('folds')} folds, {oof.get('cases')} cases; "
+            f"threshold {oof.get('threshold')}, post-processing {oof.get('postprocess')}):", "",
+            f"| metric | {header} |", "| --- |" + " --- |" * len(columns), *rows]
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _postprocess(meta: dict[str, Any]) -> list[str]:
@@ -154,6 +179,7 @@ def render_model_card(checkpoint: str | Path, export_folder: Path | None = None)
         "lesionseg_version", "?")
     lines = [
         f"# Model card: lesionseg skin-lesion segmentation (`{checkpoint.name}`)", "",
+        *_warning(meta),
         "## Model", "",
         f"- {arch}",
         f"- parameters: {n:,} ({n / 1e6:.2f} M)",

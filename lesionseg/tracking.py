@@ -269,6 +269,14 @@ def log_cross_validation(root: Path, summary: dict[str, Any], cfg: Config) -> st
         run.finish()
 
 
+def set_summary(accelerator: Any, cfg: Config, values: dict[str, Any]) -> None:
+    """Put `values` into the training run's W&B summary (main process; a no-op without W&B),
+    e.g. the degenerate-model warning, which must be seen without opening the logs."""
+    if cfg.tracking.backend != "wandb" or not accelerator.is_main_process:
+        return
+    accelerator.get_tracker("wandb", unwrap=True).summary.update(values)
+
+
 def finish(accelerator: Any) -> None:
     """Flush and close the trackers (writes the last records of an offline run)."""
     accelerator.end_training()

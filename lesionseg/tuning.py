@@ -23,6 +23,7 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.infer.predict import load_predictor
+from lesionseg.metrics import degenerate
 from lesionseg.postprocess import Postprocess, choose
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
 
 
 def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
-                    device: torch.device | None = None) -> Postprocess:
+                    device: torch.device | None = None) -> Postprocess | None:
     """Choose on the val set, write the choice into `checkpoint` (rewritten atomically) and
     log it beside the default's score."""
     _, probs, truths = val_probabilities(checkpoint, val_urls, image_size, device=device)
@@ -82,11 +83,18 @@ def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int
 
 
 def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
-                 chosen_on: str) -> Postprocess:
+                 chosen_on: str) -> Postprocess | None:
     """`choose` on (probability map, truth) pairs; write the choice into every checkpoint's
     metadata (each rewritten atomically) and log it beside the default's score. `chosen_on`
-    names the images, e.g. "val images"."""
+    names the images, e.g. "val images". A model that predicts (almost) nothing or everything
+    there even at the best threshold gets no choice (a choice on it means nothing): None."""
     chosen, table = choose(probs, truths)
+    why = degenerate(float(np.mean([np.mean(p > chosen.threshold) for p in probs]))
+                     if probs else None, chosen_on)
+    if why:
+        log.warning("no threshold or post-processing chosen: %s; %s keep none (inference "
+                    "applies 0.5 and none)", why, ", ".join(map(str, checkpoints)))
+        return None
     baseline = next(r["jaccard"] for r in table
                     if r["threshold"] == 0.5 and r["postprocess"] == "none")
     best = next(r["jaccard"] for r in table if r["threshold"] == chosen.threshold

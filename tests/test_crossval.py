@@ -105,14 +105,15 @@ def test_out_of_fold_run_predicts_every_training_id_exactly_once(cv_run: Path,
     assert summary["spread"]["dice"]["std"] == pytest.approx(np.std(fold_dice, ddof=1))
     assert "Cross-validation report" in (cv_run / "cv" / "report.html").read_text()
 
-    # The pooled choice is stored in every fold's best.pt, with the out-of-fold scores.
+    # Every fold's best.pt gets the out-of-fold scores. Two steps from a random start learn
+    # nothing, so no threshold is claimed on them (lesionseg.tuning refuses: a degenerate
+    # model); the choice itself is stored as tests/test_postprocess.py shows.
+    assert (summary["threshold"], summary["postprocess"]) == (0.5, "none")
     for i, member in enumerate(summary["checkpoint"]["members"]):
         _, cfg, meta = load_weights(member["path"])
         assert member["sha256"] == sha256_file(member["path"])
         assert (cfg.data.folds, cfg.data.fold) == (2, str(i))
-        assert "pooled out-of-fold" in meta["postprocess"]["chosen_on"]
-        assert meta["postprocess"]["threshold"] == summary["threshold"]
-        assert meta["postprocess"]["name"] == summary["postprocess"]
+        assert "postprocess" not in meta
         assert meta["oof"]["pooled"]["dice"] == round(summary["means"]["dice"], 5)
 
 

@@ -170,3 +170,16 @@ def test_binary_counts_refuse_other_inputs():
         binary_counts(a.astype(bool), a)
     with pytest.raises(ValueError, match="shape"):
         binary_counts(a, np.zeros((5, 4), np.uint8))
+
+
+def test_degenerate_names_an_empty_or_full_model_and_passes_a_working_one():
+    from lesionseg.metrics import degenerate, predicted_fraction
+
+    empty = torch.tensor([[0, 0, 30, 70], [0, 0, 10, 90]])  # tp fp fn tn: nothing predicted
+    full = torch.tensor([[30, 70, 0, 0], [10, 90, 0, 0]])
+    fair = torch.tensor([[25, 5, 5, 65], [8, 2, 2, 88]])
+    assert predicted_fraction(empty) == 0 and predicted_fraction(full) == 1
+    assert "almost no lesion" in degenerate(predicted_fraction(empty))
+    assert "almost everywhere" in degenerate(predicted_fraction(full))
+    assert degenerate(predicted_fraction(fair)) is None
+    assert degenerate(None) is None and degenerate(float("nan")) is None

@@ -43,6 +43,23 @@ def test_card_names_data_recipe_metrics_choice_and_limits(packed_shards: Path,
     assert "Trained on **dermoscopy** images" in card and "not on clinical" in card
     assert sha256_file(ckpt) in card and "lesionseg 0.2.0" in card
     assert write_run_card(tmp_path / "empty") is None  # a run without best.pt: no card
+    assert "degenerate" not in card
+
+
+def test_card_shows_out_of_fold_metrics_as_a_table_and_warns_of_a_degenerate_model(
+        tmp_path: Path) -> None:
+    """The out-of-fold metrics were printed as raw JSON; a model that predicts nothing got a
+    card like any other."""
+    cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64"])
+    oof = {"folds": 2, "cases": 16, "threshold": 0.45, "postprocess": "largest",
+           "pooled": {"dice": 0.81234, "jaccard": 0.7}, "fold_1": {"dice": 0.8, "jaccard": 0.69}}
+    ckpt = save_weights(tmp_path / "best.pt", MobileNetEncoderDecoder().state_dict(), cfg,
+                        step=2, epoch=1, val={"dice": 0.0, "pred_fraction": 0.0}, oof=oof)
+    card = render_model_card(ckpt)
+    assert "| metric | pooled | fold 1 |" in card and "| dice | 0.8123 | 0.8000 |" in card
+    assert '{"folds"' not in card and "2 folds, 16 cases" in card
+    assert "WARNING — degenerate model" in card and "almost no lesion" in card
+    assert card.index("WARNING") < card.index("## Model")
 
 
 @pytest.mark.slow
@@ -57,6 +74,8 @@ def test_train_writes_the_card_beside_best_pt(packed_shards: Path, tmp_path: Pat
     card = (out / "MODEL_CARD.md").read_text()
     payload = torch.load(out / "best.pt", weights_only=True)
     assert sha256_file(out / "best.pt") in card  # the card describes the final best.pt
-    threshold = payload["meta"]["postprocess"]["threshold"]
-    assert f"threshold **{threshold:g}**" in card and "Not a medical device" in card
-    assert "| dice |" in card
+    # Two steps from a random start predict no lesion: the card says so, and tuning, which
+    # finds no threshold at which the model works, stores no choice.
+    assert "postprocess" not in payload["meta"]
+    assert "WARNING — degenerate model" in card and "none chosen" in card
+    assert "Not a medical device" in card and "| dice |" in card

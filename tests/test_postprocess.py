@@ -178,11 +178,13 @@ def test_a_checkpoints_choice_is_applied_reported_and_can_be_turned_off(
 
 def test_tuning_stores_the_validation_choice_in_the_checkpoint(
         noisy_model: dict[str, Path], packed_shards: Path, tmp_path: Path) -> None:
-    """tune_checkpoint scores the val shards as inference would and writes choose()'s answer
-    (and its table) into best.pt; the weights are unchanged."""
+    """store_choice writes choose()'s answer (and its table) into best.pt, the weights
+    unchanged; tune_checkpoint scores the val shards as inference would, and on a random
+    model, whose best "choice" is lesion everywhere, claims none ("threshold chosen …" on a
+    degenerate model was the defect)."""
     from lesionseg.checkpoint import load_weights
     from lesionseg.data.shard_format import split_urls
-    from lesionseg.tuning import tune_checkpoint, val_probabilities
+    from lesionseg.tuning import store_choice, tune_checkpoint, val_probabilities
 
     ckpt = tmp_path / "best.pt"
     ckpt.write_bytes(d_bytes := noisy_model["plain"].read_bytes())
@@ -190,8 +192,14 @@ def test_tuning_stores_the_validation_choice_in_the_checkpoint(
     _, probs, truths = val_probabilities(ckpt, urls, 64)
     assert len(probs) == len(truths) > 0
     assert all(p.shape == t.shape for p, t in zip(probs, truths, strict=True))
-    expected, _ = choose(probs, truths)
-    chosen = tune_checkpoint(ckpt, urls, 64)
+    assert np.mean([np.mean(p > choose(probs, truths)[0].threshold) for p in probs]) > 0.95
+    assert tune_checkpoint(ckpt, urls, 64) is None and d_bytes == ckpt.read_bytes()
+    # Maps that follow the truth (a model that learnt something): the choice is stored.
+    rng = np.random.default_rng(0)
+    useful = [np.clip(t * 0.6 + 0.2 + rng.normal(0, 0.1, t.shape), 0, 1).astype(np.float32)
+              for t in truths]
+    expected, _ = choose(useful, truths)
+    chosen = store_choice([ckpt], useful, truths, "val images")
     assert chosen == expected
     state, _, meta = load_weights(ckpt)
     assert Postprocess.from_meta(meta) == chosen

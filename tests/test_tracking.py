@@ -192,3 +192,27 @@ def test_inference_job_logs_a_table_and_summary(tmp_path, monkeypatch):
     logged = summary_values(run)
     assert logged["infer/dice"] == pytest.approx(summary["means"]["dice"])
     assert logged["infer/scored"] == 3 and logged["infer/device"] == "cpu"
+
+
+def test_a_model_that_predicts_nothing_ends_with_a_loud_warning(packed_shards, tmp_path):
+    """A run whose model predicts empty masks everywhere finished as "done", with a threshold
+    "chosen … Jaccard 0.0000". Now the log ends with the warning, the W&B summary and the
+    model card carry it, and tuning stores no choice."""
+    from lesionseg.checkpoint import load_weights
+
+    out = tmp_path / "run"
+    args = [f"data.shards={packed_shards}", "data.image_size=64", "data.batch_size=2",
+            "data.num_workers=0", "model.encoder_weights=null", "optim.max_steps=2",
+            "optim.lr=1e-9", "model.head_prior=1e-6", "train.num_threads=1",
+            "tracking.backend=wandb", "tracking.log_images=0", f"train.output_dir={out}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=env,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    warning = [line for line in r.stderr.splitlines() if "DEGENERATE MODEL" in line]
+    assert len(warning) == 1 and "almost no lesion on val" in warning[0], r.stderr[-3000:]
+    assert "no threshold or post-processing chosen" in r.stderr
+    assert "postprocess" not in load_weights(out / "best.pt")[2]
+    assert "WARNING — degenerate model" in (out / "MODEL_CARD.md").read_text()
+    run = next((out / "wandb").glob("offline-run-*"))
+    assert "almost no lesion" in summary_values(run)["warning"]

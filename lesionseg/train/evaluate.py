@@ -19,7 +19,7 @@ from lesionseg.config import Config, save_config
 from lesionseg.data.memory import ValBatches
 from lesionseg.device import autocast, precision_dtype, to_model_input
 from lesionseg.errors import DataError, UserError
-from lesionseg.metrics import confusion_counts, summarize
+from lesionseg.metrics import confusion_counts, predicted_fraction, summarize
 from lesionseg.train import LOGGER
 from lesionseg.train.data import DataPlan, plan_data
 from lesionseg.train.loader import Loader, worker_error
@@ -60,11 +60,12 @@ def validation_counts(model: torch.nn.Module, loader: Any, device: torch.device,
 
 
 def summarize_results(results: list[tuple[str, list[int]]]) -> dict[str, float]:
-    """Deduplicate (id, counts) by id and take the macro means (lesionseg.metrics.summarize)."""
+    """Deduplicate (id, counts) by id and take the macro means (lesionseg.metrics.summarize),
+    and the mean predicted lesion share (a degenerate model's sign)."""
     unique = dict(results)
     ordered = [unique[key] for key in sorted(unique)]  # the same summation order everywhere
     counts = torch.tensor(ordered, dtype=torch.long).reshape(-1, 4)
-    return summarize(counts)
+    return {**summarize(counts), "pred_fraction": predicted_fraction(counts)}
 
 
 def _sync_buffers(accelerator: Any, model: torch.nn.Module) -> None:

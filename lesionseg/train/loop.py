@@ -39,6 +39,7 @@ from lesionseg.crossval import evaluate_when_complete, predict_held_out
 from lesionseg.data.folds import fold_dir, parse_fold
 from lesionseg.errors import EXIT_OK, EXIT_RESUME, DataError
 from lesionseg.losses import SegmentationLoss
+from lesionseg.metrics import degenerate
 from lesionseg.modelcard import write_run_card
 from lesionseg.recipe import resolve as resolve_recipe
 from lesionseg.train import LOGGER
@@ -227,9 +228,10 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
                      epoch=progress.epoch, val=last_val, select="final", trained_on=on)
     if cfg.data.folds and (run_dir / "best.pt").is_file():  # its held-out cases: out of fold
         predict_held_out(run_dir, cfg, data.val_urls, data.val_ids, accelerator.device)
-    elif cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
-        tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
-                        accelerator.device)
+    tuned = None
+    if not cfg.data.folds and cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
+        tuned = tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
+                                accelerator.device)
     save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
     write_run_card(run_dir)  # MODEL_CARD.md beside best.pt (lesionseg.modelcard)
     log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
@@ -238,6 +240,12 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
              last_val.get(cfg.train.best_metric, float("nan")),
              "final" if cfg.train.select == "final" else f"step {progress.best_step}",
              run_dir / "best.pt", run_dir / "last.pt")
+    # Degenerate at 0.5, unless tuning found a threshold at which it is not.
+    warning = None if tuned else degenerate(last_val.get("pred_fraction"))
+    tracking.set_summary(accelerator, cfg, {"warning": warning or ""})
+    if warning:  # the last words of the run: a model that learnt nothing is no result
+        log.warning("DEGENERATE MODEL: %s (final val Dice %.4f). MODEL_CARD.md says so too.",
+                    warning, last_val.get("dice", float("nan")))
     if demo:
         log.info("This was a DEMO on synthetic data (%s), not ISIC. To train on ISIC 2016: "
                  "python jobs/pack.py --source ISIC2016/ --out shards/isic2016, then "
