@@ -116,3 +116,12 @@ def test_a_bare_no_is_the_choice_no_not_a_boolean(tmp_path) -> None:
     assert cfg.train.mixed_precision == "no" and cfg.infer.mixed_precision == "no"
     with pytest.raises(ConfigError, match="data.on_error"):
         load_config(None, ["data.on_error=no"])  # no "no" among its choices: still an error
+
+
+def test_output_dir_defaults_to_the_shard_folder_name():
+    """train.output_dir was runs/demo for real data too: the demo's closing hint trained ISIC
+    into the demo's run folder (and resumed or refused its state)."""
+    assert load_config(None, []).train.output_dir == "runs/demo"
+    assert load_config(None, ["data.shards=shards/isic2016/"]).train.output_dir == "runs/isic2016"
+    assert load_config(None, ["data.shards=/data/own", "train.output_dir=runs/x"]
+                       ).train.output_dir == "runs/x"

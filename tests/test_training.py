@@ -488,3 +488,46 @@ def test_resume_traps_in_an_existing_run_folder(packed_shards, tmp_path):
     assert len(aside) == 1 and (aside[0] / "last.pt").is_file()
     assert [p.name for p in (out / "states").iterdir()] == ["step-0000001"]
     assert torch.load(out / "last.pt", weights_only=True)["meta"]["step"] == 1
+
+
+def test_resume_none_sets_aside_everything_derived_from_the_old_weights(tmp_path):
+    """train.resume=none left the old best.onnx/best.ts beside the new best.pt (`infer
+    --checkpoint runs/x/best.onnx` would run the old model); now they go aside with it."""
+    from lesionseg.train.resume import set_aside_previous_run
+
+    run = tmp_path / "run"
+    (run / "states" / "step-0000002").mkdir(parents=True)
+    old = ["best.pt", "last.pt", "best.onnx", "best.fp16.onnx", "best.ts", "MODEL_CARD.md",
+           "config.yaml", "metrics.jsonl"]
+    for name in [*old, "notes.txt"]:
+        (run / name).write_text(name)
+    aside = set_aside_previous_run(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted(["notes.txt", aside.name])
+    assert sorted(p.name for p in aside.iterdir()) == sorted([*old, "states"])
+
+
+def test_plan_data_names_a_zip_given_as_shards(tmp_path):
+    archive = tmp_path / "isic2016.zip"
+    archive.write_bytes(b"PK")
+    with pytest.raises(DataError, match="a file, not a packed shard folder.*jobs/pack.py"):
+        plan_data(str(archive))
+
+
+def test_default_shards_feed_the_readme_multi_process_examples(caplog):
+    """pack.shard_max_samples=500 gave ISIC's ~640 training cases one shard, and the README's
+    own 2-process and 8-GPU examples warned "1 train shard(s) for 4 reader lanes"."""
+    import math
+
+    from lesionseg.config import PackConfig
+    from lesionseg.train.cache import Memory
+    from lesionseg.train.data import DataPlan
+    from lesionseg.train.loop import _warn_shared_shards
+
+    shards = math.ceil(640 / PackConfig().shard_max_samples)
+    data = DataPlan("shards/isic2016", tuple(f"train-{i:06d}.tar" for i in range(shards)), (),
+                    640, 72)
+    cfg = load_config(None, [])
+    with caplog.at_level("WARNING"):
+        for world in (2, 8):  # README: --num_processes 2 on a CPU; 8 GPUs
+            _warn_shared_shards(cfg, data, Memory(None, None, ""), world)
+    assert "reader lanes" not in caplog.text

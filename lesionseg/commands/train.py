@@ -26,7 +26,8 @@ most used keys:
   data.color_jitter: null = chosen from the encoder weights and the schedule length (the
   "recipe:" start-up line says what and why; lesionseg/recipe.py); set any to override
   train.mixed_precision=no|bf16|fp16          train.seed=0
-  train.output_dir=runs/demo  train.resume=auto|none|STATE_DIR (none moves an old run aside)
+  train.output_dir=runs/x (default runs/<data.shards folder name>, runs/demo for the demo)
+  train.resume=auto|none|STATE_DIR (none moves an old run and its exports aside)
   train.resume_with_changes=false (true: resume a state despite other settings, not exactly)
   train.val_every_steps=0 (0 = every epoch)   train.select=final|best (what best.pt holds)
   train.num_threads=0 (set >0 for bit-exact CPU resume)

@@ -36,6 +36,10 @@ def plan_data(folder: str, folds: int = 0, fold: int = 0, fold_seed: int = 0) ->
     """Read the manifest and check that train and val shards exist; errors name the folder.
     With `folds` > 0: fold `fold` of the train + val cases is validated on, the rest trained on
     (lesionseg.data.folds)."""
+    if Path(folder).is_file():
+        raise DataError(f"data.shards={folder}: a file, not a packed shard folder; pack it "
+                        f"first: python jobs/pack.py --source {folder} --out shards/NAME, then "
+                        "data.shards=shards/NAME")
     if not Path(folder).is_dir():
         raise DataError(f"data.shards={folder}: folder not found (pack one with jobs/pack.py)")
     manifest = read_manifest(folder)

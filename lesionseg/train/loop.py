@@ -250,7 +250,7 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
         log.info("This was a DEMO on synthetic data (%s), not ISIC. To train on ISIC 2016: "
                  "python jobs/pack.py --source ISIC2016/ --out shards/isic2016, then "
                  "accelerate launch jobs/train.py data.shards=shards/isic2016 "
-                 "model.encoder_weights=imagenet", data.folder)
+                 "model.encoder_weights=imagenet (its run folder: runs/isic2016)", data.folder)
 
 
 def train_folds(cfg: Config, demo: bool = False) -> int:

@@ -108,13 +108,22 @@ def check_resume(state: Path, run_dir: Path, cfg: Config, world: int) -> list[tu
     return changed
 
 
+# What a run folder holds that comes from its weights, besides them: model cards, a fold's
+# out-of-fold predictions, and exports beside best.pt (`lesionseg export`: .onnx, .ts, …).
+DERIVED_NAMES = ("MODEL_CARD.md", "oof.npz")
+DERIVED_SUFFIXES = (".onnx", ".ts", ".torchscript", ".pt", ".pth")
+
+
 def set_aside_previous_run(run_dir: Path) -> Path | None:
-    """train.resume=none in a folder holding a run: move its states, weights, config, metrics
-    and W&B id into `replaced-<time>/`, so that nothing of it is resumed or mistaken for the
-    new run's. Main process only."""
+    """train.resume=none in a folder holding a run: move its states, weights, config, metrics,
+    W&B id and everything derived from the weights (exports, model cards) into
+    `replaced-<time>/`, so that nothing of it is resumed or mistaken for the new run's (an
+    old best.onnx beside a new best.pt would run the old model). Main process only."""
     names = (states.STATES, "best.pt", "last.pt", "config.yaml", METRICS_FILE, "wandb_run_id",
-             "wandb_segments")
+             "wandb_segments", *DERIVED_NAMES)
     present = [run_dir / n for n in names if (run_dir / n).exists()]
+    present += [p for p in sorted(run_dir.iterdir()) if p.is_file() and p not in present
+                and p.name.lower().endswith(DERIVED_SUFFIXES)]
     if not any(p.name in (states.STATES, "best.pt", "last.pt") for p in present):
         return None
     aside = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
