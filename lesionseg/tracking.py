@@ -217,6 +217,12 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
         run.log({"infer/images": table, **({"infer/overlays": overlays} if overlays else {})},
                 commit=True)
         values = {f"infer/{k}": v for k, v in (summary.get("means") or {}).items() if v is not None}
+        # Each split's own means; the pooled ones above say which splits they pool.
+        values.update({f"infer/{split}/{k}": v
+                       for split, means in (summary.get("means_by_split") or {}).items()
+                       for k, v in means.items() if v is not None})
+        if summary.get("means_note"):
+            values["infer/means_note"] = summary["means_note"]
         values.update({f"infer/{k}": summary.get(k) for k in (
             "images_found", "masks_written", "scored", "without_truth", "errors", "device",
             "precision") if summary.get(k) is not None})

@@ -191,6 +191,7 @@ def test_inference_job_logs_a_table_and_summary(tmp_path, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     logged = summary_values(run)
     assert logged["infer/dice"] == pytest.approx(summary["means"]["dice"])
+    assert logged["infer/train/dice"] == pytest.approx(summary["means_by_split"]["train"]["dice"])
     assert logged["infer/scored"] == 3 and logged["infer/device"] == "cpu"
 
 

@@ -531,3 +531,28 @@ def test_default_shards_feed_the_readme_multi_process_examples(caplog):
         for world in (2, 8):  # README: --num_processes 2 on a CPU; 8 GPUs
             _warn_shared_shards(cfg, data, Memory(None, None, ""), world)
     assert "reader lanes" not in caplog.text
+
+
+def test_an_images_and_masks_pack_trains(isic_root, tmp_path):
+    """The images/ + masks/ layout was refused by pack ("duplicate id case000: 2 images");
+    now it packs by stem and trains like any shard folder."""
+    from PIL import Image
+
+    from lesionseg.config import PackConfig
+    from lesionseg.data.shards import pack
+    from lesionseg.data.synthetic import OFFICIAL_NAMES
+
+    own = tmp_path / "own"
+    (own / "images").mkdir(parents=True)
+    (own / "masks").mkdir()
+    for i, p in enumerate(sorted((isic_root / OFFICIAL_NAMES["train", "image"]).glob("*.jpg"))[:8]):
+        Image.open(p).save(own / "images" / f"case{i:03d}.png")
+        shutil.copy(isic_root / OFFICIAL_NAMES["train", "mask"] / f"{p.stem}_Segmentation.png",
+                    own / "masks" / f"case{i:03d}.png")
+    shards = tmp_path / "shards"
+    pack([own / "images", own / "masks"], shards, PackConfig(val_fraction=0.4, workers=1),
+         progress=False)
+    r = run_train(["--config", str(ROOT / "tests" / "train_tiny.yaml"), f"data.shards={shards}",
+                   "optim.max_steps=2", f"train.output_dir={tmp_path / 'run'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "best.pt").is_file()

@@ -79,7 +79,7 @@ def infer_stage_costs(source: Path, cfg: Any, predictor: Any, image_size: int,
     spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
                       post.steps)
     preview = icfg.overlay_max_side if icfg.save_overlays else (THUMB_SIDE if icfg.report else 0)
-    items = collect([source]).items
+    items = collect([source], splits=tuple(cfg.infer.splits)).items
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     decode_s = finish_s = 0.0

@@ -76,8 +76,10 @@ def packed(source: Path, out: Path, **pack_overrides: Any) -> tuple[Path, float 
 def bench_config(overrides: list[str]) -> Any:
     """A Config from the defaults plus overrides (encoder random: no download here), its
     automatic recipe resolved for a long schedule: the strong augmentation, the costliest one,
-    is what the speed cases measure."""
-    cfg = load_config(None, ["model.encoder_weights=null", "tracking.backend=none", *overrides])
+    is what the speed cases measure. The speed cases infer over every split of their
+    training-layout source (`infer.splits`): they time images, they score nothing."""
+    cfg = load_config(None, ["model.encoder_weights=null", "tracking.backend=none",
+                             "infer.splits=[train,test]", *overrides])
     resolve(cfg, total_steps=SPEED_CASE_EPOCHS, steps_per_epoch=1)
     return cfg
 
