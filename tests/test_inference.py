@@ -364,6 +364,10 @@ def test_shard_folder_reads_its_test_split_by_default(data: dict[str, Path], pac
     assert len(rows) == counts["test"] and {r["split"] for r in rows} == {"test"}
     summary = json.loads((tmp_path / "default" / "summary.json").read_text())
     assert summary["splits_read"] == {str(packed_shards): ["test"]}
+    # The pack's manifest.json stands for its folder.
+    assert infer(data, tmp_path / "manifest", packed_shards / "manifest.json",
+                 extra=("--no-report", "--splits", "")) == 0
+    assert _without_input(read_csv(tmp_path / "manifest" / "metrics.csv")) == _without_input(rows)
     assert infer(data, tmp_path / "chosen", packed_shards,
                  extra=("--no-report", "infer.splits=[val,train]")) == 0
     rows = read_csv(tmp_path / "chosen" / "metrics.csv")

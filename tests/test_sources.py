@@ -280,3 +280,18 @@ def test_compressed_tar_listing_stops_at_declared_size_limits(tmp_path: Path,
         assert len(inv.errors) == 1 and expect in inv.errors[0]["reason"], inv.errors
         members, problem = sources.list_tar(path)
         assert problem and len(members) < 17
+
+
+def test_an_images_and_masks_folder_is_images_with_their_truth(tmp_path: Path) -> None:
+    """An input holding images/ and masks/ with the same names: the masks are truth paired by
+    stem, never inputs of their own (they were segmented and scored as images)."""
+    for kind in ("images", "masks"):
+        (tmp_path / "own" / kind).mkdir(parents=True)
+        for i in range(3):
+            data = _jpeg(i) if kind == "images" else _png_mask()
+            (tmp_path / "own" / kind / f"case{i}.{'jpg' if kind == 'images' else 'png'}"
+             ).write_bytes(data)
+    inv = sources.collect([tmp_path / "own"])
+    assert sorted(it.id for it in inv.items) == ["images__case0", "images__case1", "images__case2"]
+    assert all(it.truth is not None and "masks" in it.truth.origin for it in inv.items)
+    assert inv.masks_found == 3 and inv.masks_unused == 0
