@@ -24,9 +24,8 @@ for the ISIC scorer), metrics.csv (per image: input, mask, predicted area; score
 errors.csv (every input that failed), summary.json and report.html. Of an input with splits
 (an ISIC root or its official zips, a packed shard folder) only the test split is scored by
 default (--splits chooses); summary.json and the report give each split's own means. Each
-probability map is
-thresholded and post-processed as chosen on validation at the end of training (stored in the
-checkpoint), with flip TTA. Rerun with the same --out to resume where a run stopped (a full
+probability map is thresholded and post-processed as chosen on validation at the end of
+training (stored in the checkpoint), with flip TTA. Rerun with the same --out to resume where a run stopped (a full
 disk or read-only folder stops the run with status 2; the rerun continues). Under
 `accelerate launch` the images are split across processes; --num-shards/--shard-index (or a
 Slurm array) split them across jobs, and the last part to finish merges."""
