@@ -45,7 +45,7 @@ class Segmentation:
 
     mask: np.ndarray  # uint8, 255 = lesion, 0 = background (as the job's mask PNGs)
     probability: np.ndarray  # float32 in [0, 1]: the lesion probability per pixel (under the stored temperature)
-    threshold: float  # the mask is the uncalibrated probability > threshold, then `postprocess`
+    threshold: float  # the mask is probability > threshold, then `postprocess`
     postprocess: str  # none, largest, fill or largest+fill
     uncertainty: float  # the members' disagreement (flip views, TTA) or the uncertain-pixel share
     expected_dice: float  # the Dice the stored quality fit expects of this mask
@@ -116,11 +116,14 @@ class Segmenter:
 
     def _predict(self, pending: Sequence[tuple[torch.Tensor, tuple[int, int]]]) -> list[Segmentation]:
         probs, views = self.predictor.predict(stack_images([x for x, _ in pending]))
+        # under a temperature the threshold moves with the probabilities: the same mask
+        threshold = (self.post.threshold if self.temperature == 1.0 else
+                     float(calibrate(np.float32(self.post.threshold), self.temperature)))
         out = []
         for prob, member_views, (_, size) in zip(probs, views, pending, strict=True):
             full, mask = full_size_mask(prob, size, self.post)
             rated = self.quality.row(signals(member_views, self.post.threshold))
-            out.append(Segmentation(mask, calibrate(full, self.temperature), self.post.threshold,
+            out.append(Segmentation(mask, calibrate(full, self.temperature), threshold,
                                     self.post.name, **rated))
         return out
 
