@@ -5,11 +5,13 @@ exported file exactly as `jobs/infer.py` does, without its folders and files.
     seg = Segmenter.load("runs/demo/best.pt")          # or "best.onnx", backend="onnxruntime"
     result = seg.segment("ISIC_0000000.jpg")            # a path, PIL image or numpy array
     result.mask, result.probability                     # original size: uint8 0/255, float32
+    result.uncertainty, result.expected_dice, result.needs_review   # lesionseg.quality
     results = seg.segment_batch(list_of_images)
 
 The same objects as the job: `inference.load_predictor` (torch, or an exported file on its
 runtime, with flip TTA), the eval transform to the model's size, `inference.full_size_mask`
-(bilinear back to the original size, the stored threshold and post-processing).
+(bilinear back to the original size, the stored threshold and post-processing), and the
+job's quality columns from the members the forward ran (`lesionseg.quality`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.errors import UserError
 from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import Predictor, load_predictor
-from lesionseg.inference import applied_postprocess
+from lesionseg.inference import applied_postprocess, applied_temperature
 from lesionseg.postprocess import Postprocess
+from lesionseg.quality import QualityModel, calibrate, signals
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]  # noqa: UP007 (runtime alias)
 
@@ -41,9 +44,12 @@ class Segmentation:
     """One image's result, at the image's original size (H×W)."""
 
     mask: np.ndarray  # uint8, 255 = lesion, 0 = background (as the job's mask PNGs)
-    probability: np.ndarray  # float32 in [0, 1]: the model's lesion probability per pixel
+    probability: np.ndarray  # float32 in [0, 1]: the lesion probability per pixel (under the stored temperature)
     threshold: float  # the mask is probability > threshold, then `postprocess`
     postprocess: str  # none, largest, fill or largest+fill
+    uncertainty: float  # the members' disagreement (flip views, TTA) or the uncertain-pixel share
+    expected_dice: float  # the Dice the stored quality fit expects of this mask
+    needs_review: bool  # expected_dice below the review level
 
     @property
     def lesion_fraction(self) -> float:
@@ -55,25 +61,30 @@ class Segmenter:
     """A loaded model with its image size, threshold and post-processing (`Segmenter.load`)."""
 
     def __init__(self, predictor: Predictor, image_size: int, post: Postprocess,
-                 source: str) -> None:
+                 source: str, quality: QualityModel | None = None,
+                 temperature: float = 1.0) -> None:
         self.predictor, self.image_size, self.post, self.source = predictor, image_size, post, source
+        self.quality, self.temperature = quality or QualityModel(), temperature
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str = "torch", device: str = "auto",
              tta: bool = True, threshold: float | None = None, postprocess: str = "auto",
-             image_size: int = 0, mixed_precision: str = "auto") -> Segmenter:
+             image_size: int = 0, mixed_precision: str = "auto",
+             review_below: float = 0.8) -> Segmenter:
         """A checkpoint (best.pt) or an exported file (.onnx, TorchScript). backend
         "onnxruntime" runs a checkpoint through an ONNX export made on the fly (parity-checked).
         threshold/postprocess default to what validation chose (stored in the file);
         image_size 0 = the model's training size. Threads: torch.set_num_threads(N) before
-        loading (ONNX Runtime takes the same number when its session is made)."""
+        loading (ONNX Runtime takes the same number when its session is made). review_below:
+        the expected Dice below which a result needs review."""
         icfg = InferConfig(backend=backend, device=device, tta=tta, threshold=threshold,
                            postprocess=postprocess, image_size=image_size,
-                           mixed_precision=mixed_precision)
+                           mixed_precision=mixed_precision, review_below=review_below)
         validate(Config(infer=icfg))  # a bad choice is a ConfigError naming infer.<key>
         predictor, cfg, meta = load_predictor(path, icfg, resolve_device(device))
         post, _ = applied_postprocess(icfg, meta)
-        return cls(predictor, image_size or cfg.data.image_size, post, str(path))
+        return cls(predictor, image_size or cfg.data.image_size, post, str(path),
+                   QualityModel.from_meta(meta, review_below), applied_temperature(meta))
 
     def __repr__(self) -> str:
         return (f"Segmenter({self.source!r}, backend={self.predictor.backend}, "
@@ -104,11 +115,16 @@ class Segmenter:
         return eval_transform(rgb, None, self.image_size)[0], size
 
     def _predict(self, pending: Sequence[tuple[torch.Tensor, tuple[int, int]]]) -> list[Segmentation]:
-        probs = self.predictor(stack_images([x for x, _ in pending]))
+        probs, views = self.predictor.predict(stack_images([x for x, _ in pending]))
+        # under a temperature the threshold moves with the probabilities: the same mask
+        threshold = (self.post.threshold if self.temperature == 1.0 else
+                     float(calibrate(np.float32(self.post.threshold), self.temperature)))
         out = []
-        for prob, (_, size) in zip(probs, pending, strict=True):
+        for prob, member_views, (_, size) in zip(probs, views, pending, strict=True):
             full, mask = full_size_mask(prob, size, self.post)
-            out.append(Segmentation(mask, full, self.post.threshold, self.post.name))
+            rated = self.quality.row(signals(member_views, self.post.threshold))
+            out.append(Segmentation(mask, calibrate(full, self.temperature), threshold,
+                                    self.post.name, **rated))
         return out
 
 

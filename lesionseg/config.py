@@ -122,6 +122,9 @@ class TrainConfig:
     # After training, choose the threshold and post-processing on the val set (by Jaccard) and
     # store the choice in best.pt, where inference finds it.
     tune_postprocess: bool = True
+    # Then fit the per-image quality control (expected Dice, review flag) and the probability
+    # temperature on the val set and store them in best.pt (lesionseg.quality_fit).
+    fit_quality: bool = True
 
 
 @dataclass
@@ -144,6 +147,7 @@ class InferConfig:
     threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
     postprocess: str = "auto"  # auto (the checkpoint's choice), none, largest, fill or largest+fill
     tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
+    review_below: float = 0.8  # needs_review when an image's expected_dice is below this (lesionseg.quality)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, bf16 on a CPU with AMX/AVX-512 BF16, else fp32), no, fp16 or bf16
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
     backend: str = "torch"  # torch, or onnxruntime (a checkpoint is exported on the fly, parity-checked)
@@ -283,6 +287,7 @@ def validate(cfg: Config) -> Config:
     _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")
     _check(i.report_images >= 0, "infer.report_images", i.report_images, "must be >= 0")
+    _check(0 <= i.review_below <= 1, "infer.review_below", i.review_below, "must be in [0, 1]")
     return cfg
 
 

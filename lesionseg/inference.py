@@ -78,6 +78,7 @@ from lesionseg.infer.predict import (
 )
 from lesionseg.infer.split import distributed_state, job_part, local_processes, run_device
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
+from lesionseg.quality import QualityModel
 from lesionseg.threadplan import lower_priority, plan_threads, usable_cores
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     parts_dir = out / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
     check_signature(parts_dir, signature)
+    quality = QualityModel.from_meta(meta, icfg.review_below)
+    runtime["quality"] = quality.describe((len(TTA_FLIPS) if icfg.tta else 1) * len(members))
+    runtime["temperature"] = applied_temperature(meta)
     _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
                      run_cfg, inventory, shard_index, state.process_index, runtime)
 
@@ -173,7 +177,7 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
              sum(inventory.skipped.values()), len(inventory.errors))
 
     spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
-                      post.steps)
+                      post.steps, quality, runtime["temperature"])
     row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
     try:
         # Phases need torch's threads: a runtime (onnxruntime) keeps the count it opened with.
@@ -229,6 +233,12 @@ def applied_postprocess(icfg: InferConfig, meta: dict[str, Any]) -> tuple[Postpr
         steps = Postprocess.parse(icfg.postprocess).steps
         sources.append("post-processing given")
     return Postprocess(float(threshold), steps), "; ".join(sources)
+
+
+def applied_temperature(meta: dict[str, Any]) -> float:
+    """The temperature the checkpoint's val calibration keeps (lesionseg.quality), else 1."""
+    cal = meta.get("calibration") or {}
+    return float(cal["temperature"]) if cal.get("applied") else 1.0
 
 
 def _checkpoint_record(given: str | Path | Sequence[str | Path], members: list[Path],
@@ -320,12 +330,12 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
                 continue
             t0 = time.perf_counter()
             with phases.forward():
-                probs = predictor(batch["images"])
+                probs, views = predictor.predict(batch["images"])
             counts["forward_s"] += time.perf_counter() - t0
-            for sample, prob in zip(batch["good"], probs, strict=True):
+            for sample, prob, member_views in zip(batch["good"], probs, views, strict=True):
                 drain(max_pending - 1)
                 pending.add(pool.submit(finish_in_turn, phases, items[sample["index"]], sample,
-                                        prob, spec))
+                                        prob, spec, member_views))
         drain(0)
     counts["phases"] = {"mode": phases.mode, "others_cores": phases.others_cores}
     return _loop_stats(counts, time.perf_counter() - start)
@@ -343,7 +353,7 @@ __all__ = [
     "ERROR_COLUMNS", "METRIC_COLUMNS", "PRED_RGB", "THUMB_SIDE", "TRUTH_RGB", "TTA_FLIPS",
     "Ensemble", "InferenceError", "ItemDataset", "OutputSpec", "Predictor", "RowLog",
     "above_threshold", "write_previews",
-    "applied_postprocess", "check_signature", "collate",
+    "applied_postprocess", "applied_temperature", "check_signature", "collate",
     "cpu_has_bf16", "decode_item", "done_ids", "ensemble_members", "finish_item", "full_size_mask", "job_part",
     "load_ensemble", "load_exported", "load_predictor", "merge", "parts_done", "precision_name",
     "read_rows", "read_truth", "render_overlay", "run_inference", "tta_average", "with_scores",

@@ -141,6 +141,33 @@ def _postprocess(meta: dict[str, Any]) -> list[str]:
             f"{stored.get('val_jaccard_default')} at 0.5 without post-processing"]
 
 
+def _quality(meta: dict[str, Any]) -> list[str]:
+    """The per-image quality control and the probability calibration (lesionseg.quality)."""
+    quality, cal = meta.get("quality"), meta.get("calibration")
+    if not quality:
+        lines = ["- not fitted (the checkpoint holds no fit): inference's expected Dice uses "
+                 "the fixed maps of lesionseg.quality"]
+    else:
+        models = {m["feature"]: m for m in quality.get("dice_models", [])}
+        lines = ["- per image, inference writes `uncertainty` (with flip TTA: the mean pairwise "
+                 "Dice disagreement of the four views' masks; with --no-tta: the share of "
+                 "pixels with probability in (0.3, 0.7) relative to the predicted area), "
+                 "`expected_dice` and `needs_review` (expected Dice below infer.review_below)",
+                 f"- expected Dice from the disagreement: "
+                 f"{models.get('disagreement', {}).get('source', 'fixed map')}; without TTA: "
+                 f"{models.get('uncertain_share', {}).get('source', 'fixed map')}. A fit needs "
+                 "40 val images, else the fixed map; an ensemble uses the fixed maps",
+                 f"- AUROC of the disagreement for val Dice < 0.8: {quality.get('val_auroc')} "
+                 f"({quality.get('val_images')} val images; in-sample)"]
+    if cal:
+        lines.append(f"- pixel probabilities: ECE on val {cal.get('ece_before')} before, "
+                     f"{cal.get('ece_after')} after temperature **{cal.get('temperature')}** "
+                     f"(fitted on val by log-loss, at {cal.get('measured_at', 'the model size')}"
+                     f"); {'applied' if cal.get('applied') else 'not applied'} to the probability "
+                     "maps inference writes (masks do not change)")
+    return lines
+
+
 def _exports(folder: Path, digest: str) -> list[str]:
     """Table rows of the exported files in `folder` that came from the checkpoint `digest`."""
     rows = []
@@ -191,6 +218,7 @@ def render_model_card(checkpoint: str | Path, export_folder: Path | None = None)
         "## Recipe", "", *_recipe(cfg), "",
         "## Metrics", "", *_metrics(meta), "",
         "## Threshold and post-processing", "", *_postprocess(meta), "",
+        "## Quality control and calibration", "", *_quality(meta), "",
         "## Intended use and limitations", "", INTENDED_USE, "",
         *(_exports(export_folder, digest) if export_folder else []),
         "## How it was made", "",

@@ -177,16 +177,17 @@ def log_overlays(accelerator: Any, cfg: Config,
 
 
 INFER_COLUMNS = ("id", "overlay", "status", "dice", "jaccard", "sensitivity", "specificity",
-                 "pred_fraction", "fp", "fn", "split", "input", "mask")
+                 "pred_fraction", "uncertainty", "expected_dice", "needs_review", "fp", "fn",
+                 "split", "input", "mask")
 
 
 def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: Path,
                   tracking: dict[str, Any], images: int = 60) -> str:
     """Log an inference job's results as a W&B run of its own (job type "inference", under
     `tracking.dir` or `out`): a Table `infer/images` with a row per image and its overlay
-    thumbnail (when the report wrote one), `infer/overlays` (the `images` worst by Dice, else
-    largest predicted lesion first), and the means, counts, device and precision as the run
-    summary. Offline, W&B writes the images of a Table as the word "Image" (wandb #4611), so
+    thumbnail (when the report wrote one) and its quality columns (lesionseg.quality),
+    `infer/overlays` (the `images` worst by Dice, else largest predicted lesion first), and the
+    means, counts, device, precision and review figures (`infer/review/*`) as the run summary. Offline, W&B writes the images of a Table as the word "Image" (wandb #4611), so
     there the Table's overlay column holds the thumbnail's path under `out` and the images
     go through `infer/overlays`. Returns the run's folder."""
     import wandb
@@ -226,6 +227,10 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
         values.update({f"infer/{k}": summary.get(k) for k in (
             "images_found", "masks_written", "scored", "without_truth", "errors", "device",
             "precision") if summary.get(k) is not None})
+        review = summary.get("review") or {}
+        values.update({f"infer/review/{k}": v for k, v in
+                       {**review, **(review.get("with_truth") or {})}.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)})
         run.summary.update(values)
         log.info("W&B inference run %s (%s) under %s", run.id, mode, folder)
         return str(Path(run.dir).parent)

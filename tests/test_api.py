@@ -3,6 +3,7 @@ stored threshold and post-processing, the same masks as the infer job."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,21 @@ from lesionseg.export import export_model
 
 
 @pytest.fixture(scope="module")
-def job_masks(tiny_checkpoint: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The infer job's masks for the tiny cases (torch backend, defaults but fp32)."""
+def job_out(tiny_checkpoint: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The infer job's output folder for the tiny cases (torch backend, defaults but fp32)."""
     out = tmp_path_factory.mktemp("api_job") / "out"
     assert main(["infer", "--checkpoint", str(tiny_checkpoint["ckpt"]), "--input",
                  str(tiny_checkpoint["images"]), "--out", str(out), "--workers", "0",
                  "--no-report", "--splits", "train", "infer.num_threads=1",
                  "infer.mixed_precision=no"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def job_masks(job_out: Path) -> dict:
+    """The infer job's masks for the tiny cases."""
     return {p.name.removesuffix("_Segmentation.png"): np.asarray(Image.open(p))
-            for p in (out / "masks").glob("*.png")}
+            for p in (job_out / "masks").glob("*.png")}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +66,19 @@ def test_segment_path_at_original_size_equals_the_job(segmenter: Segmenter, job_
         # the mask is the stored rule applied to the returned probabilities
         assert result.threshold == 0.45 and result.postprocess == "largest"
         assert not np.any(result.mask[result.probability <= 0.45])
+
+
+def test_quality_columns_equal_the_job(segmenter: Segmenter, job_out: Path,
+                                      tiny_checkpoint: dict) -> None:
+    """uncertainty, expected_dice and needs_review as the job's metrics.csv has them (up to a
+    pixel of the 64² views flipping: the job's batches are larger than one image)."""
+    with open(job_out / "metrics.csv", newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    for path in images_of(tiny_checkpoint):
+        result, row = segmenter.segment(path), rows[path.stem]
+        assert result.uncertainty == pytest.approx(float(row["uncertainty"]), abs=2e-3)
+        assert result.expected_dice == pytest.approx(float(row["expected_dice"]), abs=2e-3)
+        assert str(result.needs_review) == row["needs_review"]
 
 
 def test_pil_numpy_and_path_agree_and_batch_equals_singles(segmenter: Segmenter,

@@ -143,7 +143,8 @@ def test_input_kinds_give_identical_masks_and_scores(data: dict[str, Path], tmp_
     assert summary["checkpoint"]["sha256"] and summary["config"]["infer"]["image_size"] == IMAGE_SIZE
     assert summary["means"]["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in ref_rows]))
     html = (out / "report.html").read_text()
-    assert "<svg" in html and html.count("data:image/jpeg;base64,") == N_CASES
+    cases = html[html.index("<h2>Cases</h2>"):]  # the galleries (flagged images come before)
+    assert "<svg" in html and cases.count("data:image/jpeg;base64,") == N_CASES
 
 
 def test_every_photo_gets_its_own_traceable_mask(data: dict[str, Path], tmp_path: Path) -> None:
@@ -189,9 +190,10 @@ def test_without_truth_rows_and_report_show_the_predictions(data: dict[str, Path
         assert r["dice"] == ""
     page = (out / "report.html").read_text()
     assert f"Predictions without truth ({N_CASES} images)" in page and "None" not in page
-    assert page.count("data:image/jpeg;base64,") == N_CASES
+    cases = page[page.index("<h2>Cases</h2>"):]  # the galleries (flagged images come before)
+    assert cases.count("data:image/jpeg;base64,") == N_CASES
     largest = max(rows, key=lambda r: (float(r["pred_fraction"]), r["id"]))
-    assert page.index(f'alt="{largest["id"]}"') == min(page.index(f'alt="{r["id"]}"') for r in rows)
+    assert cases.index(f'alt="{largest["id"]}"') == min(cases.index(f'alt="{r["id"]}"') for r in rows)
 
 
 def test_official_zips_equal_the_isic_root(data: dict[str, Path], isic_root: Path,

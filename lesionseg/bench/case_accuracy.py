@@ -200,8 +200,22 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
     summary = json.loads((out / "summary.json").read_text())
     result = {"trainer": "ours", "epochs": epochs, "train_seconds": _r(seconds),
               "overrides": list(extra), "applied": summary.get("postprocess"),
-              "threshold": summary.get("threshold"), "recipe": _recipe_line(workdir / "train.log")}
+              "threshold": summary.get("threshold"), "recipe": _recipe_line(workdir / "train.log"),
+              "review": review_figures(summary)}
     return result | official_scores(source, out / "masks")
+
+
+def review_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The quality control's figures on the test set (summary.json's review, lesionseg.quality)
+    and the val calibration stored in the checkpoint."""
+    truth = (summary.get("review") or {}).get("with_truth") or {}
+    cal = ((summary.get("checkpoint") or {}).get("meta") or {}).get("calibration") or {}
+    return {"auroc": truth.get("auroc_uncertainty"),
+            "flagged_share": (summary.get("review") or {}).get("flagged_share"),
+            "caught_share": truth.get("caught_share"), "failures": truth.get("failures"),
+            "expected_dice_mae": truth.get("expected_dice_mae"),
+            "ece_before": cal.get("ece_before"), "ece_after": cal.get("ece_after"),
+            "temperature": cal.get("temperature")}
 
 
 def _job(script: str, args: list[str], log_file: Path) -> None:

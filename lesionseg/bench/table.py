@@ -145,6 +145,16 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
                              f"{a['image_size']}²", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}",
                              f"{r['epochs']} epochs, {format_value(r['train_seconds'])} s{per_seed}"))
+                q = r.get("review") if name == "ours" and group == "equal_epochs" else None
+                if q:
+                    rows.append(("accuracy", "ours: review AUROC (Dice<0.8) / flagged / caught / "
+                                 "exp. Dice MAE", format_value(q["auroc"]),
+                                 f"{format_value(q['flagged_share'])} / "
+                                 f"{format_value(q['caught_share'])} / "
+                                 f"{format_value(q['expected_dice_mae'])}"))
+                    rows.append(("accuracy", "ours: val pixel ECE before / after temperature",
+                                 f"{format_value(q['ece_before'])} / {format_value(q['ece_after'])}",
+                                 f"T = {format_value(q['temperature'])}"))
     for case, c in cases.items():
         m = c.get("memory", {})
         rows.append((case, "peak RSS (process / largest child), MB", format_value(m.get("peak_rss_mb")),

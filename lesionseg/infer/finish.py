@@ -21,15 +21,18 @@ from lesionseg.infer.outputs import OutputSpec, full_size_mask, write_previews
 from lesionseg.infer.phases import ForwardPhases
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import Postprocess
+from lesionseg.quality import calibrate, signals
 
 log = logging.getLogger(__name__)
 
 
 
-def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
+def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec,
+                views: torch.Tensor | None = None) -> dict:
     """Upsample one probability map to the original size, threshold, post-process (the
-    spec's steps), write the mask (and optional extras), score it against the truth; returns
-    the image's row. Runs in a thread.
+    spec's steps), write the mask (and optional extras), score it against the truth, rate it
+    from the members' `views` (V×S×S, lesionseg.quality; default the map alone); returns the
+    image's row. Runs in a thread.
 
     The upsampling is bilinear with pixel centres aligned (as F.interpolate with
     align_corners=False) in float32, by cv2 (~4x cheaper than torch on one thread); the
@@ -40,11 +43,13 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     full, pred = full_size_mask(prob, (h, w), Postprocess(spec.threshold, spec.steps))
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
     if spec.save_probs:  # round(prob * 255), ties to even as torch's round
-        probs8 = cv2.convertScaleAbs(full, alpha=255.0)
+        probs8 = cv2.convertScaleAbs(calibrate(full, spec.temperature), alpha=255.0)
         atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png", encode_grey_png(probs8))
     del full
     row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
                            "status": "no_truth", "reason": "", "pred_area": cv2.countNonZero(pred)}
+    sig = signals(prob[None] if views is None else views, spec.threshold)
+    row.update(spec.quality.row(sig), signals={k: v for k, v in sig.items() if v is not None})
     truth = None
     if sample["truth_error"]:
         row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")
@@ -58,29 +63,30 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
 
 
 def finish_in_turn(phases: ForwardPhases, item: Item, sample: dict[str, Any],
-                    prob: torch.Tensor, spec: OutputSpec) -> dict:
+                   prob: torch.Tensor, spec: OutputSpec, views: torch.Tensor | None = None) -> dict:
     """`_finish_safely` once the forward, if phased, has finished its turn."""
     phases.wait()
-    return _finish_safely(item, sample, prob, spec)
+    return _finish_safely(item, sample, prob, spec, views)
 
 
-def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec) -> dict:
+def _finish_safely(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec,
+                   views: torch.Tensor | None = None) -> dict:
     """`finish_item`, with any failure of this image recorded as its error row instead of
     raised (`_finish_or_error_row`); a shard sample's row names its split."""
-    row = _finish_or_error_row(item, sample, prob, spec)
+    row = _finish_or_error_row(item, sample, prob, spec, views)
     if item.split:
         row["split"] = item.split
     return row
 
 
 def _finish_or_error_row(item: Item, sample: dict[str, Any], prob: torch.Tensor,
-                         spec: OutputSpec) -> dict:
+                         spec: OutputSpec, views: torch.Tensor | None = None) -> dict:
     """Any failure of this image (whatever its type: cv2.error, numpy, Pillow, MemoryError)
     becomes the image's error row. A failure of the machine (disk full, read-only folder, I/O
     error) is not the image's: it stops the run with an InferenceError and no row, so the
     rerun does the image again."""
     try:
-        return finish_item(item, sample, prob, spec)
+        return finish_item(item, sample, prob, spec, views)
     except OSError as e:
         if is_environmental(e):  # disk full, read-only: stop; the rerun redoes this image
             raise InferenceError(environment_message(

@@ -24,6 +24,7 @@ from lesionseg.infer.journal import (
     read_rows,
 )
 from lesionseg.metrics import METRIC_NAMES, scores, summarize
+from lesionseg.quality import review_summary
 from lesionseg.report import write_report
 from lesionseg.tracking import log_inference
 
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 # image that got a mask (with truth or not), so it maps every input to its mask.
 METRIC_COLUMNS = ("id", "height", "width", "dice", "iou", "accuracy", "sensitivity",
                   "specificity", "threshold_jaccard", "tp", "fp", "fn", "tn", "status", "reason",
-                  "input", "mask", "split", "pred_area", "pred_fraction")
+                  "input", "mask", "split", "pred_area", "pred_fraction", "uncertainty",
+                  "expected_dice", "needs_review")
 ERROR_COLUMNS = ("input", "id", "reason")
 
 
@@ -204,6 +206,8 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "backend": run.get("runtime", {}).get("backend", "torch"),
         "precision": run.get("runtime", {}).get("precision"),
         "precision_reason": run.get("runtime", {}).get("precision_reason"),
+        "review": review_summary(rows, run.get("runtime", {}).get("quality")),
+        "temperature": run.get("runtime", {}).get("temperature", 1.0),
         "checkpoint": run["checkpoint"], "config": run["config"],
         "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),
                        "note": "sum over processes of images/s in their last session",

@@ -16,6 +16,7 @@ from lesionseg.data.images import encode_jpeg
 from lesionseg.files import atomic_write_bytes
 from lesionseg.infer.journal import OVERLAYS, THUMBS
 from lesionseg.postprocess import Postprocess
+from lesionseg.quality import QualityModel
 
 THUMB_SIDE = 256  # longest side of the report's thumbnails
 
@@ -30,6 +31,8 @@ class OutputSpec:
     save_overlays: bool
     thumbs: bool
     steps: tuple[str, ...] = ()  # post-processing after the threshold (lesionseg.postprocess)
+    quality: QualityModel = QualityModel()  # uncertainty, expected Dice, review flag
+    temperature: float = 1.0  # applied to the written probability maps (lesionseg.quality)
 
 
 def full_size_mask(prob: torch.Tensor, size: tuple[int, int],

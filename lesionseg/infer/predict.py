@@ -52,8 +52,14 @@ class Predictor:
         """What the forward computes in: fp16/bf16 (autocast, or an fp16 file) or fp32."""
         return self.runtime.precision if self.runtime is not None else precision_name(self.amp_dtype)
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predict(images)[0]
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities N×S×S, the members' views N×V×S×S): with flip TTA the four views,
+        each flipped back, whose mean the probabilities are; without it the one map (V = 1).
+        The views are what the forward computed anyway (lesionseg.quality reads them)."""
         if self.runtime is not None:
             return self._run_exported(images)
         x = to_model_input(images, self.device)
@@ -62,17 +68,14 @@ class Predictor:
             x = torch.cat([x.flip(dims) if dims else x for dims in TTA_FLIPS])
         with autocast(self.device, self.amp_dtype):
             probs = torch.sigmoid(self.model(x).float())[:, 0]
-        if self.tta:
-            probs = tta_average(probs, n)
-        return probs.float().cpu()
+        return _with_views(probs.float().cpu(), n, self.tta)
 
-    def _run_exported(self, images: torch.Tensor) -> torch.Tensor:
+    def _run_exported(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The exported file on the batch as given (uint8 on the CPU), flip TTA around it."""
         n = images.shape[0]
         if self.tta:
             images = torch.cat([images.flip(dims) if dims else images for dims in TTA_FLIPS])
-        probs = self.runtime(images)
-        return (tta_average(probs, n) if self.tta else probs).float().cpu()
+        return _with_views(self.runtime(images).float().cpu(), n, self.tta)
 
 
 @dataclass
@@ -100,12 +103,29 @@ class Ensemble:
     def precision(self) -> str:
         return self.members[0].precision
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        total = self.members[0](images)
+        return self.predict(images)[0]
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean probabilities, every model × flip view, N×(models·V)×S×S)."""
+        total, views = self.members[0].predict(images)
+        views = [views]
         for member in self.members[1:]:
-            total += member(images)
-        return total / len(self.members)
+            probs, more = member.predict(images)
+            total += probs
+            views.append(more)
+        return total / len(self.members), torch.cat(views, dim=1)
+
+
+def _with_views(probs: torch.Tensor, n: int, tta: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, views N×V×S×S) of a forward's output: with TTA len(TTA_FLIPS) views of
+    n images stacked view by view."""
+    if not tta:
+        return probs, probs[:, None]
+    views = torch.stack([p.flip(dims) if dims else p
+                         for p, dims in zip(probs.split(n), TTA_FLIPS, strict=True)], dim=1)
+    return sum(views.unbind(1)) / len(TTA_FLIPS), views  # as tta_average, same order
 
 
 def tta_average(probs: torch.Tensor, n: int) -> torch.Tensor:

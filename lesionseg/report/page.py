@@ -2,7 +2,7 @@
 
 In order: the settings that produced it (checkpoint, threshold, post-processing, TTA, image
 size, device, precision — whatever summary.json carries), the counts (with a link to
-errors.csv), the scores as mean, median and IQR with the number of images below the ISIC
+errors.csv), the images to review first (lesionseg.report.review), the scores as mean, median and IQR with the number of images below the ISIC
 failure line (Jaccard 0.65), how the failures split into false-positive- and false-negative-
 dominated cases, a Dice histogram and Dice against lesion size (inline SVG), galleries of the
 worst and best cases and of the most over- and under-segmented ones (thumbnails with the
@@ -31,6 +31,7 @@ from lesionseg.report.figures import (
     quartiles,
 )
 from lesionseg.report.gallery import Thumbs, galleries
+from lesionseg.report.review import review_section
 from lesionseg.report.style import CSS, FN_COLOUR, FP_COLOUR, SCRIPT
 from lesionseg.report.tables import (
     counts,
@@ -61,11 +62,14 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
     errors = summary.get("errors", 0)
     lead = (f"{len(rows)} images segmented, {len(scored)} scored against truth, "
             f"{errors} error{'' if errors == 1 else 's'}")
+    review = summary.get("review")
+    if review:
+        lead += f", {review['flagged']} flagged for review"
     sections = [f'<h1>{html.escape(title)}</h1><p class="lead">{html.escape(lead)}.</p>',
                 '<div class="cols"><div><h2>Settings</h2>', kv_table(
                     [(k, html.escape(v)) for k, v in settings(summary)]),
                 "</div><div><h2>Counts</h2>", kv_table(counts(summary, errors_href)),
-                "</div></div>"]
+                "</div></div>", review_section(summary, rows, thumbs, limit)]
     if scored:
         line, failing = failure_line(scored)
         pooled = summary.get("means_splits") or []

@@ -192,6 +192,9 @@ def image_table(rows: list[dict[str, Any]], out: Path, roots: list[str] = ()) ->
                  ("sensitivity", "sens.", True), ("specificity", "spec.", True),
                  ("lesion", "lesion %", True)]
     cols.append(("predicted", "predicted %", True))
+    if any(r.get("uncertainty") is not None for r in rows):
+        cols += [("uncertainty", "uncertainty", True), ("expected_dice", "exp. Dice", True),
+                 ("needs_review", "review", False)]
     if has_truth:
         cols += [("fp", "FP px", True), ("fn", "FN px", True), ("error", "dominant", False)]
     cols += [("status", "status", False), ("mask", "mask", False), ("input", "input", False)]
@@ -222,6 +225,8 @@ def image_table(rows: list[dict[str, Any]], out: Path, roots: list[str] = ()) ->
             elif key == "status":
                 reason = html.escape(str(r.get("reason") or ""))
                 cells.append(f'<td title="{reason}">{html.escape(str(r.get("status", "")))}</td>')
+            elif key == "needs_review":
+                cells.append('<td class="flag">review</td>' if r.get(key) else "<td></td>")
             elif numeric:
                 v = r.get(key)
                 shown = num(v, 4 if isinstance(v, float) else 0) if v is not None else ""

@@ -41,6 +41,7 @@ from lesionseg.errors import EXIT_OK, EXIT_RESUME, DataError
 from lesionseg.losses import SegmentationLoss
 from lesionseg.metrics import degenerate
 from lesionseg.modelcard import write_run_card
+from lesionseg.quality_fit import fit_quality
 from lesionseg.recipe import resolve as resolve_recipe
 from lesionseg.train import LOGGER
 from lesionseg.train.batches import EpochBatches
@@ -232,6 +233,9 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
     if not cfg.data.folds and cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
         tuned = tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
                                 accelerator.device)
+    if cfg.train.fit_quality and (run_dir / "best.pt").is_file():  # after the threshold
+        fit_quality(run_dir / "best.pt", data.val_urls, cfg.data.image_size, accelerator.device,
+                    ids=data.val_ids)
     save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
     write_run_card(run_dir)  # MODEL_CARD.md beside best.pt (lesionseg.modelcard)
     log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "

@@ -1,0 +1,277 @@
+"""How far to trust each mask: an uncertainty, an expected Dice and a needs-review flag per
+image, and the calibration of the pixel probabilities.
+
+- `signals`: per image, from the members the job already ran (the four flip views with TTA;
+  every model × flip of an ensemble), at the model's size: the mean pairwise Dice
+  disagreement of the members' masks, the share of uncertain pixels (UNCERTAIN_BAND) relative
+  to the predicted area, the mean pixel entropy, the predicted area. No extra forward pass.
+- `uncertainty`: the members' disagreement (the best simple failure detector of Zenk et al.,
+  2025); with one member (--no-tta, one model) the uncertain-pixel share of its map.
+- `DiceModel`: expected Dice from one signal, a monotone (isotonic, decreasing) piecewise-
+  linear map fitted at the end of training on the val images (lesionseg.quality_fit) and stored in
+  best.pt (`meta["quality"]`); with fewer than MIN_FIT_IMAGES val images, or for an ensemble
+  (whose members disagree more than one model's flips), the fixed map FIXED_MAPS.
+- `needs_review`: expected Dice below `infer.review_below`.
+- Calibration: a temperature on the logit of the (TTA-averaged) probability, fitted on val by
+  pixel log-loss, kept (`meta["calibration"]["applied"]`) when it lowers the val ECE; inference
+  applies it to the probability maps it writes (--save-probs) and the API's probability; masks
+  are unchanged (the threshold moves with the probabilities).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lesionseg.data.cv import cv2
+
+UNCERTAIN_BAND = (0.3, 0.7)  # a pixel is uncertain when its probability lies in this band
+MIN_FIT_IMAGES = 40  # fewer val images than this: the fixed map instead of a fit
+FAILURE_DICE = 0.8  # the summary's failures: true Dice below this
+ECE_BINS = 15  # equal-width probability bins of the expected calibration error
+TEMPERATURES = np.exp(np.linspace(math.log(0.25), math.log(4.0), 81))  # the search grid
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def pairwise_disagreement(masks: np.ndarray) -> float:
+    """Mean over member pairs of 1 - Dice of their masks (M×H×W booleans; two empty masks
+    agree). 0 for identical members, up to 1 for disjoint ones."""
+    m = masks.reshape(masks.shape[0], -1).astype(np.float32)
+    areas = m.sum(1)
+    inter = m @ m.T
+    total = areas[:, None] + areas[None, :]
+    dice = np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)
+    i, j = np.triu_indices(len(m), 1)
+    return float(np.mean(1.0 - dice[i, j])) if len(i) else 0.0
+
+
+def signals(views: np.ndarray | torch.Tensor, threshold: float) -> dict[str, float | None]:
+    """One image's signals from its members' probability maps (V×S×S; their mean is the
+    image's probability map). `disagreement` is None with one member."""
+    v = views.numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
+    v = v.astype(np.float32, copy=False)
+    prob = v.mean(0)
+    area = int(np.count_nonzero(prob > threshold))
+    lo, hi = UNCERTAIN_BAND
+    band = int(np.count_nonzero((prob > lo) & (prob < hi)))
+    p = np.clip(prob, 1e-6, 1 - 1e-6)
+    entropy = float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
+    mask = (prob > threshold).astype(np.uint8)
+    edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    return {"members": len(v),
+            "disagreement": pairwise_disagreement(v > threshold) if len(v) > 1 else None,
+            "uncertain_share": band / max(area, 1), "entropy": entropy,
+            "area": area / prob.size, "border": float(edge.mean()),
+            "components": cv2.connectedComponents(mask, connectivity=8)[0] - 1}
+
+
+def uncertainty_feature(members: int) -> str:
+    """The signal that is the image's uncertainty: the members' disagreement, or with one
+    member the uncertain-pixel share of its map."""
+    return "disagreement" if members > 1 else "uncertain_share"
+
+
+def uncertainty(sig: dict[str, Any]) -> float:
+    return float(sig[uncertainty_feature(sig["members"])])
+
+
+# --------------------------------------------------------------------------- expected Dice
+
+
+@dataclass(frozen=True)
+class DiceModel:
+    """Expected Dice as a decreasing piecewise-linear function of one signal (knots xs → ys,
+    flat beyond them)."""
+
+    feature: str
+    xs: tuple[float, ...]
+    ys: tuple[float, ...]
+    source: str  # e.g. "isotonic fit on 71 val images" or "fixed map"
+
+    def __call__(self, sig: dict[str, Any]) -> float:
+        return float(np.clip(np.interp(float(sig[self.feature]), self.xs, self.ys), 0.0, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature, "xs": list(self.xs), "ys": list(self.ys),
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiceModel:
+        return cls(d["feature"], tuple(map(float, d["xs"])), tuple(map(float, d["ys"])),
+                   d["source"])
+
+
+# Used where no fit applies (see the module docstring): the isotonic fits of the default
+# recipe's model (711 real ISIC 2016 training pairs, 128², 30 epochs) on its 73 val images,
+# read off at round knots; beyond the last knot the val set has a single image, so the tail
+# is a guess (docs/DESIGN.md, "Quality control").
+FIXED_MAPS = {
+    "disagreement": DiceModel("disagreement", (0.0, 0.01, 0.02, 0.035, 0.09, 0.15),
+                              (0.98, 0.97, 0.93, 0.90, 0.85, 0.55), "fixed map"),
+    "uncertain_share": DiceModel("uncertain_share", (0.0, 0.04, 0.06, 0.09, 0.14, 0.2, 0.4),
+                                 (0.98, 0.975, 0.94, 0.905, 0.88, 0.815, 0.68), "fixed map"),
+}
+
+
+def isotonic_decreasing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators: the non-increasing step fit of y on sorted x, as knots (the
+    mean x and the fitted y of each pooled block)."""
+    order = np.argsort(x, kind="stable")
+    blocks: list[list[float]] = []  # [sum_x, sum_y, n]
+    for xi, yi in zip(x[order], y[order], strict=True):
+        blocks.append([float(xi), float(yi), 1.0])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] < blocks[-1][1] / blocks[-1][2]:
+            sx, sy, n = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + sx, blocks[-1][1] + sy, blocks[-1][2] + n]
+    return (np.array([b[0] / b[2] for b in blocks]), np.array([b[1] / b[2] for b in blocks]))
+
+
+def fit_dice_model(feature: str, values: Sequence[float], dices: Sequence[float]) -> DiceModel:
+    """The isotonic (decreasing) fit of Dice on one signal; the fixed map below
+    MIN_FIT_IMAGES images."""
+    if len(values) < MIN_FIT_IMAGES:
+        fixed = FIXED_MAPS[feature]
+        return DiceModel(feature, fixed.xs, fixed.ys,
+                         f"fixed map (only {len(values)} val images; a fit needs "
+                         f"{MIN_FIT_IMAGES})")
+    xs, ys = isotonic_decreasing(np.asarray(values, float), np.asarray(dices, float))
+    return DiceModel(feature, tuple(round(float(x), 5) for x in xs),
+                     tuple(round(float(y), 5) for y in ys),
+                     f"isotonic fit on {len(values)} val images")
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """What inference needs to turn an image's signals into its quality columns."""
+
+    dice_models: tuple[DiceModel, ...] = tuple(FIXED_MAPS.values())
+    review_below: float = 0.8
+    ensemble: bool = False  # an ensemble's members: the fixed maps (fits are per model)
+
+    def dice_model(self, members: int) -> DiceModel:
+        feature = uncertainty_feature(members)
+        if not self.ensemble:
+            for m in self.dice_models:
+                if m.feature == feature:
+                    return m
+        return FIXED_MAPS[feature]
+
+    def row(self, sig: dict[str, Any]) -> dict[str, Any]:
+        """The image's uncertainty, expected_dice and needs_review."""
+        expected = self.dice_model(sig["members"])(sig)
+        return {"uncertainty": round(uncertainty(sig), 5), "expected_dice": round(expected, 4),
+                "needs_review": expected < self.review_below}
+
+    def describe(self, members: int) -> dict[str, Any]:
+        """summary.json's account of what the columns are."""
+        model = self.dice_model(members)
+        what = (f"mean pairwise Dice disagreement of the {members} members' masks (flip views"
+                f"{' × models' if self.ensemble else ''})" if members > 1 else
+                "share of pixels with probability in (0.3, 0.7) relative to the predicted "
+                "area (one member: --no-tta, one model)")
+        return {"uncertainty": what, "expected_dice_model": model.source
+                + (" (ensemble: fits are per model)" if self.ensemble and
+                   "fixed" in model.source else ""),
+                "level": self.review_below}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], review_below: float) -> QualityModel:
+        stored = meta.get("quality", {}).get("dice_models")
+        models = tuple(DiceModel.from_dict(d) for d in stored) if stored else tuple(FIXED_MAPS.values())
+        return cls(models, review_below, ensemble=bool(meta.get("ensemble")))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def ece(probs: np.ndarray, truth: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of pixel probabilities: the pixel-weighted mean over
+    equal-width bins of |mean probability - share of lesion pixels|."""
+    p = probs.ravel().astype(np.float64)
+    t = truth.ravel().astype(np.float64)
+    idx = np.minimum((p * bins).astype(np.int64), bins - 1)
+    n = np.bincount(idx, minlength=bins)
+    gap = np.abs(np.bincount(idx, p, bins) - np.bincount(idx, t, bins))
+    return float(gap.sum() / max(len(p), 1)) if n.sum() else 0.0
+
+
+def calibrate(prob: np.ndarray | torch.Tensor, temperature: float) -> np.ndarray | torch.Tensor:
+    """sigmoid(logit(p) / T): the probability map under the temperature."""
+    if temperature == 1.0:
+        return prob
+    if isinstance(prob, torch.Tensor):
+        return torch.sigmoid(torch.logit(prob.clamp(1e-6, 1 - 1e-6)) / temperature)
+    p = np.clip(prob, 1e-6, 1 - 1e-6)
+    return (1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))).astype(np.float32)
+
+
+def fit_temperature(probs: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """The temperature of least pixel log-loss over TEMPERATURES, the ECE before and after,
+    and whether it is applied (it lowers the ECE)."""
+    p = np.clip(probs.astype(np.float64), 1e-6, 1 - 1e-6)
+    logit, t = np.log(p / (1 - p)), truth.astype(np.float64)
+    losses = []
+    for temp in TEMPERATURES:
+        z = logit / temp
+        losses.append(float(np.mean(np.logaddexp(0, z) - t * z)))  # binary cross-entropy
+    temp = float(TEMPERATURES[int(np.argmin(losses))])
+    before, after = ece(probs, truth), ece(calibrate(probs.astype(np.float32), temp), truth)
+    return {"temperature": round(temp, 4), "ece_before": round(before, 5),
+            "ece_after": round(after, 5), "applied": after < before, "pixels": int(len(t))}
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of `scores` for `positive` (ties count half); None without
+    both classes."""
+    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    ranks[order] = np.arange(1, len(s) + 1)
+    for value in np.unique(sorted_s):  # average ranks of ties
+        tied = s == value
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def review_summary(rows: list[dict[str, Any]], described: dict[str, Any] | None
+                   ) -> dict[str, Any] | None:
+    """summary.json's "review": what the columns are, images flagged, and with truth how well
+    they did: AUROC of uncertainty for Dice < FAILURE_DICE, failures caught, MAE of
+    expected_dice. None when no row has the columns (an older run's parts)."""
+    rated = [r for r in rows if r.get("uncertainty") is not None]
+    if not rated:
+        return None
+    flagged = sum(bool(r["needs_review"]) for r in rated)
+    out: dict[str, Any] = {**(described or {}), "images": len(rated), "flagged": flagged,
+                           "flagged_share": round(flagged / len(rated), 4)}
+    scored = [r for r in rated if isinstance(r.get("dice"), float)]
+    if scored:
+        dice = np.array([r["dice"] for r in scored])
+        fail = dice < FAILURE_DICE
+        caught = sum(bool(r["needs_review"]) for r, f in zip(scored, fail, strict=True) if f)
+        rank = auroc([r["uncertainty"] for r in scored], fail)
+        out["with_truth"] = {
+            "scored": len(scored), "failure_dice": FAILURE_DICE, "failures": int(fail.sum()),
+            "auroc_uncertainty": None if rank is None else round(rank, 4),
+            "failures_caught": caught,
+            "caught_share": round(caught / int(fail.sum()), 4) if fail.any() else None,
+            "expected_dice_mae": round(float(np.mean(np.abs(
+                dice - np.array([r["expected_dice"] for r in scored])))), 4),
+            "mean_dice_unflagged": (round(float(np.mean([r["dice"] for r in scored
+                                                         if not r["needs_review"]])), 4)
+                                    if any(not r["needs_review"] for r in scored) else None)}
+    return out

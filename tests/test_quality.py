@@ -1,0 +1,164 @@
+"""lesionseg.quality: the signals, the expected-Dice map, the flag, calibration and the summary;
+and a no-truth inference run that writes the quality columns and the report's review section."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lesionseg.checkpoint import load_weights, save_weights
+from lesionseg.cli import main
+from lesionseg.quality import (
+    FIXED_MAPS,
+    MIN_FIT_IMAGES,
+    DiceModel,
+    QualityModel,
+    auroc,
+    calibrate,
+    ece,
+    fit_dice_model,
+    fit_temperature,
+    pairwise_disagreement,
+    review_summary,
+    signals,
+)
+
+
+def _disc(shift: int, size: int = 64) -> np.ndarray:
+    """A probability map: a soft disc of radius 16 centred `shift` pixels right of the middle."""
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2 - shift)
+    return (1 / (1 + np.exp(r - 16))).astype(np.float32)
+
+
+def test_identical_members_have_zero_uncertainty_and_it_grows_with_disagreement() -> None:
+    same = np.stack([_disc(0)] * 4)
+    assert signals(same, 0.5)["disagreement"] == 0.0
+    grown = [signals(np.stack([_disc(0), _disc(0), _disc(s), _disc(-s)]), 0.5)["disagreement"]
+             for s in (1, 3, 6, 12, 40)]
+    assert all(a < b for a, b in zip(grown, grown[1:], strict=False)), grown
+    assert grown[-1] > 0.6  # one pair disjoint, the others far apart
+    rated = QualityModel().row(signals(same, 0.5))
+    assert rated["uncertainty"] == 0.0 and rated["expected_dice"] == FIXED_MAPS["disagreement"].ys[0]
+
+
+def test_pairwise_disagreement_is_one_minus_dice() -> None:
+    a = np.zeros((2, 10), bool)
+    a[0, :6] = True  # 6 pixels
+    a[1, 3:9] = True  # 6 pixels, 3 shared: Dice 0.5
+    assert pairwise_disagreement(a) == pytest.approx(0.5)
+    assert pairwise_disagreement(np.zeros((3, 4, 4), bool)) == 0.0  # all empty: agree
+
+
+def test_one_member_falls_back_to_the_uncertain_pixel_share() -> None:
+    sharp, soft = signals(_disc(0)[None], 0.5), signals((_disc(0) * 0.9)[None], 0.5)
+    assert sharp["disagreement"] is None and sharp["members"] == 1
+    assert QualityModel().row(soft)["uncertainty"] == pytest.approx(soft["uncertain_share"], abs=1e-5)
+    assert soft["uncertain_share"] > sharp["uncertain_share"] > 0
+
+
+def test_the_flag_follows_the_level_and_the_stored_map() -> None:
+    stored = DiceModel("disagreement", (0.0, 0.1), (0.95, 0.55), "isotonic fit on 50 val images")
+    meta = {"quality": {"dice_models": [stored.to_dict()]}}
+    sig = {"members": 4, "disagreement": 0.05}  # expected Dice 0.75
+    for level, flagged in ((0.7, False), (0.75, False), (0.76, True), (0.9, True)):
+        row = QualityModel.from_meta(meta, level).row(sig)
+        assert row["expected_dice"] == pytest.approx(0.75)
+        assert row["needs_review"] is flagged
+    # an ensemble's members are not what a model's fit saw: the fixed map
+    ensemble = QualityModel.from_meta(meta | {"ensemble": 3}, 0.8)
+    assert ensemble.row(sig)["expected_dice"] == pytest.approx(FIXED_MAPS["disagreement"](sig), abs=1e-4)
+
+
+def test_the_dice_fit_is_decreasing_and_needs_enough_images() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 0.3, 200)
+    y = np.clip(0.95 - 1.5 * x + rng.normal(0, 0.05, 200), 0, 1)
+    model = fit_dice_model("disagreement", x, y)
+    assert model.source == "isotonic fit on 200 val images"
+    assert all(a >= b for a, b in zip(model.ys, model.ys[1:], strict=False))
+    preds = np.array([model({"disagreement": v}) for v in x])
+    assert np.mean(np.abs(preds - y)) < 0.06
+    few = fit_dice_model("disagreement", x[:MIN_FIT_IMAGES - 1], y[:MIN_FIT_IMAGES - 1])
+    assert few.ys == FIXED_MAPS["disagreement"].ys and few.source.startswith("fixed map")
+
+
+def test_temperature_fixes_overconfident_probabilities() -> None:
+    rng = np.random.default_rng(1)
+    true_p = rng.uniform(0.02, 0.98, 200_000)
+    truth = rng.uniform(size=true_p.size) < true_p
+    overconfident = calibrate(true_p.astype(np.float32), 0.4)  # logits ×2.5
+    fit = fit_temperature(overconfident, truth)
+    assert fit["temperature"] == pytest.approx(2.5, rel=0.05)  # undoes the ×2.5
+    assert fit["applied"] and fit["ece_after"] < fit["ece_before"] / 3
+    assert ece(true_p, truth) < 0.01
+    assert torch.allclose(calibrate(torch.tensor([0.5, 0.9]), 2.0),
+                          torch.tensor([0.5, 0.75]), atol=1e-4)
+
+
+def test_auroc_counts_pairs_and_ties_half() -> None:
+    assert auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
+    assert auroc([0.5, 0.5], [True, False]) == 0.5
+    assert auroc([0.3, 0.1, 0.2], [True, False, False]) == 1.0
+    assert auroc([0.1, 0.2], [True, True]) is None
+
+
+def test_review_summary_with_and_without_truth() -> None:
+    rows = [{"uncertainty": u, "expected_dice": e, "needs_review": e < 0.8, "dice": d}
+            for u, e, d in ((0.01, 0.95, 0.94), (0.2, 0.6, 0.5), (0.05, 0.85, 0.7),
+                            (0.3, 0.5, 0.9))]
+    out = review_summary(rows, {"level": 0.8})
+    assert out["flagged"] == 2 and out["flagged_share"] == 0.5 and out["level"] == 0.8
+    truth = out["with_truth"]
+    assert truth["failures"] == 2 and truth["failures_caught"] == 1
+    assert truth["auroc_uncertainty"] == 0.5  # each failure above one of the two good images
+    assert truth["expected_dice_mae"] == pytest.approx((0.01 + 0.1 + 0.15 + 0.4) / 4, abs=1e-4)
+    bare = review_summary([{k: v for k, v in r.items() if k != "dice"} for r in rows], None)
+    assert "with_truth" not in bare and bare["flagged"] == 2
+
+
+def test_no_truth_run_writes_the_columns_and_the_review_section(
+        tiny_checkpoint: dict[str, Path], tmp_path: Path) -> None:
+    """A run without masks: metrics.csv has uncertainty, expected_dice, needs_review for every
+    image; summary.json's review counts the flags; the report shows the flagged count at the
+    top and the review section, most uncertain first. A stored map that flags everything and
+    one that flags nothing move the flags."""
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(tiny_checkpoint["ckpt"], ckpt)
+    state, cfg, meta = load_weights(ckpt)
+    flat = DiceModel("disagreement", (0.0, 1.0), (0.7, 0.7), "test map")
+    meta["quality"] = {"dice_models": [flat.to_dict()]}
+    save_weights(ckpt, state, cfg, **meta)
+
+    def run(out: Path, *extra: str) -> list[dict[str, str]]:
+        assert main(["infer", "--checkpoint", str(ckpt), "--input", str(tiny_checkpoint["images"]),
+                     "--out", str(out), "--workers", "0", "infer.num_threads=1", *extra]) == 0
+        with open(out / "metrics.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    rows = run(tmp_path / "flag-all")  # expected 0.7 < 0.8: every image
+    assert rows and all(r["expected_dice"] == "0.7" and r["needs_review"] == "True"
+                        and float(r["uncertainty"]) >= 0 for r in rows)
+    summary = json.loads((tmp_path / "flag-all" / "summary.json").read_text())
+    assert summary["review"]["flagged"] == len(rows) and "with_truth" not in summary["review"]
+    assert summary["review"]["expected_dice_model"] == "test map"
+    page = (tmp_path / "flag-all" / "report.html").read_text()
+    assert f"{len(rows)} flagged for review" in page
+    assert f"Review these first ({len(rows)} of {len(rows)} flagged)" in page
+    section = page[page.index("Review these first"):page.index("<h2>", page.index("Review these first"))]
+    order = [r["id"] for r in sorted(rows, key=lambda r: (-float(r["uncertainty"]), r["id"]))]
+    assert [section.index(f'alt="{i}"') for i in order] == sorted(section.index(f'alt="{i}"')
+                                                                  for i in order)
+    none = run(tmp_path / "flag-none", "infer.review_below=0.6")
+    assert {r["needs_review"] for r in none} == {"False"}
+    assert "No image is flagged" in (tmp_path / "flag-none" / "report.html").read_text()
+    no_tta = run(tmp_path / "no-tta", "--no-tta")
+    assert all(r["uncertainty"] != "" for r in no_tta)
+    described = json.loads((tmp_path / "no-tta" / "summary.json").read_text())["review"]
+    assert "(0.3, 0.7)" in described["uncertainty"]
