@@ -43,7 +43,7 @@ class Segmentation:
     mask: np.ndarray  # uint8, 255 = lesion, 0 = background (as the job's mask PNGs)
     probability: np.ndarray  # float32 in [0, 1]: the model's lesion probability per pixel
     threshold: float  # the mask is probability > threshold, then `postprocess`
-    postprocess: str  # none, largest, fill or largest+fill
+    postprocess: str  # none, main, fill or main+fill
 
     @property
     def lesion_fraction(self) -> float:

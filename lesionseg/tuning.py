@@ -23,7 +23,7 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.infer.predict import load_predictor
-from lesionseg.postprocess import Postprocess, choose
+from lesionseg.postprocess import MIN_IMAGES, Postprocess, choose
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +74,22 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
 
 
 def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
-                    device: torch.device | None = None) -> Postprocess:
+                    device: torch.device | None = None,
+                    min_images: int = MIN_IMAGES) -> Postprocess:
     """Choose on the val set, write the choice into `checkpoint` (rewritten atomically) and
     log it beside the default's score."""
     _, probs, truths = val_probabilities(checkpoint, val_urls, image_size, device=device)
-    return store_choice([checkpoint], probs, truths, "val images")
+    return store_choice([checkpoint], probs, truths, "val images", min_images)
 
 
 def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
-                 chosen_on: str) -> Postprocess:
+                 chosen_on: str, min_images: int = MIN_IMAGES) -> Postprocess:
     """`choose` on (probability map, truth) pairs; write the choice into every checkpoint's
     metadata (each rewritten atomically) and log it beside the default's score. `chosen_on`
-    names the images, e.g. "val images"."""
+    names the images, e.g. "val images". With fewer than `min_images` pairs nothing is
+    chosen: the default (0.5, none) is stored with the reason, and the log says so."""
+    if len(probs) < min_images:
+        return _store_untuned(checkpoints, probs, truths, chosen_on, min_images)
     chosen, table = choose(probs, truths)
     baseline = next(r["jaccard"] for r in table
                     if r["threshold"] == 0.5 and r["postprocess"] == "none")
@@ -102,3 +106,22 @@ def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[
              "without post-processing); stored in %s", len(probs), chosen_on, chosen.threshold,
              chosen.name, best, baseline, ", ".join(map(str, checkpoints)))
     return chosen
+
+
+def _store_untuned(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
+                   chosen_on: str, min_images: int) -> Postprocess:
+    """Too few images to choose on: store the default with the reason (and its val score)."""
+    default = Postprocess()
+    why = (f"not tuned: {len(probs)} {chosen_on} are fewer than train.tune_min_images="
+           f"{min_images}; a choice on so few fits their noise, so the defaults stay")
+    _, table = choose(probs, truths, thresholds=(default.threshold,)) if probs else (None, [])
+    score = next((r["jaccard"] for r in table if r["postprocess"] == default.name), None)
+    for checkpoint in checkpoints:
+        state_dict, cfg, meta = load_weights(checkpoint)
+        meta["postprocess"] = default.to_dict() | {
+            "val_images": len(probs), "chosen_on": chosen_on, "tuned": False, "why": why,
+            "val_jaccard": None if score is None else round(score, 5),
+            "val_jaccard_default": None if score is None else round(score, 5)}
+        save_weights(checkpoint, state_dict, cfg, **meta)
+    log.warning("post-processing %s (threshold %.2f, %s)", why, default.threshold, default.name)
+    return default

@@ -53,6 +53,8 @@ class BenchPlan:
     accuracy_test: int = 40  # hard test cases scored
     accuracy_sides: tuple[int, int] = (400, 4288)  # longest sides of the hard cases
     accuracy_seeds: int = 2  # training seeds 0..N-1 of every trainer; scores are their means
+    real: str | None = None  # ISIC 2016 Part 1 folder (four official folders): the real case
+    real_fullsize: str | None = None  # full-size photographs without masks: the no-truth check
 
 
 def plan_for(quick: bool, **overrides: Any) -> BenchPlan:

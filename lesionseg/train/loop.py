@@ -96,6 +96,9 @@ def train(cfg: Config, demo: bool = False) -> int:
     # Model, optimizer, schedule, loss; then resume where a state says.
     set_seed(cfg.train.seed)
     model = build_model(cfg)
+    if main and cfg.model.init_from:
+        log.info("model: every weight from %s (model.init_from: fine-tuning; "
+                 "model.encoder_weights and model.head_prior are not used)", cfg.model.init_from)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, schedule)
     # The scheduler is stepped once per optimizer step here; Accelerate's prepared scheduler
@@ -229,7 +232,7 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
         predict_held_out(run_dir, cfg, data.val_urls, data.val_ids, accelerator.device)
     elif cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
         tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
-                        accelerator.device)
+                        accelerator.device, cfg.train.tune_min_images)
     save_config(cfg, run_dir / "config.yaml")  # describes the weights beside it
     write_run_card(run_dir)  # MODEL_CARD.md beside best.pt (lesionseg.modelcard)
     log.info("done: %d steps; best val %s %.4f at step %d, final %.4f; best.pt holds the "
