@@ -49,7 +49,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
     init_from = cfg.model.init_from
     model = MobileNetEncoderDecoder(encoder_weights=None if init_from else cfg.model.encoder_weights,
                                     freeze_encoder=cfg.model.freeze_encoder,
-                                    decoder_channels=tuple(cfg.model.decoder_channels))
+                                    decoder_channels=tuple(cfg.model.decoder_channels),
+                                    color_constancy=cfg.model.color_constancy)
     if init_from:
         load_init_weights(model, Path(init_from), cfg)
     elif cfg.model.head_prior is not None:
@@ -68,10 +69,11 @@ def load_init_weights(model: torch.nn.Module, path: Path, cfg: Config) -> dict[s
     """Every parameter and buffer of `model` from an earlier run's checkpoint (strict: a
     checkpoint of another decoder width is a CheckpointError naming both). Returns its meta."""
     state_dict, source_cfg, meta = load_weights(path)
-    theirs, ours = list(source_cfg.model.decoder_channels), list(cfg.model.decoder_channels)
-    if theirs != ours:
-        raise CheckpointError(f"model.init_from={path}: its model.decoder_channels={theirs} "
-                              f"differ from this run's {ours}; set them equal")
+    for key in ("decoder_channels", "color_constancy"):
+        theirs, ours = getattr(source_cfg.model, key), getattr(cfg.model, key)
+        if theirs != ours:
+            raise CheckpointError(f"model.init_from={path}: its model.{key}={theirs} differs "
+                                  f"from this run's {ours}; set them equal")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:
