@@ -167,7 +167,8 @@ def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     }
     if plan.real:
         real = run_real(Path(plan.real), workdir / "accuracy", aplan.train_seeds, with_peer,
-                        Path(plan.real_fullsize) if plan.real_fullsize else None)
+                        Path(plan.real_fullsize) if plan.real_fullsize else None,
+                        plan.real_size, plan.real_epochs)
         result["real"] = real
         rows = real["trainers"]
         for key, field in (("dice", "dice"), ("jaccard", "jaccard"),

@@ -46,7 +46,6 @@ FAILED_BELOW = 0.5  # an image scored below this Dice is counted as a failure
 SHEET_SIDE = 256  # side of one tile of the contact sheet
 SHEET_COLUMNS = 7
 RESULT = "result.json"  # a finished trainer run's scores, reused by a rerun in the same workdir
-PROTOCOL = {"image_size": REAL_SIZE, "epochs": REAL_EPOCHS, "encoder": "random"}
 
 
 def check_real_source(root: Path) -> Path:
@@ -82,9 +81,11 @@ def tail_scores(dice: dict[str, float]) -> dict[str, Any]:
 
 
 def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: bool,
-             fullsize: Path | None = None) -> dict[str, Any]:
+             fullsize: Path | None = None, size: int = REAL_SIZE,
+             epochs: int = REAL_EPOCHS) -> dict[str, Any]:
     """The real case: for each seed ours, plain (and smp) at equal epochs on `source`, scored
-    with tails; the mean over seeds per trainer; then the full-size check with seed 0's model."""
+    with tails; the mean over seeds per trainer; then the full-size check with the first
+    seed's model. `size` and `epochs` are the protocol's (tests shrink them)."""
     check_real_source(source)
     shards = packed_source(source, workdir / "real-shards")
     truth = source / OFFICIAL_NAMES[("test", "mask")]
@@ -94,17 +95,17 @@ def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: boo
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], **{n: [] for n in builders}}
     for seed in seeds:
         seed_dir = workdir / f"real-seed-{seed}"
+        protocol = {"image_size": size, "epochs": epochs, "encoder": "random", "seed": seed}
         runs["ours"].append(_reused_or_run(
-            seed_dir / "ours", seed, lambda d, s=seed: run_ours(
-                source, shards, d, REAL_SIZE, REAL_EPOCHS, s), truth, "infer/masks",
-            reuse=False))
+            seed_dir / "ours", protocol, lambda d, s=seed: run_ours(
+                source, shards, d, size, epochs, s), truth, "infer/masks", reuse=False))
         for name, build in builders.items():
             runs[name].append(_reused_or_run(
-                seed_dir / name, seed, lambda d, n=name, b=build, s=seed: run_plain(
-                    n, b, source, REAL_SIZE, REAL_EPOCHS, s, d / "masks"), truth, "masks"))
+                seed_dir / name, protocol, lambda d, n=name, b=build, s=seed: run_plain(
+                    n, b, source, size, epochs, s, d / "masks"), truth, "masks"))
     rows = {name: _with_tails(seed_mean(r), r) for name, r in runs.items()}
     result: dict[str, Any] = {
-        "source": str(source), "image_size": REAL_SIZE, "epochs": REAL_EPOCHS,
+        "source": str(source), "image_size": size, "epochs": epochs,
         "seeds": list(seeds), "test_images": len(list(truth.glob("*_Segmentation.png"))),
         "trainers": rows,
         "note": "real ISIC 2016 test split scored by the official scorer (macro means); "
@@ -117,7 +118,7 @@ def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: boo
     return result
 
 
-def _reused_or_run(folder: Path, seed: int, run: Callable[[Path], dict[str, Any]],
+def _reused_or_run(folder: Path, protocol: dict[str, Any], run: Callable[[Path], dict[str, Any]],
                    truth: Path, masks: str, reuse: bool = True) -> dict[str, Any]:
     """One trainer's run in `folder`, scored with its tails. A peer's finished run of the same
     protocol in a reused --workdir (its result.json) is taken as it is, not trained again: the
@@ -126,13 +127,12 @@ def _reused_or_run(folder: Path, seed: int, run: Callable[[Path], dict[str, Any]
     done = folder / RESULT
     if reuse and done.is_file():
         row = json.loads(done.read_text())
-        if row.get("protocol") == PROTOCOL | {"seed": seed}:
-            log.info("accuracy (real): %s seed %d reused from %s", row["trainer"], seed, done)
+        if row.get("protocol") == protocol:
+            log.info("accuracy (real): %s reused from %s", row["trainer"], done)
             return row
-    log.info("accuracy (real): training in %s, %d epochs at %d², seed %d", folder, REAL_EPOCHS,
-             REAL_SIZE, seed)
+    log.info("accuracy (real): training in %s (%s)", folder, protocol)
     folder.mkdir(parents=True, exist_ok=True)
-    row = run(folder) | {"seed": seed, "protocol": PROTOCOL | {"seed": seed}}
+    row = run(folder) | {"seed": protocol["seed"], "protocol": protocol}
     row |= tail_scores(per_image_dice(truth, folder / masks))
     atomic_write_text(done, json.dumps(row, indent=1))
     return row
