@@ -125,7 +125,7 @@ class TrainConfig:
     # After training, choose the threshold and post-processing on the val set (by Jaccard) and
     # store the choice in best.pt, where inference finds it.
     tune_postprocess: bool = True
-    tune_min_images: int = 100  # choose only on at least this many val (or pooled out-of-fold) images; fewer: threshold 0.5, no steps, and the card says why
+    tune_min_images: int = 100  # choose only on at least this many val (or pooled out-of-fold) images; fewer: threshold 0.5 and the main region, and the card says why
 
 
 @dataclass

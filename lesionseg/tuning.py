@@ -23,7 +23,13 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.infer.predict import load_predictor
-from lesionseg.postprocess import MIN_IMAGES, Postprocess, choose
+from lesionseg.postprocess import (
+    DEFAULT_THRESHOLD,
+    MIN_IMAGES,
+    UNTUNED_STEPS,
+    Postprocess,
+    choose,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[
     """`choose` on (probability map, truth) pairs; write the choice into every checkpoint's
     metadata (each rewritten atomically) and log it beside the default's score. `chosen_on`
     names the images, e.g. "val images". With fewer than `min_images` pairs nothing is
-    chosen: the default (0.5, none) is stored with the reason, and the log says so."""
+    chosen: the untuned default (0.5, main) is stored with the reason, and the log says so."""
     if len(probs) < min_images:
         return _store_untuned(checkpoints, probs, truths, chosen_on, min_images)
     chosen, table = choose(probs, truths)
@@ -110,11 +116,12 @@ def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[
 
 def _store_untuned(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
                    chosen_on: str, min_images: int) -> Postprocess:
-    """Too few images to choose on: store the default with the reason (and its val score)."""
-    default = Postprocess()
+    """Too few images to choose on: store the untuned default (threshold 0.5, the main
+    region) with the reason (and its val score)."""
+    default = Postprocess(DEFAULT_THRESHOLD, UNTUNED_STEPS)
     why = (f"not tuned: {len(probs)} {chosen_on} are fewer than train.tune_min_images="
            f"{min_images}; a choice on so few fits their noise, so the defaults stay")
-    _, table = choose(probs, truths, thresholds=(default.threshold,)) if probs else (None, [])
+    table = choose(probs, truths, thresholds=(default.threshold,))[1] if probs else []
     score = next((r["jaccard"] for r in table if r["postprocess"] == default.name), None)
     for checkpoint in checkpoints:
         state_dict, cfg, meta = load_weights(checkpoint)

@@ -87,22 +87,24 @@ def test_choose_never_takes_a_step_that_erases_a_lesion() -> None:
 
 
 def test_fewer_val_images_than_the_minimum_choose_nothing(tmp_path: Path) -> None:
-    """Below train.tune_min_images the defaults are stored with the reason, even where a step
-    would have won on those images; at the minimum the choice is made."""
+    """Below train.tune_min_images the defaults are stored with the reason, even where another
+    threshold would have won on those images; at the minimum the choice is made."""
     lesion = _disc(48, 48, 24, 24, 12)
     speck = np.zeros_like(lesion)
     speck[2:5, 2:5] = 255
-    probs = [(lesion | speck).astype(np.float32) / 255] * 4
+    probs = [np.where(lesion | speck, 0.42, 0.1).astype(np.float32)] * 4  # a timid model
     truths = [lesion > 0] * 4
     cfg = load_config(None, ["model.encoder_weights=null"])
     ckpt = save_weights(tmp_path / "best.pt", MobileNetEncoderDecoder().state_dict(), cfg)
     from lesionseg.checkpoint import load_weights
 
-    assert store_choice([ckpt], probs, truths, "val images", min_images=5) == Postprocess()
+    untuned = store_choice([ckpt], probs, truths, "val images", min_images=5)
+    assert untuned == Postprocess(0.5, ("main",))  # the fixed default, not a choice
     stored = load_weights(ckpt)[2]["postprocess"]
     assert stored["tuned"] is False and stored["val_images"] == 4
     assert "fewer than train.tune_min_images=5" in stored["why"]
-    assert store_choice([ckpt], probs, truths, "val images", min_images=4).steps == ("main",)
+    chosen = store_choice([ckpt], probs, truths, "val images", min_images=4)
+    assert chosen.threshold == 0.4 and chosen.steps == ("main",)
 
 
 def test_fill_holes_fills_inside_but_not_bays_open_to_the_border() -> None:
