@@ -151,7 +151,7 @@ def _with_tails(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, An
 
 def fullsize_check(checkpoint: Path, images: Path, out: Path) -> dict[str, Any]:
     """The 128² model on full-size photographs without truth: `jobs/infer.py` writes masks and
-    overlays; the overlays are tiled into `contact-sheet.jpg` for a person to look at."""
+    overlays; the overlays are tiled into `contact-sheet.png` for a person to look at."""
     if not images.is_dir():
         raise UserError(f"--real-fullsize {images}: not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def fullsize_check(checkpoint: Path, images: Path, out: Path) -> dict[str, Any]:
     run_job("infer.py", ["--checkpoint", str(checkpoint), "--input", str(images), "--out",
                       str(run), "--save-overlays", "--no-report"], out / "infer.log")
     overlays = sorted((run / "overlays").glob("*_overlay.jpg"))
-    sheet = contact_sheet(overlays, out / "contact-sheet.jpg")
+    sheet = contact_sheet(overlays, out / "contact-sheet.png")
     masks = sorted((run / "masks").glob("*.png"))
     fractions = [float((np.asarray(Image.open(m)) > 128).mean()) for m in masks]
     return {"images": len(masks), "contact_sheet": str(sheet),
@@ -168,7 +168,7 @@ def fullsize_check(checkpoint: Path, images: Path, out: Path) -> dict[str, Any]:
 
 
 def contact_sheet(files: list[Path], out: Path) -> Path:
-    """Tile images (each fitted into SHEET_SIDE², its file id under it) into one JPEG."""
+    """Tile images (each fitted into SHEET_SIDE², its file id under it) into one PNG."""
     if not files:
         raise UserError(f"{out.parent}: no overlays to put on a contact sheet")
     rows = math.ceil(len(files) / SHEET_COLUMNS)
@@ -179,5 +179,5 @@ def contact_sheet(files: list[Path], out: Path) -> Path:
             tile.thumbnail((SHEET_SIDE - 4, SHEET_SIDE - 4))
         x, y = (k % SHEET_COLUMNS) * SHEET_SIDE, (k // SHEET_COLUMNS) * SHEET_SIDE
         sheet.paste(tile, (x + 2, y + 2))
-    sheet.save(out, quality=88)
+    sheet.save(out, optimize=True)
     return out
