@@ -33,6 +33,7 @@ from lesionseg.bench.measure import rounded
 from lesionseg.bench.plan import BenchPlan
 from lesionseg.bench.trainers import (
     packed_source,
+    plain_model,
     round4,
     run_ours,
     run_plain,
@@ -40,7 +41,6 @@ from lesionseg.bench.trainers import (
 )
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.errors import UserError
-from lesionseg.model import MobileNetEncoderDecoder
 from lesionseg.peers import build_peer, peer_available
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def run_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str
         raise UserError("accuracy benchmark: no training seed given")
     source = hard_source(workdir / "hard-source", plan)
     shards = packed_source(source, workdir / "hard-shards")
-    builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": MobileNetEncoderDecoder}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": plain_model}
     if with_peer:
         builders["smp"] = build_peer
     rounds = [_seed_round(plan, seed, source, shards, _seed_dir(workdir, plan, seed), builders)

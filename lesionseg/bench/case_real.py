@@ -25,6 +25,7 @@ from PIL import Image
 
 from lesionseg.bench.trainers import (
     packed_source,
+    plain_model,
     round4,
     run_job,
     run_ours,
@@ -35,7 +36,6 @@ from lesionseg.data.synthetic import OFFICIAL_NAMES
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text
 from lesionseg.metrics import binary_counts
-from lesionseg.model import MobileNetEncoderDecoder
 from lesionseg.peers import build_peer
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: boo
     check_real_source(source)
     shards = packed_source(source, workdir / "real-shards")
     truth = source / OFFICIAL_NAMES[("test", "mask")]
-    builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": MobileNetEncoderDecoder}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": plain_model}
     if with_peer:
         builders["smp"] = build_peer
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], **{n: [] for n in builders}}

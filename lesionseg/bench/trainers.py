@@ -37,10 +37,17 @@ from lesionseg.data.synthetic import OFFICIAL_NAMES
 from lesionseg.errors import UserError
 from lesionseg.losses import SegmentationLoss
 from lesionseg.metrics import binary_counts, summarize
+from lesionseg.model import MobileNetEncoderDecoder
 
 REPO = Path(__file__).resolve().parents[2]
 PLAIN_MAX_LR = 3e-3  # OneCycle peak of the plain script
 PLAIN_BATCH = 8
+
+
+def plain_model() -> torch.nn.Module:
+    """The plain script's model: our encoder-decoder as anyone would build it, without the
+    recipe's input colour constancy."""
+    return MobileNetEncoderDecoder(color_constancy=False)
 
 
 def pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
