@@ -46,7 +46,7 @@ class Segmentation:
     mask: np.ndarray  # uint8, 255 = lesion, 0 = background (as the job's mask PNGs)
     probability: np.ndarray  # float32 in [0, 1]: the lesion probability per pixel (under the stored temperature)
     threshold: float  # the mask is probability > threshold, then `postprocess`
-    postprocess: str  # none, largest, fill or largest+fill
+    postprocess: str  # none, main, fill or main+fill
     uncertainty: float  # the members' disagreement (flip views, TTA) or the uncertain-pixel share
     expected_dice: float  # the Dice the stored quality fit expects of this mask
     needs_review: bool  # expected_dice below the review level

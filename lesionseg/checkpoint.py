@@ -62,7 +62,11 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a lesionseg checkpoint (expected format {FORMAT}); "
                               "use best.pt or last.pt from a training run folder")
-    return payload["state_dict"], from_dict(payload["config"]), dict(payload.get("meta", {}))
+    config = payload["config"]
+    if isinstance(config.get("model"), dict) and "color_constancy" not in config["model"]:
+        # Written before model.color_constancy existed: those models were trained without it.
+        config = config | {"model": config["model"] | {"color_constancy": False}}
+    return payload["state_dict"], from_dict(config), dict(payload.get("meta", {}))
 
 
 def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:
@@ -72,7 +76,8 @@ def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Conf
     # parameter and buffer): ~8 ms instead of ~35 of the inference job's start-up.
     with _no_weight_init():
         model = MobileNetEncoderDecoder(encoder_weights=None, freeze_encoder=False,
-                                        decoder_channels=tuple(cfg.model.decoder_channels))
+                                        decoder_channels=tuple(cfg.model.decoder_channels),
+                                        color_constancy=cfg.model.color_constancy)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as e:

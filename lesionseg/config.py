@@ -46,6 +46,7 @@ class DataConfig:
     vflip: bool = True  # random vertical flips (lesions have no up/down)
     rotate_degrees: float | None = None  # random rotation range (+/-); corners outside are filled
     color_jitter: float | None = None  # brightness/contrast/saturation jitter strength; 0 = off
+    sticker_prob: float = 0.25  # share of training crops that get a round colour-calibration sticker painted near an edge (lesionseg/data/stickers.py); 0 = off
     demo_cases: int = 160  # number of synthetic cases in the demo set built when shards is null
     demo_dir: str = "shards/demo"  # where the demo set's ISIC-layout source and shards are cached
 
@@ -72,6 +73,8 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32])  # widths at strides 16, 8, 4, 2
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = False  # torch.compile the model
+    color_constancy: bool = True  # Shades-of-Gray colour constancy per image before the network (removes light casts and skin tone)
+    init_from: str | None = None  # start from every weight of an earlier run's best.pt/last.pt (pretrain, then fine-tune); replaces encoder_weights and head_prior
     head_prior: float | None = 0.25  # a new model's initial lesion probability: logit head bias log(p/(1-p)), as RetinaNet's prior; null = PyTorch's init
 
 
@@ -122,6 +125,7 @@ class TrainConfig:
     # After training, choose the threshold and post-processing on the val set (by Jaccard) and
     # store the choice in best.pt, where inference finds it.
     tune_postprocess: bool = True
+    tune_min_images: int = 100  # choose only on at least this many val (or pooled out-of-fold) images; fewer: threshold 0.5 and the main region, and the card says why
     # Then fit the per-image quality control (expected Dice, review flag) and the probability
     # temperature on the val set and store them in best.pt (lesionseg.quality_fit).
     fit_quality: bool = True
@@ -145,7 +149,7 @@ class InferConfig:
     worker_type: str = "auto"  # decode workers as thread or process; auto: threads on a CPU with up to 8 workers, else processes
     image_size: int = 0  # side the model sees; 0 = the checkpoint's data.image_size
     threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
-    postprocess: str = "auto"  # auto (the checkpoint's choice), none, largest, fill or largest+fill
+    postprocess: str = "auto"  # auto (the checkpoint's choice), none, main (the region the model is surest of), fill (holes) or main+fill
     tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
     review_below: float = 0.8  # needs_review when an image's expected_dice is below this (lesionseg.quality)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, bf16 on a CPU with AMX/AVX-512 BF16, else fp32), no, fp16 or bf16
@@ -185,7 +189,7 @@ _CHOICES = {
     "infer.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "infer.backend": ("torch", "onnxruntime"),
     "infer.worker_type": ("auto", "thread", "process"),
-    "infer.postprocess": ("auto", "none", "largest", "fill", "largest+fill"),
+    "infer.postprocess": ("auto", "none", "main", "fill", "main+fill"),
 }
 
 
@@ -225,6 +229,7 @@ def validate(cfg: Config) -> Config:
            d.rotate_degrees, "must be in [0, 180], or null (auto)")
     _check(d.color_jitter is None or 0 <= d.color_jitter < 1, "data.color_jitter",
            d.color_jitter, "must be in [0, 1), or null (auto)")
+    _check(0 <= d.sticker_prob <= 1, "data.sticker_prob", d.sticker_prob, "must be in [0, 1]")
     _check(d.cache_max_mb >= 0, "data.cache_max_mb", d.cache_max_mb, "must be >= 0")
     _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds,
            "must be 0 (no cross-validation) or at least 2")
@@ -243,6 +248,8 @@ def validate(cfg: Config) -> Config:
            "needs 4 widths (strides 16, 8, 4, 2)")
     _check(all(c >= 1 for c in m.decoder_channels), "model.decoder_channels", m.decoder_channels,
            "widths must be >= 1")
+    _check(m.init_from is None or Path(m.init_from).is_file(), "model.init_from", m.init_from,
+           "is not a file: give an earlier run's best.pt or last.pt")
     _check(m.unfreeze_after_epochs >= 0, "model.unfreeze_after_epochs", m.unfreeze_after_epochs, "must be >= 0")
     for name in ("bce_weight", "dice_weight", "iou_weight"):
         _check(getattr(lo, name) >= 0, f"loss.{name}", getattr(lo, name), "must be >= 0")
@@ -267,6 +274,7 @@ def validate(cfg: Config) -> Config:
     _check(t.save_every_steps >= 0, "train.save_every_steps", t.save_every_steps, "must be >= 0")
     _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, "must be >= 1")
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _check(t.tune_min_images >= 1, "train.tune_min_images", t.tune_min_images, "must be >= 1")
     _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
     if t.output_dir is None:  # each data set its own run folder: a demo never meets ISIC's
         t.output_dir = default_output_dir(d.shards)

@@ -89,7 +89,8 @@ def predict_held_out(run_dir: Path, cfg: Config, val_urls: tuple[str, ...],
         log.warning("fold %s: predicted %d of its %d held-out cases (unreadable samples?)",
                     cfg.data.fold, len(set(ids)), len(held_out))
     if cfg.train.tune_postprocess and probs:
-        store_choice([best], probs, truths, f"held-out cases of fold {cfg.data.fold}")
+        store_choice([best], probs, truths, f"held-out cases of fold {cfg.data.fold}",
+                     cfg.train.tune_min_images)
     meta = {"fold": int(cfg.data.fold), "folds": cfg.data.folds, "fold_seed": cfg.data.fold_seed,
             "shards": str(Path(cfg.data.shards).resolve()) if cfg.data.shards else None,
             "held_out": len(held_out), "image_size": cfg.data.image_size,
@@ -219,9 +220,7 @@ def _rows(oofs: list[OutOfFold], post: Postprocess) -> tuple[list[dict[str, Any]
 def post_mask(prob8: np.ndarray, post: Postprocess) -> np.ndarray:
     """The uint8 0/255 mask of an 8-bit probability map: probability > threshold, then the
     post-processing steps (the comparison done on p / 255 in float32, as inference compares)."""
-    p = prob8.astype(np.float32) / np.float32(255)
-    mask = np.where(p > np.float32(post.threshold), np.uint8(255), np.uint8(0))
-    return post.apply(mask) if post.steps else mask
+    return post.mask(prob8.astype(np.float32) / np.float32(255))
 
 
 def _means(counts: torch.Tensor) -> dict[str, float]:
@@ -264,8 +263,8 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
             # choose() compares p > t: give it the 8-bit maps as post_mask reads them.
             chosen = store_choice(checkpoints, [p.astype(np.float32) / np.float32(255)
                                                 for p in probs], truths,
-                                  f"pooled out-of-fold predictions of {folds} folds"
-                                  ) or Postprocess()
+                                  f"pooled out-of-fold predictions of {folds} folds",
+                                  cfg.train.tune_min_images) or Postprocess()
         else:
             chosen = Postprocess()
         summary = _write_outputs(root, oofs, chosen, checkpoints, cfg, stored=store)

@@ -41,7 +41,8 @@ SKIP_INDICES = (1, 3, 6, 13)
 ENCODER_CHANNELS = (16, 24, 32, 96, 1280)  # strides 2, 4, 8, 16, 32
 
 DEFAULT_DECODER_CHANNELS = (96, 64, 48, 32)  # strides 16, 8, 4, 2
-SEPARABLE_FROM_STAGE = 2  # decoder stages 2 and 3 (strides 4 and 2) fuse with separable convs
+SEPARABLE_FROM_STAGE = 2
+SHADES_OF_GRAY_P = 6.0  # Minkowski norm of the colour constancy (6: the ISIC winners' choice)  # decoder stages 2 and 3 (strides 4 and 2) fuse with separable convs
 
 
 class MobileNetEncoder(nn.Module):
@@ -128,13 +129,16 @@ class MobileNetEncoderDecoder(nn.Module):
     """RGB floats in [0, 1] (N×3×H×W, H, W ≥ 32) → lesion logits (N×1×H×W).
 
     ImageNet normalization is a buffer here, the one place it happens, so training, inference
-    and exported weights can never disagree about it.
+    and exported weights can never disagree about it; so is the optional colour constancy
+    (`shades_of_gray`, model.color_constancy) before it.
     """
 
     def __init__(self, encoder_weights: str | os.PathLike | None = None,
                  freeze_encoder: bool = False,
-                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS) -> None:
+                 decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+                 color_constancy: bool = True) -> None:
         super().__init__()
+        self.color_constancy = bool(color_constancy)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.encoder = MobileNetEncoder()
@@ -151,6 +155,8 @@ class MobileNetEncoderDecoder(nn.Module):
         h, w = x.shape[-2:]
         if h < MIN_SIDE or w < MIN_SIDE:
             raise ValueError(f"images must be at least {MIN_SIDE}×{MIN_SIDE}, got {h}×{w}")
+        if self.color_constancy:
+            x = shades_of_gray(x)
         x = (x - self.mean) / self.std
         x = pad_to_multiple(x, OUTPUT_STRIDE)
         logits = self.decoder(self.encoder(x))
@@ -181,6 +187,17 @@ class MobileNetEncoderDecoder(nn.Module):
         if self.encoder_frozen:
             self.encoder.eval()
         return self
+
+
+def shades_of_gray(x: torch.Tensor, p: float = SHADES_OF_GRAY_P) -> torch.Tensor:
+    """Colour constancy per image (Finlayson & Trezzi's Shades of Gray, the p-norm of each
+    channel as its illuminant): every channel is scaled so that the illuminant becomes grey,
+    then clipped to [0, 1]. Removes the colour cast of a dermoscope's light and much of the
+    skin tone, so a brown skin is not taken for a brown lesion; computed in fp32."""
+    xf = x.float()
+    illuminant = xf.clamp_min(0).pow(p).mean(dim=(2, 3), keepdim=True).pow(1 / p)
+    gain = illuminant.mean(dim=1, keepdim=True) / illuminant.clamp_min(1e-4)
+    return (xf * gain).clamp(0, 1).to(x.dtype)
 
 
 def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -74,8 +74,10 @@ def _recipe(cfg: Config) -> list[str]:
     length = f"{o.max_steps} steps" if o.max_steps else f"{o.epochs} epochs"
     return [f"- {length}, batch {d.batch_size} per process × {o.grad_accum_steps} accumulation, "
             f"{d.image_size}² crops, seed {t.seed}, mixed precision {t.mixed_precision}",
-            "- encoder weights: " + (f"`{m.encoder_weights}`" if m.encoder_weights
-                                      else "none (randomly initialised)")
+            (f"- initialised from every weight of `{m.init_from}` (fine-tuned)"
+             if m.init_from else
+             "- encoder weights: " + (f"`{m.encoder_weights}`" if m.encoder_weights
+                                      else "none (randomly initialised)"))
             + f", frozen: {m.freeze_encoder}",
             f"- AdamW lr {o.lr} (encoder × {o.encoder_lr_mult}), weight decay {o.weight_decay}, "
             f"warm-up {o.warmup_steps} steps, cosine to × {o.min_lr_ratio}, grad clip {o.grad_clip}",
@@ -134,6 +136,10 @@ def _postprocess(meta: dict[str, Any]) -> list[str]:
     if post is None:
         return ["- none chosen (the checkpoint holds no choice): threshold 0.5, no steps"]
     stored = meta["postprocess"]
+    if stored.get("tuned") is False:
+        return [f"- threshold **{post.threshold:g}**, post-processing **{post.name}**: "
+                f"{stored.get('why')}",
+                f"- val Jaccard {stored.get('val_jaccard')} with it"]
     return [f"- threshold **{post.threshold:g}**, post-processing **{post.name}** (chosen on "
             f"{stored.get('val_images')} {stored.get('chosen_on', 'validation images')} by mean "
             "Jaccard)",

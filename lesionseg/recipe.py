@@ -52,7 +52,10 @@ class Recipe:
 
 
 def encoder_kind(cfg: Config) -> str:
-    """'random', 'imagenet' or 'file' for model.encoder_weights."""
+    """'whole-model' (model.init_from), else 'random', 'imagenet' or 'file' for
+    model.encoder_weights."""
+    if cfg.model.init_from:
+        return "whole-model"
     weights = cfg.model.encoder_weights
     if weights is None:
         return "random"

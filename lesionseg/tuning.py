@@ -24,7 +24,13 @@ from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.infer.predict import load_predictor
 from lesionseg.metrics import degenerate
-from lesionseg.postprocess import Postprocess, choose
+from lesionseg.postprocess import (
+    DEFAULT_THRESHOLD,
+    MIN_IMAGES,
+    UNTUNED_STEPS,
+    Postprocess,
+    choose,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,25 +81,26 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
 
 
 def tune_checkpoint(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
-                    device: torch.device | None = None) -> Postprocess | None:
+                    device: torch.device | None = None,
+                    min_images: int = MIN_IMAGES) -> Postprocess | None:
     """Choose on the val set, write the choice into `checkpoint` (rewritten atomically) and
     log it beside the default's score."""
     _, probs, truths = val_probabilities(checkpoint, val_urls, image_size, device=device)
-    return store_choice([checkpoint], probs, truths, "val images")
+    return store_choice([checkpoint], probs, truths, "val images", min_images)
 
 
 def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
-                 chosen_on: str) -> Postprocess | None:
+                 chosen_on: str, min_images: int = MIN_IMAGES) -> Postprocess | None:
     """`choose` on (probability map, truth) pairs; write the choice into every checkpoint's
     metadata (each rewritten atomically) and log it beside the default's score. `chosen_on`
-    names the images, e.g. "val images". A model that predicts (almost) nothing or everything
-    there even at the best threshold gets no choice (a choice on it means nothing): None."""
+    names the images, e.g. "val images". With fewer than `min_images` pairs nothing is
+    chosen: the untuned default (0.5, main) is stored with the reason, and the log says so.
+    A model that predicts (almost) nothing or everything there even at the best threshold gets
+    no choice (a choice on it means nothing): None."""
+    if len(probs) < min_images:
+        return _store_untuned(checkpoints, probs, truths, chosen_on, min_images)
     chosen, table = choose(probs, truths)
-    why = degenerate(float(np.mean([np.mean(p > chosen.threshold) for p in probs]))
-                     if probs else None, chosen_on)
-    if why:
-        log.warning("no threshold or post-processing chosen: %s; %s keep none (inference "
-                    "applies 0.5 and none)", why, ", ".join(map(str, checkpoints)))
+    if _degenerate(probs, chosen.threshold, chosen_on, checkpoints):
         return None
     baseline = next(r["jaccard"] for r in table
                     if r["threshold"] == 0.5 and r["postprocess"] == "none")
@@ -110,3 +117,37 @@ def store_choice(checkpoints: list[Path], probs: list[np.ndarray], truths: list[
              "without post-processing); stored in %s", len(probs), chosen_on, chosen.threshold,
              chosen.name, best, baseline, ", ".join(map(str, checkpoints)))
     return chosen
+
+
+def _degenerate(probs: list[np.ndarray], threshold: float, chosen_on: str,
+                checkpoints: list[Path]) -> bool:
+    """Whether the model predicts (almost) nothing or everything at `threshold` (then the log
+    warns that nothing is chosen)."""
+    why = degenerate(float(np.mean([np.mean(p > threshold) for p in probs]))
+                     if probs else None, chosen_on)
+    if why:
+        log.warning("no threshold or post-processing chosen: %s; %s keep none (inference "
+                    "applies 0.5 and none)", why, ", ".join(map(str, checkpoints)))
+    return bool(why)
+
+
+def _store_untuned(checkpoints: list[Path], probs: list[np.ndarray], truths: list[np.ndarray],
+                   chosen_on: str, min_images: int) -> Postprocess | None:
+    """Too few images to choose on: store the untuned default (threshold 0.5, the main
+    region) with the reason (and its val score)."""
+    default = Postprocess(DEFAULT_THRESHOLD, UNTUNED_STEPS)
+    if _degenerate(probs, default.threshold, chosen_on, checkpoints):
+        return None
+    why = (f"not tuned: {len(probs)} {chosen_on} are fewer than train.tune_min_images="
+           f"{min_images}; a choice on so few fits their noise, so the defaults stay")
+    table = choose(probs, truths, thresholds=(default.threshold,))[1] if probs else []
+    score = next((r["jaccard"] for r in table if r["postprocess"] == default.name), None)
+    for checkpoint in checkpoints:
+        state_dict, cfg, meta = load_weights(checkpoint)
+        meta["postprocess"] = default.to_dict() | {
+            "val_images": len(probs), "chosen_on": chosen_on, "tuned": False, "why": why,
+            "val_jaccard": None if score is None else round(score, 5),
+            "val_jaccard_default": None if score is None else round(score, 5)}
+        save_weights(checkpoint, state_dict, cfg, **meta)
+    log.warning("post-processing %s (threshold %.2f, %s)", why, default.threshold, default.name)
+    return default

@@ -61,7 +61,7 @@ def make_isic(tmp_path: Path) -> Callable[..., Path]:
 
 
 TINY_SIZE = 64  # image_size of `tiny_checkpoint`
-TINY_POSTPROCESS = {"threshold": 0.45, "steps": ["largest"], "name": "largest"}
+TINY_POSTPROCESS = {"threshold": 0.45, "steps": ["main"], "name": "main"}
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def images_of(data: dict) -> list[Path]:
 def test_load_uses_the_stored_choice(segmenter: Segmenter) -> None:
     assert segmenter.image_size == TINY_SIZE
     assert segmenter.post.threshold == TINY_POSTPROCESS["threshold"]
-    assert segmenter.post.name == "largest" and segmenter.predictor.tta
+    assert segmenter.post.name == "main" and segmenter.predictor.tta
     assert "backend=torch" in repr(segmenter)
 
 
@@ -64,7 +64,7 @@ def test_segment_path_at_original_size_equals_the_job(segmenter: Segmenter, job_
         assert result.probability.min() >= 0 and result.probability.max() <= 1
         assert np.array_equal(result.mask, job_masks[path.stem]), path.name
         # the mask is the stored rule applied to the returned probabilities
-        assert result.threshold == 0.45 and result.postprocess == "largest"
+        assert result.threshold == 0.45 and result.postprocess == "main"
         assert not np.any(result.mask[result.probability <= 0.45])
 
 

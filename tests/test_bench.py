@@ -39,6 +39,8 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
                     "accuracy_time_margin_vs_smp") and not peer_available():
             assert doc[name] is None
             assert doc["targets"][name]["met"] is None  # no peer, no verdict
+        elif name.startswith("real_"):  # the real case runs only with --real
+            assert doc[name] is None and doc["targets"][name]["met"] is None
         elif name.startswith("accuracy_"):  # a difference of two scores: any sign
             assert isinstance(doc[name], float) and -1 <= doc[name] <= 1, (name, doc[name])
             assert doc["targets"][name]["met"] in (True, False)
@@ -104,7 +106,7 @@ def test_ideal_inference_time_spreads_the_cpu_stages_over_the_cores() -> None:
 def test_seed_mean_averages_scores_and_keeps_every_seed() -> None:
     """A trainer's row over two seeds: mean scores and seconds, each seed's run kept, the
     spread; equal-time epochs that differ by seed are averaged; one seed is passed through."""
-    from lesionseg.bench.case_accuracy import seed_mean
+    from lesionseg.bench.trainers import seed_mean
 
     a = {"trainer": "plain", "epochs": 10, "train_seconds": 100.0, "dice": 0.80,
          "jaccard": 0.70, "threshold_jaccard": 0.6, "seed": 0}
@@ -137,3 +139,54 @@ def test_help_texts_quote_the_plans_and_the_readme() -> None:
     seconds = re.search(r"(\d+) s on a quiet 2-core CPU", " ".join(readme.split())).group(1)
     train_help = " ".join(build_parser("train")[0].format_help().split())
     assert f"demo data: {seconds} s on a quiet 2-core CPU" in train_help
+
+
+def test_tail_scores_find_the_worst_tenth_and_the_failures() -> None:
+    from lesionseg.bench.case_real import tail_scores
+
+    dice = {f"ISIC_{i:07d}": 0.9 for i in range(18)} | {"ISIC_a": 0.1, "ISIC_b": 0.3}
+    tails = tail_scores(dice)
+    assert tails["worst10_dice"] == pytest.approx(0.2)  # the worst 2 of 20
+    assert tails["below_half"] == 2
+    assert [w["id"] for w in tails["worst"][:2]] == ["ISIC_a", "ISIC_b"]
+
+
+@pytest.mark.slow
+def test_real_case_tiny_scores_every_trainer_and_writes_a_contact_sheet(
+        isic_root: Path, tmp_path: Path) -> None:
+    """The real case on a tiny ISIC-layout folder (1 epoch at 64²): ours and the plain script
+    trained and scored per image with the official definitions; a peer's finished run is
+    reused by a rerun; the full-size check writes one tile per photograph."""
+    from PIL import Image
+
+    from lesionseg.bench.case_real import SHEET_SIDE, per_image_dice, run_real
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((isic_root / "ISBI2016_ISIC_Part1_Training_Data").glob("*.jpg"))[:3]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    work = tmp_path / "work"
+    result = run_real(isic_root, work, (0,), with_peer=False, fullsize=photos, size=64,
+                      epochs=1)
+    rows = result["trainers"]
+    assert set(rows) == {"ours", "plain"} and result["test_images"] == 4
+    for row in rows.values():
+        assert 0 <= row["worst10_dice"] <= row["dice"] <= 1 and 0 <= row["below_half"] <= 4
+    truth = isic_root / "ISBI2016_ISIC_Part1_Test_GroundTruth"
+    dice = per_image_dice(truth, work / "real-seed-0" / "plain" / "masks")
+    assert len(dice) == 4 and rows["plain"]["dice"] == pytest.approx(
+        sum(dice.values()) / 4, abs=1e-4)
+    sheet = Image.open(result["fullsize"]["contact_sheet"])
+    assert sheet.height == SHEET_SIDE and result["fullsize"]["images"] == 3
+    again = run_real(isic_root, work, (0,), with_peer=False, size=64, epochs=1)
+    assert again["trainers"]["plain"]["train_seconds"] == rows["plain"]["train_seconds"]
+
+
+def test_bench_real_options_are_checked_before_anything_runs(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "infer", "--real", str(tmp_path), "--workdir", str(tmp_path)]) == 2
+    assert "--real belongs to the accuracy case" in capsys.readouterr().err
+    assert main(["bench", "accuracy", "--real", str(tmp_path), "--workdir", str(tmp_path)]) == 2
+    assert "no folder ISBI2016_ISIC_Part1_Training_Data" in capsys.readouterr().err
+    assert main(["bench", "accuracy", "--real-fullsize", str(tmp_path)]) == 2
+    assert "--real-fullsize needs --real" in capsys.readouterr().err

@@ -166,7 +166,7 @@ def test_model_card_beside_exports_lists_them(exported: dict, tiny_checkpoint: d
     assert "Research use only. Not a medical device" in card
     assert "dermoscopy" in card and "not on clinical" in card
     assert sha256_file(tiny_checkpoint["ckpt"]) in card
-    assert "threshold **0.45**, post-processing **largest**" in card
+    assert "threshold **0.45**, post-processing **main**" in card
     for name in ("best.onnx", "best-fp16.onnx", "best.ts"):
         assert f"| `{name}` |" in card
     assert "parameters: 2,986,505" in card
@@ -212,7 +212,7 @@ def test_infer_job_gives_torch_masks_on_every_backend(exported: dict, tiny_check
     for name, (ckpt, extra) in runs.items():
         summary = run_infer(ckpt, tiny_checkpoint, tmp_path / name, *extra)
         assert summary["backend"] == {"ts": "torchscript"}.get(name, "onnxruntime"), name
-        assert summary["threshold"] == 0.45 and summary["postprocess"] == "largest"
+        assert summary["threshold"] == 0.45 and summary["postprocess"] == "main"
         got = masks(tmp_path / name)
         assert got.keys() == reference.keys()
         for key, mask in reference.items():

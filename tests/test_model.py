@@ -20,6 +20,7 @@ from lesionseg.model import (
     MobileNetEncoder,
     MobileNetEncoderDecoder,
     fuse_for_inference,
+    shades_of_gray,
 )
 from lesionseg.weights import (
     ALLOW_DOWNLOAD_ENV,
@@ -61,11 +62,30 @@ def test_output_shape_and_dtype(model, size):
 
 
 def test_odd_sizes_are_reflect_padded_bottom_right_and_cropped(model):
-    """model(x) for 40×70 equals the top-left crop of model(reflect-padded 64×96 x)."""
+    """model(x) for 40×70 equals the top-left crop of the model on the reflect-padded 64×96
+    image; the colour constancy sees the image itself, not the padding."""
     x = torch.rand(1, 3, 40, 70)
-    padded = torch.nn.functional.pad(x, (0, 26, 0, 24), mode="reflect")
+    balanced = shades_of_gray(x)
+    padded = torch.nn.functional.pad(balanced, (0, 26, 0, 24), mode="reflect")
     with torch.no_grad():
-        assert torch.allclose(model(x), model(padded)[..., :40, :70], atol=1e-5)
+        y = model(x)
+        model.color_constancy = False
+        try:
+            assert torch.allclose(y, model(padded)[..., :40, :70], atol=1e-5)
+        finally:
+            model.color_constancy = True
+
+
+def test_shades_of_gray_makes_the_illuminant_grey_and_keeps_grey_images():
+    """A colour cast (channels scaled 1, 0.7, 0.5) is removed: the channels' 6-norms come out
+    equal; a grey image is unchanged; values stay in [0, 1]."""
+    base = torch.rand(2, 1, 32, 32).expand(2, 3, 32, 32) * 0.8
+    cast = base * torch.tensor([1.0, 0.7, 0.5]).view(1, 3, 1, 1)
+    out = shades_of_gray(cast)
+    norms = out.pow(6).mean(dim=(2, 3)).pow(1 / 6)
+    assert torch.allclose(norms, norms[:, :1].expand_as(norms), rtol=1e-3)
+    assert torch.allclose(shades_of_gray(base), base, atol=1e-6)
+    assert out.min() >= 0 and out.max() <= 1
 
 
 def test_channels_last_and_bf16_autocast():

@@ -13,6 +13,7 @@ from PIL import Image
 from lesionseg.checkpoint import save_weights
 from lesionseg.cli import main
 from lesionseg.config import load_config
+from lesionseg.data.cv import cv2
 from lesionseg.data.images import load_image
 from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.data.transforms import eval_transform, stack_images, to_float_images
@@ -24,7 +25,9 @@ from lesionseg.postprocess import (
     choose,
     fill_holes,
     largest_component,
+    main_component,
 )
+from lesionseg.tuning import store_choice
 
 TRAIN_DIR = "ISBI2016_ISIC_Part1_Training_Data"
 TRUTH_DIR = "ISBI2016_ISIC_Part1_Training_GroundTruth"
@@ -44,6 +47,66 @@ def test_largest_component_removes_a_speck_and_keeps_the_lesion() -> None:
     assert not largest_component(np.zeros((8, 8), np.uint8)).any()  # empty stays empty
 
 
+def test_main_component_keeps_the_confident_lesion_beside_a_larger_false_blob() -> None:
+    """A lesion the model is sure of (p 0.95) and a blob twice its area that it half-believes
+    (p 0.55): by area the blob would win and the lesion vanish; by probability mass above the
+    threshold the lesion is kept."""
+    lesion = _disc(96, 96, 30, 30, 10)
+    blob = _disc(96, 96, 70, 70, 15)
+    prob = np.where(lesion > 0, 0.95, np.where(blob > 0, 0.55, 0.05)).astype(np.float32)
+    mask = np.where(prob > 0.5, np.uint8(255), np.uint8(0))
+    assert np.array_equal(largest_component(mask), blob)  # the old rule erased the lesion
+    assert np.array_equal(main_component(mask, prob, 0.5), lesion)
+    assert np.array_equal(Postprocess.parse("main", 0.5).mask(prob), lesion)
+    # Equally confident: the larger region holds more mass and is kept.
+    even = np.where(mask > 0, 0.9, 0.05).astype(np.float32)
+    assert np.array_equal(main_component(mask, even, 0.5), blob)
+    assert not main_component(np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.float32), 0.5).any()
+
+
+def test_choose_never_takes_a_step_that_erases_a_lesion() -> None:
+    """Nine val images where 'main' cleans a speck (a gain) and one where the confident false
+    blob wins and the truly overlapping lesion is dropped: 'main' would still gain on the mean,
+    but it erased one image's lesion, so it is never chosen."""
+    lesion = _disc(64, 64, 20, 20, 8)
+    speck = np.zeros_like(lesion)
+    speck[50:60, 50:60] = 255
+    clean = np.where(lesion > 0, 0.9, np.where(speck > 0, 0.6, 0.0)).astype(np.float32)
+    trap_truth = _disc(64, 64, 20, 20, 8) > 0
+    trap = np.where(lesion > 0, 0.55, 0.0).astype(np.float32)
+    trap[30:64, 30:64] = 0.99  # a large, confident false region
+    probs = [clean] * 9 + [trap]
+    truths = [lesion > 0] * 9 + [trap_truth]
+    chosen, table = choose(probs, truths, thresholds=(0.5,))
+    rows = {r["postprocess"]: r for r in table}
+    assert rows["main"]["erases"] == 1 and rows["main"]["jaccard"] > rows["none"]["jaccard"]
+    assert "main" not in chosen.steps
+    # Without the trap image 'main' is chosen.
+    chosen, _ = choose(probs[:9], truths[:9], thresholds=(0.5,))
+    assert chosen.steps == ("main",)
+
+
+def test_fewer_val_images_than_the_minimum_choose_nothing(tmp_path: Path) -> None:
+    """Below train.tune_min_images the defaults are stored with the reason, even where another
+    threshold would have won on those images; at the minimum the choice is made."""
+    lesion = _disc(48, 48, 24, 24, 12)
+    speck = np.zeros_like(lesion)
+    speck[2:5, 2:5] = 255
+    probs = [np.where(lesion | speck, 0.42, 0.1).astype(np.float32)] * 4  # a timid model
+    truths = [lesion > 0] * 4
+    cfg = load_config(None, ["model.encoder_weights=null"])
+    ckpt = save_weights(tmp_path / "best.pt", MobileNetEncoderDecoder().state_dict(), cfg)
+    from lesionseg.checkpoint import load_weights
+
+    untuned = store_choice([ckpt], probs, truths, "val images", min_images=5)
+    assert untuned == Postprocess(0.5, ("main",))  # the fixed default, not a choice
+    stored = load_weights(ckpt)[2]["postprocess"]
+    assert stored["tuned"] is False and stored["val_images"] == 4
+    assert "fewer than train.tune_min_images=5" in stored["why"]
+    chosen = store_choice([ckpt], probs, truths, "val images", min_images=4)
+    assert chosen.threshold == 0.4 and chosen.steps == ("main",)
+
+
 def test_fill_holes_fills_inside_but_not_bays_open_to_the_border() -> None:
     lesion = _disc(64, 64, 32, 32, 16)
     holed = lesion.copy()
@@ -59,17 +122,23 @@ def test_fill_holes_fills_inside_but_not_bays_open_to_the_border() -> None:
 
 def test_postprocess_parse_apply_and_roundtrip() -> None:
     assert [Postprocess.parse(c).name for c in CHOICES] == list(CHOICES)
-    pp = Postprocess.parse("largest+fill", 0.4)
-    assert pp.steps == ("largest", "fill") and pp.threshold == 0.4
+    pp = Postprocess.parse("main+fill", 0.4)
+    assert pp.steps == ("main", "fill") and pp.threshold == 0.4
     assert Postprocess.from_dict(pp.to_dict()) == pp
+    # A choice stored by lesionseg <= 0.2 ("largest") loads as the rule that replaced it.
+    assert Postprocess.from_dict({"threshold": 0.4, "steps": ["largest", "fill"]}) == pp
     with pytest.raises(UserError, match="choose one of"):
         Postprocess.parse("biggest")
     lesion = _disc(48, 48, 24, 24, 12)
     noisy = lesion.copy()
     noisy[22:26, 22:26] = 0
     noisy[0:2, 0:2] = 255
-    assert np.array_equal(pp.apply(noisy), lesion)
+    prob = noisy.astype(np.float32) / 255
+    assert np.array_equal(pp.apply(noisy, prob), lesion)
+    assert np.array_equal(pp.mask(prob), lesion)
     assert np.array_equal(Postprocess().apply(noisy), noisy)
+    with pytest.raises(ValueError, match="probability map"):
+        pp.apply(noisy)
 
 
 def test_choose_finds_the_known_best_threshold() -> None:
@@ -99,7 +168,7 @@ def test_choose_keeps_a_step_only_when_it_helps() -> None:
     assert chosen == Postprocess()  # nothing to gain: the default stays
     specked = [(lesion | speck).astype(np.float32) / 255] * 4
     chosen, _ = choose(specked, [lesion > 0] * 4)
-    assert chosen.steps == ("largest",) and chosen.threshold == 0.5
+    assert chosen.steps == ("main",) and chosen.threshold == 0.5
 
 
 def test_search_scores_empty_as_one_like_the_scorer() -> None:
@@ -131,7 +200,7 @@ def noisy_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64"])
     plain = save_weights(root / "plain.pt", model.state_dict(), cfg)
     # Its probabilities all lie within 0.48-0.52: near 0.5 the raw masks are speckled.
-    chosen = Postprocess.parse("largest+fill", 0.499)
+    chosen = Postprocess.parse("main+fill", 0.499)
     tuned = save_weights(root / "tuned.pt", model.state_dict(), cfg,
                          postprocess=chosen.to_dict() | {"val_images": 3})
     return {"isic": isic, "images": isic / TRAIN_DIR, "truth": isic / TRUTH_DIR,
@@ -154,9 +223,9 @@ def test_a_checkpoints_choice_is_applied_reported_and_can_be_turned_off(
         noisy_model: dict[str, Path], tmp_path: Path) -> None:
     d = noisy_model
     auto = _infer(d["tuned"], d["images"], d["truth"], tmp_path / "auto")
-    assert (auto["threshold"], auto["postprocess"]) == (0.499, "largest+fill")
+    assert (auto["threshold"], auto["postprocess"]) == (0.499, "main+fill")
     report = (tmp_path / "auto" / "report.html").read_text()
-    assert "largest+fill" in report and "0.499" in report
+    assert "main+fill" in report and "0.499" in report
     for arr in _masks(tmp_path / "auto").values():  # one region, no holes
         assert np.array_equal(largest_component(arr), arr)
         assert np.array_equal(fill_holes(arr), arr)
@@ -165,12 +234,14 @@ def test_a_checkpoints_choice_is_applied_reported_and_can_be_turned_off(
     assert (off["threshold"], off["postprocess"]) == (0.499, "none")
     raw = _masks(tmp_path / "off")
     assert any(not np.array_equal(largest_component(a), a) for a in raw.values())
-    # With the steps on, each mask is exactly the steps applied to the thresholded mask.
-    steps = Postprocess.parse("largest+fill", 0.499)
-    assert all(np.array_equal(steps.apply(raw[k]), v) for k, v in _masks(tmp_path / "auto").items())
+    # With the steps on, each mask is one region of the thresholded mask, holes filled.
+    for k, v in _masks(tmp_path / "auto").items():
+        n, labels = cv2.connectedComponents(raw[k], connectivity=8)
+        regions = [np.where(labels == i, np.uint8(255), np.uint8(0)) for i in range(1, n)]
+        assert any(np.array_equal(fill_holes(r), v) for r in regions) or not v.any()
 
     given = _infer(d["tuned"], d["images"], d["truth"], tmp_path / "given", "--threshold", "0.501")
-    assert (given["threshold"], given["postprocess"]) == (0.501, "largest+fill")
+    assert (given["threshold"], given["postprocess"]) == (0.501, "main+fill")
     # A checkpoint without a stored choice: 0.5 and nothing after it.
     plain = _infer(d["plain"], d["images"], d["truth"], tmp_path / "plain")
     assert (plain["threshold"], plain["postprocess"]) == (0.5, "none")
@@ -193,13 +264,13 @@ def test_tuning_stores_the_validation_choice_in_the_checkpoint(
     assert len(probs) == len(truths) > 0
     assert all(p.shape == t.shape for p, t in zip(probs, truths, strict=True))
     assert np.mean([np.mean(p > choose(probs, truths)[0].threshold) for p in probs]) > 0.95
-    assert tune_checkpoint(ckpt, urls, 64) is None and d_bytes == ckpt.read_bytes()
+    assert tune_checkpoint(ckpt, urls, 64, min_images=1) is None and d_bytes == ckpt.read_bytes()
     # Maps that follow the truth (a model that learnt something): the choice is stored.
     rng = np.random.default_rng(0)
     useful = [np.clip(t * 0.6 + 0.2 + rng.normal(0, 0.1, t.shape), 0, 1).astype(np.float32)
               for t in truths]
     expected, _ = choose(useful, truths)
-    chosen = store_choice([ckpt], useful, truths, "val images")
+    chosen = store_choice([ckpt], useful, truths, "val images", min_images=1)
     assert chosen == expected
     state, _, meta = load_weights(ckpt)
     assert Postprocess.from_meta(meta) == chosen

@@ -556,3 +556,44 @@ def test_an_images_and_masks_pack_trains(isic_root, tmp_path):
                    "optim.max_steps=2", f"train.output_dir={tmp_path / 'run'}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+# ============================================================================ model.init_from
+
+
+def test_init_from_loads_every_weight_of_an_earlier_checkpoint(tiny_checkpoint):
+    """model.init_from: every parameter and buffer of the new model is the checkpoint's (the
+    head prior and encoder weights are not applied over them)."""
+    cfg = load_config(None, ["model.encoder_weights=imagenet",
+                             f"model.init_from={tiny_checkpoint['ckpt']}"])
+    model = build_model(cfg)
+    saved = load_state_dict(tiny_checkpoint["ckpt"])
+    ours = model.state_dict()
+    assert ours.keys() == saved.keys()
+    assert all(torch.equal(ours[k], saved[k]) for k in saved)
+
+
+def test_init_from_a_missing_file_or_another_decoder_is_a_clear_error(tiny_checkpoint, tmp_path):
+    from lesionseg.checkpoint import CheckpointError
+    from lesionseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.init_from.*not a file"):
+        load_config(None, [f"model.init_from={tmp_path / 'nope.pt'}"])
+    cfg = load_config(None, [f"model.init_from={tiny_checkpoint['ckpt']}",
+                             "model.decoder_channels=[64,48,32,16]"])
+    with pytest.raises(CheckpointError, match="decoder_channels"):
+        build_model(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_fine_tuned_from_an_earlier_model_says_so(packed_shards, tiny_checkpoint,
+                                                        tmp_path):
+    out = tmp_path / "tuned"
+    r = run_train(["--config", str(ROOT / "tests" / "train_tiny.yaml"),
+                   f"data.shards={packed_shards}", "optim.max_steps=2",
+                   f"model.init_from={tiny_checkpoint['ckpt']}", f"train.output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"every weight from {tiny_checkpoint['ckpt']}" in r.stderr
+    assert "whole-model encoder" in r.stderr  # the recipe treats it as pretrained
+    assert f"initialised from every weight of `{tiny_checkpoint['ckpt']}`" in (
+        out / "MODEL_CARD.md").read_text()

@@ -7,7 +7,9 @@ frozen encoder) against `segmentation_models_pytorch`'s U-Net, and the real trai
 (`Loader`, `fetch_batches`, `train_step`) against the pure step on pre-made tensors
 (case_train.py); the batch-inference job (`inference.run_inference`) against a naive
 per-image loop and the bare model forward (case_infer.py); test Dice on hard synthetic data
-against plain PyTorch scripts (case_accuracy.py).
+against plain PyTorch scripts (case_accuracy.py, the trainers in trainers.py) and, with
+--real DIR, on real ISIC 2016 images with the worst tenth and the failures counted
+(case_real.py).
 
 Method (measure.py, harness.py): warm-up, then the median of repeats; variants that compete
 for the same CPU are interleaved (A B C, A B C, …) so that a noisy machine slows them alike.

@@ -4,58 +4,46 @@ On a hard synthetic set in the ISIC 2016 layout (`synthetic.render_hard_case`: f
 dense hair, rulers, ink, bubbles, vignettes, freckles, dark skin, lesions at the edge), three
 trainers are compared on the official test split, scored by the official ISIC scorer:
 
-- **ours**: the real jobs as a user runs them, `pack` → `jobs/train.py` with every default but
-  the image size, epochs and a random encoder → `jobs/infer.py` with the choices stored in
-  best.pt;
-- **plain**: `plain_train`, the 50-line PyTorch script anyone would write: the same
-  MobileNetV2 encoder-decoder, whole images resized once from the originals, flips only, one
-  AdamW for all weights, OneCycle to 3e-3, BCE + Dice + IoU, threshold 0.5;
-- **smp**: the same plain script with `segmentation_models_pytorch.Unet("mobilenet_v2")`.
+ours (the jobs), the plain script and the plain script with smp's U-Net
+(`lesionseg.bench.trainers`).
 
 Each trainer runs at equal epochs, then the peers run again at equal wall time: as many epochs
 as fit in the seconds our whole training command took (their image loading counted). With
 several training seeds (`AccuracyPlan.train_seeds`) every run is repeated per seed and each
 trainer's row is the mean over the seeds, with every seed's score and the spread beside it:
 on 40 test images one seed moves a mean by up to 3 points of Dice.
+
+With `--real DIR` the case also races the three trainers on real ISIC 2016 images
+(`lesionseg.bench.case_real`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
+from lesionseg.bench.case_real import run_real
 from lesionseg.bench.measure import rounded
 from lesionseg.bench.plan import BenchPlan
-from lesionseg.config import load_config
-from lesionseg.data.shard_format import MANIFEST
-from lesionseg.data.shards import pack
-from lesionseg.data.synthetic import OFFICIAL_NAMES, write_isic_dataset
+from lesionseg.bench.trainers import (
+    packed_source,
+    plain_model,
+    round4,
+    run_ours,
+    run_plain,
+    seed_mean,
+)
+from lesionseg.data.synthetic import write_isic_dataset
 from lesionseg.errors import UserError
-from lesionseg.losses import SegmentationLoss
-from lesionseg.metrics import binary_counts, summarize
-from lesionseg.model import MobileNetEncoderDecoder
 from lesionseg.peers import build_peer, peer_available
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parents[2]
-PLAIN_MAX_LR = 3e-3  # OneCycle peak of the plain script
-PLAIN_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -87,184 +75,6 @@ def hard_source(root: Path, plan: AccuracyPlan) -> Path:
     return root
 
 
-def pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, mask) paths of a split ('train' or 'test') of an ISIC-layout folder, by id."""
-    images = sorted((root / OFFICIAL_NAMES[(split, "image")]).glob("*.jpg"))
-    masks = root / OFFICIAL_NAMES[(split, "mask")]
-    return [(p, masks / f"{p.stem}_Segmentation.png") for p in images]
-
-
-# --------------------------------------------------------------------------- the plain script
-
-
-def load_resized(items: list[tuple[Path, Path]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every image and mask resized once to size×size (bilinear / nearest), as tensors."""
-    xs, ys = [], []
-    for image, mask in items:
-        img = Image.open(image).convert("RGB").resize((size, size), Image.BILINEAR)
-        msk = Image.open(mask).convert("L").resize((size, size), Image.NEAREST)
-        xs.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-        ys.append(torch.from_numpy((np.asarray(msk) > 127).astype(np.float32))[None])
-    return torch.stack(xs).float() / 255, torch.stack(ys)
-
-
-def plain_train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
-                seed: int) -> torch.nn.Module:
-    """The plain script's loop: random flips, AdamW + OneCycle to 3e-3, BCE + Dice + IoU."""
-    g = torch.Generator().manual_seed(seed)
-    loss_fn = SegmentationLoss()
-    steps = math.ceil(len(x) / PLAIN_BATCH)
-    opt = torch.optim.AdamW(model.parameters(), lr=PLAIN_MAX_LR, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, PLAIN_MAX_LR, total_steps=epochs * steps)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for k in range(steps):
-            idx = order[k * PLAIN_BATCH:(k + 1) * PLAIN_BATCH]
-            xb, yb = x[idx], y[idx]
-            if torch.rand((), generator=g) < 0.5:
-                xb, yb = xb.flip(-1), yb.flip(-1)
-            if torch.rand((), generator=g) < 0.5:
-                xb, yb = xb.flip(-2), yb.flip(-2)
-            loss, _ = loss_fn(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model
-
-
-@torch.no_grad()
-def plain_predict(model: torch.nn.Module, items: list[tuple[Path, Path]], size: int,
-                  out: Path) -> None:
-    """Resize each test image to size×size, predict, upsample the probability to the original
-    size, threshold at 0.5 and write <id>_Segmentation.png into `out`."""
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    for image, _ in items:
-        img = Image.open(image).convert("RGB")
-        x = torch.from_numpy(np.asarray(img.resize((size, size), Image.BILINEAR)))
-        prob = torch.sigmoid(model(x.permute(2, 0, 1)[None].float() / 255))
-        full = F.interpolate(prob, size=(img.height, img.width), mode="bilinear")[0, 0]
-        mask = (full > 0.5).numpy().astype(np.uint8) * 255
-        Image.fromarray(mask, mode="L").save(out / f"{image.stem}_Segmentation.png")
-
-
-def run_plain(name: str, build: Callable[[], torch.nn.Module], source: Path, size: int,
-              epochs: int, seed: int, out: Path) -> dict[str, Any]:
-    """Load, train and predict with the plain script; returns seconds (loading + training),
-    the per-epoch training seconds and the official scores of its test masks."""
-    start = time.perf_counter()
-    x, y = load_resized(pairs(source, "train"), size)
-    loaded = time.perf_counter()
-    torch.manual_seed(seed)
-    model = plain_train(build(), x, y, epochs, seed)
-    trained = time.perf_counter()
-    plain_predict(model, pairs(source, "test"), size, out)
-    result = {"trainer": name, "epochs": epochs, "train_seconds": _r(trained - start),
-              "load_seconds": _r(loaded - start),
-              "epoch_seconds": _r((trained - loaded) / epochs), "train_images": len(x)}
-    return result | official_scores(source, out)
-
-
-# --------------------------------------------------------------------------- ours, through the jobs
-
-
-def packed_source(source: Path, shards: Path) -> Path:
-    """The source packed with every default of `jobs/pack.py` (once; reused after)."""
-    if not (shards / MANIFEST).is_file():
-        pack([source], shards, load_config().pack, progress=False)
-    return shards
-
-
-def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, seed: int,
-             extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`jobs/train.py` on the packed shards (defaults but size, epochs, random encoder) →
-    `jobs/infer.py` on the test images → official scores. Seconds are the training command's
-    wall time from start to exit, as a user sees it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    run = workdir / "run"
-    overrides = [f"data.shards={shards}", f"data.image_size={size}", f"optim.epochs={epochs}",
-                 "model.encoder_weights=null", f"train.output_dir={run}", "train.resume=none",
-                 f"train.seed={seed}", "tracking.backend=none", *extra]
-    start = time.perf_counter()
-    _job("train.py", overrides, workdir / "train.log")
-    seconds = time.perf_counter() - start
-    out = workdir / "infer"
-    if out.exists():  # a previous benchmark's masks (a reused --workdir): start afresh
-        shutil.rmtree(out)
-    _job("infer.py", ["--checkpoint", str(run / "best.pt"), "--input",
-                      str(source / OFFICIAL_NAMES[("test", "image")]), "--masks",
-                      str(source / OFFICIAL_NAMES[("test", "mask")]), "--out", str(out),
-                      "--no-report"], workdir / "infer.log")
-    summary = json.loads((out / "summary.json").read_text())
-    result = {"trainer": "ours", "epochs": epochs, "train_seconds": _r(seconds),
-              "overrides": list(extra), "applied": summary.get("postprocess"),
-              "threshold": summary.get("threshold"), "recipe": _recipe_line(workdir / "train.log"),
-              "review": review_figures(summary)}
-    return result | official_scores(source, out / "masks")
-
-
-def review_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    """The quality control's figures on the test set (summary.json's review, lesionseg.quality)
-    and the val calibration stored in the checkpoint."""
-    truth = (summary.get("review") or {}).get("with_truth") or {}
-    cal = ((summary.get("checkpoint") or {}).get("meta") or {}).get("calibration") or {}
-    return {"auroc": truth.get("auroc_uncertainty"),
-            "flagged_share": (summary.get("review") or {}).get("flagged_share"),
-            "caught_share": truth.get("caught_share"), "failures": truth.get("failures"),
-            "expected_dice_mae": truth.get("expected_dice_mae"),
-            "ece_before": cal.get("ece_before"), "ece_after": cal.get("ece_after"),
-            "temperature": cal.get("temperature")}
-
-
-def _job(script: str, args: list[str], log_file: Path) -> None:
-    """Run one of jobs/*.py in a child process (its output into log_file); a failure raises
-    with the log's last line."""
-    env = dict(os.environ, WANDB_MODE="disabled", LESIONSEG_NO_RELAUNCH="1")
-    with open(log_file, "w") as f:
-        done = subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], stdout=f,
-                              stderr=subprocess.STDOUT, env=env, check=False)
-    if done.returncode != 0:
-        lines = log_file.read_text(errors="replace").strip().splitlines() or ["(no output)"]
-        raise UserError(f"accuracy benchmark: jobs/{script} failed (exit {done.returncode}): "
-                        f"{lines[-1]} (log: {log_file})")
-
-
-def _recipe_line(log_file: Path) -> str | None:
-    for line in log_file.read_text(errors="replace").splitlines():
-        if "recipe:" in line:
-            return line.split("recipe:", 1)[1].strip()
-    return None
-
-
-def official_scores(source: Path, masks: Path) -> dict[str, Any]:
-    """Macro Dice and Jaccard of a masks folder against the test truth, by the official ISIC
-    scorer when it is installed (the [dev] extra), else by lesionseg.metrics (same formulas)."""
-    truth = source / OFFICIAL_NAMES[("test", "mask")]
-    try:  # optional: the [dev] extra
-        from isic_challenge_scoring import SegmentationScore
-    except ImportError:
-        return _our_scores(truth, masks) | {"scorer": "lesionseg.metrics"}
-    macro = SegmentationScore.from_dir(truth, masks).to_dict()["macro_average"]
-    return {"dice": _r(macro["dice"]), "jaccard": _r(macro["jaccard"]),
-            "threshold_jaccard": _r(macro["threshold_jaccard"]), "scorer": "isic-challenge-scoring"}
-
-
-def _our_scores(truth: Path, masks: Path) -> dict[str, Any]:
-    counts = []
-    for t in sorted(truth.glob("*_Segmentation.png")):
-        gt = np.asarray(Image.open(t).convert("L")) > 128
-        pred = np.asarray(Image.open(masks / t.name).convert("L")) > 128
-        counts.append(binary_counts(pred, gt))
-    means = summarize(torch.tensor(counts, dtype=torch.long).reshape(-1, 4))
-    return {k: _r(means[k]) for k in ("dice", "jaccard", "threshold_jaccard")}
-
-
-def _r(x: float) -> float:
-    return round(float(x), 4)
-
-
 # --------------------------------------------------------------------------- the case
 
 
@@ -282,7 +92,7 @@ def run_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str
         raise UserError("accuracy benchmark: no training seed given")
     source = hard_source(workdir / "hard-source", plan)
     shards = packed_source(source, workdir / "hard-shards")
-    builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": MobileNetEncoderDecoder}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {"plain": plain_model}
     if with_peer:
         builders["smp"] = build_peer
     rounds = [_seed_round(plan, seed, source, shards, _seed_dir(workdir, plan, seed), builders)
@@ -296,7 +106,7 @@ def run_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str
                              for name in rounds[0]["equal_epochs"]},
             "equal_time": {name: seed_mean([r["equal_time"][name] for r in rounds])
                            for name in rounds[0]["equal_time"]},
-            "budget_s": _r(sum(r["budget_s"] for r in rounds) / len(rounds)),
+            "budget_s": round4(sum(r["budget_s"] for r in rounds) / len(rounds)),
             "per_seed": rounds,
             "note": "test split, official ISIC scorer macro means; ours = pack/train/infer jobs "
                     "with defaults (image size, epochs, random encoder set); plain and smp = "
@@ -333,31 +143,6 @@ def _seed_round(plan: AccuracyPlan, seed: int, source: Path, shards: Path, workd
             "budget_s": ours["train_seconds"]}
 
 
-SCORE_KEYS = ("dice", "jaccard", "threshold_jaccard")
-
-
-def seed_mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One trainer's runs over the seeds → one row: the first run's fields, the mean of the
-    scores and seconds, `epochs` when every seed ran the same number (else the mean), each
-    seed's (seed, epochs, seconds, Dice, Jaccard) under `per_seed` and the Dice spread."""
-    if len(runs) == 1:
-        return dict(runs[0])
-    row = dict(runs[0])
-    for key in (*SCORE_KEYS, "train_seconds"):
-        row[key] = _r(sum(r[key] for r in runs) / len(runs))
-    epochs = {r["epochs"] for r in runs}
-    row["epochs"] = epochs.pop() if len(epochs) == 1 else _r(
-        sum(r["epochs"] for r in runs) / len(runs))
-    row.pop("seed", None)
-    row["per_seed"] = [{k: r.get(k) for k in ("seed", "epochs", "train_seconds", "dice",
-                                               "jaccard", "threshold", "applied")
-                        if k in r} for r in runs]
-    dice = [r["dice"] for r in runs]
-    row["dice_spread"] = _r(max(dice) - min(dice))
-    return row
-
-
-
 def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
     """Test Dice on hard synthetic data: ours (the jobs, defaults) vs the plain script with our
     model and with smp's U-Net, at equal epochs and equal wall time (`run_accuracy`)."""
@@ -366,7 +151,8 @@ def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         train_cases=plan.accuracy_train, test_cases=plan.accuracy_test,
         min_side=plan.accuracy_sides[0], max_side=plan.accuracy_sides[1],
         train_seeds=tuple(range(plan.accuracy_seeds)))
-    result = run_accuracy(aplan, workdir / "accuracy", with_peer=plan.peer and peer_available())
+    with_peer = plan.peer and peer_available()
+    result = run_accuracy(aplan, workdir / "accuracy", with_peer=with_peer)
     epochs, times = result["equal_epochs"], result["equal_time"]
     ours = epochs["ours"]["dice"]
     result["top_level"] = {f"accuracy_dice_{k}": epochs[k]["dice"] if k in epochs else None
@@ -379,4 +165,24 @@ def bench_accuracy(plan: BenchPlan, workdir: Path) -> dict[str, Any]:
         "accuracy_time_margin_vs_smp": (rounded(ours - times["smp"]["dice"]) if "smp" in times
                                         else None),
     }
+    if plan.real:
+        real = run_real(Path(plan.real), workdir / "accuracy", aplan.train_seeds, with_peer,
+                        Path(plan.real_fullsize) if plan.real_fullsize else None,
+                        plan.real_size, plan.real_epochs)
+        result["real"] = real
+        rows = real["trainers"]
+        for key, field in (("dice", "dice"), ("jaccard", "jaccard"),
+                           ("worst10", "worst10_dice"), ("below_half", "below_half")):
+            for name in ("ours", "plain", "smp"):
+                result["top_level"][f"real_{key}_{name}"] = (rows[name][field] if name in rows
+                                                             else None)
+        top = result["top_level"]
+        result["ratios"].update({
+            "real_margin_vs_plain": rounded(top["real_dice_ours"] - top["real_dice_plain"]),
+            "real_margin_vs_smp": (rounded(top["real_dice_ours"] - top["real_dice_smp"])
+                                   if top["real_dice_smp"] is not None else None),
+            "real_worst10_margin_vs_plain": rounded(top["real_worst10_ours"]
+                                                    - top["real_worst10_plain"]),
+            "real_jaccard_ours": top["real_jaccard_ours"],
+            "real_worst10_ours": top["real_worst10_ours"]})
     return result

@@ -53,6 +53,10 @@ class BenchPlan:
     accuracy_test: int = 40  # hard test cases scored
     accuracy_sides: tuple[int, int] = (400, 4288)  # longest sides of the hard cases
     accuracy_seeds: int = 2  # training seeds 0..N-1 of every trainer; scores are their means
+    real: str | None = None  # ISIC 2016 Part 1 folder (four official folders): the real case
+    real_fullsize: str | None = None  # full-size photographs without masks: the no-truth check
+    real_size: int = 128  # training side of the real case (every trainer)
+    real_epochs: int = 30  # epochs of every trainer in the real case
 
 
 def plan_for(quick: bool, **overrides: Any) -> BenchPlan:

@@ -35,9 +35,21 @@ RATIOS: dict[str, tuple[str, str, float, str]] = {
                                       "our test Dice − the plain script's, equal wall time"),
     "accuracy_time_margin_vs_smp": ("accuracy", ">", 0.0,
                                     "our test Dice − smp U-Net's, equal wall time"),
+    # The real case (accuracy --real DIR): real ISIC 2016 test images, 30 epochs at 128².
+    "real_margin_vs_plain": ("accuracy", ">=", 0.01,
+                             "our real test Dice − the plain script's, equal epochs"),
+    "real_margin_vs_smp": ("accuracy", ">=", 0.02,
+                           "our real test Dice − smp U-Net's (plain script), equal epochs"),
+    "real_jaccard_ours": ("accuracy", ">=", 0.87, "our real test Jaccard (official scorer)"),
+    "real_worst10_ours": ("accuracy", ">=", 0.78,
+                          "mean Dice of our worst tenth of the real test images"),
+    "real_worst10_margin_vs_plain": ("accuracy", ">=", 0.03,
+                                     "our worst-tenth mean Dice − the plain script's"),
 }
 # Top-level test Dice of each trainer in the accuracy case (equal epochs), no target alone.
-ACCURACY_KEYS = ("accuracy_dice_ours", "accuracy_dice_smp", "accuracy_dice_plain")
+ACCURACY_KEYS = ("accuracy_dice_ours", "accuracy_dice_smp", "accuracy_dice_plain",
+                 *(f"real_{k}_{n}" for k in ("dice", "jaccard", "worst10", "below_half")
+                   for n in ("ours", "plain", "smp")))
 
 
 def target_table(doc: dict[str, Any]) -> dict[str, Any]:
@@ -155,6 +167,20 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     rows.append(("accuracy", "ours: val pixel ECE before / after temperature",
                                  f"{format_value(q['ece_before'])} / {format_value(q['ece_after'])}",
                                  f"T = {format_value(q['temperature'])}"))
+    for name, r in cases.get("accuracy", {}).get("real", {}).get("trainers", {}).items():
+        seeds = r.get("per_seed")
+        per_seed = (", seeds " + " / ".join(format_value(x["dice"]) for x in seeds)
+                    if seeds else "")
+        rows.append(("accuracy", f"{name}, real ISIC test: Dice / Jaccard / worst-tenth Dice "
+                     "/ images < 0.5", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}"
+                     f" / {format_value(r['worst10_dice'])} / {format_value(r['below_half'])}",
+                     f"{r['epochs']} epochs, {format_value(r['train_seconds'])} s{per_seed}"))
+        q = r.get("review") if name == "ours" else None
+        if q:
+            rows.append(("accuracy", "ours, real: review AUROC (Dice<0.8) / flagged / caught / "
+                         "exp. Dice MAE", format_value(q["auroc"]),
+                         f"{format_value(q['flagged_share'])} / {format_value(q['caught_share'])}"
+                         f" / {format_value(q['expected_dice_mae'])}"))
     for case, c in cases.items():
         m = c.get("memory", {})
         rows.append((case, "peak RSS (process / largest child), MB", format_value(m.get("peak_rss_mb")),

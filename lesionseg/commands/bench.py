@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lesionseg.bench.case_real import check_real_source
 from lesionseg.bench.harness import run_bench
 from lesionseg.bench.plan import CASES, BenchError, plan_for
 from lesionseg.bench.table import format_table
@@ -31,10 +32,20 @@ EPILOG = """what each case measures (see lesionseg/bench/ for the method):
          equal wall time (the peers get our training command's seconds), each the mean over
          training seeds 0 and 1 (--quick: seed 0; --accuracy-seeds N). Targets: ours >=
          plain + 0.01 and >= smp + 0.02 at equal epochs, ahead of both at equal time.
+         With --real DIR (a folder in the ISIC 2016 Part 1 layout) the same three trainers
+         also train on those real images, 30 epochs at 128², random encoders, every seed, and
+         are scored on its test split by the official scorer: Dice, Jaccard, the mean Dice of
+         the worst tenth of the images and the count below Dice 0.5 (real_dice_*,
+         real_jaccard_*, real_worst10_*, real_below_half_* in bench.json). Targets: ours >=
+         plain + 0.01 and >= smp + 0.02, Jaccard >= 0.87, worst tenth >= 0.78 and >= plain +
+         0.03. --real-fullsize DIR applies ours's 128² model to full-size photographs without
+         masks and writes a contact sheet of its outlines (WORKDIR/accuracy/real-fullsize/).
 
 examples:
   python jobs/bench.py all --quick --out bench.json          # ~12 minutes on 2 cores
   python jobs/bench.py accuracy --quick                      # the accuracy case alone
+  python jobs/bench.py accuracy --real ~/data/isic2016 --real-fullsize ~/data/isic-full \
+      --workdir /tmp/bench --out bench-real.json                # + real images (~2 h on 2 cores)
   python jobs/bench.py train --workdir /tmp/bench --threads 2
   python jobs/bench.py infer --images 64 --repeats 5
 
@@ -82,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training seeds 0..N-1 of every trainer in the accuracy case, "
                              f"scores averaged (default {full.accuracy_seeds}, --quick "
                              f"{quick.accuracy_seeds})")
+    parser.add_argument("--real", metavar="DIR",
+                        help="also race the trainers on real images: a folder in the ISIC 2016 "
+                             "Part 1 layout (the four official folders); accuracy case only")
+    parser.add_argument("--real-fullsize", metavar="DIR",
+                        help="with --real: full-size photographs without masks that ours's "
+                             "128² model segments for a contact sheet you look at")
     parser.add_argument("--no-peer", action="store_true",
                         help="skip segmentation-models-pytorch even when it is installed")
 
@@ -96,10 +113,24 @@ def command(args: argparse.Namespace) -> int:
             raise BenchError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.race_budget is not None and args.race_budget <= 0:
         raise BenchError(f"--race-budget must be > 0 seconds, got {args.race_budget}")
+    cases = CASES if args.case == "all" else (args.case,)
+    if args.real_fullsize and not args.real:
+        raise BenchError("--real-fullsize needs --real DIR (its model is trained there)")
+    if args.real and "accuracy" not in cases:
+        raise BenchError(f"--real belongs to the accuracy case; run `accuracy` or `all`, "
+                         f"not {args.case!r}")
+    for name in ("real", "real_fullsize"):
+        value = getattr(args, name)
+        if value and not Path(value).is_dir():
+            raise BenchError(f"--{name.replace('_', '-')} {value}: not a folder")
+    if args.real:
+        check_real_source(Path(args.real))
     plan = plan_for(args.quick, images=args.images, repeats=args.repeats,
                     race_budget_s=args.race_budget, accuracy_seeds=args.accuracy_seeds,
-                    peer=False if args.no_peer else None)
-    cases = CASES if args.case == "all" else (args.case,)
+                    peer=False if args.no_peer else None,
+                    real=str(Path(args.real).resolve()) if args.real else None,
+                    real_fullsize=(str(Path(args.real_fullsize).resolve())
+                                   if args.real_fullsize else None))
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise BenchError(f"--out {out}: folder {out.parent} does not exist")

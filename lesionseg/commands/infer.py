@@ -82,8 +82,9 @@ Slurm array) split them across jobs, and the last part to finish merges."""
                         help="probability above which a pixel is lesion (default: the threshold "
                              "chosen on validation and stored in the checkpoint, else 0.5)")
     parser.add_argument("--postprocess", choices=("auto", *POSTPROCESS_CHOICES), metavar="STEP",
-                        help="after thresholding: none, largest (keep the largest connected "
-                             "region), fill (fill holes) or largest+fill; default auto: what "
+                        help="after thresholding: none, main (keep the connected region the "
+                             "model is surest of: the largest probability mass above the "
+                             "threshold), fill (fill holes) or main+fill; default auto: what "
                              "validation chose at the end of training (stored in the checkpoint)")
     parser.add_argument("--device", metavar="DEV",
                         help=f"auto (CUDA when visible), cpu, cuda or cuda:N (default {d.device})")

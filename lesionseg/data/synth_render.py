@@ -7,8 +7,8 @@ border and internal texture, hairs and a vignette; its mask is the lesion (0/255
 Two difficulties. `easy` (the demo's) has clear, dark lesions that every model segments.
 `hard` renders what makes real dermoscopy hard (`render_hard_case`): faint low-contrast lesions
 with soft borders, light to very dark skin, dense hair across the lesion, freckles and
-satellite spots beside it, rulers and ink marks, air bubbles, dark vignette corners and the
-round field of a contact dermoscope, lesions running off the image edge, and a share of
+satellite spots beside it, rulers and ink marks, air bubbles, colour-calibration stickers,
+dark vignette corners and the round field of a contact dermoscope, lesions running off the image edge, and a share of
 full-size 4288x2848 images. Its mask is the lesion as a dermatologist outlines it: the faint
 border included, the satellites, freckles, ink and vignette excluded, and hairs and bubbles
 over the lesion not cutting holes in it.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
+from lesionseg.data.stickers import draw_sticker
 from lesionseg.errors import UserError
 from lesionseg.postprocess import fill_holes, largest_component
 
@@ -45,6 +46,7 @@ HARD_SKIN_TONES = np.array([
     (176, 120, 88), (146, 98, 70), (116, 76, 54), (88, 58, 42),
 ], dtype=np.float32)
 HARD_FULL_SIZE_SHARE = 0.08  # hard cases rendered at the full ISIC size (4288x2848)
+HARD_STICKER_SHARE = 0.2  # hard cases with a round colour-calibration sticker at an edge
 INK_COLOURS = ((86, 44, 140), (40, 62, 150), (30, 30, 40))  # surgical-pen purple, blue, black
 
 
@@ -352,6 +354,13 @@ def render_hard_case(seed: int, index: int, min_side: int = 64,
     # (lighter regression patches) filled; small islands of the field are left as spots.
     inside = np.asarray(d_full) < 1.0
     mask = fill_holes(largest_component(inside.astype(np.uint8) * 255))
+    # Calibration stickers from their own stream, so every other pixel of a case is what it
+    # was before stickers were added.
+    sticker_rng = np.random.default_rng([seed, index, 2])
+    if sticker_rng.random() < HARD_STICKER_SHARE:
+        pixels = np.array(image)
+        if draw_sticker(pixels, mask, sticker_rng):
+            image = Image.fromarray(pixels, mode="RGB")
     return image, Image.fromarray(mask, mode="L")
 
 

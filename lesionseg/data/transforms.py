@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from lesionseg.data.cv import cv2
+from lesionseg.data.stickers import draw_sticker
 
 # Range of the random resized crop's aspect ratio relative to the image's own (torchvision's
 # range, taken relative: eval squashes the whole image, so relative is what the model sees).
@@ -78,6 +79,7 @@ class AugmentParams:
     vflip: bool = True
     rotate_degrees: float = 30.0  # rotation drawn uniformly in [-d, d]; outside the image: 0
     color_jitter: float = 0.2  # brightness/contrast/saturation factors in [1 - j, 1 + j]
+    sticker_prob: float = 0.0  # share of crops that get a calibration sticker (data.stickers)
 
     @classmethod
     def from_config(cls, data_cfg: object) -> AugmentParams:
@@ -90,13 +92,15 @@ class AugmentParams:
                              "recipe first (lesionseg.recipe.resolve)")
         return cls(size=data_cfg.image_size, scale_min=data_cfg.scale_min,
                    hflip=data_cfg.hflip, vflip=data_cfg.vflip,
-                   rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter)
+                   rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter,
+                   sticker_prob=data_cfg.sticker_prob)
 
 
 @dataclass(frozen=True)
 class Augmentation:
     """One drawn augmentation of an image of (height, width) = `source`: crop box (top, left,
-    h, w) in its pixels, flips, rotation in degrees, colour factors, output side."""
+    h, w) in its pixels, flips, rotation in degrees, colour factors, output side, and the seed
+    of the calibration sticker painted into the output (None: no sticker)."""
 
     source: tuple[int, int]
     crop: tuple[int, int, int, int]
@@ -107,6 +111,7 @@ class Augmentation:
     contrast: float
     saturation: float
     size: int
+    sticker_seed: int | None = None
 
     def decode_size(self) -> tuple[int, int]:
         """(width, height) the full image must be decoded at, at least, for the crop to hold
@@ -155,7 +160,8 @@ def crop_params(height: int, width: int, scale_min: float,
 def draw_augmentation(height: int, width: int, params: AugmentParams,
                       g: torch.Generator) -> Augmentation:
     """Draw every random parameter for an image of height × width from `g` (fixed order:
-    crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation)."""
+    crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation, and with
+    `sticker_prob` > 0 whether to paint a sticker and its seed)."""
     crop = crop_params(height, width, params.scale_min, g)
     hflip = params.hflip and float(torch.rand((), generator=g)) < 0.5
     vflip = params.vflip and float(torch.rand((), generator=g)) < 0.5
@@ -163,7 +169,11 @@ def draw_augmentation(height: int, width: int, params: AugmentParams,
              if params.rotate_degrees > 0 else 0.0)
     j = params.color_jitter
     b, c, s = ((_uniform(g, 1 - j, 1 + j) for _ in range(3)) if j > 0 else (1.0, 1.0, 1.0))
-    return Augmentation((height, width), crop, hflip, vflip, angle, b, c, s, params.size)
+    sticker = None
+    if params.sticker_prob > 0 and float(torch.rand((), generator=g)) < params.sticker_prob:
+        sticker = int(torch.randint(0, 2**62, (), generator=g))
+    return Augmentation((height, width), crop, hflip, vflip, angle, b, c, s, params.size,
+                        sticker)
 
 
 def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray,
@@ -184,15 +194,24 @@ def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.n
     s = aug.size
     coeffs = aug.affine()
     out = _sample(src, coeffs, src.shape[1] / width, src.shape[0] / height, s)
+    if soft_mask:
+        warped = np.ascontiguousarray(_sample(np.ascontiguousarray(msk), coeffs, 1.0, 1.0, s))
+    else:
+        warped = cv2.warpAffine(msk, _cv2_matrix(coeffs), (s, s),
+                                flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    _sticker(out, warped, aug)
     if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
         out = _colour(out, aug.brightness, aug.contrast, aug.saturation)
     if soft_mask:
-        share = _sample(np.ascontiguousarray(msk), coeffs, 1.0, 1.0, s)
-        return _image_tensor(out), torch.from_numpy(np.ascontiguousarray(share)[None])
-    warped = cv2.warpAffine(msk, _cv2_matrix(coeffs), (s, s),
-                            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return _image_tensor(out), torch.from_numpy(warped[None])
     return _image_tensor(out), _mask_tensor(warped)
+
+
+def _sticker(image: np.ndarray, mask: np.ndarray, aug: Augmentation) -> None:
+    """Paint the augmentation's sticker (if any) into the S×S output, mask cleared under it."""
+    if aug.sticker_seed is not None:
+        draw_sticker(image, mask, np.random.default_rng(aug.sticker_seed))
 
 
 def is_flip_and_colour(aug: Augmentation) -> bool:
@@ -219,6 +238,10 @@ def flip_and_colour(image: torch.Tensor, mask: torch.Tensor,
         img, msk = img[:, ::-1], msk.flip(-1)
     if aug.vflip:
         img, msk = img[::-1], msk.flip(-2)
+    if aug.sticker_seed is not None:
+        img, plane = np.ascontiguousarray(img), msk[0].numpy().copy()
+        _sticker(img, plane, aug)
+        msk = torch.from_numpy(plane[None])
     if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
         img = _colour(np.ascontiguousarray(img), aug.brightness, aug.contrast, aug.saturation)
     return _image_tensor(img), msk.contiguous()

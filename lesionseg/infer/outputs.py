@@ -45,7 +45,7 @@ def full_size_mask(prob: torch.Tensor, size: tuple[int, int],
     full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
     pred = above_threshold(full, post.threshold)  # uint8: 255 where prob > t
     if post.steps:
-        pred = post.apply(pred)
+        pred = post.apply(pred, full)
     return full, pred
 
 

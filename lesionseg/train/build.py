@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,9 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin
 
 from lesionseg import tracking
+from lesionseg.checkpoint import CheckpointError, load_weights
 from lesionseg.config import Config
+from lesionseg.errors import first_line
 from lesionseg.model import MobileNetEncoderDecoder
 
 
@@ -41,11 +44,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
-    """The encoder-decoder of the config (frozen encoder if asked), channels_last if asked."""
-    model = MobileNetEncoderDecoder(encoder_weights=cfg.model.encoder_weights,
+    """The encoder-decoder of the config (frozen encoder if asked), channels_last if asked;
+    with `model.init_from`, every weight from that checkpoint (`load_init_weights`)."""
+    init_from = cfg.model.init_from
+    model = MobileNetEncoderDecoder(encoder_weights=None if init_from else cfg.model.encoder_weights,
                                     freeze_encoder=cfg.model.freeze_encoder,
-                                    decoder_channels=tuple(cfg.model.decoder_channels))
-    if cfg.model.head_prior is not None:
+                                    decoder_channels=tuple(cfg.model.decoder_channels),
+                                    color_constancy=cfg.model.color_constancy)
+    if init_from:
+        load_init_weights(model, Path(init_from), cfg)
+    elif cfg.model.head_prior is not None:
         # The lesion's share of the pixels as the starting guess (RetinaNet's prior init): from
         # bias 0 (p = 0.5) the first steps spend themselves learning the background. On the
         # accuracy benchmark's hard set at 256², 12 epochs, random encoder, both seeds:
@@ -55,6 +63,23 @@ def build_model(cfg: Config) -> torch.nn.Module:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def load_init_weights(model: torch.nn.Module, path: Path, cfg: Config) -> dict[str, Any]:
+    """Every parameter and buffer of `model` from an earlier run's checkpoint (strict: a
+    checkpoint of another decoder width is a CheckpointError naming both). Returns its meta."""
+    state_dict, source_cfg, meta = load_weights(path)
+    for key in ("decoder_channels", "color_constancy"):
+        theirs, ours = getattr(source_cfg.model, key), getattr(cfg.model, key)
+        if theirs != ours:
+            raise CheckpointError(f"model.init_from={path}: its model.{key}={theirs} differs "
+                                  f"from this run's {ours}; set them equal")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise CheckpointError(f"model.init_from={path}: weights do not fit the model "
+                              f"({first_line(e)})") from None
+    return meta
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:

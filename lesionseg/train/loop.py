@@ -98,6 +98,9 @@ def train(cfg: Config, demo: bool = False) -> int:
     # Model, optimizer, schedule, loss; then resume where a state says.
     set_seed(cfg.train.seed)
     model = build_model(cfg)
+    if main and cfg.model.init_from:
+        log.info("model: every weight from %s (model.init_from: fine-tuning; "
+                 "model.encoder_weights and model.head_prior are not used)", cfg.model.init_from)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, schedule)
     # The scheduler is stepped once per optimizer step here; Accelerate's prepared scheduler
@@ -232,7 +235,7 @@ def write_outputs(accelerator: Any, cfg: Config, data: DataPlan, model: Any, pro
     tuned = None
     if not cfg.data.folds and cfg.train.tune_postprocess and (run_dir / "best.pt").is_file():
         tuned = tune_checkpoint(run_dir / "best.pt", data.val_urls, cfg.data.image_size,
-                                accelerator.device)
+                                accelerator.device, cfg.train.tune_min_images)
     if cfg.train.fit_quality and (run_dir / "best.pt").is_file():  # after the threshold
         fit_quality(run_dir / "best.pt", data.val_urls, cfg.data.image_size, accelerator.device,
                     ids=data.val_ids)

@@ -53,8 +53,9 @@ class Progress:
 
 # Settings a state can only resume exactly with: everything that shapes the data stream, the
 # model, the loss and the optimizer. Not optim.epochs / optim.max_steps (a finished run asked
-# for more steps goes on), nor model.encoder_weights (the state holds the weights).
-RESUME_FREE_KEYS = {"optim.epochs", "optim.max_steps", "model.encoder_weights", "data.pin_memory",
+# for more steps goes on), nor model.encoder_weights / model.init_from (the state holds the weights).
+RESUME_FREE_KEYS = {"optim.epochs", "optim.max_steps", "model.encoder_weights", "model.init_from",
+                    "data.pin_memory",
                     "data.on_error", "data.demo_dir"}
 RESUME_SECTIONS = ("data", "model", "loss", "optim")
 RESUME_TRAIN_KEYS = ("seed", "mixed_precision", "deterministic", "num_threads", "best_metric")
