@@ -89,10 +89,13 @@ def test_choose_never_takes_a_step_that_erases_a_lesion() -> None:
 def test_fewer_val_images_than_the_minimum_choose_nothing(tmp_path: Path) -> None:
     """Below train.tune_min_images the defaults are stored with the reason, even where another
     threshold would have won on those images; at the minimum the choice is made."""
-    lesion = _disc(48, 48, 24, 24, 12)
+    lesion = _disc(48, 48, 24, 24, 14)
+    core = _disc(48, 48, 24, 24, 12)
     speck = np.zeros_like(lesion)
     speck[2:5, 2:5] = 255
-    probs = [np.where(lesion | speck, 0.42, 0.1).astype(np.float32)] * 4  # a timid model
+    # Sure of the core, timid at the rim (only a threshold of 0.4 keeps it), a speck beside.
+    probs = [np.where(core > 0, 0.9, np.where(lesion > 0, 0.45, np.where(
+        speck > 0, 0.6, 0.1))).astype(np.float32)] * 4
     truths = [lesion > 0] * 4
     cfg = load_config(None, ["model.encoder_weights=null"])
     ckpt = save_weights(tmp_path / "best.pt", MobileNetEncoderDecoder().state_dict(), cfg)
