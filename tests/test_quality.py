@@ -138,7 +138,8 @@ def test_no_truth_run_writes_the_columns_and_the_review_section(
 
     def run(out: Path, *extra: str) -> list[dict[str, str]]:
         assert main(["infer", "--checkpoint", str(ckpt), "--input", str(tiny_checkpoint["images"]),
-                     "--out", str(out), "--workers", "0", "infer.num_threads=1", *extra]) == 0
+                     "--out", str(out), "--workers", "0", "--splits", "train",
+                     "infer.num_threads=1", *extra]) == 0
         with open(out / "metrics.csv", newline="") as f:
             return list(csv.DictReader(f))
 
