@@ -4,7 +4,12 @@ import errno
 
 
 class UserError(Exception):
-    """Bad input, configuration or environment; the message names the file or key and the problem."""
+    """Bad input, configuration or environment; the message names the file or key and the problem.
+
+    `shared`: every rank raises the same error (a config error, or one the ranks exchanged),
+    so only rank 0 prints it."""
+
+    shared = False
 
 
 class DataError(UserError, ValueError):
@@ -32,6 +37,19 @@ def environment_message(e: OSError, doing: str) -> str:
             "permissions, then rerun the same command to continue")
 
 
+class RankError(Exception):
+    """A wait that failed: a data worker or another rank died or stopped answering. One line
+    naming the rank and what it waited for; exit status 1. `shared` as for UserError."""
+
+    def __init__(self, message: str, shared: bool = False) -> None:
+        super().__init__(message)
+        self.shared = shared
+
+
+class Stopped(Exception):
+    """A stop signal (SIGINT, SIGTERM, SIGUSR1) before there was a state to save: exit 75."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its first argument, as webdataset wraps a
     long context into the others), without webdataset's ' @ <file>' tail; the type's name
@@ -44,4 +62,4 @@ def first_line(e: BaseException) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # bad config, bad input, missing files: fix and rerun
-EXIT_RESUME = 75  # stopped on SIGTERM/SIGUSR1 after saving a state: rerun (requeue) to resume
+EXIT_RESUME = 75  # stopped on SIGINT/SIGTERM/SIGUSR1 (after saving a state if any): rerun (requeue) to resume
