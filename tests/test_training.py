@@ -539,3 +539,15 @@ def test_ctrl_c_mid_epoch_saves_resumes_identical_and_wandb_has_every_step(packe
         assert len(exits) == 1, run
         steps += [row["_step"] for row in history_rows(run) if "train/loss" in row]
     assert sorted(steps) == list(range(1, 17))
+
+
+def test_missing_encoder_weights_file_is_one_line_before_any_work(tmp_path, capsys):
+    from lesionseg.cli import main
+
+    out = tmp_path / "run"
+    missing = tmp_path / "mobilenet_v2.pth"
+    assert main(["train", f"model.encoder_weights={missing}", "data.shards=nowhere",
+                 f"train.output_dir={out}"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lesionseg train: error: {missing}: encoder weights file not found"], err
+    assert not out.exists()

@@ -74,13 +74,13 @@ def command(args: argparse.Namespace) -> int:
     stop_during_startup()
     cfg = load_config(args.config, args.overrides)
     check_output_dir(cfg.train.output_dir, "train.output_dir")
+    demo = cfg.data.shards is None
+    if demo:
+        apply_demo_defaults(cfg, args.config, args.overrides)
     check_encoder_weights(cfg.model.encoder_weights)
     relaunched = maybe_relaunch_cpu_ranks()
     if relaunched is not None:
         return relaunched
-    demo = cfg.data.shards is None
-    if demo:
-        apply_demo_defaults(cfg, args.config, args.overrides)
     if not was_set("train.mixed_precision", args.config, args.overrides):
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
         if launcher in ("fp16", "bf16"):  # `accelerate launch --mixed_precision X` as the default
