@@ -91,6 +91,7 @@ def main() -> int:
     p.add_argument("--repo", type=Path, default=ROOT, help="checkout whose jobs/train.py runs")
     p.add_argument("--work", type=Path, default=Path("/tmp/lesionseg-stress"))
     p.add_argument("--lock", type=Path, default=None, help="flock this file around each run")
+    p.add_argument("--pause", type=float, default=5.0, help="seconds between runs under --lock")
     p.add_argument("extra", nargs="*", help="more key=value overrides for every run")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,8 @@ def main() -> int:
                              args.extra)
         results.append(result)
         print(json.dumps({"run": i, **result}), flush=True)
+        if lock is not None:
+            time.sleep(args.pause)  # flock is not fair: let the other jobs waiting on it in
     done = [r for r in results if not r["hung"]]
     summary = {"runs": len(results), "hangs": sum(r["hung"] for r in results),
                "failed": sum(r["status"] not in (0, None) for r in results),
