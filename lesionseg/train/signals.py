@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,16 +23,28 @@ from lesionseg.errors import RankError, Stopped, first_line
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def _raise_stopped(signum: int, _frame: Any) -> None:
-    raise Stopped(f"{signal.Signals(signum).name} during start-up, before there was a state "
-                  "to save; rerun the same command to start (or resume)")
+class _StartupStop:
+    """The start-up handler: `Stopped` in the process that installed it; in a child forked
+    meanwhile (a pack pool worker, terminated with SIGTERM) the signal's default action."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(f"{signal.Signals(signum).name} during start-up, before there was a "
+                      "state to save; rerun the same command to start (or resume)")
 
 
 def stop_during_startup() -> None:
     """Until the loop installs its StopFlag, a stop signal ends the command as a stop."""
     if threading.current_thread() is threading.main_thread():
+        handler = _StartupStop()
         for sig in STOP_SIGNALS:
-            signal.signal(sig, _raise_stopped)
+            signal.signal(sig, handler)
 
 
 class StopFlag:
