@@ -22,6 +22,7 @@ from lesionseg.errors import (
     UserError,
     environment_message,
     is_environmental,
+    stop_during_startup,
 )
 
 # name -> (module, add_arguments function, command function, one-line help)
@@ -100,8 +101,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             _top_parser().print_help()
             return EXIT_USAGE
     name, rest = argv[0], argv[1:]
+    if name == "train":  # from now on, before the imports: a stop signal is a stop (75)
+        stop_during_startup()
     setup_logging()
-    parser, run = build_parser(name, prog)
+    try:
+        parser, run = build_parser(name, prog)
+    except Stopped as e:  # while importing the command's modules
+        _say(prog or f"lesionseg {name}", f"stopped: {e}", True)
+        return EXIT_RESUME
     # Intermixed: `key=value` overrides may stand between or before the flags.
     args = parser.parse_intermixed_args(rest)
     try:

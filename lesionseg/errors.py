@@ -1,6 +1,11 @@
-"""Errors a user can act on. The command line prints them as one line and exits with status 2."""
+"""Errors a user can act on. The command line prints them as one line and exits with status 2.
+Also how a stop signal during start-up becomes the `Stopped` error (status 75)."""
 
 import errno
+import os
+import signal
+import threading
+from typing import Any
 
 
 class UserError(Exception):
@@ -48,6 +53,30 @@ class RankError(Exception):
 
 class Stopped(Exception):
     """A stop signal (SIGINT, SIGTERM, SIGUSR1) before there was a state to save: exit 75."""
+
+
+class _StartupStop:
+    """The start-up handler: `Stopped` in the process that installed it; in a child forked
+    meanwhile (a pack pool worker, terminated with SIGTERM) the signal's default action."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(f"{signal.Signals(signum).name} during start-up, before there was a "
+                      "state to save; rerun the same command to start (or resume)")
+
+
+def stop_during_startup() -> None:
+    """Until the loop installs its StopFlag, a stop signal ends the command as a stop."""
+    if threading.current_thread() is threading.main_thread():
+        handler = _StartupStop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
 
 
 def first_line(e: BaseException) -> str:

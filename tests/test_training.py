@@ -551,3 +551,19 @@ def test_missing_encoder_weights_file_is_one_line_before_any_work(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lesionseg train: error: {missing}: encoder weights file not found"], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_stop_signal_during_start_up_is_a_stop(packed_shards, tmp_path):
+    """SIGTERM while the job still imports torch: exit 75 and one line, not 143."""
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), f"data.shards={packed_shards}",
+                             *TINY, f"train.output_dir={tmp_path / 'run'}"], env=_env(),
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RESUME, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("jobs/train.py: ")]
+    assert lines == ["jobs/train.py: stopped: SIGTERM during start-up, before there was a state "
+                     "to save; rerun the same command to start (or resume)"], err[-3000:]
+    assert "Traceback" not in err

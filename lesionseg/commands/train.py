@@ -11,7 +11,6 @@ from lesionseg.config import load_config, was_set
 from lesionseg.files import check_output_dir
 from lesionseg.train.demo import apply_demo_defaults
 from lesionseg.train.loop import train, train_folds
-from lesionseg.train.signals import stop_during_startup
 from lesionseg.weights import check_encoder_weights
 
 EPILOG = """configuration: defaults <- --config FILE.yaml <- key=value overrides (later wins).
@@ -71,7 +70,6 @@ def command(args: argparse.Namespace) -> int:
     """Run the train job; returns the exit status (0, or EXIT_RESUME after a stop signal).
     The config and the encoder weights file are checked before any rank, worker or decode
     starts."""
-    stop_during_startup()
     cfg = load_config(args.config, args.overrides)
     check_output_dir(cfg.train.output_dir, "train.output_dir")
     demo = cfg.data.shards is None

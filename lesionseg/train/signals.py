@@ -2,15 +2,15 @@
 next optimizer-step boundary (one tiny all-reduce per step, which also carries "my data
 failed", so no rank is ever left waiting in a collective), save a state and exit with status
 75 (`EXIT_RESUME`: rerun or requeue the same command). A second Ctrl-C ends the process at
-once (SIGINT's default action). Before the loop (`stop_during_startup`) a stop signal ends
-start-up with `Stopped` (status 75, nothing to save yet). DataLoader workers and their fork
+once (SIGINT's default action). Before the loop (`lesionseg.errors.stop_during_startup`,
+installed by the command line first thing) a stop signal ends start-up with `Stopped`
+(status 75, nothing to save yet). DataLoader workers and their fork
 server ignore all three (lesionseg.train.loader, lesionseg.workers)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,33 +18,9 @@ from typing import Any
 
 import torch
 
-from lesionseg.errors import RankError, Stopped, first_line
+from lesionseg.errors import RankError, first_line
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-class _StartupStop:
-    """The start-up handler: `Stopped` in the process that installed it; in a child forked
-    meanwhile (a pack pool worker, terminated with SIGTERM) the signal's default action."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-
-    def __call__(self, signum: int, _frame: Any) -> None:
-        if os.getpid() != self.pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise Stopped(f"{signal.Signals(signum).name} during start-up, before there was a "
-                      "state to save; rerun the same command to start (or resume)")
-
-
-def stop_during_startup() -> None:
-    """Until the loop installs its StopFlag, a stop signal ends the command as a stop."""
-    if threading.current_thread() is threading.main_thread():
-        handler = _StartupStop()
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, handler)
 
 
 class StopFlag:
