@@ -22,6 +22,7 @@ from lesionseg.errors import (
     UserError,
     environment_message,
     is_environmental,
+    restore_handlers,
     stop_during_startup,
 )
 
@@ -101,8 +102,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             _top_parser().print_help()
             return EXIT_USAGE
     name, rest = argv[0], argv[1:]
-    if name == "train":  # from now on, before the imports: a stop signal is a stop (75)
-        stop_during_startup()
+    # train: from now on, before the imports, a stop signal is a stop (75)
+    previous = stop_during_startup() if name == "train" else {}
+    try:
+        return _run(name, rest, prog)
+    finally:
+        restore_handlers(previous)  # for callers of main in their own process
+
+
+def _run(name: str, rest: list[str], prog: str | None) -> int:
     setup_logging()
     try:
         parser, run = build_parser(name, prog)

@@ -71,12 +71,19 @@ class _StartupStop:
                       "state to save; rerun the same command to start (or resume)")
 
 
-def stop_during_startup() -> None:
-    """Until the loop installs its StopFlag, a stop signal ends the command as a stop."""
-    if threading.current_thread() is threading.main_thread():
-        handler = _StartupStop()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+def stop_during_startup() -> dict[int, Any]:
+    """Until the loop installs its StopFlag, a stop signal ends the command as a stop.
+    Returns the handlers it replaced (`restore_handlers` puts them back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handler = _StartupStop()
+    return {sig: signal.signal(sig, handler)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def first_line(e: BaseException) -> str:
