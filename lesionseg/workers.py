@@ -12,7 +12,7 @@ A worker whose parent was killed with SIGKILL is not told: it kept decoding (or 
 full queue) with ~430 MB for minutes, reparented to pid 1; PyTorch's own watchdog only looks
 between items. On Linux the kernel sends the worker SIGKILL when the process that forked it
 dies (prctl PR_SET_PDEATHSIG); elsewhere nothing changes. A forkserver worker's parent is the
-server, which exits when the process that uses it does.
+server, so it also waits on a pidfd of the process that started it (`_exit_when_done`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import multiprocessing
 import os
+import select
 import signal
 import sys
 import threading
@@ -80,10 +81,20 @@ def exit_with_parent(parent_pid: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == parent_pid:
         return
+    # Started from the fork server: the kernel's signal follows the server, which lives as
+    # long as any of its workers holds its "alive" pipe, and PyTorch's watchdog watches the
+    # server too. A thread that waits for the process that started this worker ends it.
     try:
-        os.kill(parent_pid, 0)
+        fd = os.pidfd_open(parent_pid)
     except ProcessLookupError:
         os._exit(1)
+    threading.Thread(target=_exit_when_done, args=(fd,), daemon=True,
+                     name="exit-with-parent").start()
+
+
+def _exit_when_done(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # readable once that process has ended
+    os._exit(1)
 
 
 class WorkerInit:
