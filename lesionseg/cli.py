@@ -9,10 +9,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from lesionseg import __version__
-from lesionseg.errors import EXIT_USAGE, UserError, environment_message, is_environmental
+from lesionseg.errors import (
+    EXIT_FAILED,
+    EXIT_RESUME,
+    EXIT_USAGE,
+    RankError,
+    Stopped,
+    UserError,
+    environment_message,
+    is_environmental,
+    restore_handlers,
+    stop_during_startup,
+)
 
 # name -> (module, add_arguments function, command function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -76,6 +88,12 @@ def setup_logging(level: int = logging.INFO) -> None:
                         datefmt="%H:%M:%S")
 
 
+def _say(prog: str, line: str, shared: bool) -> None:
+    """Print a command's one-line outcome; one that every rank shares, on rank 0 only."""
+    if not shared or os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: {line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
@@ -84,15 +102,34 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             _top_parser().print_help()
             return EXIT_USAGE
     name, rest = argv[0], argv[1:]
+    # train: from now on, before the imports, a stop signal is a stop (75)
+    previous = stop_during_startup() if name == "train" else {}
+    try:
+        return _run(name, rest, prog)
+    finally:
+        restore_handlers(previous)  # for callers of main in their own process
+
+
+def _run(name: str, rest: list[str], prog: str | None) -> int:
     setup_logging()
-    parser, run = build_parser(name, prog)
+    try:
+        parser, run = build_parser(name, prog)
+    except Stopped as e:  # while importing the command's modules
+        _say(prog or f"lesionseg {name}", f"stopped: {e}", True)
+        return EXIT_RESUME
     # Intermixed: `key=value` overrides may stand between or before the flags.
     args = parser.parse_intermixed_args(rest)
     try:
         return int(run(args) or 0)
     except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        _say(parser.prog, f"error: {e}", e.shared)
         return EXIT_USAGE
+    except RankError as e:
+        _say(parser.prog, f"error: {e}", e.shared)
+        return EXIT_FAILED
+    except Stopped as e:
+        _say(parser.prog, f"stopped: {e}", True)
+        return EXIT_RESUME
     except OSError as e:  # disk full, read-only, I/O: the machine, not a bug; one line
         if not is_environmental(e):
             raise

@@ -23,6 +23,8 @@ from lesionseg.files import atomic_write_text
 class ConfigError(UserError, ValueError):
     """A configuration problem a user can fix; the message names the key or the file."""
 
+    shared = True  # every rank reads the same config
+
 
 @dataclass
 class DataConfig:
@@ -30,6 +32,8 @@ class DataConfig:
     image_size: int = 384  # side of the square crops the model trains and validates at
     batch_size: int = 8  # images per process per step
     num_workers: int = 2  # DataLoader worker processes per rank (decode + augment)
+    worker_start: str = "forkserver"  # how workers start: forkserver (safe, fast), spawn, or fork (can hang in a process running threads, CPython gh-112275)
+    worker_timeout_s: float = 120.0  # a worker that sends no batch for this long is an error naming the rank (0 = wait forever)
     shuffle_buffer: int = 256  # samples held in the WebDataset shuffle buffer
     pin_memory: bool = True  # pinned host memory for faster host-to-GPU copies (CUDA only)
     on_error: str = "raise"  # a bad sample in a shard: raise (stop with its name) or skip (count and warn)
@@ -121,6 +125,7 @@ class TrainConfig:
     log_every_steps: int = 10  # scalars logged every N optimizer steps
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
     num_threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
+    collective_timeout_s: float = 600.0  # longest wait for the other ranks (a step, a validation, a save); then an error naming the rank
     deterministic: bool = False  # torch deterministic algorithms (needed for bit-exact resume on GPU)
     # After training, choose the threshold and post-processing on the val set (by Jaccard) and
     # store the choice in best.pt, where inference finds it.
@@ -180,6 +185,7 @@ class Config:
 
 _CHOICES = {
     "data.on_error": ("raise", "skip"),
+    "data.worker_start": ("forkserver", "spawn", "fork"),
     "pack.on_error": ("raise", "skip"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.best_metric": ("dice", "jaccard", "threshold_jaccard", "accuracy"),
@@ -222,6 +228,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.model.head_prior is None or 0 < cfg.model.head_prior < 1, "model.head_prior",
            cfg.model.head_prior, "must be a probability in (0, 1), or null")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.worker_timeout_s >= 0, "data.worker_timeout_s", d.worker_timeout_s, "must be >= 0")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be at least 1")
     _check(d.scale_min is None or 0 < d.scale_min <= 1, "data.scale_min", d.scale_min,
            "must be in (0, 1], or null (auto)")
@@ -276,6 +283,8 @@ def validate(cfg: Config) -> Config:
     _check(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
     _check(t.tune_min_images >= 1, "train.tune_min_images", t.tune_min_images, "must be >= 1")
     _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
+    _check(t.collective_timeout_s >= 10, "train.collective_timeout_s", t.collective_timeout_s,
+           "must be at least 10 (seconds)")
     if t.output_dir is None:  # each data set its own run folder: a demo never meets ISIC's
         t.output_dir = default_output_dir(d.shards)
     _check(bool(t.output_dir), "train.output_dir", t.output_dir, "must not be empty")

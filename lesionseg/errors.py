@@ -1,10 +1,20 @@
-"""Errors a user can act on. The command line prints them as one line and exits with status 2."""
+"""Errors a user can act on. The command line prints them as one line and exits with status 2.
+Also how a stop signal during start-up becomes the `Stopped` error (status 75)."""
 
 import errno
+import os
+import signal
+import threading
+from typing import Any
 
 
 class UserError(Exception):
-    """Bad input, configuration or environment; the message names the file or key and the problem."""
+    """Bad input, configuration or environment; the message names the file or key and the problem.
+
+    `shared`: every rank raises the same error (a config error, or one the ranks exchanged),
+    so only rank 0 prints it."""
+
+    shared = False
 
 
 class DataError(UserError, ValueError):
@@ -32,6 +42,50 @@ def environment_message(e: OSError, doing: str) -> str:
             "permissions, then rerun the same command to continue")
 
 
+class RankError(Exception):
+    """A wait that failed: a data worker or another rank died or stopped answering. One line
+    naming the rank and what it waited for; exit status 1. `shared` as for UserError."""
+
+    def __init__(self, message: str, shared: bool = False) -> None:
+        super().__init__(message)
+        self.shared = shared
+
+
+class Stopped(Exception):
+    """A stop signal (SIGINT, SIGTERM, SIGUSR1) before there was a state to save: exit 75."""
+
+
+class _StartupStop:
+    """The start-up handler: `Stopped` in the process that installed it; in a child forked
+    meanwhile (a pack pool worker, terminated with SIGTERM) the signal's default action."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(f"{signal.Signals(signum).name} during start-up, before there was a "
+                      "state to save; rerun the same command to start (or resume)")
+
+
+def stop_during_startup() -> dict[int, Any]:
+    """Until the loop installs its StopFlag, a stop signal ends the command as a stop.
+    Returns the handlers it replaced (`restore_handlers` puts them back)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    handler = _StartupStop()
+    return {sig: signal.signal(sig, handler)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its first argument, as webdataset wraps a
     long context into the others), without webdataset's ' @ <file>' tail; the type's name
@@ -44,4 +98,4 @@ def first_line(e: BaseException) -> str:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # bad config, bad input, missing files: fix and rerun
-EXIT_RESUME = 75  # stopped on SIGTERM/SIGUSR1 after saving a state: rerun (requeue) to resume
+EXIT_RESUME = 75  # stopped on SIGINT/SIGTERM/SIGUSR1 (after saving a state if any): rerun (requeue) to resume

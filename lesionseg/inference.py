@@ -47,6 +47,7 @@ from lesionseg.infer.journal import (
     RowLog,
     check_signature,
     done_ids,
+    part_lock,
     parts_done,
     read_rows,
 )
@@ -169,28 +170,29 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
                      run_cfg, inventory, shard_index, state.process_index, runtime)
 
     mine = assign(inventory.items, num_shards, shard_index, state.num_processes, state.process_index)
-    finished = done_ids(parts_dir, retry_failed)
-    todo = read_order([it for it in mine if it.id not in finished])
-    log.info("part %d/%d, process %d/%d: %d images (%d of %d already done); %d inputs skipped "
-             "as not images, %d input errors", shard_index, num_shards, state.process_index,
-             state.num_processes, len(todo), len(mine) - len(todo), len(mine),
-             sum(inventory.skipped.values()), len(inventory.errors))
+    with part_lock(parts_dir, shard_index, state.process_index):
+        finished = done_ids(parts_dir, retry_failed)
+        todo = read_order([it for it in mine if it.id not in finished])
+        log.info("part %d/%d, process %d/%d: %d images (%d of %d already done); %d inputs skipped "
+                 "as not images, %d input errors", shard_index, num_shards, state.process_index,
+                 state.num_processes, len(todo), len(mine) - len(todo), len(mine),
+                 sum(inventory.skipped.values()), len(inventory.errors))
 
-    spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
-                      post.steps, quality, runtime["temperature"])
-    row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
-    try:
-        # Phases need torch's threads: a runtime (onnxruntime) keeps the count it opened with.
-        stats = process_items(todo, predictor, image_size, icfg, spec, row_log,
-                              show_progress=state.is_local_main_process,
-                              phased=threads.phased and predictor.runtime is None,
-                              shared_threads=threads.shared_threads)
-    finally:
-        row_log.close()
-    stats.update(part=shard_index, rank=state.process_index, world_size=state.num_processes,
-                 assigned=len(mine), threads=threads.as_dict())
-    atomic_write_text(parts_dir / f"done-p{shard_index:04d}-r{state.process_index:03d}-of-"
-                      f"{state.num_processes:03d}.json", json.dumps(stats, indent=1))
+        spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
+                          post.steps, quality, runtime["temperature"])
+        row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
+        try:
+            # Phases need torch's threads: a runtime (onnxruntime) keeps the count it opened with.
+            stats = process_items(todo, predictor, image_size, icfg, spec, row_log,
+                                  show_progress=state.is_local_main_process,
+                                  phased=threads.phased and predictor.runtime is None,
+                                  shared_threads=threads.shared_threads)
+        finally:
+            row_log.close()
+        stats.update(part=shard_index, rank=state.process_index, world_size=state.num_processes,
+                     assigned=len(mine), threads=threads.as_dict())
+        atomic_write_text(parts_dir / f"done-p{shard_index:04d}-r{state.process_index:03d}-of-"
+                          f"{state.num_processes:03d}.json", json.dumps(stats, indent=1))
     # Every process of this part is done before anyone looks: then the main process alone
     # says what is left and merges (a rank finishing first would report its siblings missing).
     state.wait_for_everyone()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg.errors import UserError, first_line
-from lesionseg.files import atomic_write_text, sha256_file
+from lesionseg.files import atomic_write_text, current_umask, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,15 @@ def _remove(path: Path, root: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def _follow_umask(folder: Path) -> None:
+    """safetensors writes model.safetensors 0600; give every file of the state the mode an
+    ordinary write gives (0666 minus the umask), so colleagues can read a shared run."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def save_state(accelerator: Any, run_dir: Path, progress: Any, scheduler: Any, keep: int) -> Path:
     """accelerator.save_state into a temporary folder, our progress and scheduler as JSON,
     the marker, then an atomic rename to step-N; prune to the newest `keep`. All ranks call
@@ -100,6 +109,7 @@ def save_state(accelerator: Any, run_dir: Path, progress: Any, scheduler: Any, k
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _follow_umask(tmp)
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()) + "\n")
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()) + "\n")
         write_marker(tmp, progress.step)

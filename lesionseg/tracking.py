@@ -288,6 +288,18 @@ def set_summary(accelerator: Any, cfg: Config, values: dict[str, Any]) -> None:
     accelerator.get_tracker("wandb", unwrap=True).summary.update(values)
 
 
-def finish(accelerator: Any) -> None:
-    """Flush and close the trackers (writes the last records of an offline run)."""
-    accelerator.end_training()
+def finish(accelerator: Any, exit_code: int = 0) -> None:
+    """Flush and close the trackers, whatever ended the run (done, a stop, an error): an
+    offline run's last records and its exit record (`exit_code`) reach the .wandb file, so it
+    syncs complete. A tracker that cannot finish (its service killed) is one warning."""
+    for tracker in accelerator.trackers:
+        run = tracker.tracker if tracker.name == "wandb" else None
+        try:
+            if run is not None:
+                run.finish(exit_code=exit_code)
+            else:
+                tracker.finish()
+        except Exception as e:  # noqa: BLE001 - a tracker's failure must not hide the run's
+            log.warning("%s could not finish its run: %s", tracker.name,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+    accelerator.trackers = []

@@ -31,6 +31,8 @@ ALLOW_DOWNLOAD_ENV = "LESIONSEG_ALLOW_DOWNLOAD"
 class WeightsError(UserError):
     """Encoder weights that cannot be had: not cached, missing, unreadable or not fitting."""
 
+    shared = True  # every rank reads the same file
+
 
 
 def torch_load(path: Path, error: type[UserError], missing: str, unreadable: str,
@@ -100,6 +102,19 @@ def imagenet_cache_path() -> Path:
     """Where torchvision keeps the IMAGENET1K_V2 MobileNetV2 weights (honours TORCH_HOME)."""
     url = MobileNet_V2_Weights.IMAGENET1K_V2.url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def check_encoder_weights(source: str | os.PathLike | None) -> None:
+    """Before any process, worker or decode starts: the encoder weights a config names can be
+    read (`load_encoder_weights` later checks that they fit the encoder)."""
+    if source is None:
+        return
+    if str(source) == "imagenet":
+        if imagenet_cache_path().is_file() or os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
+            return
+        _imagenet_state_dict()  # raises the WeightsError that says what to do
+    else:
+        _read_state_dict(Path(source).expanduser())
 
 
 def load_encoder_weights(encoder: nn.Module, source: str | os.PathLike) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +218,16 @@ def test_grey_png_round_trips_exactly() -> None:
         assert back.mode == "L" and np.array_equal(np.asarray(back), arr)
     with pytest.raises(ValueError, match="uint8"):
         encode_grey_png(smooth.astype(np.float32))
+
+
+def test_the_largest_accepted_image_gives_a_mask_a_default_pillow_opens():
+    """The official ISIC scorer opens masks with Pillow's default bomb limit: an input of the
+    largest size accepted here must give a mask it opens, one pixel more is refused here."""
+    check = ("import sys; from PIL import Image; w, h = int(sys.argv[1]), int(sys.argv[2]); "
+             "Image._decompression_bomb_check((w, h))")
+    limit = images.MAX_IMAGE_PIXELS
+    ok = subprocess.run([sys.executable, "-c", check, str(limit), "1"], capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    over = subprocess.run([sys.executable, "-c", check, str(limit + 1), "1"], capture_output=True,
+                          text=True)
+    assert "DecompressionBombError" in over.stderr

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -846,6 +847,25 @@ def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> No
         assert "different checkpoint_sha256" in loser and "new --out" in loser
         inference.check_signature(parts, signature(next(k for k, v in outcome.items()
                                                          if v == "claimed")))  # resume: fine
+
+
+@pytest.mark.slow
+def test_two_identical_runs_into_one_out_do_the_work_once(data: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    """Started together: whichever takes the part's lock first predicts every image; the
+    other waits for it, then finds them all done (the compute is not doubled)."""
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "jobs" / "infer.py"), "--checkpoint", str(data["ckpt"]),
+            "--out", str(out), "--input", str(data["images"]), "--workers", "0",
+            "--batch-size", "2", "infer.num_threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    done = [int(m) for log in logs for m in re.findall(r"process 0/1: (\d+) images \(", log)]
+    assert sorted(done) == [0, N_CASES], logs
+    assert len(read_csv(out / "metrics.csv")) == N_CASES
 
 
 def test_missing_arguments_and_bad_checkpoint_are_clear(data: dict[str, Path], tmp_path: Path,

@@ -19,6 +19,7 @@ import torch
 
 from lesionseg import states
 from lesionseg.errors import EXIT_USAGE
+from lesionseg.files import current_umask
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=64", "data.batch_size=2", "data.num_workers=0",
@@ -69,6 +70,15 @@ def test_a_saved_state_has_json_progress_a_marker_and_no_custom_pickle(two_state
     marker = json.loads((folder / "complete.json").read_text())
     assert set(marker["files"]) == names - {"complete.json"}
     assert states.state_problem(folder) is None
+
+
+def test_every_file_of_a_run_follows_the_umask(two_states: Path) -> None:
+    """States included: safetensors alone writes model.safetensors 0600."""
+    want = 0o666 & ~current_umask()
+    modes = {str(p.relative_to(two_states)): oct(p.stat().st_mode & 0o777)
+             for p in two_states.rglob("*") if p.is_file()}
+    assert "states/step-0000002/model.safetensors" in modes
+    assert {k: m for k, m in modes.items() if m != oct(want)} == {}
 
 
 def test_planted_pickle_payload_never_runs_on_resume(two_states: Path, packed_shards: Path,

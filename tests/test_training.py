@@ -597,3 +597,82 @@ def test_a_run_fine_tuned_from_an_earlier_model_says_so(packed_shards, tiny_chec
     assert "whole-model encoder" in r.stderr  # the recipe treats it as pretrained
     assert f"initialised from every weight of `{tiny_checkpoint['ckpt']}`" in (
         out / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_saves_resumes_identical_and_wandb_has_every_step(packed_shards,
+                                                                          tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, workers and fork server included) in the
+    middle of an epoch: state saved, one line saying how to resume, exit 75; the rerun ends
+    with the weights of an uninterrupted run, bit for bit; the two offline W&B segments hold
+    every logged step between them, and each has its exit record."""
+    from test_tracking import history_rows, wandb_records
+
+    args = [f"data.shards={packed_shards}", *TINY, "data.num_workers=2", "data.cache=false",
+            "optim.max_steps=16", "optim.steps_per_epoch=8", "tracking.backend=wandb"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_train([*args, f"train.output_dir={a}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    log = tmp_path / "b1.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *args,
+                                 f"train.output_dir={b}"], env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT, process_group=0)
+    deadline = time.monotonic() + 120
+    while "step 9: loss=" not in log.read_text():  # early in the second epoch
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    assert proc.wait(timeout=120) == EXIT_RESUME, log.read_text()[-3000:]
+    text = log.read_text()
+    stopped = [ln for ln in text.splitlines() if "stop requested (signal): state saved" in ln]
+    assert len(stopped) == 1 and "rerun the same command to resume" in stopped[0], text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    step = max(int(p.name.split("-")[1]) for p in (b / "states").glob("step-*"))
+    assert 9 <= step < 16  # mid-epoch: the epoch's own state was at 8
+
+    r = run_train([*args, f"train.output_dir={b}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    sa, sb = load_state_dict(a / "last.pt"), load_state_dict(b / "last.pt")
+    assert not [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+    segments = sorted((b / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2
+    steps = []
+    for run in segments:
+        records = list(wandb_records(next(run.glob("run-*.wandb"))))
+        exits = [rec.exit for rec in records if rec.WhichOneof("record_type") == "exit"]
+        assert len(exits) == 1, run
+        steps += [row["_step"] for row in history_rows(run) if "train/loss" in row]
+    assert sorted(steps) == list(range(1, 17))
+
+
+def test_missing_encoder_weights_file_is_one_line_before_any_work(tmp_path, capsys):
+    from lesionseg.cli import main
+
+    out = tmp_path / "run"
+    missing = tmp_path / "mobilenet_v2.pth"
+    assert main(["train", f"model.encoder_weights={missing}", "data.shards=nowhere",
+                 f"train.output_dir={out}"]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lesionseg train: error: {missing}: encoder weights file not found"], err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_stop_signal_during_start_up_is_a_stop(packed_shards, tmp_path):
+    """SIGTERM while the job still imports torch: exit 75 and one line, not 143."""
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), f"data.shards={packed_shards}",
+                             *TINY, f"train.output_dir={tmp_path / 'run'}"], env=_env(),
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RESUME, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("jobs/train.py: ")]
+    assert lines == ["jobs/train.py: stopped: SIGTERM during start-up, before there was a state "
+                     "to save; rerun the same command to start (or resume)"], err[-3000:]
+    assert "Traceback" not in err

@@ -146,7 +146,9 @@ def command(args: argparse.Namespace) -> int:
     if missing:
         raise InferenceError(f"missing {', '.join(missing)} (or use --merge DIR)")
     cfg = config_from_args(args)
-    maybe_relaunch_cpu_ranks()  # `accelerate launch --cpu --num_processes N`: N ranks
+    relaunched = maybe_relaunch_cpu_ranks()  # `accelerate launch --cpu --num_processes N`
+    if relaunched is not None:
+        return relaunched
     num_shards, shard_index = job_part(args.num_shards, args.shard_index)
     run_inference(args.checkpoint, args.input, args.out, cfg, masks=args.masks,
                   num_shards=num_shards, shard_index=shard_index,

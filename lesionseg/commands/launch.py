@@ -1,20 +1,32 @@
 """Starting the processes a command was asked for. Accelerate 1.15's `accelerate launch --cpu
 --num_processes N` starts ONE process and tells it nothing about N; training and inference
-notice (from the launcher's command line) and re-execute themselves as N gloo ranks under
-torch.distributed.run, as `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu …` would."""
+notice (from the launcher's command line) and run themselves as N gloo ranks on this machine,
+as `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu …` would, watched by that first
+process: one exit status (2 user error, 75 stopped, …), stop signals passed on once, no rank
+left running when another failed, no torchrun tracebacks."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from lesionseg.errors import EXIT_FAILED, EXIT_OK, EXIT_RESUME, EXIT_USAGE
 
 log = logging.getLogger(__name__)
 
 RELAUNCH_ENV = "LESIONSEG_RELAUNCHED"  # set on the torch.distributed.run we start ourselves
 NO_RELAUNCH_ENV = "LESIONSEG_NO_RELAUNCH"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+RANK_GRACE_S = 30.0  # after one rank failed, how long the others may take to end on their own
 
 
 def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str]) -> int:
@@ -49,24 +61,111 @@ def _parent_argv() -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def maybe_relaunch_cpu_ranks() -> None:
+def maybe_relaunch_cpu_ranks() -> int | None:
     """Turn `accelerate launch --cpu --num_processes N` (N > 1), which starts one process, into
-    N real gloo ranks by re-executing under torch.distributed.run (set LESIONSEG_NO_RELAUNCH=1
-    to only warn)."""
+    N real gloo ranks started and watched by this process (`run_cpu_ranks`); returns their
+    exit status, or None when this process is to run the job itself (set
+    LESIONSEG_NO_RELAUNCH=1 to only warn). Called after the config was checked: a user error
+    is one line from one process, before any rank starts."""
     n = requested_cpu_processes(os.environ, _parent_argv())
     if n <= 1:
-        return
+        return None
     if os.environ.get(NO_RELAUNCH_ENV) == "1":
         log.warning("`accelerate launch --cpu --num_processes %d` started ONE process; this run "
                     "uses 1 process. For %d CPU ranks use: ACCELERATE_USE_CPU=true accelerate "
                     "launch --multi_gpu --num_processes %d --num_machines 1 …", n, n, n)
-        return
+        return None
     log.warning("`accelerate launch --cpu --num_processes %d` starts only one process; "
-                "relaunching as %d CPU (gloo) ranks with torch.distributed.run", n, n)
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", **{RELAUNCH_ENV: "1"})
+                "relaunching as %d CPU (gloo) ranks", n, n)
+    return run_cpu_ranks(n, [sys.executable, sys.argv[0], *sys.argv[1:]])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_environment(n: int, port: int) -> dict[str, str]:
+    """What torch.distributed's env:// rendezvous and Accelerate read, for ranks on this
+    machine (RANK and LOCAL_RANK are added per rank)."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+               GROUP_RANK="0", NODE_RANK="0", **{RELAUNCH_ENV: "1"})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={n}", sys.argv[0], *sys.argv[1:]]
+    return env
+
+
+def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S) -> int:
+    """Run `argv` as N gloo ranks on this machine and return one exit status for all: 0 when
+    every rank succeeded, 2 when one stopped on a user error, 75 when they stopped on a
+    signal (a state saved), else the first failing rank's status (1 for a signal).
+
+    Stop signals sent to this process are passed on to every rank, once each (the ranks run
+    in their own process groups, so a Ctrl-C at the terminal reaches them only through here;
+    a second Ctrl-C ends them at once). When a rank fails, the others get `grace_s` seconds
+    to end on their own (they notice in their next collective) before they are killed, so
+    no rank is ever left running; a rank that died of a signal, which could not say so
+    itself, gets one line here."""
+    env = rank_environment(n, _free_port())
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
+    ranks = [subprocess.Popen(argv, env=dict(env, RANK=str(i), LOCAL_RANK=str(i)),
+                              process_group=0) for i in range(n)]
+    interrupts = 0
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += signum == signal.SIGINT
+        for p in ranks:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        first_failure, deadline = None, None
+        while any(p.poll() is None for p in ranks):
+            if first_failure is None:
+                first_failure = next((i for i, p in enumerate(ranks)
+                                      if p.returncode not in (None, 0, EXIT_RESUME)), None)
+                if first_failure is not None:
+                    deadline = time.monotonic() + grace_s
+                    _say_killed(first_failure, ranks[first_failure].returncode)
+            if deadline is not None and time.monotonic() > deadline:
+                left = [i for i, p in enumerate(ranks) if p.poll() is None]
+                log.error("rank(s) %s still running %.0f s after rank %d failed: killed",
+                          ", ".join(map(str, left)), grace_s, first_failure)
+                for i in left:
+                    ranks[i].kill()
+                    ranks[i].wait()
+            time.sleep(0.1)
+    finally:
+        for p in ranks:  # only if this process itself is on its way out with an error
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [p.returncode for p in ranks]
+    if interrupts >= 2:
+        return 130
+    return combined_status(codes)
+
+
+def _say_killed(rank: int, code: int) -> None:
+    """One line for a rank that a signal ended (it could not print its own)."""
+    if code < 0:
+        log.error("rank %d was killed by %s", rank, signal.Signals(-code).name)
+
+
+def combined_status(codes: list[int]) -> int:
+    """One exit status for the ranks' statuses (negative: killed by that signal)."""
+    if all(c == 0 for c in codes):
+        return EXIT_OK
+    if EXIT_USAGE in codes:
+        return EXIT_USAGE
+    if all(c in (0, EXIT_RESUME) for c in codes):
+        return EXIT_RESUME
+    failed = next(c for c in codes if c not in (0, EXIT_RESUME))
+    return failed if failed > 0 else EXIT_FAILED

@@ -11,6 +11,7 @@ from lesionseg.config import load_config, was_set
 from lesionseg.files import check_output_dir
 from lesionseg.train.demo import apply_demo_defaults
 from lesionseg.train.loop import train, train_folds
+from lesionseg.weights import check_encoder_weights
 
 EPILOG = """configuration: defaults <- --config FILE.yaml <- key=value overrides (later wins).
 Every key, its default and a one-line explanation: lesionseg/config.py (sections data, model,
@@ -47,8 +48,10 @@ states/step-N (full states for resume), wandb/ (tracking.backend=wandb).
 demo (data.shards=null): shards/demo is built once; unless set, model.encoder_weights=null,
 data.image_size=128, optim.epochs=8 (see DEMO_DEFAULTS in lesionseg/train/demo.py).
 
-exit status: 0 done, 2 bad config/input, 75 stopped by SIGTERM/SIGUSR1 after saving a
-state (rerun the same command to resume), 1 other failure."""
+exit status: 0 done, 2 bad config/input, 75 stopped by Ctrl-C (SIGINT), SIGTERM or SIGUSR1
+after saving a state (rerun the same command to resume; a second Ctrl-C quits at once without
+saving), 1 other failure (a data worker or another rank died or stopped answering:
+data.worker_timeout_s, train.collective_timeout_s)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,13 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    """Run the train job; returns the exit status (0, or EXIT_RESUME after a stop signal)."""
-    maybe_relaunch_cpu_ranks()
+    """Run the train job; returns the exit status (0, or EXIT_RESUME after a stop signal).
+    The config and the encoder weights file are checked before any rank, worker or decode
+    starts."""
     cfg = load_config(args.config, args.overrides)
     check_output_dir(cfg.train.output_dir, "train.output_dir")
     demo = cfg.data.shards is None
     if demo:
         apply_demo_defaults(cfg, args.config, args.overrides)
+    check_encoder_weights(cfg.model.encoder_weights)
+    relaunched = maybe_relaunch_cpu_ranks()
+    if relaunched is not None:
+        return relaunched
     if not was_set("train.mixed_precision", args.config, args.overrides):
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
         if launcher in ("fp16", "bf16"):  # `accelerate launch --mixed_precision X` as the default

@@ -24,8 +24,10 @@ from lesionseg.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-# ISIC 2016 images reach 4288x2848 (12.2 MP); anything past 16x that is refused as a bomb.
-MAX_IMAGE_PIXELS = 200_000_000
+# ISIC 2016 images reach 4288x2848 (12.2 MP). Larger inputs are refused, up to the size whose
+# mask PNG a default Pillow (and so the official ISIC scorer) still opens: Pillow refuses any
+# image over twice its MAX_IMAGE_PIXELS (2 × 89,478,485) as a decompression bomb.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 # EXIF orientations that swap width and height.
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -75,7 +77,8 @@ def _open(src: Source, name: str) -> Image.Image:
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS:
         raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {MAX_IMAGE_PIXELS}; "
-                         "refused as a possible decompression bomb")
+                         "refused as a possible decompression bomb (a mask that size could not "
+                         "be opened by Pillow's default limit, nor by the ISIC scorer)")
     if w < 1 or h < 1:
         raise ImageError(f"{name}: has no pixels ({w}x{h})")
     return img

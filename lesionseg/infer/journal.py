@@ -4,11 +4,14 @@ of --out (folder names) is named here too."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,26 @@ class RowLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+@contextlib.contextmanager
+def part_lock(parts_dir: Path, part: int, rank: int) -> Iterator[None]:
+    """Hold the work of one (part, rank) in this --out: a second identical run waits here
+    for the first (an flock, released when its holder ends, however it ends), then does
+    only what the first left undone instead of all of it again."""
+    path = parts_dir / f"lock-p{part:04d}-r{rank:03d}"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another run is working on part %d (process %d) of %s; waiting for "
+                        "it, then doing only what it leaves undone", part, rank,
+                        parts_dir.parent)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 RETRIED_STATUSES = ("error", "failed")  # rows that --retry-failed does again

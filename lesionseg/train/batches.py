@@ -13,7 +13,7 @@ from lesionseg.errors import UserError
 from lesionseg.train import LOGGER
 from lesionseg.train.cache import Memory
 from lesionseg.train.data import DataPlan
-from lesionseg.train.loader import Loader, worker_error
+from lesionseg.train.loader import Loader, worker_error, worker_failure
 from lesionseg.train.streams import TrainStream
 
 log = logging.getLogger(LOGGER)
@@ -61,7 +61,7 @@ def fetch_batches(it: Iterator[dict[str, Any]], n: int) -> tuple[list[dict[str, 
     except StopIteration:
         return batches, "the training pipeline ended early (internal error)"
     except Exception as e:  # any worker error; reported to every rank by the caller
-        if not isinstance(e, UserError):
+        if not isinstance(e, UserError) and worker_failure(e) is None:
             log.exception("reading training data failed")
         return batches, worker_error(e)
     return batches, None

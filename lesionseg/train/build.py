@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
 from lesionseg import tracking
 from lesionseg.checkpoint import CheckpointError, load_weights
@@ -32,14 +33,16 @@ def configure_torch(cfg: Config) -> None:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """The Accelerator: mixed precision, accumulation (not tied to a prepared loader), trackers."""
+    """The Accelerator: mixed precision, accumulation (not tied to a prepared loader), trackers,
+    and collectives that give up after train.collective_timeout_s (torch's default is 30 min)."""
     accum = GradientAccumulationPlugin(num_steps=cfg.optim.grad_accum_steps,
                                        sync_with_dataloader=False)
     extra: dict[str, Any] = {}
     if cfg.model.compile:
         extra["dynamo_backend"] = "inductor"
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     return Accelerator(mixed_precision=cfg.train.mixed_precision,
-                       gradient_accumulation_plugin=accum,
+                       gradient_accumulation_plugin=accum, kwargs_handlers=[timeout],
                        **tracking.accelerator_kwargs(cfg), **extra)
 
 

@@ -18,11 +18,11 @@ from lesionseg.checkpoint import build_model_from_checkpoint, save_weights
 from lesionseg.config import Config, save_config
 from lesionseg.data.memory import ValBatches
 from lesionseg.device import autocast, precision_dtype, to_model_input
-from lesionseg.errors import DataError, UserError
+from lesionseg.errors import DataError, RankError, UserError
 from lesionseg.metrics import confusion_counts, predicted_fraction, summarize
 from lesionseg.train import LOGGER
 from lesionseg.train.data import DataPlan, plan_data
-from lesionseg.train.loader import Loader, worker_error
+from lesionseg.train.loader import Loader, is_worker_failure, worker_error, worker_failure
 from lesionseg.train.resume import METRICS_FILE, Progress
 from lesionseg.train.step import scalar_line
 from lesionseg.train.streams import ValStream
@@ -98,7 +98,7 @@ def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan, cfg: Conf
                 net, batches, accelerator.device, cfg.train.mixed_precision, keep,
                 cfg.model.channels_last)
     except Exception as e:  # reported to every rank below, then raised
-        if not isinstance(e, UserError):
+        if not isinstance(e, UserError) and worker_failure(e) is None:
             log.exception("validation failed on rank %d", accelerator.process_index)
             if accelerator.num_processes == 1:
                 raise
@@ -108,8 +108,12 @@ def evaluate(accelerator: Any, model: torch.nn.Module, data: DataPlan, cfg: Conf
         model.train()
     gathered = gather_object([(results, error, skipped)])
     errors = [err for _, err, _ in gathered if err]
+    if errors and is_worker_failure(errors[0]):
+        raise RankError(f"validation failed: {errors[0]}", shared=True)
     if errors:
-        raise DataError(f"validation failed: {errors[0]}")
+        error = DataError(f"validation failed: {errors[0]}")
+        error.shared = True
+        raise error
     metrics = summarize_results([r for res, _, _ in gathered for r in res])
     metrics["skipped"] = sum(s for _, _, s in gathered)
     if metrics["images"] != data.val_count - metrics["skipped"]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -37,7 +37,7 @@ from lesionseg.checkpoint import save_weights
 from lesionseg.config import Config, save_config
 from lesionseg.crossval import evaluate_when_complete, predict_held_out
 from lesionseg.data.folds import fold_dir, parse_fold
-from lesionseg.errors import EXIT_OK, EXIT_RESUME, DataError
+from lesionseg.errors import EXIT_FAILED, EXIT_OK, EXIT_RESUME, DataError, RankError
 from lesionseg.losses import SegmentationLoss
 from lesionseg.metrics import degenerate
 from lesionseg.modelcard import write_run_card
@@ -56,17 +56,21 @@ from lesionseg.train.cache import Memory, plan_memory
 from lesionseg.train.data import DataPlan, check_stored_size, plan_data
 from lesionseg.train.demo import build_demo_data
 from lesionseg.train.evaluate import validate_and_keep_best
+from lesionseg.train.loader import is_worker_failure
 from lesionseg.train.resume import Progress, resume_run
 from lesionseg.train.schedule import Schedule, build_scheduler, plan_schedule
-from lesionseg.train.signals import StopFlag, agree
+from lesionseg.train.signals import StopFlag, agree, waiting_for
 from lesionseg.train.step import StepStats, count_bad_steps, log_train_scalars, train_step
 from lesionseg.tuning import tune_checkpoint
+from lesionseg.workers import worker_context
 
 log = logging.getLogger(LOGGER)
 
 
 def train(cfg: Config, demo: bool = False) -> int:
     """Train with the resolved config; returns 0, or EXIT_RESUME after a stop signal."""
+    if cfg.data.num_workers:  # the fork server imports what workers need while we set up
+        worker_context(cfg.data.worker_start)
     configure_torch(cfg)
     for name in ("accelerate.checkpointing", "accelerate.accelerator"):  # one line per save here
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -116,11 +120,13 @@ def train(cfg: Config, demo: bool = False) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not changed:  # else the weights beside it are the old settings' until the next save
             save_config(cfg, run_dir / "config.yaml")
-    accelerator.wait_for_everyone()
+    with waiting_for(accelerator, "the start of training"):
+        accelerator.wait_for_everyone()
     tracking.start(accelerator, cfg, run_dir, progress.step)
     if main:
         _log_start(accelerator, cfg, data, schedule, demo)
 
+    status = EXIT_FAILED  # the W&B run's exit record unless the run ends otherwise
     stop = StopFlag()
     stop.install()
     try:
@@ -128,16 +134,19 @@ def train(cfg: Config, demo: bool = False) -> int:
             status, model = train_loop(accelerator, cfg, data, schedule, model, optimizer,
                                        scheduler, progress, loss_fn, run_dir, stop,
                                        resume_from, memory)
-    finally:
         stop.restore()
-    if status == EXIT_RESUME:
-        tracking.finish(accelerator)
-        return status
-    if main:
-        write_outputs(accelerator, cfg, data, model, progress, run_dir, demo)
-    accelerator.wait_for_everyone()
-    tracking.finish(accelerator)
-    return EXIT_OK
+        if status == EXIT_OK:
+            status = EXIT_FAILED
+            if main:
+                write_outputs(accelerator, cfg, data, model, progress, run_dir, demo)
+            with waiting_for(accelerator, "rank 0 writing the outputs"):
+                accelerator.wait_for_everyone()
+            status = EXIT_OK
+    finally:  # every ending (done, stop, error) flushes W&B and writes its exit record
+        stop.restore()
+        tracking.finish(accelerator, status)
+    accelerator.end_training()  # (its trackers are finished) the process group
+    return status
 
 
 def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule, model: Any,
@@ -169,17 +178,21 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
                     # One all-reduce per step: every rank learns whether any rank was asked to
                     # stop or failed to read its batches, before anyone enters the step's
                     # collectives. A stop wins: the state it saves needs no data.
-                    stopping, failed = agree(accelerator, stop.is_set, error is not None)
+                    with waiting_for(accelerator, f"the other ranks' batches of step "
+                                     f"{progress.step + 1}"):
+                        stopping, failed = agree(accelerator, stop.is_set, error is not None)
                     if stopping:
-                        _save_and_stop(accelerator, run_dir, progress, scheduler, t.keep_states,
-                                       saved=progress.step == last_saved)
+                        with waiting_for(accelerator, "saving a state after a stop signal"):
+                            _save_and_stop(accelerator, run_dir, progress, scheduler,
+                                           t.keep_states, saved=progress.step == last_saved)
                         return EXIT_RESUME, model
                     if failed:
-                        raise DataError(error or "another process failed reading its training "
-                                        "data; see its error above")
+                        _raise_data_failure(accelerator, error)
                     stats.skipped_samples += _log_skipped(batches, rank)
 
-                    result = train_step(accelerator, model, optimizer, loss_fn, batches, cfg)
+                    with waiting_for(accelerator, f"the gradients of step {progress.step + 1}"):
+                        result = train_step(accelerator, model, optimizer, loss_fn, batches,
+                                            cfg)
                     scheduler.step()
                     progress.step += 1
                     progress.micro += o.grad_accum_steps
@@ -203,12 +216,14 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
                                         and progress.step % t.val_every_steps == 0) \
                         or (t.val_every_steps == 0 and epoch_done)
                     if validate:
-                        validate_and_keep_best(accelerator, model, data, cfg, progress, run_dir,
-                                               memory.val)
+                        with waiting_for(accelerator, f"the validation at step {progress.step}"):
+                            validate_and_keep_best(accelerator, model, data, cfg, progress,
+                                                   run_dir, memory.val)
                     if validate or (t.save_every_steps
                                     and progress.step % t.save_every_steps == 0):
-                        states.save_state(accelerator, run_dir, progress, scheduler,
-                                          t.keep_states)
+                        with waiting_for(accelerator, f"saving the state of step {progress.step}"):
+                            states.save_state(accelerator, run_dir, progress, scheduler,
+                                              t.keep_states)
                         last_saved = progress.step
                     started = time.perf_counter()
     skipped_total += stats.skipped_samples
@@ -315,8 +330,25 @@ def _save_and_stop(accelerator: Any, run_dir: Path, progress: Progress, schedule
     and say how the run goes on."""
     if not saved:
         states.save_state(accelerator, run_dir, progress, scheduler, keep)
-    log.info("stop requested (signal): state saved at step %d; exiting with %d so the job is "
-             "rerun to resume", progress.step, EXIT_RESUME)
+    log.info("stop requested (signal): state saved at step %d; exiting with %d: rerun the "
+             "same command to resume", progress.step, EXIT_RESUME)
+
+
+def _raise_data_failure(accelerator: Any, error: str | None) -> None:
+    """Some rank failed to read its training batches: every rank raises the first failing
+    rank's one line (rank 0 prints it)."""
+    rank = accelerator.process_index
+    own = None if error is None else (f"rank {rank}: {error}" if accelerator.num_processes > 1
+                                      else error)
+    with waiting_for(accelerator, "the other ranks' errors"):
+        errors = [e for e in gather_object([own]) if e] if accelerator.num_processes > 1 \
+            else [own]
+    message = f"reading training data failed: {errors[0]}"
+    if is_worker_failure(errors[0]):
+        raise RankError(message, shared=True)
+    failure = DataError(message)
+    failure.shared = True
+    raise failure
 
 
 def _log_skipped(batches: list[dict[str, Any]], rank: int) -> int:
