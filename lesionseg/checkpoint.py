@@ -62,11 +62,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dic
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a lesionseg checkpoint (expected format {FORMAT}); "
                               "use best.pt or last.pt from a training run folder")
-    config = payload["config"]
-    if isinstance(config.get("model"), dict) and "color_constancy" not in config["model"]:
-        # Written before model.color_constancy existed: those models were trained without it.
-        config = config | {"model": config["model"] | {"color_constancy": False}}
-    return payload["state_dict"], from_dict(config), dict(payload.get("meta", {}))
+    return payload["state_dict"], from_dict(payload["config"]), dict(payload.get("meta", {}))
 
 
 def build_model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, Config, dict[str, Any]]:

@@ -77,7 +77,7 @@ class ModelConfig:
     decoder_channels: list[int] = field(default_factory=lambda: [96, 64, 48, 32])  # widths at strides 16, 8, 4, 2
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = False  # torch.compile the model
-    color_constancy: bool = True  # Shades-of-Gray colour constancy per image before the network (removes light casts and skin tone)
+    color_constancy: bool = False  # Shades-of-Gray colour constancy per image before the network (removes light casts and skin tone; off by default: a large bright sticker skews it, see docs/BENCHMARKS.md)
     init_from: str | None = None  # start from every weight of an earlier run's best.pt/last.pt (pretrain, then fine-tune); replaces encoder_weights and head_prior
     head_prior: float | None = 0.25  # a new model's initial lesion probability: logit head bias log(p/(1-p)), as RetinaNet's prior; null = PyTorch's init
 

@@ -136,7 +136,7 @@ class MobileNetEncoderDecoder(nn.Module):
     def __init__(self, encoder_weights: str | os.PathLike | None = None,
                  freeze_encoder: bool = False,
                  decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
-                 color_constancy: bool = True) -> None:
+                 color_constancy: bool = False) -> None:
         super().__init__()
         self.color_constancy = bool(color_constancy)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
