@@ -98,17 +98,23 @@ def test_overlay_image_carries_prediction_and_truth_masks():
     assert img._masks["ground_truth"]._val["class_labels"] == {0: "background", 1: "lesion"}
 
 
-@pytest.mark.slow
-def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
-    out = tmp_path / "run"
-    args = [f"data.shards={packed_shards}", "data.image_size=64", "data.batch_size=2",
-            "data.num_workers=0", "model.encoder_weights=null", "optim.max_steps=4",
-            "train.val_every_steps=2", "train.log_every_steps=1", "train.num_threads=1",
-            "tracking.backend=wandb", "tracking.log_images=2", f"train.output_dir={out}"]
+def _offline_train(shards: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`jobs/train.py` on tiny settings with W&B offline into `out`; it must succeed."""
+    args = [f"data.shards={shards}", "data.image_size=64", "data.batch_size=2",
+            "data.num_workers=0", "model.encoder_weights=null", "train.num_threads=1",
+            "tracking.backend=wandb", f"train.output_dir={out}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=env,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.slow
+def test_offline_run_holds_config_metrics_and_overlays(packed_shards, tmp_path):
+    out = tmp_path / "run"
+    _offline_train(packed_shards, out, "optim.max_steps=4", "train.val_every_steps=2",
+                   "train.log_every_steps=1", "tracking.log_images=2")
     runs = [Path(p) for p in glob.glob(str(out / "wandb" / "offline-run-*"))]
     assert len(runs) == 1
     run = runs[0]
@@ -202,14 +208,8 @@ def test_a_model_that_predicts_nothing_ends_with_a_loud_warning(packed_shards, t
     from lesionseg.checkpoint import load_weights
 
     out = tmp_path / "run"
-    args = [f"data.shards={packed_shards}", "data.image_size=64", "data.batch_size=2",
-            "data.num_workers=0", "model.encoder_weights=null", "optim.max_steps=2",
-            "optim.lr=1e-9", "model.head_prior=1e-6", "train.num_threads=1",
-            "tracking.backend=wandb", "tracking.log_images=0", f"train.output_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), *args], env=env,
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _offline_train(packed_shards, out, "optim.max_steps=2", "optim.lr=1e-9",
+                       "model.head_prior=1e-6", "tracking.log_images=0")
     warning = [line for line in r.stderr.splitlines() if "DEGENERATE MODEL" in line]
     assert len(warning) == 1 and "almost no lesion on val" in warning[0], r.stderr[-3000:]
     assert "no threshold or post-processing chosen" in r.stderr

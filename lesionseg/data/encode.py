@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import multiprocessing
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,13 +119,30 @@ def _encode_task(task: tuple[Case, str, PackConfig]) -> tuple[Case, str, Any]:
 def encoded(tasks: list[tuple[Case, str, PackConfig]], workers: int) -> Iterator[tuple[Case, str, Any]]:
     """Encode tasks in order: in this process for one worker, else in a process pool.
 
-    Fork where the platform has it: unlike spawn it does not re-run the caller's main module,
-    so scripts and notebooks without an `if __name__ == "__main__"` guard work too. Workers
-    only use Pillow and numpy, never torch, so forking a parent holding torch threads is safe."""
+    Fork where the platform has it and this process runs no other thread: unlike spawn it
+    does not re-run the caller's main module, so scripts and notebooks without an `if
+    __name__ == "__main__"` guard work too. A process that already runs threads (the train
+    job building its demo data: tqdm's monitor, W&B) forks its workers from the fork server
+    instead: a child forked from a threaded parent can inherit a lock no thread will release
+    (CPython gh-112275, Python < 3.12). Workers take the default action of SIGTERM (the pool's
+    terminate) and ignore SIGINT (the parent handles Ctrl-C): a Python-level stop handler
+    inherited from the parent could miss the terminate while the worker waits for a task,
+    and the pool would wait for it forever."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_encode_task, tasks)
         return
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
+    if "fork" in methods and threading.active_count() == 1:
+        method = "fork"
+    else:
+        method = "forkserver" if "forkserver" in methods else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(min(workers, len(tasks)), initializer=_worker_signals) as pool:
         yield from pool.imap(_encode_task, tasks, chunksize=1)
+
+
+def _worker_signals() -> None:
+    """A pack worker: SIGTERM/SIGUSR1 end it at once, SIGINT is the parent's."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
