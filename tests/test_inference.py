@@ -856,8 +856,8 @@ def test_two_identical_runs_into_one_out_do_the_work_once(data: dict[str, Path],
     other waits for it, then finds them all done (the compute is not doubled)."""
     out = tmp_path / "out"
     argv = [sys.executable, str(REPO / "jobs" / "infer.py"), "--checkpoint", str(data["ckpt"]),
-            "--out", str(out), "--input", str(data["images"]), "--workers", "0",
-            "--batch-size", "2", "infer.num_threads=1"]
+            "--out", str(out), "--input", str(data["images"]), "--splits", "train",
+            "--workers", "0", "--batch-size", "2", "infer.num_threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
