@@ -59,11 +59,14 @@ def test_augmentation_paints_the_same_sticker_streamed_and_in_memory() -> None:
     params = AugmentParams(size=64, scale_min=1.0, rotate_degrees=0.0, color_jitter=0.1,
                            sticker_prob=1.0)
     x0, y0 = eval_transform(pil, pil_mask, 64)
+    cached_x, cached_y = x0.clone(), y0.clone()
     for k in range(6):
         aug = draw_augmentation(120, 160, params, generator_for(3, k))
         assert aug.sticker_seed is not None
         xs, ys = apply_augmentation(pil, pil_mask, aug)
         xm, ym = flip_and_colour(x0, y0, aug)
+        # The in-memory sample is never painted on (it was, when no flip made a copy).
+        assert torch.equal(x0, cached_x) and torch.equal(y0, cached_y)
         assert torch.equal(ys, ym)
         assert (xs.int() - xm.int()).abs().max() <= 1
         assert ys.sum() < y0.sum() or not torch.equal(xs, eval_transform(pil, None, 64)[0])

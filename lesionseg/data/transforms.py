@@ -238,8 +238,8 @@ def flip_and_colour(image: torch.Tensor, mask: torch.Tensor,
         img, msk = img[:, ::-1], msk.flip(-1)
     if aug.vflip:
         img, msk = img[::-1], msk.flip(-2)
-    if aug.sticker_seed is not None:
-        img, plane = np.ascontiguousarray(img), msk[0].numpy().copy()
+    if aug.sticker_seed is not None:  # painted on copies: `image` may be the memory cache's
+        img, plane = np.array(img, order="C"), msk[0].numpy().copy()
         _sticker(img, plane, aug)
         msk = torch.from_numpy(plane[None])
     if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
