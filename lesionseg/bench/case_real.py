@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from lesionseg.bench.trainers import (
+    mask_counts,
     packed_source,
     plain_model,
     round4,
@@ -35,7 +36,7 @@ from lesionseg.bench.trainers import (
 from lesionseg.data.synthetic import OFFICIAL_NAMES
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text
-from lesionseg.metrics import binary_counts
+from lesionseg.metrics import scores
 from lesionseg.peers import build_peer
 
 log = logging.getLogger(__name__)
@@ -61,14 +62,9 @@ def check_real_source(root: Path) -> Path:
 def per_image_dice(truth: Path, masks: Path) -> dict[str, float]:
     """Dice of every truth mask's prediction in `masks` (same file names), as the official
     scorer computes it per image (both binarised at > 128; empty vs empty is 1)."""
-    dice = {}
-    for t in sorted(truth.glob("*_Segmentation.png")):
-        gt = np.asarray(Image.open(t).convert("L")) > 128
-        pred = np.asarray(Image.open(masks / t.name).convert("L")) > 128
-        tp, fp, fn, _ = binary_counts(pred.view(np.uint8), gt.view(np.uint8))
-        dice[t.name.split("_Segmentation")[0]] = (
-            1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
-    return dice
+    counts = mask_counts(truth, masks)
+    dice = scores(torch.tensor(list(counts.values()), dtype=torch.long).reshape(-1, 4))["dice"]
+    return {case_id: float(d) for case_id, d in zip(counts, dice.tolist(), strict=True)}
 
 
 def tail_scores(dice: dict[str, float]) -> dict[str, Any]:

@@ -214,12 +214,19 @@ def official_scores(source: Path, masks: Path) -> dict[str, Any]:
             "threshold_jaccard": round4(macro["threshold_jaccard"]), "scorer": "isic-challenge-scoring"}
 
 
-def _our_scores(truth: Path, masks: Path) -> dict[str, Any]:
-    counts = []
+def mask_counts(truth: Path, masks: Path) -> dict[str, tuple[int, int, int, int]]:
+    """(tp, fp, fn, tn) of each truth mask's prediction in `masks` (same file names), by id;
+    both binarised at > 128, as the official scorer reads them."""
+    counts = {}
     for t in sorted(truth.glob("*_Segmentation.png")):
-        gt = np.asarray(Image.open(t).convert("L")) > 128
-        pred = np.asarray(Image.open(masks / t.name).convert("L")) > 128
-        counts.append(binary_counts(pred, gt))
+        gt = (np.asarray(Image.open(t).convert("L")) > 128).view(np.uint8)
+        pred = (np.asarray(Image.open(masks / t.name).convert("L")) > 128).view(np.uint8)
+        counts[t.name.split("_Segmentation")[0]] = binary_counts(pred, gt)
+    return counts
+
+
+def _our_scores(truth: Path, masks: Path) -> dict[str, Any]:
+    counts = list(mask_counts(truth, masks).values())
     means = summarize(torch.tensor(counts, dtype=torch.long).reshape(-1, 4))
     return {k: round4(means[k]) for k in ("dice", "jaccard", "threshold_jaccard")}
 
