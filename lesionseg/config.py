@@ -126,6 +126,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
     num_threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
     collective_timeout_s: float = 600.0  # longest wait for the other ranks (a step, a validation, a save); then an error naming the rank
+    stop_grace_s: float = 120.0  # after a stop signal, a rank still stuck this long (waiting for a rank that stopped answering) exits 75 without saving; 0 = wait for the collective timeout
     deterministic: bool = False  # torch deterministic algorithms (needed for bit-exact resume on GPU)
     # After training, choose the threshold and post-processing on the val set (by Jaccard) and
     # store the choice in best.pt, where inference finds it.
@@ -285,6 +286,7 @@ def validate(cfg: Config) -> Config:
     _check(t.num_threads >= 0, "train.num_threads", t.num_threads, "must be >= 0")
     _check(t.collective_timeout_s >= 10, "train.collective_timeout_s", t.collective_timeout_s,
            "must be at least 10 (seconds)")
+    _check(t.stop_grace_s >= 0, "train.stop_grace_s", t.stop_grace_s, "must be >= 0 (seconds)")
     if t.output_dir is None:  # each data set its own run folder: a demo never meets ISIC's
         t.output_dir = default_output_dir(d.shards)
     _check(bool(t.output_dir), "train.output_dir", t.output_dir, "must not be empty")

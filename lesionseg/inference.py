@@ -291,7 +291,7 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
     preview_side = icfg.overlay_max_side if spec.save_overlays else (THUMB_SIDE if spec.thumbs else 0)
     # Phased (the plan says when): the forward takes every core, the stages wait meanwhile.
     phases = ForwardPhases(phased, shared_threads)
-    # Decode worker processes fork here, before any thread exists in this process.
+    # Decode worker processes (if any) start here, from the fork server.
     batches = make_loader(items, image_size, icfg, preview_side,
                           pin_memory=predictor.device.type == "cuda", before_item=phases.wait)
     threads = icfg.post_threads or 1

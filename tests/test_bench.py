@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +193,48 @@ def test_bench_real_options_are_checked_before_anything_runs(tmp_path: Path,
     assert "no folder ISBI2016_ISIC_Part1_Training_Data" in capsys.readouterr().err
     assert main(["bench", "accuracy", "--real-fullsize", str(tmp_path)]) == 2
     assert "--real-fullsize needs --real" in capsys.readouterr().err
+
+
+def test_an_interrupted_case_leaves_no_process_behind(tmp_path: Path, monkeypatch) -> None:
+    """A case that hangs (here: it sleeps beside a child of its own) is ended with
+    everything it started when the wait for it is interrupted: an orphan would hold the
+    caller's output open (CI waited 90 minutes on one)."""
+    import signal as signal_mod
+
+    from lesionseg.bench import harness
+    pid_file = tmp_path / "child.pid"
+    (tmp_path / "hangcase.py").write_text(
+        "import subprocess, time\n"
+        "def bench_hang(plan, workdir):\n"
+        "    child = subprocess.Popen(['sleep', '300'])\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "    time.sleep(300)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(harness.CASE_MODULES, "hang", "hangcase")
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    def interrupt_once_started() -> None:
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        signal_mod.pthread_kill(threading.main_thread().ident, signal_mod.SIGALRM)
+
+    previous = signal_mod.signal(signal_mod.SIGALRM, interrupt)
+    try:
+        threading.Thread(target=interrupt_once_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            harness.run_case_isolated("hang", TINY, tmp_path, threads=1)
+    finally:
+        signal_mod.signal(signal_mod.SIGALRM, previous)
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal_mod.SIGKILL)
+        pytest.fail(f"the case's child {child} outlived the interrupted case")

@@ -143,3 +143,65 @@ def test_a_broken_worker_mid_validation_ends_the_job_with_one_line(val_heavy_sha
     assert text.count("Traceback") == 1 and "CalledProcessError" in text  # accelerate's own
     left = [p for p in seen if _safe(p.is_running) and _safe(p.status) != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, _safe(p.cmdline)) for p in left]
+
+
+def _ranks(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """The launcher's rank processes by rank."""
+    found = {}
+    for p in launcher.children(recursive=True):
+        env = _safe(p.environ, {})
+        if _safe(lambda p=p: "train.py" in " ".join(p.cmdline())) and env.get("RANK"):
+            found[int(env["RANK"])] = p
+    return found
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_rank_waits_on_a_stuck_rank_ends_within_the_grace(val_heavy_shards,
+                                                                         tmp_path):
+    """SIGSTOP rank 1 mid-training, then SIGTERM our launcher (a preemption): rank 0 is
+    blocked in a collective where no Python handler runs, so its watch ends it
+    train.stop_grace_s later with one line naming what it waited for; the launcher kills
+    the stopped rank after its own grace and the job ends as a stop (75), long before the
+    collective timeout."""
+    log = tmp_path / "log"
+    args = [f"data.shards={val_heavy_shards}", "data.image_size=64", "data.batch_size=2",
+            "data.num_workers=0", "model.encoder_weights=null", "tracking.backend=none",
+            "train.num_threads=1", "optim.max_steps=100000", "train.val_every_steps=100000",
+            "train.stop_grace_s=3", "train.collective_timeout_s=300",
+            f"train.output_dir={tmp_path / 'run'}"]
+    with open(log, "w") as out:
+        proc = psutil.Popen(launch_cmd(*args), env=_env(), stdout=out, stderr=subprocess.STDOUT)
+    launcher = psutil.Process(proc.pid)
+    ranks: dict[int, psutil.Process] = {}
+    try:
+        started = time.monotonic()
+        while "training: world size" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() - started < 180, "training did not start in 180 s"
+            time.sleep(0.2)
+        ranks = _ranks(launcher)
+        assert sorted(ranks) == [0, 1]
+        time.sleep(3)  # a few steps in
+        ranks[1].send_signal(signal.SIGSTOP)
+        time.sleep(1)  # rank 0 now waits in the step's collective
+        ours = [p for p in launcher.children()
+                if _safe(lambda p=p: "train.py" in " ".join(p.cmdline()))]
+        assert len(ours) == 1  # the relaunching process, which watches the ranks
+        ours[0].send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        for p in [proc, *ranks.values()]:
+            _safe(p.kill)
+    text = log.read_text()
+    # accelerate's launcher turns our 75 into 1 and a CalledProcessError (README says so)
+    assert code != 0 and "returned non-zero exit status 75" in text, text[-3000:]
+    assert took < 60, took  # grace 3 s + the launcher's 30 s, not the 300 s collective timeout
+    ours = text.split("\nRuntimeError: ")[0]  # then accelerate's copy of the output's tail
+    lines = [ln for ln in ours.splitlines() if "but still waiting for" in ln]
+    assert len(lines) == 1, text[-3000:]
+    assert lines[0].startswith("rank 0: stopped by SIGTERM, but still waiting for the "), lines
+    assert "still running" in text and "after the stop signal" in text
+    assert not [p for p in ranks.values() if _safe(p.is_running)
+                and _safe(p.status) != psutil.STATUS_ZOMBIE]

@@ -297,3 +297,77 @@ def test_a_pack_whose_val_split_would_be_empty_says_what_to_change(
         pack(sources, tmp_path / "shards", PackConfig(val_fraction=0.1, split_seed=seed,
                                                       workers=1), progress=False)
     assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_a_stuck_or_dead_pack_worker_is_an_error_naming_the_case(make_isic, how: str) -> None:
+    """A pack worker that stops answering (SIGSTOP here; a lock inherited by a fork in real
+    life) or dies (an out-of-memory kill) ends the pack with one error naming a case, and
+    its workers are gone: the pool never waits in silence."""
+    import os
+    import signal
+
+    from lesionseg.data.encode import encoded
+    cfg = PackConfig(workers=2)
+    tasks = [(c, "train", cfg) for c in find_cases([make_isic(8)])]
+    results = encoded(tasks, workers=2, stall_s=3)
+    assert next(results)[1] == "ok"
+    frame = results.gi_frame.f_locals
+    workers = list(frame["processes"].values())
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+    message = "a pack worker gave no result in 3 s" if how == "stopped" else "a pack worker died"
+    with pytest.raises(DataError, match=rf"ISIC_\d+\.jpg: {message}"):
+        list(results)
+    for w in workers:
+        w.join(timeout=10)
+        assert not w.is_alive()
+
+
+@pytest.mark.parametrize("content", ["junk", "bomb"])
+def test_a_huge_zip_member_is_refused_from_its_header_unread(make_isic, tmp_path: Path,
+                                                             content: str) -> None:
+    """A 200 MB zip member (zeros: the zip stays small) that is no image, or a PNG whose
+    header claims too many pixels, is refused naming the member, before it is inflated
+    (the 1 GiB case cost 2.8 GB of memory per process)."""
+    import struct
+    import tracemalloc
+    import zipfile
+    import zlib
+
+    root = make_isic(3)
+    zpath = tmp_path / "cases.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted((root / TRAIN_IMG).glob("*.jpg"))[1:]:
+            zf.write(p, f"{TRAIN_IMG}/{p.name}")
+        for p in sorted((root / TRAIN_GT).glob("*.png")):
+            zf.write(p, f"{TRAIN_GT}/{p.name}")
+        if content == "junk":
+            head = b"not an image at all"
+        else:  # a PNG signature and an IHDR of 30000 x 30000 pixels
+            ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+            head = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                    + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+                    + struct.pack(">I", 200 << 20) + b"IDAT")
+        with zf.open(f"{TRAIN_IMG}/ISIC_0000000.jpg", "w", force_zip64=True) as f:
+            f.write(head)
+            for _ in range(200):
+                f.write(bytes(1 << 20))
+    assert zpath.stat().st_size < 2 << 20
+    reason = "not an image file" if content == "junk" else "decompression bomb"
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=rf"cases\.zip:.*ISIC_0000000\.jpg: .*{reason}"):
+            pack([zpath], tmp_path / "s", PackConfig(workers=1), **QUIET)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak >> 20} MB allocated: the member was inflated"
+
+    from lesionseg.data.sources import Item
+    from lesionseg.infer.decode import ItemDataset
+    blob = find_cases([zpath], on_error="skip")[0].image
+    assert blob.member.endswith("ISIC_0000000.jpg")
+    row = ItemDataset([Item(id="ISIC_0000000", image=blob)], 64, 0)[0]
+    assert reason in row["error"] and "ISIC_0000000.jpg" in row["error"]

@@ -3,13 +3,17 @@ gathered into the bench.json document."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
 import json
 import logging
 import multiprocessing
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,26 +68,65 @@ def run_case_isolated(case: str, plan: BenchPlan, workdir: Path, threads: int) -
     # platform's default method; a spawned child would otherwise inherit "spawn" for them.
     default_method = multiprocessing.get_start_method()
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_case_main, args=(case, plan, str(workdir), threads,
+    proc = ctx.Process(target=_case_main, args=(CASE_MODULES[case], case, plan, str(workdir), threads,
                                                 str(result_file), default_method),
                        name=f"bench-{case}")
     proc.start()
-    proc.join()
+    try:
+        with _sigterm_raises():
+            proc.join()
+    finally:
+        # The case leads its own process group: whatever it started (pack pools, fork
+        # servers, loader workers) ends with it, also when this wait is interrupted (Ctrl-C,
+        # a test's timeout) — an orphan would hold the caller's output open for good.
+        _end_group(proc)
     if proc.exitcode != 0 or not result_file.is_file():
         raise BenchError(f"bench case {case!r} failed (exit status {proc.exitcode}); its error "
                          "is printed above")
     return json.loads(result_file.read_text())
 
 
-def _case_main(case: str, plan: BenchPlan, workdir: str, threads: int, result_file: str,
+@contextlib.contextmanager
+def _sigterm_raises() -> Any:
+    """While waiting for a case: SIGTERM (kill, a scheduler) ends the wait with SystemExit,
+    so the case's group is ended too instead of running on as an orphan."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_group(proc: Any) -> None:
+    """Kill what is left of a case process's group: the case itself if it is still running,
+    and any process it started that outlived it."""
+    if proc.pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.is_alive():  # stopped before it made its group
+        proc.kill()
+    proc.join()
+
+
+def _case_main(module: str, case: str, plan: BenchPlan, workdir: str, threads: int, result_file: str,
                start_method: str) -> None:
-    """Entry point of a case process: set threads, run the case, add peak RSS, write JSON."""
+    """Entry point of a case process: lead a process group, set threads, run the case, add
+    peak RSS, write JSON."""
+    os.setpgid(0, 0)
     multiprocessing.set_start_method(start_method, force=True)
     setup_logging()
     if threads > 0:
         torch.set_num_threads(threads)
     # Only this case's module is imported in its process, so its peak RSS is its own.
-    runner = getattr(importlib.import_module(CASE_MODULES[case]), f"bench_{case}")
+    runner = getattr(importlib.import_module(module), f"bench_{case}")
     try:
         result = runner(plan, Path(workdir))
     except UserError as e:

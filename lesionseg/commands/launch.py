@@ -61,7 +61,7 @@ def _parent_argv() -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def maybe_relaunch_cpu_ranks() -> int | None:
+def maybe_relaunch_cpu_ranks(stop_grace_s: float = 0.0) -> int | None:
     """Turn `accelerate launch --cpu --num_processes N` (N > 1), which starts one process, into
     N real gloo ranks started and watched by this process (`run_cpu_ranks`); returns their
     exit status, or None when this process is to run the job itself (set
@@ -77,7 +77,8 @@ def maybe_relaunch_cpu_ranks() -> int | None:
         return None
     log.warning("`accelerate launch --cpu --num_processes %d` starts only one process; "
                 "relaunching as %d CPU (gloo) ranks", n, n)
-    return run_cpu_ranks(n, [sys.executable, sys.argv[0], *sys.argv[1:]])
+    return run_cpu_ranks(n, [sys.executable, sys.argv[0], *sys.argv[1:]],
+                         stop_grace_s=stop_grace_s)
 
 
 def _free_port() -> int:
@@ -96,7 +97,8 @@ def rank_environment(n: int, port: int) -> dict[str, str]:
     return env
 
 
-def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S) -> int:
+def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S,
+                  stop_grace_s: float = 0.0) -> int:
     """Run `argv` as N gloo ranks on this machine and return one exit status for all: 0 when
     every rank succeeded, 2 when one stopped on a user error, 75 when they stopped on a
     signal (a state saved), else the first failing rank's status (1 for a signal).
@@ -105,7 +107,9 @@ def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S) -> int
     in their own process groups, so a Ctrl-C at the terminal reaches them only through here;
     a second Ctrl-C ends them at once). When a rank fails, the others get `grace_s` seconds
     to end on their own (they notice in their next collective) before they are killed, so
-    no rank is ever left running; a rank that died of a signal, which could not say so
+    no rank is ever left running. After a stop signal, a rank still running `stop_grace_s` +
+    `grace_s` seconds later (stopped, or stuck where its own watch cannot help; 0: no
+    limit) is killed, with one line. A rank that died of a signal, which could not say so
     itself, gets one line here."""
     env = rank_environment(n, _free_port())
     sys.stdout.flush()
@@ -113,10 +117,14 @@ def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S) -> int
     ranks = [subprocess.Popen(argv, env=dict(env, RANK=str(i), LOCAL_RANK=str(i)),
                               process_group=0) for i in range(n)]
     interrupts = 0
+    stop_deadline: float | None = None
+    stopped_by_us: set[int] = set()  # ranks killed after a stop: they count as stopped
 
     def forward(signum: int, _frame: Any) -> None:
-        nonlocal interrupts
+        nonlocal interrupts, stop_deadline
         interrupts += signum == signal.SIGINT
+        if stop_grace_s > 0 and stop_deadline is None:
+            stop_deadline = time.monotonic() + stop_grace_s + grace_s
         for p in ranks:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -139,6 +147,14 @@ def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S) -> int
                 for i in left:
                     ranks[i].kill()
                     ranks[i].wait()
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                left = [i for i, p in enumerate(ranks) if p.poll() is None]
+                log.error("rank(s) %s still running %.0f s after the stop signal (stopped or "
+                          "stuck): killed", ", ".join(map(str, left)), stop_grace_s + grace_s)
+                for i in left:
+                    stopped_by_us.add(i)
+                    ranks[i].kill()
+                    ranks[i].wait()
             time.sleep(0.1)
     finally:
         for p in ranks:  # only if this process itself is on its way out with an error
@@ -147,7 +163,7 @@ def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S) -> int
                 p.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    codes = [p.returncode for p in ranks]
+    codes = [EXIT_RESUME if i in stopped_by_us else p.returncode for i, p in enumerate(ranks)]
     if interrupts >= 2:
         return 130
     return combined_status(codes)

@@ -50,8 +50,9 @@ data.image_size=128, optim.epochs=8 (see DEMO_DEFAULTS in lesionseg/train/demo.p
 
 exit status: 0 done, 2 bad config/input, 75 stopped by Ctrl-C (SIGINT), SIGTERM or SIGUSR1
 after saving a state (rerun the same command to resume; a second Ctrl-C quits at once without
-saving), 1 other failure (a data worker or another rank died or stopped answering:
-data.worker_timeout_s, train.collective_timeout_s)."""
+saving; a rank stuck waiting for a rank that stopped answering ends train.stop_grace_s after
+the signal, without saving), 1 other failure (a data worker or another rank died or stopped
+answering: data.worker_timeout_s, train.collective_timeout_s)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +78,7 @@ def command(args: argparse.Namespace) -> int:
     if demo:
         apply_demo_defaults(cfg, args.config, args.overrides)
     check_encoder_weights(cfg.model.encoder_weights)
-    relaunched = maybe_relaunch_cpu_ranks()
+    relaunched = maybe_relaunch_cpu_ranks(cfg.train.stop_grace_s)
     if relaunched is not None:
         return relaunched
     if not was_set("train.mixed_precision", args.config, args.overrides):

@@ -75,6 +75,30 @@ class Blob:
             return data
         raise ValueError(f"unknown blob kind {self.kind!r}")
 
+    def byte_size(self) -> int:
+        """The file's size in bytes, as its folder or archive declares it (nothing read)."""
+        if self.kind == "file":
+            return os.path.getsize(self.path)
+        if self.kind == "zip":
+            with _LOCK:
+                return _zip_handle(self.path).getinfo(self.member).file_size
+        return self.size
+
+    def head(self, n: int) -> bytes:
+        """The file's first `n` bytes (a zip member is inflated only that far)."""
+        if self.kind == "file":
+            with open(self.path, "rb") as f:
+                return f.read(n)
+        if self.kind == "zip":
+            with _LOCK, _zip_handle(self.path).open(self.member) as f:
+                return f.read(n)
+        if self.kind == "tar":
+            with _LOCK:
+                stream = _tar_stream(self.path)
+                stream.seek(self.offset)
+                return stream.read(min(n, self.size))
+        raise ValueError(f"unknown blob kind {self.kind!r}")
+
     def read_bytes(self) -> bytes:
         """`read`, with a failure raised as one DataError naming the file (for callers that
         stop at the first unreadable file: pack)."""

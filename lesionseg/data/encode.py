@@ -4,13 +4,17 @@ re-encoding only when the original JPEG bytes cannot be kept, and the worker poo
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import signal
-import threading
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -20,6 +24,7 @@ from lesionseg.config import PackConfig
 from lesionseg.data.cv import cv2
 from lesionseg.data.images import (
     ImageError,
+    check_before_reading,
     display_size,
     encode_jpeg,
     encode_png,
@@ -27,6 +32,11 @@ from lesionseg.data.images import (
 )
 from lesionseg.data.isic import Case, DataError, Problem, load_case_mask
 from lesionseg.errors import UserError
+from lesionseg.workers import unblock_stop_signals, worker_context
+
+# Seconds a pack worker may take over one case before the pack is stopped as stuck (the
+# largest image Pillow opens takes seconds).
+STALL_S = 600.0
 
 
 def is_val(case_id: str, seed: int, fraction: float) -> bool:
@@ -74,6 +84,8 @@ def encode_case(case: Case, split: str, cfg: PackConfig) -> tuple[dict[str, byte
     Raises ImageError/DataError naming the files when the case is unusable."""
     if case.mask is None:
         raise DataError(f"{case.image}: image without mask")
+    check_before_reading(case.image)
+    check_before_reading(case.mask)
     raw_image, raw_mask = case.image.read_bytes(), case.mask.read_bytes()
     name = str(case.image)
     probe = _probe(raw_image, cfg.max_side)
@@ -116,29 +128,60 @@ def _encode_task(task: tuple[Case, str, PackConfig]) -> tuple[Case, str, Any]:
         return case, "error", Problem(case.id, files, str(e))
 
 
-def encoded(tasks: list[tuple[Case, str, PackConfig]], workers: int) -> Iterator[tuple[Case, str, Any]]:
+def encoded(tasks: list[tuple[Case, str, PackConfig]], workers: int,
+            stall_s: float = STALL_S) -> Iterator[tuple[Case, str, Any]]:
     """Encode tasks in order: in this process for one worker, else in a process pool.
 
-    Fork where the platform has it and this process runs no other thread: unlike spawn it
-    does not re-run the caller's main module, so scripts and notebooks without an `if
-    __name__ == "__main__"` guard work too. A process that already runs threads (the train
-    job building its demo data: tqdm's monitor, W&B) forks its workers from the fork server
-    instead: a child forked from a threaded parent can inherit a lock no thread will release
-    (CPython gh-112275, Python < 3.12). Workers take the default action of SIGTERM (the pool's
-    terminate) and ignore SIGINT (the parent handles Ctrl-C): a Python-level stop handler
-    inherited from the parent could miss the terminate while the worker waits for a task,
-    and the pool would wait for it forever."""
+    The pool's workers come from the fork server (`workers.worker_context`), never from a
+    fork of this process: a process that ran torch, OpenCV or W&B holds native and Python
+    threads, and a child forked from it can inherit a lock no thread will release (CPython
+    gh-112275; a bench's second pack hung for good on CI). The server imports its own
+    modules, never the caller's `__main__`, so scripts without an `if __name__ ==
+    "__main__"` guard work too. The pool is concurrent.futures': a worker that dies (an
+    out-of-memory kill) breaks it with an error instead of a silent wait, and a case that
+    gives no result in `stall_s` seconds is an error naming it. Workers take the default
+    action of SIGTERM and ignore SIGINT (the parent handles Ctrl-C). Closing the generator
+    (done, an error, Ctrl-C) kills the workers at once."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_encode_task, tasks)
         return
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
-        method = "fork"
-    else:
-        method = "forkserver" if "forkserver" in methods else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(min(workers, len(tasks)), initializer=_worker_signals) as pool:
-        yield from pool.imap(_encode_task, tasks, chunksize=1)
+    ctx = worker_context("forkserver") if "forkserver" in methods else \
+        multiprocessing.get_context("spawn")
+    n = min(workers, len(tasks))
+    pool = cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_signals)
+    processes: dict[int, Any] = {}
+    finished = False
+    try:
+        pending: collections.deque[tuple[Case, cf.Future]] = collections.deque()
+        queue = iter(tasks)
+        for task in itertools.islice(queue, 2 * n):
+            pending.append((task[0], pool.submit(_encode_task, task)))
+        processes.update(pool._processes or {})
+        while pending:
+            case, future = pending.popleft()
+            try:
+                result = future.result(timeout=stall_s)
+            except cf.TimeoutError:
+                raise DataError(f"{case.image}: a pack worker gave no result in {stall_s:g} s "
+                                "(stuck or stopped); the pack was stopped") from None
+            except BrokenProcessPool:
+                raise DataError(f"{case.image}: a pack worker died while encoding (killed, or "
+                                "out of memory: try pack.workers=1)") from None
+            for task in itertools.islice(queue, 1):
+                pending.append((task[0], pool.submit(_encode_task, task)))
+            processes.update(pool._processes or {})
+            yield result
+        finished = True
+    finally:
+        if not finished:
+            for proc in processes.values():
+                with contextlib.suppress(OSError, ValueError):
+                    proc.kill()
+        pool.shutdown(wait=finished, cancel_futures=True)
+        for proc in processes.values():
+            with contextlib.suppress(ValueError, AssertionError):
+                proc.join(timeout=5)
 
 
 def _worker_signals() -> None:
@@ -146,3 +189,4 @@ def _worker_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    unblock_stop_signals()  # the fork server starts its children with them blocked

@@ -13,7 +13,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -154,6 +154,33 @@ def load_image(src: Source, name: str | None = None, min_size: int | None = None
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img, size
+
+
+# A file larger than this is judged by its first HEAD_BYTES (its header: format, pixel
+# count) before it is read whole: a 1 GiB archive member that is no usable image was inflated
+# into memory (2.8 GB peak per process) only to be refused.
+LARGE_FILE_BYTES = 64 << 20
+HEAD_BYTES = 4 << 20
+
+
+def check_before_reading(blob: Any) -> None:
+    """Refuse a large file (a `Blob`) from its header, before its bytes are read: not an
+    image, or over the pixel limit. Small files pass unread (their checks come with the
+    decode). A file that cannot be sized or read here passes too: reading it whole fails
+    the same way, with the caller's handling of read errors."""
+    try:
+        if blob.byte_size() <= LARGE_FILE_BYTES:
+            return
+        head = blob.head(HEAD_BYTES)
+    except Exception:  # noqa: BLE001 - the read that follows reports it
+        return
+    try:
+        _open(head, blob.origin)
+    except ImageError as e:
+        if "truncated" not in str(e):
+            raise
+        raise ImageError(f"{blob.origin}: no image header in the first {HEAD_BYTES >> 20} MB of "
+                         f"this {blob.byte_size() >> 20} MB file; refused unread") from None
 
 
 def peek_size(src: Source, name: str | None = None) -> tuple[int, int]:

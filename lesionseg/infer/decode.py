@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lesionseg.data.images import (
+    check_before_reading,
     load_image,
     load_mask,
     load_mask_oriented,
@@ -50,6 +51,7 @@ class ItemDataset(Dataset):
 def decode_item(item: Item, image_size: int, preview_side: int) -> dict[str, Any]:
     """Image → eval-transformed tensor; truth → packed bits (1 = lesion) at the original size,
     row-major, h*w bits; preview → an RGB array of at most preview_side pixels a side."""
+    check_before_reading(item.image)
     data = item.image.read()
     img, display = load_image(data, item.origin, min_size=image_size)
     size = item.orig_size or display
@@ -77,6 +79,7 @@ def read_truth(item: Item, size: tuple[int, int],
     """The truth mask at `size` (h, w). A shard's mask stored downscaled with its image is
     resized (nearest) to the original size; any other size mismatch is an error."""
     assert item.truth is not None
+    check_before_reading(item.truth)
     data = item.truth.read()
     if item.truth_scaled and stored != size:
         mask = load_mask(data, item.truth.origin, expected_size=stored)

@@ -127,7 +127,8 @@ def train(cfg: Config, demo: bool = False) -> int:
         _log_start(accelerator, cfg, data, schedule, demo)
 
     status = EXIT_FAILED  # the W&B run's exit record unless the run ends otherwise
-    stop = StopFlag()
+    stop = StopFlag(cfg.train.stop_grace_s if accelerator.num_processes > 1 else 0.0,
+                    f"rank {accelerator.process_index}")
     stop.install()
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bar
