@@ -155,15 +155,18 @@ def _quality(meta: dict[str, Any]) -> list[str]:
                  "the fixed maps of lesionseg.quality"]
     else:
         models = {m["feature"]: m for m in quality.get("dice_models", [])}
-        lines = ["- per image, inference writes `uncertainty` (with flip TTA: the mean pairwise "
-                 "Dice disagreement of the four views' masks; with --no-tta: the share of "
-                 "pixels with probability in (0.3, 0.7) relative to the predicted area), "
-                 "`expected_dice` and `needs_review` (expected Dice below infer.review_below)",
-                 f"- expected Dice from the disagreement: "
-                 f"{models.get('disagreement', {}).get('source', 'fixed map')}; without TTA: "
+        # "spread" since issue 28's second stop; older checkpoints fitted "disagreement"
+        tta = "spread" if "spread" in models or "disagreement" not in models else "disagreement"
+        lines = ["- per image, inference writes `uncertainty` (with flip TTA: the spread of the "
+                 "four views' probabilities, their mean absolute deviation from the mean per "
+                 "predicted-lesion pixel; with --no-tta: the share of pixels with probability "
+                 "in (0.3, 0.7) relative to the predicted area), `expected_dice` and "
+                 "`needs_review` (expected Dice below infer.review_below)",
+                 f"- expected Dice from the {tta}: "
+                 f"{models.get(tta, {}).get('source', 'fixed map')}; without TTA: "
                  f"{models.get('uncertain_share', {}).get('source', 'fixed map')}. A fit needs "
                  "40 val images, else the fixed map; an ensemble uses the fixed maps",
-                 f"- AUROC of the disagreement for val Dice < 0.8: {quality.get('val_auroc')} "
+                 f"- AUROC of the {tta} for val Dice < 0.8: {quality.get('val_auroc')} "
                  f"({quality.get('val_images')} val images; in-sample)"]
     if cal:
         lines.append(f"- pixel probabilities: ECE on val {cal.get('ece_before')} before, "

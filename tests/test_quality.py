@@ -39,13 +39,29 @@ def _disc(shift: int, size: int = 64) -> np.ndarray:
 
 def test_identical_members_have_zero_uncertainty_and_it_grows_with_disagreement() -> None:
     same = np.stack([_disc(0)] * 4)
-    assert signals(same, 0.5)["disagreement"] == 0.0
-    grown = [signals(np.stack([_disc(0), _disc(0), _disc(s), _disc(-s)]), 0.5)["disagreement"]
+    assert signals(same, 0.5)["disagreement"] == 0.0 and signals(same, 0.5)["spread"] == 0.0
+    moved = [signals(np.stack([_disc(0), _disc(0), _disc(s), _disc(-s)]), 0.5)
              for s in (1, 3, 6, 12, 40)]
-    assert all(a < b for a, b in zip(grown, grown[1:], strict=False)), grown
-    assert grown[-1] > 0.6  # one pair disjoint, the others far apart
+    for name in ("disagreement", "spread"):
+        grown = [m[name] for m in moved]
+        assert all(a < b for a, b in zip(grown, grown[1:], strict=False)), (name, grown)
+    assert moved[-1]["disagreement"] > 0.6  # one pair disjoint, the others far apart
     rated = QualityModel().row(signals(same, 0.5))
-    assert rated["uncertainty"] == 0.0 and rated["expected_dice"] == FIXED_MAPS["disagreement"].ys[0]
+    assert rated["uncertainty"] == 0.0 and rated["expected_dice"] == FIXED_MAPS["spread"].ys[0]
+    rated = QualityModel().row(moved[2])
+    assert rated["uncertainty"] == pytest.approx(moved[2]["spread"], abs=1e-5)
+
+
+def test_spread_counts_members_that_agree_on_the_mask_but_not_on_how_sure() -> None:
+    """Two members with the same mask (both above 0.5 on the disc) but one much less sure:
+    no Dice disagreement, a spread of half their mean gap per lesion pixel."""
+    sure = _disc(0)
+    unsure = np.where(sure > 0.5, 0.55, sure).astype(np.float32)
+    sig = signals(np.stack([sure, unsure]), 0.5)
+    assert sig["disagreement"] == 0.0 and sig["spread"] > 0.1
+    area = int((np.stack([sure, unsure]).mean(0) > 0.5).sum())
+    expected = np.abs(sure - unsure).sum() / 2 / area  # each member is |gap|/2 from the mean
+    assert sig["spread"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_pairwise_disagreement_is_one_minus_dice() -> None:
@@ -58,35 +74,40 @@ def test_pairwise_disagreement_is_one_minus_dice() -> None:
 
 def test_one_member_falls_back_to_the_uncertain_pixel_share() -> None:
     sharp, soft = signals(_disc(0)[None], 0.5), signals((_disc(0) * 0.9)[None], 0.5)
-    assert sharp["disagreement"] is None and sharp["members"] == 1
+    assert sharp["disagreement"] is None and sharp["spread"] is None and sharp["members"] == 1
     assert QualityModel().row(soft)["uncertainty"] == pytest.approx(soft["uncertain_share"], abs=1e-5)
     assert soft["uncertain_share"] > sharp["uncertain_share"] > 0
 
 
 def test_the_flag_follows_the_level_and_the_stored_map() -> None:
-    stored = DiceModel("disagreement", (0.0, 0.1), (0.95, 0.55), "isotonic fit on 50 val images")
+    stored = DiceModel("spread", (0.0, 0.1), (0.95, 0.55), "isotonic fit on 50 val images")
     meta = {"quality": {"dice_models": [stored.to_dict()]}}
-    sig = {"members": 4, "disagreement": 0.05}  # expected Dice 0.75
+    sig = {"members": 4, "spread": 0.05}  # expected Dice 0.75
     for level, flagged in ((0.7, False), (0.75, False), (0.76, True), (0.9, True)):
         row = QualityModel.from_meta(meta, level).row(sig)
         assert row["expected_dice"] == pytest.approx(0.75)
         assert row["needs_review"] is flagged
     # an ensemble's members are not what a model's fit saw: the fixed map
     ensemble = QualityModel.from_meta(meta | {"ensemble": 3}, 0.8)
-    assert ensemble.row(sig)["expected_dice"] == pytest.approx(FIXED_MAPS["disagreement"](sig), abs=1e-4)
+    assert ensemble.row(sig)["expected_dice"] == pytest.approx(FIXED_MAPS["spread"](sig), abs=1e-4)
+    # a checkpoint fitted before the spread (its map is of the disagreement): the fixed map
+    old = {"quality": {"dice_models": [DiceModel("disagreement", (0.0, 0.1), (0.95, 0.55),
+                                                 "isotonic fit on 50 val images").to_dict()]}}
+    assert QualityModel.from_meta(old, 0.8).row(sig)["expected_dice"] == pytest.approx(
+        FIXED_MAPS["spread"](sig), abs=1e-4)
 
 
 def test_the_dice_fit_is_decreasing_and_needs_enough_images() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 0.3, 200)
     y = np.clip(0.95 - 1.5 * x + rng.normal(0, 0.05, 200), 0, 1)
-    model = fit_dice_model("disagreement", x, y)
+    model = fit_dice_model("spread", x, y)
     assert model.source == "isotonic fit on 200 val images"
     assert all(a >= b for a, b in zip(model.ys, model.ys[1:], strict=False))
-    preds = np.array([model({"disagreement": v}) for v in x])
+    preds = np.array([model({"spread": v}) for v in x])
     assert np.mean(np.abs(preds - y)) < 0.06
-    few = fit_dice_model("disagreement", x[:MIN_FIT_IMAGES - 1], y[:MIN_FIT_IMAGES - 1])
-    assert few.ys == FIXED_MAPS["disagreement"].ys and few.source.startswith("fixed map")
+    few = fit_dice_model("spread", x[:MIN_FIT_IMAGES - 1], y[:MIN_FIT_IMAGES - 1])
+    assert few.ys == FIXED_MAPS["spread"].ys and few.source.startswith("fixed map")
 
 
 def test_temperature_fixes_overconfident_probabilities() -> None:
@@ -132,7 +153,7 @@ def test_no_truth_run_writes_the_columns_and_the_review_section(
     ckpt = tmp_path / "best.pt"
     shutil.copy(tiny_checkpoint["ckpt"], ckpt)
     state, cfg, meta = load_weights(ckpt)
-    flat = DiceModel("disagreement", (0.0, 1.0), (0.7, 0.7), "test map")
+    flat = DiceModel("spread", (0.0, 1.0), (0.7, 0.7), "test map")
     meta["quality"] = {"dice_models": [flat.to_dict()]}
     save_weights(ckpt, state, cfg, **meta)
 

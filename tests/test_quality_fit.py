@@ -25,12 +25,12 @@ def test_fit_stores_maps_and_temperature_that_inference_reads(
     assert meta["postprocess"]["threshold"] == 0.45  # the tuning's choice is kept
     quality = meta["quality"]
     assert 0 < quality["val_images"] < MIN_FIT_IMAGES  # a tiny val set: the fixed maps
-    assert [m["feature"] for m in quality["dice_models"]] == ["disagreement", "uncertain_share"]
+    assert [m["feature"] for m in quality["dice_models"]] == ["spread", "uncertain_share"]
     assert all(m["source"].startswith("fixed map (only") for m in quality["dice_models"])
     cal = meta["calibration"]
     assert 0.25 <= cal["temperature"] <= 4 and cal["applied"] == (cal["ece_after"] < cal["ece_before"])
     model = QualityModel.from_meta(meta, 0.8)
-    row = model.row({"members": 4, "disagreement": 0.0})
+    row = model.row({"members": 4, "spread": 0.0})
     assert row["expected_dice"] == pytest.approx(0.98) and not row["needs_review"]
     card = render_model_card(ckpt)
     assert "## Quality control and calibration" in card and str(cal["temperature"]) in card
