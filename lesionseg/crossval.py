@@ -259,15 +259,17 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
         store = cfg.train.tune_postprocess if store is None else store
         probs = [p for oof in oofs for p in oof.probs]
         truths = [t for oof in oofs for t in oof.truths]
+        choice = None
         if store:
-            # choose() compares p > t: give it the 8-bit maps as post_mask reads them.
-            chosen = store_choice(checkpoints, [p.astype(np.float32) / np.float32(255)
+            # choose() compares p > t: give it the 8-bit maps as post_mask reads them. None:
+            # no choice claimed (a degenerate model, too few cases): the defaults apply.
+            choice = store_choice(checkpoints, [p.astype(np.float32) / np.float32(255)
                                                 for p in probs], truths,
                                   f"pooled out-of-fold predictions of {folds} folds",
-                                  cfg.train.tune_min_images) or Postprocess()
-        else:
-            chosen = Postprocess()
-        summary = _write_outputs(root, oofs, chosen, checkpoints, cfg, stored=store)
+                                  cfg.train.tune_min_images)
+        chosen = choice or Postprocess()
+        summary = _write_outputs(root, oofs, chosen, checkpoints, cfg, stored=store,
+                                 choice_stored=choice is not None)
     log.info("cross-validation %s: %d cases out of fold, Dice %.4f (folds %.4f ± %.4f), "
              "Jaccard %.4f (folds %.4f ± %.4f) at threshold %g, %s; written to %s", root,
              summary["cases"], summary["means"]["dice"], summary["spread"]["dice"]["mean"],
@@ -280,8 +282,11 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
 
 
 def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
-                   checkpoints: list[Path], cfg: Config, stored: bool) -> dict[str, Any]:
-    """cv/metrics.csv, cv/masks/, cv/summary.json and cv/report.html."""
+                   checkpoints: list[Path], cfg: Config, stored: bool,
+                   choice_stored: bool) -> dict[str, Any]:
+    """cv/metrics.csv, cv/masks/, cv/summary.json and cv/report.html. `stored`: the folds'
+    best.pt get the out-of-fold scores; `choice_stored`: and a threshold/post-processing
+    choice (tuning may refuse to claim one)."""
     out = root / CV_DIR
     rows, counts = _rows(oofs, chosen)
     _, default_counts = _rows(oofs, Postprocess()) if chosen != Postprocess() else (rows, counts)
@@ -302,7 +307,7 @@ def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
         "scored_at": "the stored (packed) size, at most 1024 px a side; masks at the original "
                      "size are scored by jobs/infer.py",
         "tta": True, "threshold": chosen.threshold, "postprocess": chosen.name,
-        "postprocess_stored": stored,
+        "postprocess_stored": choice_stored, "oof_stored": stored,
         "means": _means(counts), "means_default": _means(default_counts),
         "spread": _spread(per_fold), "per_fold": per_fold,
         "errors": 0, "failures": [], "scored": len(rows), "masks_written": len(rows),

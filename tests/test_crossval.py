@@ -109,6 +109,7 @@ def test_out_of_fold_run_predicts_every_training_id_exactly_once(cv_run: Path,
     # nothing, so no threshold is claimed on them (lesionseg.tuning refuses: a degenerate
     # model); the choice itself is stored as tests/test_postprocess.py shows.
     assert (summary["threshold"], summary["postprocess"]) == (0.5, "none")
+    assert summary["postprocess_stored"] is False and summary["oof_stored"] is True
     for i, member in enumerate(summary["checkpoint"]["members"]):
         _, cfg, meta = load_weights(member["path"])
         assert member["sha256"] == sha256_file(member["path"])
