@@ -106,7 +106,7 @@ def plain_predict(model: torch.nn.Module, items: list[tuple[Path, Path]], size: 
     out.mkdir(parents=True, exist_ok=True)
     for image, _ in items:
         img = Image.open(image).convert("RGB")
-        x = torch.from_numpy(np.asarray(img.resize((size, size), Image.BILINEAR)))
+        x = torch.from_numpy(np.array(img.resize((size, size), Image.BILINEAR)))
         prob = torch.sigmoid(model(x.permute(2, 0, 1)[None].float() / 255))
         full = F.interpolate(prob, size=(img.height, img.width), mode="bilinear")[0, 0]
         mask = (full > 0.5).numpy().astype(np.uint8) * 255
