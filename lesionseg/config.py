@@ -126,7 +126,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # abort after this many non-finite losses in a row
     num_threads: int = 0  # torch CPU threads per process (0 = leave torch's default)
     collective_timeout_s: float = 600.0  # longest wait for the other ranks (a step, a validation, a save); then an error naming the rank
-    stop_grace_s: float = 120.0  # after a stop signal, a rank still stuck this long (waiting for a rank that stopped answering) exits 75 without saving; 0 = wait for the collective timeout
+    stop_grace_s: float = 120.0  # after a stop signal, a rank with no progress (no step, no val batch) for this long (waiting for a rank that stopped answering) exits 75 without saving; 0 = wait for the collective timeout
     deterministic: bool = False  # torch deterministic algorithms (needed for bit-exact resume on GPU)
     # After training, choose the threshold and post-processing on the val set (by Jaccard) and
     # store the choice in best.pt, where inference finds it.

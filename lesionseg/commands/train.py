@@ -50,8 +50,8 @@ data.image_size=128, optim.epochs=8 (see DEMO_DEFAULTS in lesionseg/train/demo.p
 
 exit status: 0 done, 2 bad config/input, 75 stopped by Ctrl-C (SIGINT), SIGTERM or SIGUSR1
 after saving a state (rerun the same command to resume; a second Ctrl-C quits at once without
-saving; a rank stuck waiting for a rank that stopped answering ends train.stop_grace_s after
-the signal, without saving), 1 other failure (a data worker or another rank died or stopped
+saving; a rank stuck waiting for a rank that stopped answering ends after train.stop_grace_s
+with no progress, without saving), 1 other failure (a data worker or another rank died or stopped
 answering: data.worker_timeout_s, train.collective_timeout_s)."""
 
 

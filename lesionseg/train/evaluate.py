@@ -24,6 +24,7 @@ from lesionseg.train import LOGGER
 from lesionseg.train.data import DataPlan, plan_data
 from lesionseg.train.loader import Loader, is_worker_failure, worker_error, worker_failure
 from lesionseg.train.resume import METRICS_FILE, Progress
+from lesionseg.train.signals import beat
 from lesionseg.train.step import scalar_line
 from lesionseg.train.streams import ValStream
 
@@ -42,6 +43,7 @@ def validation_counts(model: torch.nn.Module, loader: Any, device: torch.device,
     model.eval()
     with torch.no_grad():
         for batch in loader:
+            beat()  # progress: a stop's watch leaves a long validation be
             skipped += len(batch["skipped"])
             for msg in batch["skipped"]:
                 log.warning("skipped a bad val sample: %s", msg)

@@ -59,7 +59,7 @@ from lesionseg.train.evaluate import validate_and_keep_best
 from lesionseg.train.loader import is_worker_failure
 from lesionseg.train.resume import Progress, resume_run
 from lesionseg.train.schedule import Schedule, build_scheduler, plan_schedule
-from lesionseg.train.signals import StopFlag, agree, waiting_for
+from lesionseg.train.signals import StopFlag, agree, beat, waiting_for
 from lesionseg.train.step import StepStats, count_bad_steps, log_train_scalars, train_step
 from lesionseg.tuning import tune_checkpoint
 from lesionseg.workers import worker_context
@@ -205,6 +205,7 @@ def train_loop(accelerator: Any, cfg: Config, data: DataPlan, schedule: Schedule
                         epoch.close()  # its workers stop before validation starts others
                     stats.add(result, global_batch, time.perf_counter() - started)
                     bar.update(1)
+                    beat()
                     last = progress.step == schedule.total_steps
                     if progress.step % t.log_every_steps == 0 or last:
                         log_train_scalars(accelerator, stats, optimizer, progress, bar)

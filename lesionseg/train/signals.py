@@ -4,9 +4,10 @@ failed", so no rank is ever left waiting in a collective), save a state and exit
 75 (`EXIT_RESUME`: rerun or requeue the same command). A second Ctrl-C ends the process at
 once (SIGINT's default action). A rank that cannot reach the step boundary because it waits
 in a collective for a rank that stopped answering (Python runs a signal handler only when the
-main thread is back in the interpreter) is ended by a watch thread `train.stop_grace_s` after
-the signal: one line saying what it waited for, status 75, the last saved state kept. Before
-the loop (`lesionseg.errors.stop_during_startup`,
+main thread is back in the interpreter) is ended by a watch thread once it has made no
+progress (`beat`: every step and validation batch) for `train.stop_grace_s` after the signal:
+one line saying what it waited for, status 75, the last saved state kept. A rank that is
+still working (a long validation) is left to reach its stop. Before the loop (`lesionseg.errors.stop_during_startup`,
 installed by the command line first thing) a stop signal ends start-up with `Stopped`
 (status 75, nothing to save yet). DataLoader workers and their fork
 server ignore all three (lesionseg.train.loader, lesionseg.workers)."""
@@ -19,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +30,12 @@ from lesionseg.errors import EXIT_RESUME, RankError, first_line
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _WAITING: list[str] = []  # what this rank waits for in a collective now (innermost last)
+_LAST_BEAT = [0.0]  # time.monotonic() of this rank's last progress (`beat`)
+
+
+def beat() -> None:
+    """Mark progress (a step, a validation batch): a stop's watch leaves a working rank be."""
+    _LAST_BEAT[0] = time.monotonic()
 
 
 class StopFlag:
@@ -75,15 +83,21 @@ class StopFlag:
                 if not data:
                     return
                 signum = next((b for b in data if b in stops), None)
-                if signum is not None and not self._done.wait(self.grace_s):
+                if signum is None:
+                    continue
+                signalled = time.monotonic()
+                while not self._done.wait(min(1.0, self.grace_s)):
+                    if time.monotonic() - max(signalled, _LAST_BEAT[0]) < self.grace_s:
+                        continue  # still making progress towards its stop
                     what = _WAITING[-1] if _WAITING else "the current step"
                     sys.stderr.write(  # on a line of its own, below any progress bar
                         f"\n{self.who or 'training'}: stopped by {signal.Signals(signum).name}, "
-                        f"but still waiting for {what} {self.grace_s:g} s later (another rank "
-                        "stopped answering); exiting without saving (status 75): a rerun "
-                        "resumes from the last saved state\n")
+                        f"but still waiting for {what} with no progress {self.grace_s:g} s "
+                        "later (another rank stopped answering); exiting without saving "
+                        "(status 75): a rerun resumes from the last saved state\n")
                     sys.stderr.flush()
                     os._exit(EXIT_RESUME)
+                return
         finally:
             os.close(r)
 
