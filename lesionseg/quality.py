@@ -4,14 +4,14 @@ image, and the calibration of the pixel probabilities.
 - `signals`: per image, from the members the job already ran (the four flip views with TTA;
   every model × flip of an ensemble), at the model's size: the members' spread (the mean
   absolute deviation of their probabilities from their mean, summed over the pixels and
-  divided by the predicted area), the mean pairwise Dice disagreement of their masks, the
-  share of uncertain pixels (UNCERTAIN_BAND) relative to the predicted area, the mean pixel
-  entropy, the predicted area. No extra forward pass.
+  divided by the predicted area, at least 1 % of the image), the mean pairwise Dice
+  disagreement of their masks, the share of uncertain pixels (UNCERTAIN_BAND) relative to the
+  predicted area, the mean pixel entropy, the predicted area. No extra forward pass.
 - `uncertainty`: the members' spread: the soft form of their disagreement (the best simple
   failure detector of Zenk et al., 2025), which also counts members that agree on the mask
   but not on how sure they are. On the 289 real ISIC 2016 test images its AUROC for Dice <
-  0.8 was higher than the pairwise Dice disagreement's for each of four models (0.895–0.908
-  against 0.865–0.899; docs/DESIGN.md, "Quality control"). With one member (--no-tta, one
+  0.8 was higher than the pairwise Dice disagreement's for four models (0.895–0.908 against
+  0.865–0.899) and 0.003 lower for a fifth (docs/DESIGN.md, "Quality control"). With one member (--no-tta, one
   model) the uncertain-pixel share of its map.
 - `DiceModel`: expected Dice from one signal, a monotone (isotonic, decreasing) piecewise-
   linear map fitted at the end of training on the val images (lesionseg.quality_fit) and stored in
@@ -58,10 +58,15 @@ def pairwise_disagreement(masks: np.ndarray) -> float:
     return float(np.mean(1.0 - dice[i, j])) if len(i) else 0.0
 
 
+SPREAD_MIN_AREA = 0.01  # the spread's area is at least this share of the image (an empty mask)
+
+
 def spread(views: np.ndarray, area: int) -> float:
     """The members' mean absolute deviation from their mean probability, summed over the
-    pixels, per predicted-lesion pixel (at least one): 0 for identical members."""
-    return float(np.abs(views - views.mean(0)).mean(0).sum() / max(area, 1))
+    pixels, per predicted-lesion pixel (the area counted as at least SPREAD_MIN_AREA of the
+    image, so an empty mask gets a large but bounded value): 0 for identical members."""
+    floor = SPREAD_MIN_AREA * views[0].size
+    return float(np.abs(views - views.mean(0)).mean(0).sum() / max(area, floor, 1))
 
 
 def signals(views: np.ndarray | torch.Tensor, threshold: float) -> dict[str, float | None]:

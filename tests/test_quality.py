@@ -62,6 +62,10 @@ def test_spread_counts_members_that_agree_on_the_mask_but_not_on_how_sure() -> N
     area = int((np.stack([sure, unsure]).mean(0) > 0.5).sum())
     expected = np.abs(sure - unsure).sum() / 2 / area  # each member is |gap|/2 from the mean
     assert sig["spread"] == pytest.approx(expected, rel=1e-4)
+    # an empty mask: the area counts as 1 % of the image, so the value stays bounded
+    faint = np.stack([np.full((64, 64), 0.1, np.float32), np.full((64, 64), 0.3, np.float32)])
+    empty = signals(faint, 0.5)
+    assert empty["area"] == 0 and empty["spread"] == pytest.approx(0.1 * 64 * 64 / (0.01 * 64 * 64))
 
 
 def test_pairwise_disagreement_is_one_minus_dice() -> None:
