@@ -219,17 +219,19 @@ def applied_postprocess(icfg: InferConfig, meta: dict[str, Any]) -> tuple[Postpr
     the command line (or config) says, else the checkpoint's validation choice
     (`meta["postprocess"]`, written at the end of training), else 0.5 and none."""
     chosen = Postprocess.from_meta(meta)
+    # tuning stores its untuned defaults, with the reason, when val was too small to choose on
+    origin = ("the checkpoint's validation" if meta.get("postprocess", {}).get("tuned", True)
+              else "the checkpoint's untuned defaults (too few val images to choose on)")
     threshold = icfg.threshold
     sources = []
     if threshold is None:
         threshold = chosen.threshold if chosen else DEFAULT_THRESHOLD
-        sources.append("threshold from the checkpoint's validation" if chosen else
-                       "threshold default")
+        sources.append(f"threshold from {origin}" if chosen else "threshold default")
     else:
         sources.append("threshold given")
     if icfg.postprocess == "auto":
         steps = chosen.steps if chosen else ()
-        sources.append("post-processing from the checkpoint's validation" if chosen else
+        sources.append(f"post-processing from {origin}" if chosen else
                        "post-processing default (the checkpoint holds no choice)")
     else:
         steps = Postprocess.parse(icfg.postprocess).steps

@@ -281,3 +281,16 @@ def test_tuning_stores_the_validation_choice_in_the_checkpoint(
     before, _, _ = load_weights(noisy_model["plain"])
     assert all(torch.equal(state[k], before[k]) for k in before)
     assert d_bytes != ckpt.read_bytes()
+
+
+def test_inference_says_whether_the_stored_choice_was_tuned() -> None:
+    """An untuned checkpoint (too few val images: tuning stored its defaults) is not
+    described as the validation's choice."""
+    from lesionseg.config import InferConfig
+    from lesionseg.inference import applied_postprocess
+    stored = {"threshold": 0.5, "steps": ["main"], "name": "main"}
+    tuned, how = applied_postprocess(InferConfig(), {"postprocess": stored})
+    assert tuned.name == "main" and how.startswith("threshold from the checkpoint's validation")
+    untuned, how = applied_postprocess(InferConfig(), {"postprocess": stored | {"tuned": False}})
+    assert untuned == tuned and "untuned defaults (too few val images" in how
+    assert "validation" not in how
