@@ -7,10 +7,10 @@ in a collective for a rank that stopped answering (Python runs a signal handler 
 main thread is back in the interpreter) is ended by a watch thread once it has made no
 progress (`beat`: every step and validation batch) for `train.stop_grace_s` after the signal:
 one line saying what it waited for, status 75, the last saved state kept. A rank that is
-still working (a long validation) is left to reach its stop. Before the loop (`lesionseg.errors.stop_during_startup`,
-installed by the command line first thing) a stop signal ends start-up with `Stopped`
-(status 75, nothing to save yet). DataLoader workers and their fork
-server ignore all three (lesionseg.train.loader, lesionseg.workers)."""
+still working (a long validation) is left to reach its stop. Before the loop
+(`lesionseg.errors.stop_during_startup`, installed by the command line first thing) a stop
+signal ends start-up with `Stopped` (status 75, nothing to save yet). DataLoader workers and
+their fork server ignore all three (lesionseg.train.loader, lesionseg.workers)."""
 
 from __future__ import annotations
 
