@@ -11,8 +11,8 @@ image, and the calibration of the pixel probabilities.
   failure detector of Zenk et al., 2025), which also counts members that agree on the mask
   but not on how sure they are. On the 289 real ISIC 2016 test images its AUROC for Dice <
   0.8 was higher than the pairwise Dice disagreement's for four models (0.895–0.908 against
-  0.865–0.899) and 0.003 lower for a fifth (docs/DESIGN.md, "Quality control"). With one member (--no-tta, one
-  model) the uncertain-pixel share of its map.
+  0.865–0.899) and 0.003 lower for a fifth (docs/DESIGN.md, "Quality control"). With one
+  member (--no-tta, one model) the uncertain-pixel share of its map.
 - `DiceModel`: expected Dice from one signal, a monotone (isotonic, decreasing) piecewise-
   linear map fitted at the end of training on the val images (lesionseg.quality_fit) and stored in
   best.pt (`meta["quality"]`); with fewer than MIN_FIT_IMAGES val images, or for an ensemble

@@ -56,6 +56,30 @@ def _stop_signals_ignored() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def kill_session(pid: int) -> None:
+    """SIGKILL every process of the session or group `pid` leads (gone already: nothing)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def end_process_group(proc: multiprocessing.process.BaseProcess) -> None:
+    """Kill a child process that leads its own group (or session) with everything it started,
+    and wait for it; the child itself too if it was stopped before it made its group."""
+    if proc.pid is None:
+        return
+    kill_session(proc.pid)
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+
+
+def default_worker_context() -> BaseContext:
+    """`worker_context` of the fork server where the platform has one, else spawn: worker
+    processes never forked from a process that may already run threads."""
+    methods = multiprocessing.get_all_start_methods()
+    return worker_context("forkserver" if "forkserver" in methods else "spawn")
+
+
 def worker_context(method: str = "forkserver") -> BaseContext:
     """The multiprocessing context DataLoader workers start with (`data.worker_start`). For
     forkserver, the server is started now (once per process): call this early, before the

@@ -26,6 +26,7 @@ from lesionseg.bench.table import ACCURACY_KEYS, RATIOS, target_table
 from lesionseg.cli import setup_logging
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text
+from lesionseg.workers import end_process_group
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def run_case_isolated(case: str, plan: BenchPlan, workdir: Path, threads: int) -
         # The case leads its own process group: whatever it started (pack pools, fork
         # servers, loader workers) ends with it, also when this wait is interrupted (Ctrl-C,
         # a test's timeout) — an orphan would hold the caller's output open for good.
-        _end_group(proc)
+        end_process_group(proc)
     if proc.exitcode != 0 or not result_file.is_file():
         raise BenchError(f"bench case {case!r} failed (exit status {proc.exitcode}); its error "
                          "is printed above")
@@ -102,18 +103,6 @@ def _sigterm_raises() -> Any:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _end_group(proc: Any) -> None:
-    """Kill what is left of a case process's group: the case itself if it is still running,
-    and any process it started that outlived it."""
-    if proc.pid is None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    if proc.is_alive():  # stopped before it made its group
-        proc.kill()
-    proc.join()
 
 
 def _case_main(module: str, case: str, plan: BenchPlan, workdir: str, threads: int, result_file: str,

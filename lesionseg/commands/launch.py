@@ -141,20 +141,11 @@ def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S,
                     deadline = time.monotonic() + grace_s
                     _say_killed(first_failure, ranks[first_failure].returncode)
             if deadline is not None and time.monotonic() > deadline:
-                left = [i for i, p in enumerate(ranks) if p.poll() is None]
-                log.error("rank(s) %s still running %.0f s after rank %d failed: killed",
-                          ", ".join(map(str, left)), grace_s, first_failure)
-                for i in left:
-                    ranks[i].kill()
-                    ranks[i].wait()
+                _kill_left(ranks, f"{grace_s:.0f} s after rank {first_failure} failed")
             if stop_deadline is not None and time.monotonic() > stop_deadline:
-                left = [i for i, p in enumerate(ranks) if p.poll() is None]
-                log.error("rank(s) %s still running %.0f s after the stop signal (stopped or "
-                          "stuck): killed", ", ".join(map(str, left)), stop_grace_s + grace_s)
-                for i in left:
-                    stopped_by_us.add(i)
-                    ranks[i].kill()
-                    ranks[i].wait()
+                stopped_by_us.update(_kill_left(
+                    ranks, f"{stop_grace_s + grace_s:.0f} s after the stop signal (stopped or "
+                    "stuck)"))
             time.sleep(0.1)
     finally:
         for p in ranks:  # only if this process itself is on its way out with an error
@@ -167,6 +158,17 @@ def run_cpu_ranks(n: int, argv: list[str], grace_s: float = RANK_GRACE_S,
     if interrupts >= 2:
         return 130
     return combined_status(codes)
+
+
+def _kill_left(ranks: list[subprocess.Popen], when: str) -> list[int]:
+    """Kill the ranks still running, with one line saying `when`; returns their indexes."""
+    left = [i for i, p in enumerate(ranks) if p.poll() is None]
+    if left:
+        log.error("rank(s) %s still running %s: killed", ", ".join(map(str, left)), when)
+    for i in left:
+        ranks[i].kill()
+        ranks[i].wait()
+    return left
 
 
 def _say_killed(rank: int, code: int) -> None:

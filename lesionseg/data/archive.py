@@ -66,10 +66,7 @@ class Blob:
             with _LOCK:
                 return _zip_handle(self.path).read(self.member)
         if self.kind == "tar":
-            with _LOCK:
-                stream = _tar_stream(self.path)
-                stream.seek(self.offset)
-                data = stream.read(self.size)
+            data = self._tar_bytes(self.size)
             if len(data) != self.size:
                 raise OSError(f"archive ended early: got {len(data)} of {self.size} bytes")
             return data
@@ -93,11 +90,15 @@ class Blob:
             with _LOCK, _zip_handle(self.path).open(self.member) as f:
                 return f.read(n)
         if self.kind == "tar":
-            with _LOCK:
-                stream = _tar_stream(self.path)
-                stream.seek(self.offset)
-                return stream.read(min(n, self.size))
+            return self._tar_bytes(min(n, self.size))
         raise ValueError(f"unknown blob kind {self.kind!r}")
+
+    def _tar_bytes(self, n: int) -> bytes:
+        """Up to `n` bytes of a tar member's data, from its offset in the tar stream."""
+        with _LOCK:
+            stream = _tar_stream(self.path)
+            stream.seek(self.offset)
+            return stream.read(n)
 
     def read_bytes(self) -> bytes:
         """`read`, with a failure raised as one DataError naming the file (for callers that

@@ -11,7 +11,6 @@ import hashlib
 import io
 import itertools
 import json
-import multiprocessing
 import signal
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
@@ -32,7 +31,7 @@ from lesionseg.data.images import (
 )
 from lesionseg.data.isic import Case, DataError, Problem, load_case_mask
 from lesionseg.errors import UserError
-from lesionseg.workers import unblock_stop_signals, worker_context
+from lesionseg.workers import default_worker_context, unblock_stop_signals
 
 # Seconds a pack worker may take over one case before the pack is stopped as stuck (the
 # largest image Pillow opens takes seconds).
@@ -132,7 +131,7 @@ def encoded(tasks: list[tuple[Case, str, PackConfig]], workers: int,
             stall_s: float = STALL_S) -> Iterator[tuple[Case, str, Any]]:
     """Encode tasks in order: in this process for one worker, else in a process pool.
 
-    The pool's workers come from the fork server (`workers.worker_context`), never from a
+    The pool's workers come from the fork server (`workers.default_worker_context`), never from a
     fork of this process: a process that ran torch, OpenCV or W&B holds native and Python
     threads, and a child forked from it can inherit a lock no thread will release (CPython
     gh-112275; a bench's second pack hung for good on CI). The server imports its own
@@ -145,11 +144,9 @@ def encoded(tasks: list[tuple[Case, str, PackConfig]], workers: int,
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_encode_task, tasks)
         return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = worker_context("forkserver") if "forkserver" in methods else \
-        multiprocessing.get_context("spawn")
     n = min(workers, len(tasks))
-    pool = cf.ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_signals)
+    pool = cf.ProcessPoolExecutor(n, mp_context=default_worker_context(),
+                                  initializer=_worker_signals)
     processes: dict[int, Any] = {}
     finished = False
     try:

@@ -169,7 +169,8 @@ def check_before_reading(blob: Any) -> None:
     decode). A file that cannot be sized or read here passes too: reading it whole fails
     the same way, with the caller's handling of read errors."""
     try:
-        if blob.byte_size() <= LARGE_FILE_BYTES:
+        size = blob.byte_size()
+        if size <= LARGE_FILE_BYTES:
             return
         head = blob.head(HEAD_BYTES)
     except Exception:  # noqa: BLE001 - the read that follows reports it
@@ -180,7 +181,7 @@ def check_before_reading(blob: Any) -> None:
         if "truncated" not in str(e):
             raise
         raise ImageError(f"{blob.origin}: no image header in the first {HEAD_BYTES >> 20} MB of "
-                         f"this {blob.byte_size() >> 20} MB file; refused unread") from None
+                         f"this {size >> 20} MB file; refused unread") from None
 
 
 def peek_size(src: Source, name: str | None = None) -> tuple[int, int]:

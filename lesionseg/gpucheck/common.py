@@ -1,12 +1,8 @@
-"""What the parts share: the device, synchronized timers, peak memory, medians, and killing
-a process session (a part's, or a job's it started). torch is imported in the functions:
-the parts' own processes pay for it, the parent never does."""
+"""What the parts share: the device, synchronized timers, peak memory, medians. torch is
+imported in the functions: the parts' own processes pay for it, the parent never does."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -14,11 +10,6 @@ from typing import Any
 
 from lesionseg.bench.measure import rounded
 from lesionseg.gpucheck.plan import CheckPlan
-
-
-def kill_session(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def rounded_median(values: list[float]) -> float | None:

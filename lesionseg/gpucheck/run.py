@@ -18,9 +18,9 @@ from typing import Any
 
 from lesionseg.cli import setup_logging
 from lesionseg.files import atomic_write_text
-from lesionseg.gpucheck.common import kill_session
 from lesionseg.gpucheck.plan import CUDA_ONLY, KILL_GRACE_S, PARTS, SCHEMA, CheckPlan
 from lesionseg.gpucheck.table import summarize
+from lesionseg.workers import end_process_group
 
 log = logging.getLogger("lesionseg.gpucheck")
 
@@ -96,9 +96,7 @@ def run_part(part: str, plan: CheckPlan, workdir: Path, limit_s: float) -> dict[
         timed_out = proc.is_alive()
     finally:
         if proc.is_alive():
-            kill_session(proc.pid)
-            proc.kill()  # in case it was killed before it led its own session
-            proc.join()
+            end_process_group(proc)
     seconds = round(time.monotonic() - t0, 1)
     if result_file.is_file():
         return {**json.loads(result_file.read_text()), "seconds": seconds}

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg.bench.measure import rounded
-from lesionseg.gpucheck.common import kill_session, rounded_median
+from lesionseg.gpucheck.common import rounded_median
 from lesionseg.gpucheck.plan import KILL_GRACE_S, PRECISION_NAMES, TRAIN_SCRIPT, CheckPlan
+from lesionseg.workers import kill_session
 
 log = logging.getLogger("lesionseg.gpucheck")
 

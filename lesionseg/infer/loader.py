@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
-import multiprocessing
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +14,7 @@ from lesionseg.config import InferConfig
 from lesionseg.data.sources import Item
 from lesionseg.infer.decode import ItemDataset, collate
 from lesionseg.threadplan import lower_priority
-from lesionseg.workers import WorkerInit, worker_context
+from lesionseg.workers import WorkerInit, default_worker_context
 
 
 def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_side: int,
@@ -44,23 +43,15 @@ def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_s
                                num_workers=workers, collate_fn=collate, pin_memory=True,
                                persistent_workers=False, prefetch_factor=2,
                                worker_init_fn=WorkerInit(),
-                               multiprocessing_context=_worker_start()))
+                               multiprocessing_context=default_worker_context()))
     workers = min(icfg.num_workers, len(items))
     # Two batches in flight, as with whole batches per worker.
     prefetch = max(2, math.ceil(2 * icfg.batch_size / workers))
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=_one_sample, persistent_workers=False,
                         prefetch_factor=prefetch, worker_init_fn=WorkerInit(lower_priority),
-                        multiprocessing_context=_worker_start())
+                        multiprocessing_context=default_worker_context())
     return batched(iter(loader), icfg.batch_size)
-
-
-def _worker_start() -> Any:
-    """Decode worker processes come from the fork server, as training's do
-    (lesionseg/workers.py): by now this process runs threads (the input hasher, W&B,
-    tqdm's monitor), and a worker forked from it can inherit a lock none will release."""
-    return worker_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                          else "spawn")
 
 
 def decoded_in_threads(dataset: Any, threads: int, ahead: int,
