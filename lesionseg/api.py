@@ -49,7 +49,7 @@ class Segmentation:
     postprocess: str  # none, main, fill or main+fill
     uncertainty: float  # the members' spread (flip views, TTA) or the uncertain-pixel share
     expected_dice: float  # the Dice the stored quality fit expects of this mask
-    needs_review: bool  # expected_dice below the review level
+    needs_review: bool  # expected_dice below the review level, or uncertainty above the review share's cut
 
     @property
     def lesion_fraction(self) -> float:
@@ -70,21 +70,27 @@ class Segmenter:
     def load(cls, path: str | os.PathLike, *, backend: str = "torch", device: str = "auto",
              tta: bool = True, threshold: float | None = None, postprocess: str = "auto",
              image_size: int = 0, mixed_precision: str = "auto",
-             review_below: float = 0.8) -> Segmenter:
+             review_below: float = 0.8, review_share: float = 0.1,
+             empty_fallback: float = 0.5) -> Segmenter:
         """A checkpoint (best.pt) or an exported file (.onnx, TorchScript). backend
         "onnxruntime" runs a checkpoint through an ONNX export made on the fly (parity-checked).
         threshold/postprocess default to what validation chose (stored in the file);
         image_size 0 = the model's training size. Threads: torch.set_num_threads(N) before
         loading (ONNX Runtime takes the same number when its session is made). review_below:
-        the expected Dice below which a result needs review."""
+        the expected Dice below which a result needs review; review_share: a result also needs
+        review when it is more uncertain than all but this share of the val images;
+        empty_fallback: a mask with no pixel above the threshold becomes the main region above
+        this share of the image's highest probability (0: stays empty)."""
         icfg = InferConfig(backend=backend, device=device, tta=tta, threshold=threshold,
                            postprocess=postprocess, image_size=image_size,
-                           mixed_precision=mixed_precision, review_below=review_below)
+                           mixed_precision=mixed_precision, review_below=review_below,
+                           review_share=review_share, empty_fallback=empty_fallback)
         validate(Config(infer=icfg))  # a bad choice is a ConfigError naming infer.<key>
         predictor, cfg, meta = load_predictor(path, icfg, resolve_device(device))
         post, _ = applied_postprocess(icfg, meta)
         return cls(predictor, image_size or cfg.data.image_size, post, str(path),
-                   QualityModel.from_meta(meta, review_below), applied_temperature(meta))
+                   QualityModel.from_meta(meta, review_below, review_share),
+                   applied_temperature(meta))
 
     def __repr__(self) -> str:
         return (f"Segmenter({self.source!r}, backend={self.predictor.backend}, "

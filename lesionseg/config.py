@@ -50,6 +50,8 @@ class DataConfig:
     vflip: bool = True  # random vertical flips (lesions have no up/down)
     rotate_degrees: float | None = None  # random rotation range (+/-); corners outside are filled
     color_jitter: float | None = None  # brightness/contrast/saturation jitter strength; 0 = off
+    tint: float = 0.0  # colour cast: each of R, G, B scaled by exp(U(-tint, tint)) per training crop (white balance); 0 = off
+    skin_tone: float = 0.0  # darker skin: half the training crops seen through added melanin, optical density U(0, skin_tone) (lesionseg/data/transforms.py); 0 = off
     sticker_prob: float = 0.25  # share of training crops that get a round colour-calibration sticker painted near an edge (lesionseg/data/stickers.py); 0 = off
     demo_cases: int = 160  # number of synthetic cases in the demo set built when shards is null
     demo_dir: str = "shards/demo"  # where the demo set's ISIC-layout source and shards are cached
@@ -157,7 +159,9 @@ class InferConfig:
     threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
     postprocess: str = "auto"  # auto (the checkpoint's choice), none, main (the region the model is surest of), fill (holes) or main+fill
     tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
+    empty_fallback: float = 0.5  # a mask with no pixel above the threshold becomes the main region above this share of the image's highest probability (every dermoscopic image shows a lesion); 0 = leave it empty
     review_below: float = 0.8  # needs_review when an image's expected_dice is below this (lesionseg.quality)
+    review_share: float = 0.1  # needs_review also when its uncertainty is above all but this share of the val images' (0 = off)
     mixed_precision: str = "auto"  # auto (fp16 on CUDA, bf16 on a CPU with AMX/AVX-512 BF16, else fp32), no, fp16 or bf16
     device: str = "auto"  # auto (CUDA when visible), cpu, cuda, or cuda:N (one process)
     backend: str = "torch"  # torch, or onnxruntime (a checkpoint is exported on the fly, parity-checked)
@@ -237,6 +241,8 @@ def validate(cfg: Config) -> Config:
            d.rotate_degrees, "must be in [0, 180], or null (auto)")
     _check(d.color_jitter is None or 0 <= d.color_jitter < 1, "data.color_jitter",
            d.color_jitter, "must be in [0, 1), or null (auto)")
+    _check(0 <= d.tint <= 1, "data.tint", d.tint, "must be in [0, 1]")
+    _check(0 <= d.skin_tone <= 3, "data.skin_tone", d.skin_tone, "must be in [0, 3]")
     _check(0 <= d.sticker_prob <= 1, "data.sticker_prob", d.sticker_prob, "must be in [0, 1]")
     _check(d.cache_max_mb >= 0, "data.cache_max_mb", d.cache_max_mb, "must be >= 0")
     _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds,
@@ -306,7 +312,10 @@ def validate(cfg: Config) -> Config:
     _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")
     _check(i.report_images >= 0, "infer.report_images", i.report_images, "must be >= 0")
+    _check(0 <= i.empty_fallback < 1, "infer.empty_fallback", i.empty_fallback,
+           "must be in [0, 1)")
     _check(0 <= i.review_below <= 1, "infer.review_below", i.review_below, "must be in [0, 1]")
+    _check(0 <= i.review_share < 1, "infer.review_share", i.review_share, "must be in [0, 1)")
     return cfg
 
 

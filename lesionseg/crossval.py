@@ -27,7 +27,7 @@ import json
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,8 @@ def _rows(oofs: list[OutOfFold], post: Postprocess) -> tuple[list[dict[str, Any]
 
 def post_mask(prob8: np.ndarray, post: Postprocess) -> np.ndarray:
     """The uint8 0/255 mask of an 8-bit probability map: probability > threshold, then the
-    post-processing steps (the comparison done on p / 255 in float32, as inference compares)."""
+    post-processing steps and the empty-mask fallback (the comparison done on p / 255 in
+    float32, as inference compares)."""
     return post.mask(prob8.astype(np.float32) / np.float32(255))
 
 
@@ -267,7 +268,8 @@ def evaluate(root: str | Path, store: bool | None = None, log_wandb: bool = True
                                                 for p in probs], truths,
                                   f"pooled out-of-fold predictions of {folds} folds",
                                   cfg.train.tune_min_images)
-        chosen = choice or Postprocess()
+        # scored as inference will apply it: with the empty-mask fallback of infer
+        chosen = replace(choice or Postprocess(), fallback=cfg.infer.empty_fallback)
         summary = _write_outputs(root, oofs, chosen, checkpoints, cfg, stored=store,
                                  choice_stored=choice is not None)
     log.info("cross-validation %s: %d cases out of fold, Dice %.4f (folds %.4f ± %.4f), "
@@ -289,7 +291,8 @@ def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
     choice (tuning may refuse to claim one)."""
     out = root / CV_DIR
     rows, counts = _rows(oofs, chosen)
-    _, default_counts = _rows(oofs, Postprocess()) if chosen != Postprocess() else (rows, counts)
+    default = Postprocess(fallback=chosen.fallback)
+    _, default_counts = _rows(oofs, default) if chosen != default else (rows, counts)
     for row in rows:
         write_mask(out / "masks" / f"{row['id']}_Segmentation.png", row.pop("_mask"))
     per_fold = []
@@ -307,6 +310,7 @@ def _write_outputs(root: Path, oofs: list[OutOfFold], chosen: Postprocess,
         "scored_at": "the stored (packed) size, at most 1024 px a side; masks at the original "
                      "size are scored by jobs/infer.py",
         "tta": True, "threshold": chosen.threshold, "postprocess": chosen.name,
+        "empty_fallback": chosen.fallback,
         "postprocess_stored": choice_stored, "oof_stored": stored,
         "means": _means(counts), "means_default": _means(default_counts),
         "spread": _spread(per_fold), "per_fold": per_fold,

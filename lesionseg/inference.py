@@ -158,12 +158,13 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
         "checkpoint_sha256": digests[0] if len(digests) == 1 else digests,
         "image_size": image_size,
         "threshold": icfg.threshold, "postprocess": icfg.postprocess, "tta": icfg.tta,
+        "empty_fallback": icfg.empty_fallback,
         "splits": list(icfg.splits),
     }
     parts_dir = out / PARTS
     parts_dir.mkdir(parents=True, exist_ok=True)
     check_signature(parts_dir, signature)
-    quality = QualityModel.from_meta(meta, icfg.review_below)
+    quality = QualityModel.from_meta(meta, icfg.review_below, icfg.review_share)
     runtime["quality"] = quality.describe((len(TTA_FLIPS) if icfg.tta else 1) * len(members))
     runtime["temperature"] = applied_temperature(meta)
     _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
@@ -179,7 +180,7 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
                  sum(inventory.skipped.values()), len(inventory.errors))
 
         spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
-                          post.steps, quality, runtime["temperature"])
+                          post.steps, post.fallback, quality, runtime["temperature"])
         row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
         try:
             # Phases need torch's threads: a runtime (onnxruntime) keeps the count it opened with.
@@ -236,7 +237,7 @@ def applied_postprocess(icfg: InferConfig, meta: dict[str, Any]) -> tuple[Postpr
     else:
         steps = Postprocess.parse(icfg.postprocess).steps
         sources.append("post-processing given")
-    return Postprocess(float(threshold), steps), "; ".join(sources)
+    return Postprocess(float(threshold), steps, icfg.empty_fallback), "; ".join(sources)
 
 
 def applied_temperature(meta: dict[str, Any]) -> float:

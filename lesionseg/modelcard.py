@@ -161,7 +161,8 @@ def _quality(meta: dict[str, Any]) -> list[str]:
                  "four views' probabilities, their mean absolute deviation from the mean per "
                  "predicted-lesion pixel; with --no-tta: the share of pixels with probability "
                  "in (0.3, 0.7) relative to the predicted area), `expected_dice` and "
-                 "`needs_review` (expected Dice below infer.review_below)",
+                 "`needs_review` (expected Dice below infer.review_below, or an uncertainty "
+                 "above all but infer.review_share of the val images')",
                  f"- expected Dice from the {tta}: "
                  f"{models.get(tta, {}).get('source', 'fixed map')}; without TTA: "
                  f"{models.get('uncertain_share', {}).get('source', 'fixed map')}. A fit needs "

@@ -17,7 +17,13 @@ image, and the calibration of the pixel probabilities.
   linear map fitted at the end of training on the val images (lesionseg.quality_fit) and stored in
   best.pt (`meta["quality"]`); with fewer than MIN_FIT_IMAGES val images, or for an ensemble
   (whose members disagree more than one model's flips), the fixed map FIXED_MAPS.
-- `needs_review`: expected Dice below `infer.review_below`.
+- `needs_review`: expected Dice below `infer.review_below`, or an uncertainty above all but
+  the `infer.review_share` most uncertain of the val images (the map's `cuts`, quantiles of
+  the val uncertainties). Why both: the expected Dice is a mean, and most uncertain images
+  are still fine, so it stays above 0.8 for all but the most uncertain few; on five
+  real-data models it flagged 2–5 % of the ISIC test images and caught 3–9 of 12–18 images
+  below Dice 0.8, the val share (0.1) flagged 7–13 % and caught 8–13 (docs/DESIGN.md,
+  "Quality control").
 - Calibration: a temperature on the logit of the (TTA-averaged) probability, fitted on val by
   pixel log-loss, kept (`meta["calibration"]["applied"]`) when it lowers the val ECE; inference
   applies it to the probability maps it writes (--save-probs) and the API's probability; masks
@@ -112,18 +118,29 @@ class DiceModel:
     xs: tuple[float, ...]
     ys: tuple[float, ...]
     source: str  # e.g. "isotonic fit on 71 val images" or "fixed map"
+    # Quantiles of the signal on the val images the map was fitted on, at evenly spaced
+    # probabilities from 0 to 1 (None: a map stored before they were; the fixed map's apply).
+    cuts: tuple[float, ...] | None = None
 
     def __call__(self, sig: dict[str, Any]) -> float:
         return float(np.clip(np.interp(float(sig[self.feature]), self.xs, self.ys), 0.0, 1.0))
 
+    def cut(self, share: float) -> float:
+        """The signal above which the `share` most uncertain of the val images lie (inf for a
+        share of 0)."""
+        if share <= 0:
+            return math.inf
+        cuts = self.cuts if self.cuts is not None else FIXED_MAPS[self.feature].cuts
+        return float(np.interp(1.0 - share, np.linspace(0.0, 1.0, len(cuts)), cuts))
+
     def to_dict(self) -> dict[str, Any]:
         return {"feature": self.feature, "xs": list(self.xs), "ys": list(self.ys),
-                "source": self.source}
+                "source": self.source, **({"cuts": list(self.cuts)} if self.cuts else {})}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiceModel:
         return cls(d["feature"], tuple(map(float, d["xs"])), tuple(map(float, d["ys"])),
-                   d["source"])
+                   d["source"], tuple(map(float, d["cuts"])) if d.get("cuts") else None)
 
 
 # Used where no fit applies (see the module docstring): the isotonic fits of the default
@@ -131,15 +148,22 @@ class DiceModel:
 # read off at round knots; beyond the last knot the val set has a single image, so the tail
 # is a guess (docs/DESIGN.md, "Quality control"). The spread's map pools the val images of
 # four such models (two seeds, with and without stickers and colour constancy: 292 images,
-# 10 of them below Dice 0.8).
+# 10 of them below Dice 0.8); the spread's and the uncertain share's cuts are the quantiles
+# (every 5 %) of those 292 images (the share from the first view alone, as --no-tta sees it).
 FIXED_MAPS = {
     "spread": DiceModel("spread", (0.0, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.13, 0.16, 0.3),
                         (0.98, 0.943, 0.922, 0.908, 0.901, 0.888, 0.879, 0.87, 0.812, 0.735),
-                        "fixed map"),
+                        "fixed map",
+                        (0.0083, 0.0168, 0.0182, 0.0207, 0.0216, 0.0229, 0.0244, 0.0258,
+                         0.0274, 0.0283, 0.0292, 0.031, 0.0337, 0.0357, 0.0388, 0.042, 0.0482,
+                         0.0632, 0.0928, 0.1523, 1.0086)),
     "disagreement": DiceModel("disagreement", (0.0, 0.01, 0.02, 0.035, 0.09, 0.15),
                               (0.98, 0.97, 0.93, 0.90, 0.85, 0.55), "fixed map"),
     "uncertain_share": DiceModel("uncertain_share", (0.0, 0.04, 0.06, 0.09, 0.14, 0.2, 0.4),
-                                 (0.98, 0.975, 0.94, 0.905, 0.88, 0.815, 0.68), "fixed map"),
+                                 (0.98, 0.975, 0.94, 0.905, 0.88, 0.815, 0.68), "fixed map",
+                                 (0.0278, 0.042, 0.0471, 0.0504, 0.0538, 0.0582, 0.0613,
+                                  0.0642, 0.067, 0.0698, 0.0718, 0.0749, 0.0772, 0.0815,
+                                  0.0857, 0.0916, 0.1023, 0.1252, 0.1485, 0.193, 0.6171)),
 }
 
 
@@ -156,18 +180,23 @@ def isotonic_decreasing(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     return (np.array([b[0] / b[2] for b in blocks]), np.array([b[1] / b[2] for b in blocks]))
 
 
+CUT_QUANTILES = 101  # a fitted map keeps its val signal's quantiles at every 1 %
+
+
 def fit_dice_model(feature: str, values: Sequence[float], dices: Sequence[float]) -> DiceModel:
-    """The isotonic (decreasing) fit of Dice on one signal; the fixed map below
-    MIN_FIT_IMAGES images."""
+    """The isotonic (decreasing) fit of Dice on one signal, with the val signal's quantiles
+    (`DiceModel.cuts`); the fixed map below MIN_FIT_IMAGES images."""
     if len(values) < MIN_FIT_IMAGES:
         fixed = FIXED_MAPS[feature]
         return DiceModel(feature, fixed.xs, fixed.ys,
                          f"fixed map (only {len(values)} val images; a fit needs "
                          f"{MIN_FIT_IMAGES})")
     xs, ys = isotonic_decreasing(np.asarray(values, float), np.asarray(dices, float))
+    cuts = np.quantile(np.asarray(values, float), np.linspace(0.0, 1.0, CUT_QUANTILES))
     return DiceModel(feature, tuple(round(float(x), 5) for x in xs),
                      tuple(round(float(y), 5) for y in ys),
-                     f"isotonic fit on {len(values)} val images")
+                     f"isotonic fit on {len(values)} val images",
+                     tuple(round(float(c), 6) for c in cuts))
 
 
 @dataclass(frozen=True)
@@ -177,6 +206,7 @@ class QualityModel:
     dice_models: tuple[DiceModel, ...] = tuple(FIXED_MAPS.values())
     review_below: float = 0.8
     ensemble: bool = False  # an ensemble's members: the fixed maps (fits are per model)
+    review_share: float = 0.1  # also flag above the uncertainty of this top share of val
 
     def dice_model(self, members: int) -> DiceModel:
         feature = uncertainty_feature(members)
@@ -187,10 +217,12 @@ class QualityModel:
         return FIXED_MAPS[feature]
 
     def row(self, sig: dict[str, Any]) -> dict[str, Any]:
-        """The image's uncertainty, expected_dice and needs_review."""
-        expected = self.dice_model(sig["members"])(sig)
-        return {"uncertainty": round(uncertainty(sig), 5), "expected_dice": round(expected, 4),
-                "needs_review": expected < self.review_below}
+        """The image's uncertainty, expected_dice and needs_review (expected Dice below the
+        level, or uncertainty above the review share's cut)."""
+        model = self.dice_model(sig["members"])
+        expected, u = model(sig), uncertainty(sig)
+        return {"uncertainty": round(u, 5), "expected_dice": round(expected, 4),
+                "needs_review": expected < self.review_below or u > model.cut(self.review_share)}
 
     def describe(self, members: int) -> dict[str, Any]:
         """summary.json's account of what the columns are."""
@@ -200,16 +232,24 @@ class QualityModel:
                 "the mean, per predicted-lesion pixel" if members > 1 else
                 "share of pixels with probability in (0.3, 0.7) relative to the predicted "
                 "area (one member: --no-tta, one model)")
+        cut = model.cut(self.review_share)
         return {"uncertainty": what, "expected_dice_model": model.source
                 + (" (ensemble: fits are per model)" if self.ensemble and
                    "fixed" in model.source else ""),
-                "level": self.review_below}
+                "level": self.review_below, "review_share": self.review_share,
+                "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
+                "uncertainty_cut_from": ("the val images of the fit" if model.cuts
+                                         else "the fixed map's val images"),
+                "rule": "needs_review: expected_dice < level, or uncertainty > uncertainty_cut "
+                        "(the review_share most uncertain of the val images lie above it)"}
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], review_below: float) -> QualityModel:
+    def from_meta(cls, meta: dict[str, Any], review_below: float,
+                  review_share: float = 0.1) -> QualityModel:
         stored = meta.get("quality", {}).get("dice_models")
         models = tuple(DiceModel.from_dict(d) for d in stored) if stored else tuple(FIXED_MAPS.values())
-        return cls(models, review_below, ensemble=bool(meta.get("ensemble")))
+        return cls(models, review_below, ensemble=bool(meta.get("ensemble")),
+                   review_share=review_share)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -11,6 +11,7 @@ mean; the views are what this needs).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
     and store them in `checkpoint`'s metadata ("quality", "calibration")."""
     predictor, _, meta = load_predictor(checkpoint, InferConfig(mixed_precision="no"),
                                         device or torch.device("cpu"))
-    post = Postprocess.from_meta(meta) or Postprocess()
+    post = replace(Postprocess.from_meta(meta) or Postprocess(),
+                   fallback=InferConfig().empty_fallback)  # as inference applies it
     tta: list[tuple[dict, float]] = []
     single: list[tuple[dict, float]] = []
     cal_probs: list[np.ndarray] = []

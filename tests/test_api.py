@@ -111,11 +111,18 @@ def test_exported_file_and_onnxruntime_backend_give_the_same_masks(
 
 
 def test_overrides_and_errors(tiny_checkpoint: dict) -> None:
-    seg = Segmenter.load(tiny_checkpoint["ckpt"], threshold=0.99, postprocess="none", tta=False)
+    seg = Segmenter.load(tiny_checkpoint["ckpt"], threshold=0.99, postprocess="none", tta=False,
+                         empty_fallback=0)
     path = images_of(tiny_checkpoint)[0]
     result = seg.segment(path)
     assert result.threshold == 0.99 and result.postprocess == "none"
     assert np.array_equal(result.mask > 0, result.probability > np.float32(0.99))
+    # nothing passes 0.99 in the tiny model: by default the most confident region instead
+    assert not result.mask.any()
+    fallback = Segmenter.load(tiny_checkpoint["ckpt"], threshold=0.99, postprocess="none",
+                              tta=False).segment(path)
+    top = fallback.probability.max()
+    assert fallback.mask.any() and fallback.probability[fallback.mask > 0].min() > 0.5 * top
     with pytest.raises(ConfigError, match="infer.backend"):
         Segmenter.load(tiny_checkpoint["ckpt"], backend="tensorrt")
     with pytest.raises(ValueError, match="H×W"):

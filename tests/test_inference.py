@@ -822,7 +822,7 @@ def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> No
     def signature(sha: str) -> dict:
         return {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": sha,
                 "image_size": 64, "threshold": 0.5, "postprocess": "none", "tta": False,
-                "splits": []}
+                "splits": [], "empty_fallback": 0.5}
 
     for attempt in range(20):
         parts = tmp_path / f"out{attempt}" / "parts"
@@ -1025,6 +1025,33 @@ def _finish(tmp_path: Path, prob: torch.Tensor, size: tuple[int, int], threshold
     return row, arr
 
 
+def test_an_empty_mask_is_written_as_its_most_confident_region_and_says_so(
+        tmp_path: Path) -> None:
+    """No pixel above the threshold and the fallback on: the written mask is the region above
+    half the highest probability, scored as written, and the row's reason says why; off, the
+    mask stays empty and the reason too."""
+    from lesionseg.data.sources import Blob, Item
+    from lesionseg.infer.finish import FALLBACK_NOTE
+
+    prob = torch.zeros(32, 32)
+    prob[8:16, 8:16] = 0.4
+    truth = np.zeros((64, 64), np.uint8)
+    truth[16:32, 16:32] = 1
+    item = Item(id="ISIC_0000001", image=Blob("file", str(tmp_path / "ISIC_0000001.jpg")))
+    sample = {"size": (64, 64), "truth_bits": np.packbits(truth > 0), "truth_error": None,
+              "truth_note": "", "preview": None}
+    for fallback in (0.5, 0.0):
+        out = tmp_path / str(fallback)
+        spec = inference.OutputSpec(out, 0.5, False, False, False, (), fallback)
+        row = inference.finish_item(item, sample, prob, spec)
+        mask = np.asarray(Image.open(out / "masks" / "ISIC_0000001_Segmentation.png")) > 0
+        if fallback:
+            assert row["reason"] == FALLBACK_NOTE and row["pred_area"] == mask.sum() > 0
+            assert row["tp"] == (mask & (truth > 0)).sum() > 0.8 * truth.sum()
+        else:
+            assert row["reason"] == "" and row["pred_area"] == 0 and not mask.any()
+
+
 def _reference(prob: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """The float path the job used before cv2: torch bilinear, pixel centres aligned."""
     import torch.nn.functional as F
@@ -1215,3 +1242,19 @@ def test_ensemble_of_models_trained_at_different_sizes_needs_image_size(
     assert infer(data, tmp_path / "o", data["isic"], extra=(*extra, "--image-size", "64")) == 0
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["config"]["infer"][
         "image_size"] == 64
+
+
+def test_an_out_written_before_the_empty_fallback_resumes_only_without_it(tmp_path: Path) -> None:
+    """A signature.json without `empty_fallback` was written by a run that left empty masks
+    empty: resuming it with the fallback off is the same run, with it on is refused."""
+    from lesionseg.infer.journal import SIGNATURE_FILE
+
+    old = {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": "a",
+           "image_size": 64, "threshold": 0.5, "postprocess": "none", "tta": False,
+           "splits": []}
+    parts = tmp_path / "out" / "parts"
+    parts.mkdir(parents=True)
+    (parts / SIGNATURE_FILE).write_text(json.dumps(old) + "\n")
+    inference.check_signature(parts, old | {"empty_fallback": 0.0})
+    with pytest.raises(inference.InferenceError, match="different empty_fallback"):
+        inference.check_signature(parts, old | {"empty_fallback": 0.5})

@@ -23,6 +23,7 @@ from lesionseg.postprocess import (
     CHOICES,
     Postprocess,
     choose,
+    fallback_region,
     fill_holes,
     largest_component,
     main_component,
@@ -294,3 +295,27 @@ def test_inference_says_whether_the_stored_choice_was_tuned() -> None:
     untuned, how = applied_postprocess(InferConfig(), {"postprocess": stored | {"tuned": False}})
     assert untuned == tuned and "untuned defaults (too few val images" in how
     assert "validation" not in how
+
+
+def test_an_empty_mask_falls_back_to_the_most_confident_region() -> None:
+    """No pixel above the threshold: with the fallback the mask is the main region above half
+    the highest probability (the doubted lesion, not a weaker blob elsewhere); a mask with a
+    region is untouched; fallback 0 and an all-zero map stay empty."""
+    prob = np.zeros((64, 64), np.float32)
+    prob[_disc(64, 64, 20, 20, 8) > 0] = 0.45  # the lesion the model doubted
+    prob[_disc(64, 64, 48, 48, 12) > 0] = 0.25  # a bigger, weaker blob (a sticker)
+    assert not Postprocess(0.5).mask(prob).any()
+    post = Postprocess(0.5, ("main",), fallback=0.5)
+    assert post.falls_back(prob)
+    mask = post.mask(prob)
+    assert np.array_equal(mask, _disc(64, 64, 20, 20, 8))
+    assert np.array_equal(fallback_region(prob, 0.5), mask)
+    # a weaker blob above half the top (0.25 > 0.225 at share 0.5) but less mass: still the lesion
+    assert np.array_equal(Postprocess(0.5, fallback=0.5).mask(prob), _disc(64, 64, 20, 20, 8))
+    sure = prob.copy()
+    sure[_disc(64, 64, 48, 48, 3) > 0] = 0.9  # one pixel region above 0.5: no fallback
+    assert not post.falls_back(sure)
+    assert np.array_equal(post.mask(sure), _disc(64, 64, 48, 48, 3))
+    assert not fallback_region(np.zeros((8, 8), np.float32), 0.5).any()
+    assert not Postprocess(0.5, fallback=0.5).mask(np.zeros((8, 8), np.float32)).any()
+

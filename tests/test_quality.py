@@ -101,6 +101,36 @@ def test_the_flag_follows_the_level_and_the_stored_map() -> None:
         FIXED_MAPS["spread"](sig), abs=1e-4)
 
 
+def test_the_flag_also_takes_the_most_uncertain_share_of_val() -> None:
+    """An image more uncertain than all but review_share of the val images is flagged even
+    when its expected Dice is above the level; the cut comes from the fit's val quantiles,
+    from the fixed map's for a map stored without them, and share 0 turns the rule off."""
+    values = np.linspace(0.0, 0.2, 101)  # val spreads: the top 10 % lie above 0.18
+    fitted = fit_dice_model("spread", values, np.full(101, 0.95))
+    assert fitted.cut(0.1) == pytest.approx(0.18) and fitted.cut(0.0) == float("inf")
+    meta = {"quality": {"dice_models": [fitted.to_dict()]}}
+    quality = QualityModel.from_meta(meta, 0.8, 0.1)
+    assert quality.row({"members": 4, "spread": 0.17})["needs_review"] is False
+    above = quality.row({"members": 4, "spread": 0.19})
+    assert above["expected_dice"] == pytest.approx(0.95) and above["needs_review"] is True
+    assert QualityModel.from_meta(meta, 0.8, 0.05).row({"members": 4, "spread": 0.185})[
+        "needs_review"] is False  # the top 5 % lie above 0.19
+    assert QualityModel.from_meta(meta, 0.8, 0.0).row({"members": 4, "spread": 10.0})[
+        "needs_review"] is False
+    described = quality.describe(4)
+    assert described["uncertainty_cut"] == pytest.approx(0.18)
+    assert described["uncertainty_cut_from"] == "the val images of the fit"
+    # a map stored before the cuts: the fixed map's val quantiles
+    old = {"quality": {"dice_models": [DiceModel("spread", (0.0, 1.0), (0.95, 0.95),
+                                                 "isotonic fit on 50 val images").to_dict()]}}
+    fixed_cut = FIXED_MAPS["spread"].cut(0.1)
+    assert 0.05 < fixed_cut < 0.2
+    old_quality = QualityModel.from_meta(old, 0.8, 0.1)
+    assert old_quality.row({"members": 4, "spread": fixed_cut * 1.01})["needs_review"] is True
+    assert old_quality.row({"members": 4, "spread": fixed_cut * 0.99})["needs_review"] is False
+    assert old_quality.describe(4)["uncertainty_cut_from"] == "the fixed map's val images"
+
+
 def test_the_dice_fit_is_decreasing_and_needs_enough_images() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 0.3, 200)
@@ -181,7 +211,7 @@ def test_no_truth_run_writes_the_columns_and_the_review_section(
     order = [r["id"] for r in sorted(rows, key=lambda r: (-float(r["uncertainty"]), r["id"]))]
     assert [section.index(f'alt="{i}"') for i in order] == sorted(section.index(f'alt="{i}"')
                                                                   for i in order)
-    none = run(tmp_path / "flag-none", "infer.review_below=0.6")
+    none = run(tmp_path / "flag-none", "infer.review_below=0.6", "infer.review_share=0")
     assert {r["needs_review"] for r in none} == {"False"}
     assert "No image is flagged" in (tmp_path / "flag-none" / "report.html").read_text()
     no_tta = run(tmp_path / "no-tta", "--no-tta")

@@ -3,6 +3,9 @@ decoding at the crop's JPEG scale; the colour matrix; uint8 channels_last batche
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from lesionseg.data.images import encode_jpeg, encode_png
 from lesionseg.data.shard_format import decode_sample, raw_image_size
 from lesionseg.data.transforms import (
     LUMA,
+    MELANIN,
     AugmentParams,
     _colour,
     apply_augmentation,
@@ -176,6 +180,35 @@ def test_colour_matrix_is_brightness_then_contrast_then_saturation():
     x = s * x + (1 - s) * (x @ np.array(LUMA))[..., None]
     ref = np.clip(np.round(x), 0, 255)
     assert np.abs(_colour(img, b, c, s).astype(np.float64) - ref).max() <= 1
+
+
+def test_tint_and_skin_tone_scale_the_channels_and_leave_other_draws_alone():
+    """The tint multiplies each channel after the other colour steps; the skin tone darkens
+    half the crops through melanin (blue most, red least); zero strengths draw nothing, so
+    every other parameter of a seeded draw is as before."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(40, 200, (16, 16, 3), dtype=np.uint8)
+    gains = (1.2, 0.9, 0.8)
+    ref = np.clip(np.round(_colour(img, 1.1, 0.8, 1.3).astype(np.float64) * gains), 0, 255)
+    assert np.abs(_colour(img, 1.1, 0.8, 1.3, gains).astype(np.float64) - ref).max() <= 1
+    plain = AugmentParams(size=32, scale_min=0.5, color_jitter=0.1)
+    tinted = AugmentParams(size=32, scale_min=0.5, color_jitter=0.1, tint=0.2)
+    skin = AugmentParams(size=32, scale_min=0.5, color_jitter=0.1, skin_tone=2.0)
+    darkened = 0
+    for i in range(40):
+        a = draw_augmentation(60, 80, plain, generator_for(i))
+        assert a.tint is None
+        t = draw_augmentation(60, 80, tinted, generator_for(i))
+        assert replace(t, tint=None) == a
+        assert all(math.exp(-0.2) <= k <= math.exp(0.2) for k in t.tint)
+        d = draw_augmentation(60, 80, skin, generator_for(i))
+        assert replace(d, tint=None) == a
+        if d.tint is not None:  # one melanin density for all three channels, blue most
+            density = [-math.log(k) / m for k, m in zip(d.tint, MELANIN, strict=True)]
+            assert 0 <= density[0] <= 2.0 and density == pytest.approx([density[0]] * 3)
+            assert d.tint[2] < d.tint[1] < d.tint[0] < 1
+            darkened += 1
+    assert 10 <= darkened <= 30  # about half of 40
 
 
 def test_batches_are_uint8_channels_last_and_become_floats_in_0_1():

@@ -77,7 +77,7 @@ def infer_stage_costs(source: Path, cfg: Any, predictor: Any, image_size: int,
     icfg = cfg.infer
     post, _ = applied_postprocess(icfg, {})  # the bench checkpoint holds no choice: 0.5, none
     spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
-                      post.steps)
+                      post.steps, post.fallback)
     preview = icfg.overlay_max_side if icfg.save_overlays else (THUMB_SIDE if icfg.report else 0)
     items = collect([source], splits=tuple(cfg.infer.splits)).items
     threads = torch.get_num_threads()

@@ -8,8 +8,8 @@ a quarter of the bytes through worker shared memory, pinned memory and PCIe.
 Training augmentation is ONE geometric resampling: random resized crop, flips, rotation and
 the resize to S×S compose into a single affine map that OpenCV applies with SIMD code
 (`cv2.warpAffine`: bilinear for the image, nearest for the mask, both on the same pixel-centre
-grid, so they stay aligned), followed by ONE colour pass (brightness, contrast and saturation
-compose into a 3×4 colour matrix, `cv2.transform`). Before decoding, `draw_augmentation` fixes
+grid, so they stay aligned), followed by ONE colour pass (brightness, contrast, saturation and the
+per-channel tint compose into a 3×4 colour matrix, `cv2.transform`). Before decoding, `draw_augmentation` fixes
 the crop, so a JPEG can be decoded at the smallest DCT scale that still holds the crop at S×S
 (`Augmentation.decode_size`); where the source is still larger than the output, the needed
 region is area-averaged to the output's scale first (bilinear alone would skip pixels).
@@ -46,6 +46,11 @@ from lesionseg.data.stickers import draw_sticker
 CROP_RATIO = (3 / 4, 4 / 3)
 # Luma weights (ITU-R 601, as torchvision and Pillow's "L" conversion use).
 LUMA = (0.299, 0.587, 0.114)
+# Relative absorbance of melanin at red, green and blue (~620, 540, 460 nm; melanin's
+# absorbance falls as wavelength^-3.48): darker skin is lighter skin seen through more
+# melanin, I·exp(-d·MELANIN) for an optical density d (Beer-Lambert).
+MELANIN = (0.353, 0.572, 1.0)
+SKIN_TONE_SHARE = 0.5  # share of crops darkened when data.skin_tone > 0
 # Above this many source pixels per output pixel (along either source axis), the sampled
 # region is area-reduced to about one source pixel per output pixel before the bilinear warp
 # (bilinear alone reads 2×2 pixels and would skip the others: aliasing, thin hairs broken).
@@ -79,6 +84,8 @@ class AugmentParams:
     vflip: bool = True
     rotate_degrees: float = 30.0  # rotation drawn uniformly in [-d, d]; outside the image: 0
     color_jitter: float = 0.2  # brightness/contrast/saturation factors in [1 - j, 1 + j]
+    tint: float = 0.0  # per-channel (R, G, B) gains exp(U(-t, t)): white balance
+    skin_tone: float = 0.0  # largest added melanin optical density (SKIN_TONE_SHARE of crops)
     sticker_prob: float = 0.0  # share of crops that get a calibration sticker (data.stickers)
 
     @classmethod
@@ -93,14 +100,16 @@ class AugmentParams:
         return cls(size=data_cfg.image_size, scale_min=data_cfg.scale_min,
                    hflip=data_cfg.hflip, vflip=data_cfg.vflip,
                    rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter,
+                   tint=data_cfg.tint, skin_tone=data_cfg.skin_tone,
                    sticker_prob=data_cfg.sticker_prob)
 
 
 @dataclass(frozen=True)
 class Augmentation:
     """One drawn augmentation of an image of (height, width) = `source`: crop box (top, left,
-    h, w) in its pixels, flips, rotation in degrees, colour factors, output side, and the seed
-    of the calibration sticker painted into the output (None: no sticker)."""
+    h, w) in its pixels, flips, rotation in degrees, colour factors, output side, the seed
+    of the calibration sticker painted into the output (None: no sticker) and the (R, G, B)
+    gains of the tint (None: no tint)."""
 
     source: tuple[int, int]
     crop: tuple[int, int, int, int]
@@ -112,6 +121,12 @@ class Augmentation:
     saturation: float
     size: int
     sticker_seed: int | None = None
+    tint: tuple[float, float, float] | None = None
+
+    def has_colour(self) -> bool:
+        """Whether the colour pass changes anything."""
+        return (self.brightness != 1 or self.contrast != 1 or self.saturation != 1
+                or self.tint is not None)
 
     def decode_size(self) -> tuple[int, int]:
         """(width, height) the full image must be decoded at, at least, for the crop to hold
@@ -160,8 +175,10 @@ def crop_params(height: int, width: int, scale_min: float,
 def draw_augmentation(height: int, width: int, params: AugmentParams,
                       g: torch.Generator) -> Augmentation:
     """Draw every random parameter for an image of height × width from `g` (fixed order:
-    crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation, and with
-    `sticker_prob` > 0 whether to paint a sticker and its seed)."""
+    crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation, with
+    `sticker_prob` > 0 whether to paint a sticker and its seed, with `tint` > 0 the three
+    channel gains, with `skin_tone` > 0 whether to darken the skin and the melanin density:
+    a zero strength draws nothing, so other draws stay as they were)."""
     crop = crop_params(height, width, params.scale_min, g)
     hflip = params.hflip and float(torch.rand((), generator=g)) < 0.5
     vflip = params.vflip and float(torch.rand((), generator=g)) < 0.5
@@ -172,8 +189,14 @@ def draw_augmentation(height: int, width: int, params: AugmentParams,
     sticker = None
     if params.sticker_prob > 0 and float(torch.rand((), generator=g)) < params.sticker_prob:
         sticker = int(torch.randint(0, 2**62, (), generator=g))
+    gains = [math.exp(_uniform(g, -params.tint, params.tint)) for _ in range(3)] \
+        if params.tint > 0 else [1.0, 1.0, 1.0]
+    if params.skin_tone > 0 and float(torch.rand((), generator=g)) < SKIN_TONE_SHARE:
+        density = _uniform(g, 0.0, params.skin_tone)
+        gains = [k * math.exp(-density * m) for k, m in zip(gains, MELANIN, strict=True)]
+    tint = tuple(gains) if gains != [1.0, 1.0, 1.0] else None
     return Augmentation((height, width), crop, hflip, vflip, angle, b, c, s, params.size,
-                        sticker)
+                        sticker, tint)
 
 
 def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.ndarray,
@@ -201,8 +224,8 @@ def apply_augmentation(image: Image.Image | np.ndarray, mask: Image.Image | np.n
                                 flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     _sticker(out, warped, aug)
-    if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
-        out = _colour(out, aug.brightness, aug.contrast, aug.saturation)
+    if aug.has_colour():
+        out = _colour(out, aug.brightness, aug.contrast, aug.saturation, aug.tint)
     if soft_mask:
         return _image_tensor(out), torch.from_numpy(warped[None])
     return _image_tensor(out), _mask_tensor(warped)
@@ -242,8 +265,9 @@ def flip_and_colour(image: torch.Tensor, mask: torch.Tensor,
         img, plane = np.array(img, order="C"), msk[0].numpy().copy()
         _sticker(img, plane, aug)
         msk = torch.from_numpy(plane[None])
-    if aug.brightness != 1 or aug.contrast != 1 or aug.saturation != 1:
-        img = _colour(np.ascontiguousarray(img), aug.brightness, aug.contrast, aug.saturation)
+    if aug.has_colour():
+        img = _colour(np.ascontiguousarray(img), aug.brightness, aug.contrast, aug.saturation,
+                      aug.tint)
     return _image_tensor(img), msk.contiguous()
 
 
@@ -289,21 +313,25 @@ def _sample(src: np.ndarray, coeffs: tuple[float, ...], fx: float, fy: float,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
-def _colour(img: np.ndarray, brightness: float, contrast: float,
-            saturation: float) -> np.ndarray:
-    """Brightness (scale), contrast (blend with the mean luma) and saturation (blend with each
-    pixel's luma), in that order, as one colour-matrix pass; results saturate to [0, 255]."""
+def _colour(img: np.ndarray, brightness: float, contrast: float, saturation: float,
+            tint: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Brightness (scale), contrast (blend with the mean luma), saturation (blend with each
+    pixel's luma) and the tint (a gain per channel), in that order, as one colour-matrix pass;
+    results saturate to [0, 255]."""
     r, g, b = cv2.mean(img)[:3]
     mean = LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
-    # x → S(C(B x)) with B = b·I, C x = c·x + (1 - c)·b·mean, S = s·I + (1 - s)·1·lumaᵀ;
-    # S maps a grey offset to itself, so the offset stays (1 - c)·b·mean.
+    # x → T(S(C(B x))) with B = b·I, C x = c·x + (1 - c)·b·mean, S = s·I + (1 - s)·1·lumaᵀ,
+    # T = diag(tint); S maps a grey offset to itself, so the offset before T stays
+    # (1 - c)·b·mean.
     scale = brightness * contrast
     offset = (1 - contrast) * brightness * mean
+    gains = tint or (1.0, 1.0, 1.0)
     m = np.empty((3, 4), np.float32)
     for i in range(3):
         for k in range(3):
-            m[i, k] = scale * (1 - saturation) * LUMA[k] + (scale * saturation if k == i else 0.0)
-        m[i, 3] = offset
+            m[i, k] = gains[i] * (scale * (1 - saturation) * LUMA[k]
+                                  + (scale * saturation if k == i else 0.0))
+        m[i, 3] = gains[i] * offset
     return cv2.transform(img, m)
 
 

@@ -25,6 +25,9 @@ from lesionseg.quality import calibrate, signals
 
 log = logging.getLogger(__name__)
 
+# The row's reason when no pixel passed the threshold and the fallback drew the mask.
+FALLBACK_NOTE = "empty at the threshold: the mask is the most confident region (infer.empty_fallback)"
+
 
 
 def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec,
@@ -40,14 +43,17 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     with a Python float). The mask stays a uint8 0/255 array from the compare to the PNG; the
     scores come from it and the 0/1 truth bits without any bool or tensor copies."""
     h, w = sample["size"]
-    full, pred = full_size_mask(prob, (h, w), Postprocess(spec.threshold, spec.steps))
+    post = Postprocess(spec.threshold, spec.steps, spec.fallback)
+    full, pred = full_size_mask(prob, (h, w), post)
+    fell_back = post.falls_back(full)
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
     if spec.save_probs:  # round(prob * 255), ties to even as torch's round
         probs8 = cv2.convertScaleAbs(calibrate(full, spec.temperature), alpha=255.0)
         atomic_write_bytes(spec.out / PROBS / f"{item.id}_prob.png", encode_grey_png(probs8))
     del full
     row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
-                           "status": "no_truth", "reason": "", "pred_area": cv2.countNonZero(pred)}
+                           "status": "no_truth", "reason": FALLBACK_NOTE if fell_back else "",
+                           "pred_area": cv2.countNonZero(pred)}
     sig = signals(prob[None] if views is None else views, spec.threshold)
     row.update(spec.quality.row(sig), signals={k: v for k, v in sig.items() if v is not None})
     truth = None
@@ -56,7 +62,8 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     elif sample["truth_bits"] is not None:
         truth = np.unpackbits(sample["truth_bits"], count=h * w).reshape(h, w)  # uint8 0/1
         tp, fp, fn, tn = binary_counts(pred, truth)
-        row.update(status="ok", reason=sample["truth_note"], tp=tp, fp=fp, fn=fn, tn=tn)
+        reason = "; ".join(r for r in (sample["truth_note"], row["reason"]) if r)
+        row.update(status="ok", reason=reason, tp=tp, fp=fp, fn=fn, tn=tn)
     if sample["preview"] is not None:
         write_previews(item.id, sample["preview"], pred, truth, spec)
     return row

@@ -25,7 +25,9 @@ MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"  # --out
 DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
 # Run settings that must match when a part resumes or joins an existing --out.
 SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
-                  "threshold", "postprocess", "tta", "splits")
+                  "threshold", "postprocess", "tta", "splits", "empty_fallback")
+# What a signature written before a key existed meant by its absence.
+SIGNATURE_BEFORE = {"empty_fallback": 0.0}
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -152,7 +154,8 @@ def _read_signature(path: Path, wait_s: float = 10.0) -> dict[str, Any]:
 
 
 def _compare_signature(path: Path, previous: dict[str, Any], signature: dict[str, Any]) -> None:
-    differ = [k for k in SIGNATURE_KEYS if previous.get(k) != signature[k]]
+    differ = [k for k in SIGNATURE_KEYS
+              if previous.get(k, SIGNATURE_BEFORE.get(k)) != signature[k]]
     if differ:
         raise InferenceError(
             f"{path.parent.parent}: holds a run with different {', '.join(differ)}; "

@@ -31,6 +31,7 @@ class OutputSpec:
     save_overlays: bool
     thumbs: bool
     steps: tuple[str, ...] = ()  # post-processing after the threshold (lesionseg.postprocess)
+    fallback: float = 0.0  # an empty mask becomes its most confident region (infer.empty_fallback)
     quality: QualityModel = QualityModel()  # uncertainty, expected Dice, review flag
     temperature: float = 1.0  # applied to the written probability maps (lesionseg.quality)
 
@@ -38,15 +39,16 @@ class OutputSpec:
 def full_size_mask(prob: torch.Tensor, size: tuple[int, int],
                    post: Postprocess) -> tuple[np.ndarray, np.ndarray]:
     """(probability map upsampled to size = (h, w), float32; mask uint8 0/255): bilinear,
-    "probability > threshold", then the post-processing steps. The job and `lesionseg.api`
-    both turn predictions into masks here."""
+    "probability > threshold", then the post-processing steps, then the fallback of an empty
+    mask (`Postprocess.unless_empty`). The job and `lesionseg.api` both turn predictions into
+    masks here."""
     h, w = size
     p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
     full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
     pred = above_threshold(full, post.threshold)  # uint8: 255 where prob > t
     if post.steps:
         pred = post.apply(pred, full)
-    return full, pred
+    return full, post.unless_empty(pred, full)
 
 
 def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:

@@ -38,7 +38,7 @@ def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: 
     truth = review.get("with_truth")
     parts = [f"<h2>Review these first ({len(flagged)} of {review['images']} flagged)</h2>",
              f"<p>Flagged: expected Dice below {level} ({html.escape(review.get('expected_dice_model', ''))})"
-             f". Uncertainty: {html.escape(review.get('uncertainty', ''))}. Most uncertain "
+             f"{_share_rule(review)}. Uncertainty: {html.escape(review.get('uncertainty', ''))}. Most uncertain "
              'first. Outlines: <span class="key" style="background:rgb(30,144,255)"></span>'
              "prediction" + (', <span class="key" style="background:rgb(255,215,0)"></span>truth'
                              if truth else "") + ".</p>"]
@@ -61,3 +61,13 @@ def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: 
                      'or the table below sorted by uncertainty '
                      '(<code>report.html#sort=uncertainty:desc</code>).</p>')
     return "".join(parts)
+
+
+def _share_rule(review: dict[str, Any]) -> str:
+    """', or uncertainty above C (the top S of the val images)', or '' when the share is off
+    (or the run's summary predates it)."""
+    cut, share = review.get("uncertainty_cut"), review.get("review_share")
+    if cut is None or not share:
+        return ""
+    return (f", or uncertainty above {cut:g} (the {share:.0%} most uncertain of "
+            f"{html.escape(review.get('uncertainty_cut_from', 'the val images'))})")
