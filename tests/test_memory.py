@@ -144,7 +144,7 @@ def test_cached_samples_equal_the_val_stream_and_ignore_worker_count(packed_shar
 def _memory_cfg(packed_shards, *overrides: str):
     cfg = load_config(overrides=[f"data.shards={packed_shards}", "data.image_size=32",
                                  "data.num_workers=0", "data.rotate_degrees=0",
-                                 "data.color_jitter=0", *overrides])
+                                 "data.color_jitter=0", "data.tint=0", *overrides])
     return cfg, plan_data(str(packed_shards))
 
 

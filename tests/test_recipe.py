@@ -14,7 +14,7 @@ def test_random_encoder_short_schedule_learns_fast_with_light_augmentation() -> 
     recipe = resolve(cfg, total_steps=156, steps_per_epoch=13)  # 12 epochs
     o, d = cfg.optim, cfg.data
     assert (o.lr, o.encoder_lr_mult, o.warmup_steps) == (3e-3, 1.0, 8)
-    assert (d.scale_min, d.rotate_degrees, d.color_jitter) == (1.0, 0.0, 0.0)
+    assert (d.scale_min, d.rotate_degrees, d.color_jitter, d.tint) == (1.0, 0.0, 0.0, 0.0)
     line = recipe.describe()
     assert "optim.encoder_lr_mult=1.0 (random encoder" in line
     assert "light augmentation for 12 epochs" in line and "5% of 156 steps" in line
@@ -26,7 +26,7 @@ def test_pretrained_encoder_long_schedule_fine_tunes_with_more_augmentation() ->
     o, d = cfg.optim, cfg.data
     assert (o.lr, o.encoder_lr_mult) == (1e-3, 0.1)
     assert o.warmup_steps == 100  # 5%, capped
-    assert (d.scale_min, d.rotate_degrees, d.color_jitter) == (0.5, 15.0, 0.1)
+    assert (d.scale_min, d.rotate_degrees, d.color_jitter, d.tint) == (0.5, 15.0, 0.25, 0.2)
     long = load_config(None, ["model.encoder_weights=/some/file.pth"])
     recipe = resolve(long, total_steps=100 * 80, steps_per_epoch=100)
     assert long.data.rotate_degrees == AUGMENTATION_LEVELS[-1][3]
@@ -42,7 +42,8 @@ def test_keys_the_user_set_are_kept_and_not_reported() -> None:
     assert "optim.encoder_lr_mult" in recipe.choices
     every = load_config(None, ["optim.lr=0.01", "optim.encoder_lr_mult=0.5",
                                "optim.warmup_steps=3", "data.scale_min=0.5",
-                               "data.rotate_degrees=0", "data.color_jitter=0"])
+                               "data.rotate_degrees=0", "data.color_jitter=0",
+                               "data.tint=0"])
     assert resolve(every, 10, 1).describe() == "every recipe key set explicitly"
 
 

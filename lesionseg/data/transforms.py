@@ -92,7 +92,7 @@ class AugmentParams:
     def from_config(cls, data_cfg: object) -> AugmentParams:
         """Take the augmentation fields of a `DataConfig` (resolved: no null left, see
         `lesionseg.recipe.resolve`)."""
-        missing = [k for k in ("scale_min", "rotate_degrees", "color_jitter")
+        missing = [k for k in ("scale_min", "rotate_degrees", "color_jitter", "tint")
                    if getattr(data_cfg, k) is None]
         if missing:
             raise ValueError(f"augmentation keys {missing} are still null (auto): resolve the "
