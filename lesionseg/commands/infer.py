@@ -25,7 +25,10 @@ errors.csv (every input that failed), summary.json and report.html. Of an input 
 (an ISIC root or its official zips, a packed shard folder) only the test split is scored by
 default (--splits chooses); summary.json and the report give each split's own means. Each
 probability map is thresholded and post-processed as chosen on validation at the end of
-training (stored in the checkpoint), with flip TTA. Rerun with the same --out to resume where a run stopped (a full
+training (stored in the checkpoint), with flip TTA. Every row also gets uncertainty (the flip
+views' spread), expected_dice and needs_review (expected Dice below infer.review_below, 0.8,
+or more uncertain than all but infer.review_share, 0.1, of the val images); the report lists
+the flagged images first. Rerun with the same --out to resume where a run stopped (a full
 disk or read-only folder stops the run with status 2; the rerun continues). Under
 `accelerate launch` the images are split across processes; --num-shards/--shard-index (or a
 Slurm array) split them across jobs, and the last part to finish merges."""
@@ -85,7 +88,10 @@ Slurm array) split them across jobs, and the last part to finish merges."""
                         help="after thresholding: none, main (keep the connected region the "
                              "model is surest of: the largest probability mass above the "
                              "threshold), fill (fill holes) or main+fill; default auto: what "
-                             "validation chose at the end of training (stored in the checkpoint)")
+                             "validation chose at the end of training (stored in the checkpoint). "
+                             "A mask with no pixel above the threshold becomes the region above "
+                             "half the image's highest probability (infer.empty_fallback=0: "
+                             "left empty)")
     parser.add_argument("--device", metavar="DEV",
                         help=f"auto (CUDA when visible), cpu, cuda or cuda:N (default {d.device})")
     parser.add_argument("--backend", choices=BACKENDS, default=None,
