@@ -123,15 +123,10 @@ class Postprocess:
         out = self.apply(raw, p) if self.steps else raw
         return self.unless_empty(out, p)
 
-    def falls_back(self, prob: np.ndarray) -> bool:
-        """Whether the fallback replaces this map's mask: on, and no pixel above the
-        threshold (the steps never empty a mask that has a region)."""
-        return self.fallback > 0 and not bool(np.any(np.asarray(prob, np.float32)
-                                                     > np.float32(self.threshold)))
-
     def unless_empty(self, mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        """`mask`, or with the fallback on and `mask` empty, `fallback_region(prob)`."""
-        if self.fallback > 0 and not mask.any():
+        """`mask` (uint8 0/255), or with the fallback on and `mask` empty,
+        `fallback_region(prob)`."""
+        if self.fallback > 0 and cv2.countNonZero(mask) == 0:
             return fallback_region(prob, self.fallback)
         return mask
 

@@ -306,7 +306,6 @@ def test_an_empty_mask_falls_back_to_the_most_confident_region() -> None:
     prob[_disc(64, 64, 48, 48, 12) > 0] = 0.25  # a bigger, weaker blob (a sticker)
     assert not Postprocess(0.5).mask(prob).any()
     post = Postprocess(0.5, ("main",), fallback=0.5)
-    assert post.falls_back(prob)
     mask = post.mask(prob)
     assert np.array_equal(mask, _disc(64, 64, 20, 20, 8))
     assert np.array_equal(fallback_region(prob, 0.5), mask)
@@ -314,7 +313,6 @@ def test_an_empty_mask_falls_back_to_the_most_confident_region() -> None:
     assert np.array_equal(Postprocess(0.5, fallback=0.5).mask(prob), _disc(64, 64, 20, 20, 8))
     sure = prob.copy()
     sure[_disc(64, 64, 48, 48, 3) > 0] = 0.9  # one pixel region above 0.5: no fallback
-    assert not post.falls_back(sure)
     assert np.array_equal(post.mask(sure), _disc(64, 64, 48, 48, 3))
     assert not fallback_region(np.zeros((8, 8), np.float32), 0.5).any()
     assert not Postprocess(0.5, fallback=0.5).mask(np.zeros((8, 8), np.float32)).any()
