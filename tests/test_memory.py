@@ -47,7 +47,7 @@ def test_flips_and_colour_on_the_resized_copy_equal_the_streamed_warp(shape, sof
     one grey level."""
     image, mask = _photo(*shape, seed=shape[0])
     params = AugmentParams(size=64, scale_min=1.0, rotate_degrees=0.0, color_jitter=0.3,
-                           tint=0.2, skin_tone=2.0)
+                           tint=0.2, skin_tone=2.0, grey_prob=0.3)
     base_image, base_mask = eval_transform(image, mask, 64, soft_mask=soft)
     flipped = 0
     for i in range(12):

@@ -209,6 +209,20 @@ def test_tint_and_skin_tone_scale_the_channels_and_leave_other_draws_alone():
             assert d.tint[2] < d.tint[1] < d.tint[0] < 1
             darkened += 1
     assert 10 <= darkened <= 30  # about half of 40
+    grey = AugmentParams(size=32, scale_min=0.5, color_jitter=0.1, tint=0.2, grey_prob=0.5)
+    image, mask = _pair()
+    greyed = 0
+    for i in range(40):
+        t = draw_augmentation(90, 120, tinted, generator_for(i))
+        d = draw_augmentation(90, 120, grey, generator_for(i))
+        if d.saturation == 0:  # grey: no tint either, every channel the pixel's luma
+            assert d.tint is None and replace(d, saturation=t.saturation, tint=t.tint) == t
+            out, _ = apply_augmentation(image, mask, d)
+            assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+            greyed += 1
+        else:
+            assert d == t
+    assert 10 <= greyed <= 30
 
 
 def test_batches_are_uint8_channels_last_and_become_floats_in_0_1():

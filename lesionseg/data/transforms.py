@@ -86,6 +86,7 @@ class AugmentParams:
     color_jitter: float = 0.2  # brightness/contrast/saturation factors in [1 - j, 1 + j]
     tint: float = 0.0  # per-channel (R, G, B) gains exp(U(-t, t)): white balance
     skin_tone: float = 0.0  # largest added melanin optical density (SKIN_TONE_SHARE of crops)
+    grey_prob: float = 0.0  # share of crops turned to greyscale (saturation 0, no tint)
     sticker_prob: float = 0.0  # share of crops that get a calibration sticker (data.stickers)
 
     @classmethod
@@ -101,7 +102,7 @@ class AugmentParams:
                    hflip=data_cfg.hflip, vflip=data_cfg.vflip,
                    rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter,
                    tint=data_cfg.tint, skin_tone=data_cfg.skin_tone,
-                   sticker_prob=data_cfg.sticker_prob)
+                   grey_prob=data_cfg.grey_prob, sticker_prob=data_cfg.sticker_prob)
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,9 @@ def draw_augmentation(height: int, width: int, params: AugmentParams,
     """Draw every random parameter for an image of height × width from `g` (fixed order:
     crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation, with
     `sticker_prob` > 0 whether to paint a sticker and its seed, with `tint` > 0 the three
-    channel gains, with `skin_tone` > 0 whether to darken the skin and the melanin density:
-    a zero strength draws nothing, so other draws stay as they were)."""
+    channel gains, with `skin_tone` > 0 whether to darken the skin and the melanin density,
+    with `grey_prob` > 0 whether to turn the crop grey: a zero strength draws nothing, so
+    other draws stay as they were)."""
     crop = crop_params(height, width, params.scale_min, g)
     hflip = params.hflip and float(torch.rand((), generator=g)) < 0.5
     vflip = params.vflip and float(torch.rand((), generator=g)) < 0.5
@@ -195,6 +197,8 @@ def draw_augmentation(height: int, width: int, params: AugmentParams,
         density = _uniform(g, 0.0, params.skin_tone)
         gains = [k * math.exp(-density * m) for k, m in zip(gains, MELANIN, strict=True)]
     tint = tuple(gains) if gains != [1.0, 1.0, 1.0] else None
+    if params.grey_prob > 0 and float(torch.rand((), generator=g)) < params.grey_prob:
+        s, tint = 0.0, None  # saturation 0: every channel its luma
     return Augmentation((height, width), crop, hflip, vflip, angle, b, c, s, params.size,
                         sticker, tint)
 
