@@ -179,8 +179,8 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
                  state.num_processes, len(todo), len(mine) - len(todo), len(mine),
                  sum(inventory.skipped.values()), len(inventory.errors))
 
-        spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
-                          post.steps, post.fallback, quality, runtime["temperature"])
+        spec = OutputSpec(out, post, icfg.save_probs, icfg.save_overlays, icfg.report,
+                          quality, runtime["temperature"])
         row_log = RowLog(parts_dir / f"rows-p{shard_index:04d}-r{state.process_index:03d}.jsonl")
         try:
             # Phases need torch's threads: a runtime (onnxruntime) keeps the count it opened with.

@@ -38,6 +38,7 @@ from lesionseg.infer import loader
 from lesionseg.inference import cpu_has_bf16
 from lesionseg.metrics import confusion_counts, scores
 from lesionseg.model import MobileNetEncoderDecoder
+from lesionseg.postprocess import Postprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -1015,8 +1016,8 @@ def _finish(tmp_path: Path, prob: torch.Tensor, size: tuple[int, int], threshold
     item = Item(id="ISIC_0000001", image=Blob("file", str(tmp_path / "ISIC_0000001.jpg")))
     sample = {"size": size, "truth_bits": None if truth is None else np.packbits(truth > 0),
               "truth_error": None, "truth_note": "", "preview": preview}
-    spec = inference.OutputSpec(tmp_path, threshold, save_probs, preview is not None,
-                                preview is not None)
+    spec = inference.OutputSpec(tmp_path, Postprocess(threshold), save_probs,
+                                preview is not None, preview is not None)
     row = inference.finish_item(item, sample, prob, spec)
     mask = Image.open(tmp_path / "masks" / "ISIC_0000001_Segmentation.png")
     assert mask.mode == "L" and mask.size == (size[1], size[0])
@@ -1042,7 +1043,8 @@ def test_an_empty_mask_is_written_as_its_most_confident_region_and_says_so(
               "truth_note": "", "preview": None}
     for fallback in (0.5, 0.0):
         out = tmp_path / str(fallback)
-        spec = inference.OutputSpec(out, 0.5, False, False, False, (), fallback)
+        spec = inference.OutputSpec(out, Postprocess(0.5, fallback=fallback), False, False,
+                                    False)
         row = inference.finish_item(item, sample, prob, spec)
         mask = np.asarray(Image.open(out / "masks" / "ISIC_0000001_Segmentation.png")) > 0
         if fallback:

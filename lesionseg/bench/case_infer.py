@@ -76,8 +76,7 @@ def infer_stage_costs(source: Path, cfg: Any, predictor: Any, image_size: int,
     `finish_item` (a finishing thread: upsample, threshold, mask PNG, scores, thumbnail)."""
     icfg = cfg.infer
     post, _ = applied_postprocess(icfg, {})  # the bench checkpoint holds no choice: 0.5, none
-    spec = OutputSpec(out, post.threshold, icfg.save_probs, icfg.save_overlays, icfg.report,
-                      post.steps, post.fallback)
+    spec = OutputSpec(out, post, icfg.save_probs, icfg.save_overlays, icfg.report)
     preview = icfg.overlay_max_side if icfg.save_overlays else (THUMB_SIDE if icfg.report else 0)
     items = collect([source], splits=tuple(cfg.infer.splits)).items
     threads = torch.get_num_threads()

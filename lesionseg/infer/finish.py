@@ -5,6 +5,7 @@ stops the run."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from lesionseg.infer.journal import MASKS, PROBS
 from lesionseg.infer.outputs import OutputSpec, full_size_mask, write_previews
 from lesionseg.infer.phases import ForwardPhases
 from lesionseg.metrics import binary_counts
-from lesionseg.postprocess import Postprocess, fallback_region
+from lesionseg.postprocess import fallback_region
 from lesionseg.quality import calibrate, signals
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,13 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     with a Python float). The mask stays a uint8 0/255 array from the compare to the PNG; the
     scores come from it and the 0/1 truth bits without any bool or tensor copies."""
     h, w = sample["size"]
-    full, pred = full_size_mask(prob, (h, w), Postprocess(spec.threshold, spec.steps))
+    post = spec.post
+    # the fallback here, not in full_size_mask: the row needs the mask's area anyway
+    full, pred = full_size_mask(prob, (h, w), replace(post, fallback=0.0))
     area = cv2.countNonZero(pred)
-    fell_back = spec.fallback > 0 and area == 0  # as full_size_mask's fallback, counted once
+    fell_back = post.fallback > 0 and area == 0
     if fell_back:
-        pred = fallback_region(full, spec.fallback)
+        pred = fallback_region(full, post.fallback)
         area = cv2.countNonZero(pred)
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
     if spec.save_probs:  # round(prob * 255), ties to even as torch's round
@@ -57,7 +60,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
                            "status": "no_truth", "reason": FALLBACK_NOTE if fell_back else "",
                            "pred_area": area}
-    sig = signals(prob[None] if views is None else views, spec.threshold)
+    sig = signals(prob[None] if views is None else views, post.threshold)
     row.update(spec.quality.row(sig), signals={k: v for k, v in sig.items() if v is not None})
     truth = None
     if sample["truth_error"]:

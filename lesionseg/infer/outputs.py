@@ -26,12 +26,10 @@ class OutputSpec:
     """What to write for each image, and where."""
 
     out: Path
-    threshold: float
+    post: Postprocess  # threshold, steps and empty-mask fallback (lesionseg.postprocess)
     save_probs: bool
     save_overlays: bool
     thumbs: bool
-    steps: tuple[str, ...] = ()  # post-processing after the threshold (lesionseg.postprocess)
-    fallback: float = 0.0  # an empty mask becomes its most confident region (infer.empty_fallback)
     quality: QualityModel = QualityModel()  # uncertainty, expected Dice, review flag
     temperature: float = 1.0  # applied to the written probability maps (lesionseg.quality)
 
