@@ -195,12 +195,18 @@ def build_metadata(checkpoint: Path, cfg: Config, meta: dict[str, Any], fmt: str
         "threshold": (post or Postprocess()).threshold,
         "postprocess": (post or Postprocess()).to_dict(),
         "postprocess_source": "validation" if post else "default (the checkpoint holds no choice)",
+        # The jobs' default for an empty mask (infer.empty_fallback), so that a program other
+        # than lesionseg reading the file can do the same.
+        "empty_fallback": cfg.infer.empty_fallback,
         "input": {"name": INPUT_NAME, "dtype": takes, "layout": "N×3×H×W RGB",
                   "dynamic": ["N", "H", "W"], "min_side": 32, "pad_multiple": OUTPUT_STRIDE,
                   "resize": "lesionseg resizes each image to image_size² (eval_transform) "
                             "and upsamples the probabilities back (bilinear)"},
         "output": {"name": OUTPUT_NAME, "layout": "N×H×W float32", "meaning": "sigmoid "
-                   "probability of lesion; mask = probability > threshold, then postprocess"},
+                   "probability of lesion; mask = probability > threshold, then postprocess; "
+                   "a mask left empty becomes, of the pixels above empty_fallback × the "
+                   "image's highest probability, the 8-connected region with the largest "
+                   "probability mass above that level (0: left empty)"},
         "tta": "the jobs average 4 flip views (identity, W, H, H+W) outside the file",
         "parity": None,
         "checkpoint_meta": json.loads(json.dumps(meta, default=str)),

@@ -70,6 +70,7 @@ def test_metadata_round_trip(exported: dict, tiny_checkpoint: dict) -> None:
     assert meta["image_size"] == TINY_SIZE and meta["precision"] == "fp32"
     assert meta["threshold"] == TINY_POSTPROCESS["threshold"]
     assert meta["postprocess"]["steps"] == TINY_POSTPROCESS["steps"]
+    assert meta["empty_fallback"] == 0.5 and "empty_fallback" in meta["output"]["meaning"]
     assert meta["input"]["dtype"] == "uint8 0-255" and meta["input"]["min_side"] == 32
     assert meta["config"]["data"]["image_size"] == TINY_SIZE
     assert meta["checkpoint_meta"]["val"]["dice"] == 0.5
