@@ -238,7 +238,9 @@ class QualityModel:
                    "fixed" in model.source else ""),
                 "level": self.review_below, "review_share": self.review_share,
                 "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
-                "uncertainty_cut_from": ("the val images of the fit" if model.cuts
+                # A fixed map carries cuts of its own, so ask where the map came from.
+                "uncertainty_cut_from": ("the val images of the fit"
+                                         if model.cuts and model is not FIXED_MAPS[model.feature]
                                          else "the fixed map's val images"),
                 "rule": "needs_review: expected_dice < level, or uncertainty > uncertainty_cut "
                         "(the review_share most uncertain of the val images lie above it)"}

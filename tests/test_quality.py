@@ -129,6 +129,10 @@ def test_the_flag_also_takes_the_most_uncertain_share_of_val() -> None:
     assert old_quality.row({"members": 4, "spread": fixed_cut * 1.01})["needs_review"] is True
     assert old_quality.row({"members": 4, "spread": fixed_cut * 0.99})["needs_review"] is False
     assert old_quality.describe(4)["uncertainty_cut_from"] == "the fixed map's val images"
+    # an ensemble: the fixed map (which carries cuts of its own), never the fit's val images
+    ensemble = QualityModel.from_meta(meta | {"ensemble": True}, 0.8, 0.1)
+    assert ensemble.describe(4)["uncertainty_cut"] == pytest.approx(fixed_cut, abs=1e-5)
+    assert ensemble.describe(4)["uncertainty_cut_from"] == "the fixed map's val images"
 
 
 def test_the_dice_fit_is_decreasing_and_needs_enough_images() -> None:
