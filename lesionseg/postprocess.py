@@ -123,10 +123,14 @@ class Postprocess:
         out = self.apply(raw, p) if self.steps else raw
         return self.unless_empty(out, p)
 
+    def falls_back(self, area: int) -> bool:
+        """Whether the fallback replaces a mask of `area` pixels: on, and the mask empty."""
+        return self.fallback > 0 and area == 0
+
     def unless_empty(self, mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
         """`mask` (uint8 0/255), or with the fallback on and `mask` empty,
         `fallback_region(prob)`."""
-        if self.fallback > 0 and cv2.countNonZero(mask) == 0:
+        if self.falls_back(cv2.countNonZero(mask)):
             return fallback_region(prob, self.fallback)
         return mask
 

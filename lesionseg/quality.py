@@ -133,6 +133,12 @@ class DiceModel:
         cuts = self.cuts if self.cuts is not None else FIXED_MAPS[self.feature].cuts
         return float(np.interp(1.0 - share, np.linspace(0.0, 1.0, len(cuts)), cuts))
 
+    @property
+    def cuts_from_fit(self) -> bool:
+        """Whether `cut` reads a fit's own val quantiles: not for a map stored without them
+        (the fixed map's apply), nor for a fixed map itself (which carries cuts of its own)."""
+        return self.cuts is not None and self is not FIXED_MAPS.get(self.feature)
+
     def to_dict(self) -> dict[str, Any]:
         return {"feature": self.feature, "xs": list(self.xs), "ys": list(self.ys),
                 "source": self.source, **({"cuts": list(self.cuts)} if self.cuts else {})}
@@ -238,9 +244,7 @@ class QualityModel:
                    "fixed" in model.source else ""),
                 "level": self.review_below, "review_share": self.review_share,
                 "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
-                # A fixed map carries cuts of its own, so ask where the map came from.
-                "uncertainty_cut_from": ("the val images of the fit"
-                                         if model.cuts and model is not FIXED_MAPS[model.feature]
+                "uncertainty_cut_from": ("the val images of the fit" if model.cuts_from_fit
                                          else "the fixed map's val images"),
                 "rule": "needs_review: expected_dice < level, or uncertainty > uncertainty_cut "
                         "(the review_share most uncertain of the val images lie above it)"}

@@ -48,7 +48,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     # the fallback here, not in full_size_mask: the row needs the mask's area anyway
     full, pred = full_size_mask(prob, (h, w), replace(post, fallback=0.0))
     area = cv2.countNonZero(pred)
-    fell_back = post.fallback > 0 and area == 0
+    fell_back = post.falls_back(area)
     if fell_back:
         pred = fallback_region(full, post.fallback)
         area = cv2.countNonZero(pred)
