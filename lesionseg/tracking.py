@@ -213,8 +213,7 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
                                              -(r.get("pred_fraction") or 0), r["id"]))
         overlays = [wandb.Image(str(thumbs / f"{r['id']}.jpg"), caption=r["id"]) for r in ranked
                     if (thumbs / f"{r['id']}.jpg").is_file()][:images]
-        # commit=True: the row is written now, not left as a partial row for finish() to flush
-        # (under load the exit record could overtake it, and the Table was lost: a CI run).
+        # commit=True: the row is complete now, not left open for a later log call.
         run.log({"infer/images": table, **({"infer/overlays": overlays} if overlays else {})},
                 commit=True)
         values = {f"infer/{k}": v for k, v in (summary.get("means") or {}).items() if v is not None}
@@ -291,7 +290,9 @@ def set_summary(accelerator: Any, cfg: Config, values: dict[str, Any]) -> None:
 def finish(accelerator: Any, exit_code: int = 0) -> None:
     """Flush and close the trackers, whatever ended the run (done, a stop, an error): an
     offline run's last records and its exit record (`exit_code`) reach the .wandb file, so it
-    syncs complete. A tracker that cannot finish (its service killed) is one warning."""
+    syncs complete (wandb-core writes the file's last block when the run's stream closes, just
+    after finish() returns; at the latest when the process exits). A tracker that cannot finish
+    (its service killed) is one warning."""
     for tracker in accelerator.trackers:
         run = tracker.tracker if tracker.name == "wandb" else None
         try:

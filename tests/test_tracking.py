@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,13 +26,34 @@ BLOCK = 32768  # LevelDB log block size used by wandb's transaction log
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def wandb_records(path: Path) -> Iterator[object]:
-    """Every protobuf Record of an offline run's run-*.wandb file."""
+def wandb_records(path: Path, wait_s: float = 60.0) -> Iterator[object]:
+    """Every protobuf Record of an offline run's run-*.wandb file, once the file is complete.
+
+    wandb-core buffers the transaction log's last 32 KiB block and writes it when the run's
+    stream closes, which `run.finish()` only requests: read at once in the same process, the
+    file can still lack its tail (history, summary, exit). So this waits, up to `wait_s`, for
+    the exit record, which is written last: once it is on disk, every record before it is.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _parse_wandb_log(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            yield from records
+            return
+        assert time.monotonic() < deadline, (
+            f"{path}: no exit record after {wait_s:.0f} s (records: "
+            f"{[r.WhichOneof('record_type') for r in records]}): the run never finished")
+        time.sleep(0.1)
+
+
+def _parse_wandb_log(path: Path) -> list[object]:
+    """The records of a LevelDB-style log (32 KiB blocks, 7-byte chunk headers) as far as it
+    is on disk; a chunk cut short by a write in progress ends the list."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a wandb transaction log"
-    pos, pending = 7, b""
+    records, pos, pending = [], 7, b""
     while pos + 7 <= len(data):
         left = BLOCK - pos % BLOCK
         if left < 7:  # block trailer padding
@@ -41,6 +63,8 @@ def wandb_records(path: Path) -> Iterator[object]:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind == FULL:
@@ -55,7 +79,8 @@ def wandb_records(path: Path) -> Iterator[object]:
             raw = pending + chunk
         record = pb.Record()
         record.ParseFromString(raw)
-        yield record
+        records.append(record)
+    return records
 
 
 def history_rows(run_dir: Path) -> list[dict[str, object]]:
@@ -184,7 +209,7 @@ def test_inference_job_logs_a_table_and_summary(tmp_path, monkeypatch):
     assert len(runs) == 1
     run = runs[0]
     rows = [r for r in history_rows(run) if "infer/images/_type" in r]
-    assert len(rows) == 1 and rows[0]["infer/images/_type"] == "table-file"
+    assert len(rows) == 1 and rows[0]["infer/images/_type"] == "table-file", history_rows(run)
     table = json.loads((run / "files" / rows[0]["infer/images/path"]).read_text())
     columns = table["columns"]
     assert columns[:4] == ["id", "overlay", "status", "dice"]
