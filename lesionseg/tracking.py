@@ -24,8 +24,9 @@ Requeued runs: the run folder keeps the W&B run id in `wandb_run_id`.
   (`<id>-2`, `<id>-3`, …, counted in `wandb_segments`) in one W&B group (tracking.group, or
   the run id): sync them all and view the group.
 
-Crashes: W&B keeps an offline run's records in memory and writes them to the `.wandb` file
-every few seconds (and on exit), so a run killed at once may lose its last records; the
+Crashes: wandb-core writes an offline run's `.wandb` file in 32 KiB blocks, the last one when
+the run's stream closes (after `finish()`, or at exit), so a run killed at once may lose up to
+its last 32 KiB of records (a short run: all of them); the
 resolved config is therefore also written at start as `lesionseg-config.yaml` into the W&B run's
 files folder (as well as `config.yaml` in the run folder).
 """
