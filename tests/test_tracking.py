@@ -49,6 +49,7 @@ def wandb_records(path: Path, wait_s: float = 60.0) -> Iterator[object]:
 def _parse_wandb_log(path: Path) -> list[object]:
     """The records of a LevelDB-style log (32 KiB blocks, 7-byte chunk headers) as far as it
     is on disk; a chunk cut short by a write in progress ends the list."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
@@ -78,7 +79,10 @@ def _parse_wandb_log(path: Path) -> list[object]:
         else:
             raw = pending + chunk
         record = pb.Record()
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except DecodeError:  # a block read while it was being written
+            break
         records.append(record)
     return records
 
