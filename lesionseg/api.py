@@ -47,7 +47,7 @@ class Segmentation:
     probability: np.ndarray  # float32 in [0, 1]: the lesion probability per pixel (under the stored temperature)
     threshold: float  # the mask is probability > threshold, then `postprocess`
     postprocess: str  # none, main, fill or main+fill
-    uncertainty: float  # the members' spread (flip views, TTA) or the uncertain-pixel share
+    uncertainty: float  # the members' border-weighted spread (flip views, TTA) or the uncertain-pixel share
     expected_dice: float  # the Dice the stored quality fit expects of this mask
     needs_review: bool  # expected_dice below the review level, or uncertainty above the review share's cut
 

@@ -155,19 +155,26 @@ def _quality(meta: dict[str, Any]) -> list[str]:
                  "the fixed maps of lesionseg.quality"]
     else:
         models = {m["feature"]: m for m in quality.get("dice_models", [])}
-        # "spread" since issue 28's second stop; older checkpoints fitted "disagreement"
-        tta = "spread" if "spread" in models or "disagreement" not in models else "disagreement"
+        # the fitted TTA signal: "border_spread" now; older checkpoints fitted "spread" or,
+        # before it, "disagreement" (inference uses the fixed map for those)
+        tta = next((f for f in ("border_spread", "spread", "disagreement") if f in models),
+                   "border_spread")
         lines = ["- per image, inference writes `uncertainty` (with flip TTA: the spread of the "
                  "four views' probabilities, their mean absolute deviation from the mean per "
-                 "predicted-lesion pixel; with --no-tta: the share of pixels with probability "
-                 "in (0.3, 0.7) relative to the predicted area), `expected_dice` and "
-                 "`needs_review` (expected Dice below infer.review_below, or an uncertainty "
-                 "above all but infer.review_share of the val images')",
-                 f"- expected Dice from the {tta}: "
+                 "predicted-lesion pixel, times 1 + the share of the image's edge pixels inside "
+                 "the mask; with --no-tta: the share of pixels with probability in (0.3, 0.7) "
+                 "relative to the predicted area), `expected_dice` and `needs_review` (expected "
+                 "Dice below infer.review_below, or an uncertainty above all but "
+                 "infer.review_share of the val images')",
+                 f"- expected Dice from the {tta.replace('_', '-')}"
+                 + ("" if tta == "border_spread" else
+                    " (fitted before the border weighting: inference uses the fixed map)")
+                 + ": "
                  f"{models.get(tta, {}).get('source', 'fixed map')}; without TTA: "
                  f"{models.get('uncertain_share', {}).get('source', 'fixed map')}. A fit needs "
                  "40 val images, else the fixed map; an ensemble uses the fixed maps",
-                 f"- AUROC of the {tta} for val Dice < 0.8: {quality.get('val_auroc')} "
+                 f"- AUROC of the {tta.replace('_', '-')} for val Dice < 0.8: "
+                 f"{quality.get('val_auroc')} "
                  f"({quality.get('val_images')} val images; in-sample)"]
     if cal:
         lines.append(f"- pixel probabilities: ECE on val {cal.get('ece_before')} before, "

@@ -27,7 +27,14 @@ from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import load_predictor
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import Postprocess
-from lesionseg.quality import FAILURE_DICE, auroc, fit_dice_model, fit_temperature, signals
+from lesionseg.quality import (
+    FAILURE_DICE,
+    auroc,
+    fit_dice_model,
+    fit_temperature,
+    signals,
+    uncertainty_feature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +85,8 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
     if pending:
         flush()
     models = [fit_dice_model(f, [s[f] for s, _ in pairs], [d for _, d in pairs])
-              for f, pairs in (("spread", tta), ("uncertain_share", single))]
+              for f, pairs in ((uncertainty_feature(4), tta),
+                               (uncertainty_feature(1), single))]
     quality = {"dice_models": [m.to_dict() for m in models], "val_images": len(tta),
                "val_auroc": _val_auroc(tta)}
     calibration = (_fit_calibration(np.concatenate(cal_probs), np.concatenate(cal_truths))
@@ -86,7 +94,7 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
     state_dict, cfg, meta = load_weights(checkpoint)
     meta["quality"], meta["calibration"] = quality, calibration
     save_weights(checkpoint, state_dict, cfg, **meta)
-    log.info("quality control fitted on %d val images (%s; AUROC of the spread for Dice "
+    log.info("quality control fitted on %d val images (%s; AUROC of the uncertainty for Dice "
              "< %.1f: %s); temperature %.3f, pixel ECE %.4f → %.4f (%s); stored in %s",
              len(tta), models[0].source, FAILURE_DICE, quality["val_auroc"],
              calibration["temperature"], calibration.get("ece_before", float("nan")),
@@ -103,7 +111,8 @@ def _dice(prob: torch.Tensor, truth: np.ndarray, post: Postprocess) -> float:
 
 
 def _val_auroc(pairs: list[tuple[dict, float]]) -> float | None:
-    rank = auroc([s["spread"] for s, _ in pairs], [d < FAILURE_DICE for _, d in pairs])
+    rank = auroc([s[uncertainty_feature(4)] for s, _ in pairs],
+                 [d < FAILURE_DICE for _, d in pairs])
     return None if rank is None else round(rank, 4)
 
 

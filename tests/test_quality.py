@@ -40,16 +40,33 @@ def _disc(shift: int, size: int = 64) -> np.ndarray:
 def test_identical_members_have_zero_uncertainty_and_it_grows_with_disagreement() -> None:
     same = np.stack([_disc(0)] * 4)
     assert signals(same, 0.5)["disagreement"] == 0.0 and signals(same, 0.5)["spread"] == 0.0
+    assert signals(same, 0.5)["border_spread"] == 0.0
     moved = [signals(np.stack([_disc(0), _disc(0), _disc(s), _disc(-s)]), 0.5)
              for s in (1, 3, 6, 12, 40)]
-    for name in ("disagreement", "spread"):
+    for name in ("disagreement", "spread", "border_spread"):
         grown = [m[name] for m in moved]
         assert all(a < b for a, b in zip(grown, grown[1:], strict=False)), (name, grown)
     assert moved[-1]["disagreement"] > 0.6  # one pair disjoint, the others far apart
     rated = QualityModel().row(signals(same, 0.5))
-    assert rated["uncertainty"] == 0.0 and rated["expected_dice"] == FIXED_MAPS["spread"].ys[0]
+    assert rated["uncertainty"] == 0.0
+    assert rated["expected_dice"] == FIXED_MAPS["border_spread"].ys[0]
     rated = QualityModel().row(moved[2])
+    assert moved[2]["border"] == 0.0  # the discs stay inside the frame: the plain spread
     assert rated["uncertainty"] == pytest.approx(moved[2]["spread"], abs=1e-5)
+
+
+def test_the_uncertainty_weights_the_spread_by_the_masks_border_share() -> None:
+    """The same members moved to the frame's edge: the spread is the same, the uncertainty is
+    the spread times 1 + the share of the image's edge pixels inside the mask."""
+    members = [0, 0, 3, -3]
+    inside = signals(np.stack([_disc(s) for s in members]), 0.5)
+    at_edge = signals(np.stack([np.roll(_disc(s), 28, axis=1) for s in members]), 0.5)
+    assert at_edge["spread"] == pytest.approx(inside["spread"], rel=1e-3)
+    edge = (np.stack([np.roll(_disc(s), 28, axis=1) for s in members]).mean(0) > 0.5)
+    share = np.concatenate([edge[0], edge[-1], edge[:, 0], edge[:, -1]]).mean()
+    assert at_edge["border"] == pytest.approx(share) and 0.05 < share < 0.5
+    assert at_edge["border_spread"] == pytest.approx(at_edge["spread"] * (1 + share))
+    assert QualityModel().row(at_edge)["uncertainty"] > QualityModel().row(inside)["uncertainty"]
 
 
 def test_spread_counts_members_that_agree_on_the_mask_but_not_on_how_sure() -> None:
@@ -79,26 +96,30 @@ def test_pairwise_disagreement_is_one_minus_dice() -> None:
 def test_one_member_falls_back_to_the_uncertain_pixel_share() -> None:
     sharp, soft = signals(_disc(0)[None], 0.5), signals((_disc(0) * 0.9)[None], 0.5)
     assert sharp["disagreement"] is None and sharp["spread"] is None and sharp["members"] == 1
+    assert sharp["border_spread"] is None
     assert QualityModel().row(soft)["uncertainty"] == pytest.approx(soft["uncertain_share"], abs=1e-5)
     assert soft["uncertain_share"] > sharp["uncertain_share"] > 0
 
 
 def test_the_flag_follows_the_level_and_the_stored_map() -> None:
-    stored = DiceModel("spread", (0.0, 0.1), (0.95, 0.55), "isotonic fit on 50 val images")
+    stored = DiceModel("border_spread", (0.0, 0.1), (0.95, 0.55), "isotonic fit on 50 val images")
     meta = {"quality": {"dice_models": [stored.to_dict()]}}
-    sig = {"members": 4, "spread": 0.05}  # expected Dice 0.75
+    sig = {"members": 4, "border_spread": 0.05}  # expected Dice 0.75
     for level, flagged in ((0.7, False), (0.75, False), (0.76, True), (0.9, True)):
         row = QualityModel.from_meta(meta, level).row(sig)
         assert row["expected_dice"] == pytest.approx(0.75)
         assert row["needs_review"] is flagged
     # an ensemble's members are not what a model's fit saw: the fixed map
     ensemble = QualityModel.from_meta(meta | {"ensemble": 3}, 0.8)
-    assert ensemble.row(sig)["expected_dice"] == pytest.approx(FIXED_MAPS["spread"](sig), abs=1e-4)
-    # a checkpoint fitted before the spread (its map is of the disagreement): the fixed map
-    old = {"quality": {"dice_models": [DiceModel("disagreement", (0.0, 0.1), (0.95, 0.55),
-                                                 "isotonic fit on 50 val images").to_dict()]}}
-    assert QualityModel.from_meta(old, 0.8).row(sig)["expected_dice"] == pytest.approx(
-        FIXED_MAPS["spread"](sig), abs=1e-4)
+    fixed = FIXED_MAPS["border_spread"](sig)
+    assert ensemble.row(sig)["expected_dice"] == pytest.approx(fixed, abs=1e-4)
+    # a checkpoint fitted before the border weighting (its map is of the plain spread, or of
+    # the disagreement before that): the fixed map
+    for feature in ("spread", "disagreement"):
+        old = {"quality": {"dice_models": [DiceModel(feature, (0.0, 0.1), (0.95, 0.55),
+                                                     "isotonic fit on 50 val images").to_dict()]}}
+        assert QualityModel.from_meta(old, 0.8).row(sig)["expected_dice"] == pytest.approx(
+            fixed, abs=1e-4)
 
 
 def test_the_flag_also_takes_the_most_uncertain_share_of_val() -> None:
@@ -106,28 +127,28 @@ def test_the_flag_also_takes_the_most_uncertain_share_of_val() -> None:
     when its expected Dice is above the level; the cut comes from the fit's val quantiles,
     from the fixed map's for a map stored without them, and share 0 turns the rule off."""
     values = np.linspace(0.0, 0.2, 101)  # val spreads: the top 10 % lie above 0.18
-    fitted = fit_dice_model("spread", values, np.full(101, 0.95))
+    fitted = fit_dice_model("border_spread", values, np.full(101, 0.95))
     assert fitted.cut(0.1) == pytest.approx(0.18) and fitted.cut(0.0) == float("inf")
     meta = {"quality": {"dice_models": [fitted.to_dict()]}}
     quality = QualityModel.from_meta(meta, 0.8, 0.1)
-    assert quality.row({"members": 4, "spread": 0.17})["needs_review"] is False
-    above = quality.row({"members": 4, "spread": 0.19})
+    assert quality.row({"members": 4, "border_spread": 0.17})["needs_review"] is False
+    above = quality.row({"members": 4, "border_spread": 0.19})
     assert above["expected_dice"] == pytest.approx(0.95) and above["needs_review"] is True
-    assert QualityModel.from_meta(meta, 0.8, 0.05).row({"members": 4, "spread": 0.185})[
+    assert QualityModel.from_meta(meta, 0.8, 0.05).row({"members": 4, "border_spread": 0.185})[
         "needs_review"] is False  # the top 5 % lie above 0.19
-    assert QualityModel.from_meta(meta, 0.8, 0.0).row({"members": 4, "spread": 10.0})[
+    assert QualityModel.from_meta(meta, 0.8, 0.0).row({"members": 4, "border_spread": 10.0})[
         "needs_review"] is False
     described = quality.describe(4)
     assert described["uncertainty_cut"] == pytest.approx(0.18)
     assert described["uncertainty_cut_from"] == "the val images of the fit"
     # a map stored before the cuts: the fixed map's val quantiles
-    old = {"quality": {"dice_models": [DiceModel("spread", (0.0, 1.0), (0.95, 0.95),
+    old = {"quality": {"dice_models": [DiceModel("border_spread", (0.0, 1.0), (0.95, 0.95),
                                                  "isotonic fit on 50 val images").to_dict()]}}
-    fixed_cut = FIXED_MAPS["spread"].cut(0.1)
+    fixed_cut = FIXED_MAPS["border_spread"].cut(0.1)
     assert 0.05 < fixed_cut < 0.2
     old_quality = QualityModel.from_meta(old, 0.8, 0.1)
-    assert old_quality.row({"members": 4, "spread": fixed_cut * 1.01})["needs_review"] is True
-    assert old_quality.row({"members": 4, "spread": fixed_cut * 0.99})["needs_review"] is False
+    assert old_quality.row({"members": 4, "border_spread": fixed_cut * 1.01})["needs_review"]
+    assert not old_quality.row({"members": 4, "border_spread": fixed_cut * 0.99})["needs_review"]
     assert old_quality.describe(4)["uncertainty_cut_from"] == "the fixed map's val images"
     # an ensemble: the fixed map (which carries cuts of its own), never the fit's val images
     ensemble = QualityModel.from_meta(meta | {"ensemble": True}, 0.8, 0.1)
@@ -139,13 +160,13 @@ def test_the_dice_fit_is_decreasing_and_needs_enough_images() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 0.3, 200)
     y = np.clip(0.95 - 1.5 * x + rng.normal(0, 0.05, 200), 0, 1)
-    model = fit_dice_model("spread", x, y)
+    model = fit_dice_model("border_spread", x, y)
     assert model.source == "isotonic fit on 200 val images"
     assert all(a >= b for a, b in zip(model.ys, model.ys[1:], strict=False))
-    preds = np.array([model({"spread": v}) for v in x])
+    preds = np.array([model({"border_spread": v}) for v in x])
     assert np.mean(np.abs(preds - y)) < 0.06
-    few = fit_dice_model("spread", x[:MIN_FIT_IMAGES - 1], y[:MIN_FIT_IMAGES - 1])
-    assert few.ys == FIXED_MAPS["spread"].ys and few.source.startswith("fixed map")
+    few = fit_dice_model("border_spread", x[:MIN_FIT_IMAGES - 1], y[:MIN_FIT_IMAGES - 1])
+    assert few.ys == FIXED_MAPS["border_spread"].ys and few.source.startswith("fixed map")
 
 
 def test_temperature_fixes_overconfident_probabilities() -> None:
@@ -191,7 +212,7 @@ def test_no_truth_run_writes_the_columns_and_the_review_section(
     ckpt = tmp_path / "best.pt"
     shutil.copy(tiny_checkpoint["ckpt"], ckpt)
     state, cfg, meta = load_weights(ckpt)
-    flat = DiceModel("spread", (0.0, 1.0), (0.7, 0.7), "test map")
+    flat = DiceModel("border_spread", (0.0, 1.0), (0.7, 0.7), "test map")
     meta["quality"] = {"dice_models": [flat.to_dict()]}
     save_weights(ckpt, state, cfg, **meta)
 

@@ -10,7 +10,7 @@ import pytest
 
 from lesionseg.checkpoint import load_weights
 from lesionseg.modelcard import render_model_card
-from lesionseg.quality import MIN_FIT_IMAGES, QualityModel
+from lesionseg.quality import FIXED_MAPS, MIN_FIT_IMAGES, QualityModel
 from lesionseg.quality_fit import fit_quality
 
 
@@ -25,13 +25,14 @@ def test_fit_stores_maps_and_temperature_that_inference_reads(
     assert meta["postprocess"]["threshold"] == 0.45  # the tuning's choice is kept
     quality = meta["quality"]
     assert 0 < quality["val_images"] < MIN_FIT_IMAGES  # a tiny val set: the fixed maps
-    assert [m["feature"] for m in quality["dice_models"]] == ["spread", "uncertain_share"]
+    assert [m["feature"] for m in quality["dice_models"]] == ["border_spread", "uncertain_share"]
     assert all(m["source"].startswith("fixed map (only") for m in quality["dice_models"])
     cal = meta["calibration"]
     assert 0.25 <= cal["temperature"] <= 4 and cal["applied"] == (cal["ece_after"] < cal["ece_before"])
     model = QualityModel.from_meta(meta, 0.8)
-    row = model.row({"members": 4, "spread": 0.0})
-    assert row["expected_dice"] == pytest.approx(0.98) and not row["needs_review"]
+    row = model.row({"members": 4, "border_spread": 0.0})
+    assert row["expected_dice"] == pytest.approx(FIXED_MAPS["border_spread"].ys[0])
+    assert not row["needs_review"]
     card = render_model_card(ckpt)
     assert "## Quality control and calibration" in card and str(cal["temperature"]) in card
     assert np.isfinite(cal["ece_before"])
