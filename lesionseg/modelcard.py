@@ -159,6 +159,7 @@ def _quality(meta: dict[str, Any]) -> list[str]:
         # before it, "disagreement" (inference uses the fixed map for those)
         tta = next((f for f in ("border_spread", "spread", "disagreement") if f in models),
                    "border_spread")
+        named = {"border_spread": "border-weighted spread"}.get(tta, tta)
         lines = ["- per image, inference writes `uncertainty` (with flip TTA: the spread of the "
                  "four views' probabilities, their mean absolute deviation from the mean per "
                  "predicted-lesion pixel, times 1 + the share of the image's edge pixels inside "
@@ -166,14 +167,14 @@ def _quality(meta: dict[str, Any]) -> list[str]:
                  "relative to the predicted area), `expected_dice` and `needs_review` (expected "
                  "Dice below infer.review_below, or an uncertainty above all but "
                  "infer.review_share of the val images')",
-                 f"- expected Dice from the {tta.replace('_', '-')}"
+                 f"- expected Dice from the {named}"
                  + ("" if tta == "border_spread" else
                     " (fitted before the border weighting: inference uses the fixed map)")
                  + ": "
                  f"{models.get(tta, {}).get('source', 'fixed map')}; without TTA: "
                  f"{models.get('uncertain_share', {}).get('source', 'fixed map')}. A fit needs "
                  "40 val images, else the fixed map; an ensemble uses the fixed maps",
-                 f"- AUROC of the {tta.replace('_', '-')} for val Dice < 0.8: "
+                 f"- AUROC of the {named} for val Dice < 0.8: "
                  f"{quality.get('val_auroc')} "
                  f"({quality.get('val_images')} val images; in-sample)"]
     if cal:

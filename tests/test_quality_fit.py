@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lesionseg.checkpoint import load_weights
+from lesionseg.checkpoint import load_weights, save_weights
 from lesionseg.modelcard import render_model_card
 from lesionseg.quality import FIXED_MAPS, MIN_FIT_IMAGES, QualityModel
 from lesionseg.quality_fit import fit_quality
@@ -35,4 +35,12 @@ def test_fit_stores_maps_and_temperature_that_inference_reads(
     assert not row["needs_review"]
     card = render_model_card(ckpt)
     assert "## Quality control and calibration" in card and str(cal["temperature"]) in card
+    assert "expected Dice from the border-weighted spread: fixed map (only" in card
     assert np.isfinite(cal["ece_before"])
+    # a checkpoint fitted before the border weighting (its map is of the plain spread): the
+    # card says inference uses the fixed map instead
+    state, cfg, meta = load_weights(ckpt)
+    meta["quality"]["dice_models"][0]["feature"] = "spread"
+    save_weights(ckpt, state, cfg, **meta)
+    assert ("expected Dice from the spread (fitted before the border weighting: inference uses "
+            "the fixed map)") in render_model_card(ckpt)
