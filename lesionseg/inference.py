@@ -165,7 +165,8 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     parts_dir.mkdir(parents=True, exist_ok=True)
     check_signature(parts_dir, signature)
     quality = QualityModel.from_meta(meta, icfg.review_below, icfg.review_share)
-    runtime["quality"] = quality.describe((len(TTA_FLIPS) if icfg.tta else 1) * len(members))
+    runtime["quality"] = quality.describe((len(TTA_FLIPS) if icfg.tta else 1) * len(members),
+                                          len(members))
     runtime["temperature"] = applied_temperature(meta)
     _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
                      run_cfg, inventory, shard_index, state.process_index, runtime)

@@ -173,7 +173,8 @@ def _quality(meta: dict[str, Any]) -> list[str]:
                  + ": "
                  f"{models.get(tta, {}).get('source', 'fixed map')}; without TTA: "
                  f"{models.get('uncertain_share', {}).get('source', 'fixed map')}. A fit needs "
-                 "40 val images, else the fixed map; an ensemble uses the fixed maps",
+                 "40 val images, else the fixed map; in an ensemble each model is rated by "
+                 "its own fit",
                  f"- AUROC of the {named} for val Dice < 0.8: "
                  f"{quality.get('val_auroc')} "
                  f"({quality.get('val_images')} val images; in-sample)"]

@@ -16,12 +16,17 @@ image, and the calibration of the pixel probabilities.
   the 289 real ISIC 2016 test images the spread's AUROC for Dice < 0.8 was higher than the
   pairwise Dice disagreement's for four models of five, and the border weighting raised it
   on 17 of 20 models (and on 19 of 22 with two re-runs; 0.909 → 0.919 on average) trained
-  after the weighting was chosen (docs/DESIGN.md, "Quality control"). With one member (--no-tta, one model) the
-  uncertain-pixel share of its map.
+  after the weighting was chosen (docs/DESIGN.md, "Quality control"). With one member
+  (--no-tta) the uncertain-pixel share of its map. An ensemble is rated model by model: each
+  model's own uncertainty from its own views (`model_uncertainties`), and the means of the
+  models' uncertainties, of the expected Dice each model's own map gives, and of their cuts:
+  each model's fit saw one model's flips, and its value is on that scale (over all of an
+  ensemble's views together the spread is larger, since its models also disagree, and no
+  fit saw it).
 - `DiceModel`: expected Dice from one signal, a monotone (isotonic, decreasing) piecewise-
   linear map fitted at the end of training on the val images (lesionseg.quality_fit) and stored in
-  best.pt (`meta["quality"]`); with fewer than MIN_FIT_IMAGES val images, or for an ensemble
-  (whose members disagree more than one model's flips), the fixed map FIXED_MAPS.
+  best.pt (`meta["quality"]`); with fewer than MIN_FIT_IMAGES val images, or for a model
+  without a fit of its signal, the fixed map FIXED_MAPS.
 - `needs_review`: expected Dice below `infer.review_below`, or an uncertainty above all but
   the `infer.review_share` most uncertain of the val images (the map's `cuts`, quantiles of
   the val uncertainties). Why both: the expected Dice is a mean, and most uncertain images
@@ -80,12 +85,22 @@ def spread(views: np.ndarray, area: int) -> float:
     return float(np.abs(views - views.mean(0)).mean(0).sum() / max(area, floor, 1))
 
 
-def signals(views: np.ndarray | torch.Tensor, threshold: float) -> dict[str, float | None]:
+def signals(views: np.ndarray | torch.Tensor, threshold: float,
+            models: int = 1) -> dict[str, Any]:
     """One image's signals from its members' probability maps (V×S×S; their mean is the
     image's probability map). `spread`, `border_spread` and `disagreement` are None with one
-    member. `border` is the share of the image's edge pixels inside the mask."""
+    member. `border` is the share of the image's edge pixels inside the mask. For an ensemble
+    of `models` models (the views model by model, each model's flips together, as
+    `Ensemble.predict` stacks them) also `model_uncertainties`: each model's own uncertainty
+    from its own views, on the scale its quality fit saw."""
     v = views.numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
     v = v.astype(np.float32, copy=False)
+    if models > 1 and len(v) % models == 0:
+        per = len(v) // models
+        return signals(v, threshold) | {
+            "models": models,
+            "model_uncertainties": [uncertainty(signals(v[k * per:(k + 1) * per], threshold))
+                                    for k in range(models)]}
     prob = v.mean(0)
     area = int(np.count_nonzero(prob > threshold))
     lo, hi = UNCERTAIN_BAND
@@ -225,10 +240,19 @@ class QualityModel:
 
     dice_models: tuple[DiceModel, ...] = tuple(FIXED_MAPS.values())
     review_below: float = 0.8
-    ensemble: bool = False  # an ensemble's members: the fixed maps (fits are per model)
+    ensemble: bool = False  # several models: each model's own fit on its own views
     review_share: float = 0.1  # also flag above the uncertainty of this top share of val
+    # An ensemble's models' stored fits, in member order (empty for a model without a fit).
+    member_maps: tuple[tuple[DiceModel, ...], ...] = ()
+
+    @property
+    def models(self) -> int:
+        """How many models' views an image's signals come from (1 unless an ensemble)."""
+        return len(self.member_maps) if self.ensemble and self.member_maps else 1
 
     def dice_model(self, members: int) -> DiceModel:
+        """The map for a signal of `members` views: the stored fit, else the fixed map (also
+        for an ensemble's signals taken over all its models' views together)."""
         feature = uncertainty_feature(members)
         if not self.ensemble:
             for m in self.dice_models:
@@ -236,23 +260,59 @@ class QualityModel:
                     return m
         return FIXED_MAPS[feature]
 
+    def member_models(self, views_per_model: int) -> list[DiceModel]:
+        """Each model's map for its own uncertainty (the fixed map where it stored none)."""
+        feature = uncertainty_feature(views_per_model)
+        return [next((m for m in maps if m.feature == feature), FIXED_MAPS[feature])
+                for maps in self.member_maps]
+
     def row(self, sig: dict[str, Any]) -> dict[str, Any]:
         """The image's uncertainty, expected_dice and needs_review (expected Dice below the
-        level, or uncertainty above the review share's cut)."""
-        model = self.dice_model(sig["members"])
-        expected, u = model(sig), uncertainty(sig)
+        level, or uncertainty above the review share's cut). For an ensemble (signals with
+        `model_uncertainties`): the mean of its models' uncertainties, of the expected Dice
+        each model's own map gives its own uncertainty, and of their cuts."""
+        us = sig.get("model_uncertainties")
+        if self.ensemble and us and len(us) == len(self.member_maps):
+            maps = self.member_models(sig["members"] // len(us))
+            feature = maps[0].feature
+            expected = float(np.mean([m({feature: u}) for m, u in zip(maps, us, strict=True)]))
+            u, cut = float(np.mean(us)), float(np.mean([m.cut(self.review_share) for m in maps]))
+        else:
+            model = self.dice_model(sig["members"])
+            expected, u, cut = model(sig), uncertainty(sig), model.cut(self.review_share)
         return {"uncertainty": round(u, 5), "expected_dice": round(expected, 4),
-                "needs_review": expected < self.review_below or u > model.cut(self.review_share)}
+                "needs_review": expected < self.review_below or u > cut}
 
-    def describe(self, members: int) -> dict[str, Any]:
-        """summary.json's account of what the columns are."""
+    def describe(self, members: int, models: int = 1) -> dict[str, Any]:
+        """summary.json's account of what the columns are (`members` views in all, from
+        `models` models)."""
+        per = members // models if models > 1 and members % models == 0 else members
+        what = (f"spread of the {per} flip views' probabilities: their mean absolute deviation "
+                "from the mean, per predicted-lesion pixel, times 1 + the share of the image's "
+                "edge pixels inside the mask" if per > 1 else
+                "share of pixels with probability in (0.3, 0.7) relative to the predicted area")
+        if self.ensemble and models > 1 and models == len(self.member_maps):
+            maps = self.member_models(per)
+            cut = float(np.mean([m.cut(self.review_share) for m in maps]))
+            fitted = sum(m.cuts_from_fit for m in maps)
+            sources = sorted({m.source for m in maps})
+            return {"uncertainty": f"mean over the {models} models of each model's own {what}",
+                    "expected_dice_model": "the mean of each model's own map at its own "
+                                           "uncertainty (" + "; ".join(sources) + ")",
+                    "level": self.review_below, "review_share": self.review_share,
+                    "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
+                    "uncertainty_cut_from": (
+                        "the mean of the models' cuts, each from its own val images"
+                        if fitted == models else "the mean of the models' cuts (the fixed "
+                        f"map's for the {models - fitted} without a fit)"),
+                    "rule": "needs_review: expected_dice < level, or uncertainty > "
+                            "uncertainty_cut (for each model, the review_share most uncertain "
+                            "of its val images lie above its own cut)"}
         model = self.dice_model(members)
-        what = (f"spread of the {members} members' probabilities (flip views"
-                f"{' × models' if self.ensemble else ''}): their mean absolute deviation from "
-                "the mean, per predicted-lesion pixel, times 1 + the share of the image's edge "
-                "pixels inside the mask" if members > 1 else
-                "share of pixels with probability in (0.3, 0.7) relative to the predicted "
-                "area (one member: --no-tta, one model)")
+        if members == 1:
+            what += " (one member: --no-tta, one model)"
+        elif self.ensemble:
+            what = what.replace(f"{per} flip views'", f"{members} members' (flip views × models)")
         cut = model.cut(self.review_share)
         return {"uncertainty": what, "expected_dice_model": model.source
                 + (" (ensemble: fits are per model)" if self.ensemble and
@@ -267,10 +327,14 @@ class QualityModel:
     @classmethod
     def from_meta(cls, meta: dict[str, Any], review_below: float,
                   review_share: float = 0.1) -> QualityModel:
+        """From a checkpoint's metadata, or an ensemble's (`ensemble_meta`: the models' own
+        fits under `member_quality`)."""
         stored = meta.get("quality", {}).get("dice_models")
         models = tuple(DiceModel.from_dict(d) for d in stored) if stored else tuple(FIXED_MAPS.values())
+        members = tuple(tuple(DiceModel.from_dict(d) for d in (q or {}).get("dice_models", []))
+                        for q in meta.get("member_quality", ()))
         return cls(models, review_below, ensemble=bool(meta.get("ensemble")),
-                   review_share=review_share)
+                   review_share=review_share, member_maps=members)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -1212,6 +1212,12 @@ def test_ensemble_run_names_its_members_resumes_and_splits(data: dict[str, Path]
     assert [m["sha256"] for m in s1["checkpoint"]["members"]] == [
         sha256_file(data["ckpt"]), sha256_file(second_ckpt)]
     assert "model 2 of 2" in (one / "report.html").read_text()
+    # each model rated by its own flips: the row's uncertainty is the mean of the models'
+    assert s1["review"]["uncertainty"].startswith("mean over the 2 models of each model's own")
+    for row in (r for p in (one / "parts").glob("rows-*.jsonl") for r in inference.read_rows(p)):
+        assert row["signals"]["members"] == 8 and len(row["signals"]["model_uncertainties"]) == 2
+        assert row["uncertainty"] == pytest.approx(
+            sum(row["signals"]["model_uncertainties"]) / 2, abs=1e-5)
     single = tmp_path / "single"
     assert infer(data, single, data["isic"]) == 0
     assert json.loads((single / "summary.json").read_text())["means"] != s1["means"]

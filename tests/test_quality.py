@@ -156,6 +156,53 @@ def test_the_flag_also_takes_the_most_uncertain_share_of_val() -> None:
     assert ensemble.describe(4)["uncertainty_cut_from"] == "the fixed map's val images"
 
 
+def test_an_ensemble_rates_each_model_by_its_own_fit() -> None:
+    """Views model by model: each model's own uncertainty from its own flips; the ensemble's
+    uncertainty, expected Dice and cut are the means of the models' (each model's map at its
+    own uncertainty); a model without a fit counts with the fixed map."""
+    calm = [_disc(0), _disc(0), _disc(1), _disc(-1)]
+    wild = [_disc(0), _disc(0), _disc(8), _disc(-8)]
+    sig = signals(np.stack(calm + wild), 0.5, models=2)
+    assert sig["members"] == 8 and sig["models"] == 2
+    assert sig["model_uncertainties"] == pytest.approx(
+        [signals(np.stack(calm), 0.5)["border_spread"], signals(np.stack(wild), 0.5)["border_spread"]])
+    assert sig["model_uncertainties"][0] < sig["model_uncertainties"][1]
+    u1, u2 = sig["model_uncertainties"]
+    first = fit_dice_model("border_spread", np.linspace(0.0, 2 * u2, 101), np.linspace(0.95, 0.35, 101))
+    second = fit_dice_model("border_spread", np.linspace(0.0, 4 * u2, 101), np.full(101, 0.9))
+    meta = {"ensemble": 2, "member_quality": [{"dice_models": [first.to_dict()]},
+                                              {"dice_models": [second.to_dict()]}]}
+    quality = QualityModel.from_meta(meta, 0.5, 0.1)
+    assert quality.models == 2
+    row = quality.row(sig)
+    assert row["uncertainty"] == pytest.approx((u1 + u2) / 2, abs=1e-5)
+    assert row["expected_dice"] == pytest.approx(
+        (first({"border_spread": u1}) + second({"border_spread": u2})) / 2, abs=1e-4)
+    cut = (first.cut(0.1) + second.cut(0.1)) / 2  # 0.9 · (2 u2 + 4 u2) / 2 = 2.7 u2
+    assert row["expected_dice"] > 0.5 and (u1 + u2) / 2 < cut and row["needs_review"] is False
+    # a review share of 0.9: the cut is the mean of the models' 10th percentiles, 0.3 u2
+    assert QualityModel.from_meta(meta, 0.5, 0.9).row(sig)["needs_review"] is True
+    described = quality.describe(8, 2)
+    assert described["uncertainty"].startswith("mean over the 2 models of each model's own")
+    assert described["uncertainty_cut"] == pytest.approx(cut, abs=1e-5)
+    assert described["uncertainty_cut_from"] == ("the mean of the models' cuts, each from its "
+                                                 "own val images")
+    # the level moves the flag; a model without a fit: the fixed map and its cut
+    assert QualityModel.from_meta(meta, 0.99, 0.1).row(sig)["needs_review"] is True
+    unfitted = QualityModel.from_meta(meta | {"member_quality": [meta["member_quality"][0], {}]},
+                                      0.5, 0.1)
+    fixed = FIXED_MAPS["border_spread"]
+    assert unfitted.row(sig)["expected_dice"] == pytest.approx(
+        (first({"border_spread": u1}) + fixed({"border_spread": u2})) / 2, abs=1e-4)
+    assert unfitted.describe(8, 2)["uncertainty_cut"] == pytest.approx(
+        (first.cut(0.1) + fixed.cut(0.1)) / 2, abs=1e-5)
+    assert "fixed map's for the 1 without a fit" in unfitted.describe(8, 2)["uncertainty_cut_from"]
+    # without TTA each model has one view: its uncertain-pixel share
+    one_view = signals(np.stack([calm[0], wild[2]]), 0.5, models=2)
+    assert one_view["model_uncertainties"] == pytest.approx(
+        [signals(calm[0][None], 0.5)["uncertain_share"], signals(wild[2][None], 0.5)["uncertain_share"]])
+
+
 def test_the_dice_fit_is_decreasing_and_needs_enough_images() -> None:
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 0.3, 200)

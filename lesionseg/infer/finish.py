@@ -60,7 +60,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     row: dict[str, Any] = {"id": item.id, "input": item.origin, "height": h, "width": w,
                            "status": "no_truth", "reason": FALLBACK_NOTE if fell_back else "",
                            "pred_area": area}
-    sig = signals(prob[None] if views is None else views, post.threshold)
+    sig = signals(prob[None] if views is None else views, post.threshold, spec.quality.models)
     row.update(spec.quality.row(sig), signals={k: v for k, v in sig.items() if v is not None})
     truth = None
     if sample["truth_error"]:

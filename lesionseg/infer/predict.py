@@ -224,9 +224,11 @@ def load_ensemble(members: list[Path], cfg: InferConfig, device: torch.device,
 def ensemble_meta(members: list[Path], metas: list[dict[str, Any]]) -> dict[str, Any]:
     """What an ensemble applies: the members' stored threshold and post-processing when they
     all hold the same one (the folds of one cross-validation do: the pooled choice), else none
-    (0.5, no steps; a warning says so)."""
+    (0.5, no steps; a warning says so), and every member's quality fit (`member_quality`)."""
     choices = {str(Postprocess.from_meta(m)) for m in metas}
-    meta: dict[str, Any] = {"ensemble": len(members)}
+    # each model's own quality fit: the ensemble's expected Dice and cut are their means
+    meta: dict[str, Any] = {"ensemble": len(members),
+                            "member_quality": [m.get("quality") or {} for m in metas]}
     if len(choices) == 1 and "postprocess" in metas[0]:
         meta["postprocess"] = metas[0]["postprocess"]
     elif any("postprocess" in m for m in metas):
