@@ -26,7 +26,8 @@ errors.csv (every input that failed), summary.json and report.html. Of an input 
 default (--splits chooses); summary.json and the report give each split's own means. Each
 probability map is thresholded and post-processed as chosen on validation at the end of
 training (stored in the checkpoint), with flip TTA. Every row also gets uncertainty (the flip
-views' spread, weighted by the mask's share of the image edge), expected_dice and needs_review (expected Dice below infer.review_below, 0.8,
+views' spread, weighted by the mask's share of the image edge; an ensemble's: the mean of
+its models'), expected_dice and needs_review (expected Dice below infer.review_below, 0.8,
 or more uncertain than all but infer.review_share, 0.1, of the val images); the report lists
 the flagged images first. Rerun with the same --out to resume where a run stopped (a full
 disk or read-only folder stops the run with status 2; the rerun continues). Under
