@@ -181,8 +181,9 @@ class DiceModel:
 # batch size 4, whose test figures matched the defaults': 584 images, 13 of them below Dice
 # 0.8); beyond 0.2 only 14 images remain, so the tail is rough. The uncertain share's map and
 # cuts are those of the default recipe's model (the cuts from 292 val images of four models,
-# the share from the first view alone, as --no-tta sees it); the disagreement's map is kept
-# for checkpoints fitted before the spread (docs/DESIGN.md, "Quality control").
+# the share from the first view alone, as --no-tta sees it) (docs/DESIGN.md, "Quality
+# control"). A checkpoint fitted on an older signal (the plain spread, the disagreement) gets
+# the map of the signal inference computes now.
 FIXED_MAPS = {
     "border_spread": DiceModel("border_spread",
                                (0.0, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.3),
@@ -192,8 +193,6 @@ FIXED_MAPS = {
                                (0.0107, 0.0149, 0.0172, 0.019, 0.0209, 0.0221, 0.0231, 0.0248,
                                 0.026, 0.0276, 0.029, 0.0309, 0.0335, 0.0364, 0.04, 0.0441,
                                 0.0488, 0.0551, 0.0685, 0.1076, 2.2254)),
-    "disagreement": DiceModel("disagreement", (0.0, 0.01, 0.02, 0.035, 0.09, 0.15),
-                              (0.98, 0.97, 0.93, 0.90, 0.85, 0.55), "fixed map"),
     "uncertain_share": DiceModel("uncertain_share", (0.0, 0.04, 0.06, 0.09, 0.14, 0.2, 0.4),
                                  (0.98, 0.975, 0.94, 0.905, 0.88, 0.815, 0.68), "fixed map",
                                  (0.0278, 0.042, 0.0471, 0.0504, 0.0538, 0.0582, 0.0613,
@@ -291,38 +290,37 @@ class QualityModel:
                 "from the mean, per predicted-lesion pixel, times 1 + the share of the image's "
                 "edge pixels inside the mask" if per > 1 else
                 "share of pixels with probability in (0.3, 0.7) relative to the predicted area")
+        rule = ("needs_review: expected_dice < level, or uncertainty > uncertainty_cut (the "
+                "review_share most uncertain of the val images lie above it)")
         if self.ensemble and models > 1 and models == len(self.member_maps):
             maps = self.member_models(per)
             cut = float(np.mean([m.cut(self.review_share) for m in maps]))
             fitted = sum(m.cuts_from_fit for m in maps)
-            sources = sorted({m.source for m in maps})
-            return {"uncertainty": f"mean over the {models} models of each model's own {what}",
-                    "expected_dice_model": "the mean of each model's own map at its own "
-                                           "uncertainty (" + "; ".join(sources) + ")",
-                    "level": self.review_below, "review_share": self.review_share,
-                    "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
-                    "uncertainty_cut_from": (
-                        "the mean of the models' cuts, each from its own val images"
+            what = f"mean over the {models} models of each model's own {what}"
+            source = ("the mean of each model's own map at its own uncertainty ("
+                      + "; ".join(sorted({m.source for m in maps})) + ")")
+            cut_from = ("the mean of the models' cuts, each from its own val images"
                         if fitted == models else "the mean of the models' cuts (the fixed "
-                        f"map's for the {models - fitted} without a fit)"),
-                    "rule": "needs_review: expected_dice < level, or uncertainty > "
-                            "uncertainty_cut (for each model, the review_share most uncertain "
-                            "of its val images lie above its own cut)"}
-        model = self.dice_model(members)
-        if members == 1:
-            what += " (one member: --no-tta, one model)"
-        elif self.ensemble:
-            what = what.replace(f"{per} flip views'", f"{members} members' (flip views × models)")
-        cut = model.cut(self.review_share)
-        return {"uncertainty": what, "expected_dice_model": model.source
-                + (" (ensemble: fits are per model)" if self.ensemble and
-                   "fixed" in model.source else ""),
+                        f"map's for the {models - fitted} without a fit)")
+            rule = ("needs_review: expected_dice < level, or uncertainty > uncertainty_cut (for "
+                    "each model, the review_share most uncertain of its val images lie above "
+                    "its own cut)")
+        else:
+            model = self.dice_model(members)
+            if members == 1:
+                what += " (one member: --no-tta, one model)"
+            elif self.ensemble:
+                what = what.replace(f"{per} flip views'",
+                                    f"{members} members' (flip views × models)")
+            cut = model.cut(self.review_share)
+            source = model.source + (" (ensemble: fits are per model)" if self.ensemble
+                                     and "fixed" in model.source else "")
+            cut_from = ("the val images of the fit" if model.cuts_from_fit
+                        else "the fixed map's val images")
+        return {"uncertainty": what, "expected_dice_model": source,
                 "level": self.review_below, "review_share": self.review_share,
                 "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
-                "uncertainty_cut_from": ("the val images of the fit" if model.cuts_from_fit
-                                         else "the fixed map's val images"),
-                "rule": "needs_review: expected_dice < level, or uncertainty > uncertainty_cut "
-                        "(the review_share most uncertain of the val images lie above it)"}
+                "uncertainty_cut_from": cut_from, "rule": rule}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], review_below: float,
