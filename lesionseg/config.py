@@ -54,6 +54,7 @@ class DataConfig:
     skin_tone: float = 0.0  # darker skin: half the training crops seen through added melanin, optical density U(0, skin_tone) (lesionseg/data/transforms.py); 0 = off
     grey_prob: float = 0.0  # share of training crops turned to greyscale (after the other colour changes; against colour cues such as skin tone); 0 = off
     sticker_prob: float = 0.25  # share of training crops that get a round colour-calibration sticker painted near an edge (lesionseg/data/stickers.py); 0 = off
+    skin_crop_prob: float = 0.0  # share of training crops moved beside the lesion (none of it in view, an empty mask: skin alone is not lesion); needs crops (streamed training); 0 = off
     demo_cases: int = 160  # number of synthetic cases in the demo set built when shards is null
     demo_dir: str = "shards/demo"  # where the demo set's ISIC-layout source and shards are cached
 
@@ -247,6 +248,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= d.skin_tone <= 3, "data.skin_tone", d.skin_tone, "must be in [0, 3]")
     _check(0 <= d.grey_prob <= 1, "data.grey_prob", d.grey_prob, "must be in [0, 1]")
     _check(0 <= d.sticker_prob <= 1, "data.sticker_prob", d.sticker_prob, "must be in [0, 1]")
+    _check(0 <= d.skin_crop_prob < 1, "data.skin_crop_prob", d.skin_crop_prob, "must be in [0, 1)")
     _check(d.cache_max_mb >= 0, "data.cache_max_mb", d.cache_max_mb, "must be >= 0")
     _check(d.folds == 0 or d.folds >= 2, "data.folds", d.folds,
            "must be 0 (no cross-validation) or at least 2")

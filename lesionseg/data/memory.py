@@ -48,8 +48,9 @@ def fits(count: int, size: int, max_mb: int) -> bool:
 
 def train_cacheable(params: AugmentParams) -> bool:
     """Whether every training augmentation frames the whole image unrotated (flips and colour
-    only), so a once-resized copy of each sample gives exactly the pixels to flip."""
-    return params.scale_min >= 1 and params.rotate_degrees == 0
+    only), so a once-resized copy of each sample gives exactly the pixels to flip (a skin crop
+    moves the frame, so it streams)."""
+    return params.scale_min >= 1 and params.rotate_degrees == 0 and params.skin_crop_prob == 0
 
 
 @dataclass

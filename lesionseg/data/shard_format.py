@@ -199,6 +199,12 @@ def decode_sample(sample: dict[str, Any], min_size: int | None = None,
     return Sample(str(meta.get("id", key)), image, mask, meta)
 
 
+def raw_mask(sample: dict[str, Any]) -> Image.Image:
+    """A raw sample's mask alone (mode L, 0/255, the stored size)."""
+    where = f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"
+    return load_mask(_entry(sample, ("png",), where), f"{where}.png")
+
+
 def raw_image_size(sample: dict[str, Any]) -> tuple[int, int]:
     """(height, width) of a raw sample's stored image, read from its header alone."""
     where = f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"

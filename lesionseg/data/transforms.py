@@ -51,6 +51,9 @@ LUMA = (0.299, 0.587, 0.114)
 # melanin, I·exp(-d·MELANIN) for an optical density d (Beer-Lambert).
 MELANIN = (0.353, 0.572, 1.0)
 SKIN_TONE_SHARE = 0.5  # share of crops darkened when data.skin_tone > 0
+# A skin crop (data.skin_crop_prob) spans at least this share of each side of the image: a
+# smaller one would be blown up into a blur no whole image looks like.
+SKIN_CROP_MIN_SIDE = 0.4
 # Above this many source pixels per output pixel (along either source axis), the sampled
 # region is area-reduced to about one source pixel per output pixel before the bilinear warp
 # (bilinear alone reads 2×2 pixels and would skip the others: aliasing, thin hairs broken).
@@ -88,6 +91,7 @@ class AugmentParams:
     skin_tone: float = 0.0  # largest added melanin optical density (SKIN_TONE_SHARE of crops)
     grey_prob: float = 0.0  # share of crops turned to greyscale (saturation 0, no tint)
     sticker_prob: float = 0.0  # share of crops that get a calibration sticker (data.stickers)
+    skin_crop_prob: float = 0.0  # share of crops taken beside the lesion, none of it in view
 
     @classmethod
     def from_config(cls, data_cfg: object) -> AugmentParams:
@@ -102,7 +106,8 @@ class AugmentParams:
                    hflip=data_cfg.hflip, vflip=data_cfg.vflip,
                    rotate_degrees=data_cfg.rotate_degrees, color_jitter=data_cfg.color_jitter,
                    tint=data_cfg.tint, skin_tone=data_cfg.skin_tone,
-                   grey_prob=data_cfg.grey_prob, sticker_prob=data_cfg.sticker_prob)
+                   grey_prob=data_cfg.grey_prob, sticker_prob=data_cfg.sticker_prob,
+                   skin_crop_prob=data_cfg.skin_crop_prob)
 
 
 @dataclass(frozen=True)
@@ -173,13 +178,45 @@ def crop_params(height: int, width: int, scale_min: float,
     return top, left, h, w
 
 
+def lesion_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of a mask's lesion pixels (bottom and right exclusive), or
+    None for an empty mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def skin_crop(height: int, width: int, box: tuple[int, int, int, int],
+              g: torch.Generator) -> tuple[int, int, int, int] | None:
+    """A crop (top, left, h, w) of the image's own aspect ratio lying wholly above, below,
+    left or right of the lesion's bounding `box`, spanning at least SKIN_CROP_MIN_SIDE of each
+    side (one of the bands that fit, drawn from `g`); None when no band is wide enough."""
+    top, left, bottom, right = box
+    fits = []  # (band top, band left, band h, band w): the bands outside the box
+    for band in ((0, 0, top, width), (bottom, 0, height - bottom, width),
+                 (0, 0, height, left), (0, right, height, width - right)):
+        bh, bw = band[2], band[3]
+        h, w = min(bh, round(bw * height / width)), min(bw, round(bh * width / height))
+        if h >= SKIN_CROP_MIN_SIDE * height and w >= SKIN_CROP_MIN_SIDE * width:
+            fits.append((band, h, w))
+    if not fits:
+        return None
+    (bt, bl, bh, bw), h, w = fits[int(torch.randint(0, len(fits), (), generator=g))]
+    return (bt + int(torch.randint(0, bh - h + 1, (), generator=g)),
+            bl + int(torch.randint(0, bw - w + 1, (), generator=g)), h, w)
+
+
 def draw_augmentation(height: int, width: int, params: AugmentParams,
-                      g: torch.Generator) -> Augmentation:
+                      g: torch.Generator,
+                      lesion: tuple[int, int, int, int] | None = None) -> Augmentation:
     """Draw every random parameter for an image of height × width from `g` (fixed order:
     crop, horizontal flip, vertical flip, angle, brightness, contrast, saturation, with
     `sticker_prob` > 0 whether to paint a sticker and its seed, with `tint` > 0 the three
     channel gains, with `skin_tone` > 0 whether to darken the skin and the melanin density,
-    with `grey_prob` > 0 whether to turn the crop grey: a zero strength draws nothing, so
+    with `grey_prob` > 0 whether to turn the crop grey, with `skin_crop_prob` > 0 whether to
+    move the crop beside the `lesion` box (`lesion_box`; without one, or where no band
+    beside it is wide enough, the crop stays) and where: a zero strength draws nothing, so
     other draws stay as they were)."""
     crop = crop_params(height, width, params.scale_min, g)
     hflip = params.hflip and float(torch.rand((), generator=g)) < 0.5
@@ -199,6 +236,9 @@ def draw_augmentation(height: int, width: int, params: AugmentParams,
     tint = tuple(gains) if gains != [1.0, 1.0, 1.0] else None
     if params.grey_prob > 0 and float(torch.rand((), generator=g)) < params.grey_prob:
         s, tint = 0.0, None  # saturation 0: every channel its luma
+    if params.skin_crop_prob > 0 and float(torch.rand((), generator=g)) < params.skin_crop_prob \
+            and lesion is not None:
+        crop = skin_crop(height, width, lesion, g) or crop
     return Augmentation((height, width), crop, hflip, vflip, angle, b, c, s, params.size,
                         sticker, tint)
 
@@ -367,7 +407,8 @@ def train_transform(image: Image.Image, mask: Image.Image, params: AugmentParams
     `apply_augmentation` for decoding at the crop's scale). Returns (uint8 3×S×S image,
     uint8 1×S×S {0, 1} mask)."""
     _check_pair(image, mask)
-    aug = draw_augmentation(mask.height, mask.width, params, g)
+    lesion = lesion_box(np.asarray(mask) > 127) if params.skin_crop_prob > 0 else None
+    aug = draw_augmentation(mask.height, mask.width, params, g, lesion)
     return apply_augmentation(image, mask, aug)
 
 

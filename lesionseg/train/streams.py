@@ -21,17 +21,19 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lesionseg.config import Config
-from lesionseg.data.shard_format import decode_sample, raw_image_size, read_shard
+from lesionseg.data.shard_format import decode_sample, raw_image_size, raw_mask, read_shard
 from lesionseg.data.transforms import (
     AugmentParams,
     apply_augmentation,
     draw_augmentation,
     eval_transform,
     generator_for,
+    lesion_box,
     stack_images,
 )
 from lesionseg.errors import DataError, UserError, first_line
@@ -92,7 +94,8 @@ def _augmented(raw: dict[str, Any], params: AugmentParams, g: torch.Generator,
     the JPEG is decoded at the smallest DCT scale that still holds the drawn crop at full
     resolution, and warped once."""
     height, width = raw_image_size(raw)
-    aug = draw_augmentation(height, width, params, g)
+    lesion = lesion_box(np.asarray(raw_mask(raw)) > 127) if params.skin_crop_prob > 0 else None
+    aug = draw_augmentation(height, width, params, g, lesion)
     sample = decode_sample(raw, draft_size=aug.decode_size())
     image, mask = apply_augmentation(sample.image, sample.mask, aug, soft)
     return sample.id, image, mask
