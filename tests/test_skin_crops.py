@@ -8,11 +8,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lesionseg.config import Config, ConfigError, validate
+from lesionseg.data.images import encode_jpeg, encode_png
 from lesionseg.data.memory import train_cacheable
-from lesionseg.data.shard_format import raw_mask
+from lesionseg.data.shard_format import decode_sample, raw_mask
 from lesionseg.data.transforms import (
     SKIN_CROP_MIN_SIDE,
     AugmentParams,
@@ -22,6 +24,7 @@ from lesionseg.data.transforms import (
     skin_crop,
     train_transform,
 )
+from lesionseg.train.streams import _augmented
 
 
 def _small_lesion(h: int = 120, w: int = 160) -> tuple[Image.Image, Image.Image]:
@@ -68,10 +71,29 @@ def test_skin_crops_give_empty_masks_and_off_draws_nothing_more() -> None:
             moved += 1
             assert int(m.sum()) == 0  # skin alone: an empty mask
     assert 10 <= moved <= 30  # about half of 40
-    # an empty mask has no lesion to step beside: its crop stays
-    empty = Image.fromarray(np.zeros((120, 160), np.uint8), "L")
-    x, m = train_transform(image, empty, skin, generator_for(1))
-    assert x.shape == (3, 48, 48) and int(m.sum()) == 0
+    # no lesion to step beside (an empty mask): every crop stays where it was drawn
+    for i in range(40):
+        assert draw_augmentation(120, 160, skin, generator_for(i), None).crop == \
+            draw_augmentation(120, 160, base, generator_for(i)).crop
+
+
+def test_streamed_training_reads_the_mask_before_the_draw() -> None:
+    """The streamed path draws from the stored size and decodes afterwards; with skin crops
+    it reads the mask first, so its frames are those of the decoded pair's `train_transform`."""
+    image, mask = _small_lesion()
+    raw = {"__key__": "x", "jpg": encode_jpeg(image, 95), "png": encode_png(mask),
+           "json": b'{"id": "x"}'}
+    params = AugmentParams(size=48, scale_min=0.5, rotate_degrees=0, color_jitter=0.1,
+                           skin_crop_prob=0.5)
+    sample = decode_sample(raw)
+    empty = 0
+    for i in range(20):
+        _, x, m = _augmented(raw, params, generator_for(i))
+        rx, rm = train_transform(sample.image, sample.mask, params, generator_for(i))
+        assert torch.equal(m, rm)  # the same frame; the image may be JPEG-drafted smaller
+        assert (x.float() - rx.float()).abs().mean() < 3
+        empty += int(m.sum()) == 0
+    assert empty >= 3
 
 
 def test_skin_crops_stream_and_are_validated() -> None:
