@@ -85,6 +85,23 @@ def spread(views: np.ndarray, area: int) -> float:
     return float(np.abs(views - views.mean(0)).mean(0).sum() / max(area, floor, 1))
 
 
+def _uncertainty_signals(v: np.ndarray, threshold: float) -> tuple[dict[str, Any], np.ndarray]:
+    """The signals an uncertainty is made of (`members`, `spread`, `border_spread`,
+    `uncertain_share`, `area`, `border`) of float32 views V×S×S, and the mask of their mean."""
+    prob = v.mean(0)
+    mask = (prob > threshold).astype(np.uint8)
+    area = int(np.count_nonzero(mask))
+    lo, hi = UNCERTAIN_BAND
+    band = int(np.count_nonzero((prob > lo) & (prob < hi)))
+    edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    border = float(edge.mean())
+    members_spread = spread(v, area) if len(v) > 1 else None
+    return {"members": len(v), "spread": members_spread,
+            "border_spread": None if members_spread is None else members_spread * (1 + border),
+            "uncertain_share": band / max(area, 1), "area": area / prob.size,
+            "border": border}, mask
+
+
 def signals(views: np.ndarray | torch.Tensor, threshold: float,
             models: int = 1) -> dict[str, Any]:
     """One image's signals from its members' probability maps (V×S×S; their mean is the
@@ -95,29 +112,18 @@ def signals(views: np.ndarray | torch.Tensor, threshold: float,
     from its own views, on the scale its quality fit saw."""
     v = views.numpy() if isinstance(views, torch.Tensor) else np.asarray(views)
     v = v.astype(np.float32, copy=False)
+    sig, mask = _uncertainty_signals(v, threshold)
+    p = np.clip(v.mean(0), 1e-6, 1 - 1e-6)
+    sig |= {"disagreement": pairwise_disagreement(v > threshold) if len(v) > 1 else None,
+            "entropy": float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))),
+            "components": cv2.connectedComponents(mask, connectivity=8)[0] - 1}
     if models > 1 and len(v) % models == 0:
         per = len(v) // models
-        return signals(v, threshold) | {
-            "models": models,
-            "model_uncertainties": [uncertainty(signals(v[k * per:(k + 1) * per], threshold))
-                                    for k in range(models)]}
-    prob = v.mean(0)
-    area = int(np.count_nonzero(prob > threshold))
-    lo, hi = UNCERTAIN_BAND
-    band = int(np.count_nonzero((prob > lo) & (prob < hi)))
-    p = np.clip(prob, 1e-6, 1 - 1e-6)
-    entropy = float(np.mean(-(p * np.log2(p) + (1 - p) * np.log2(1 - p))))
-    mask = (prob > threshold).astype(np.uint8)
-    edge = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
-    border = float(edge.mean())
-    members_spread = spread(v, area) if len(v) > 1 else None
-    return {"members": len(v),
-            "spread": members_spread,
-            "border_spread": None if members_spread is None else members_spread * (1 + border),
-            "disagreement": pairwise_disagreement(v > threshold) if len(v) > 1 else None,
-            "uncertain_share": band / max(area, 1), "entropy": entropy,
-            "area": area / prob.size, "border": border,
-            "components": cv2.connectedComponents(mask, connectivity=8)[0] - 1}
+        sig |= {"models": models,
+                "model_uncertainties": [
+                    uncertainty(_uncertainty_signals(v[k * per:(k + 1) * per], threshold)[0])
+                    for k in range(models)]}
+    return sig
 
 
 def uncertainty_feature(members: int) -> str:
@@ -286,13 +292,17 @@ class QualityModel:
         """summary.json's account of what the columns are (`members` views in all, from
         `models` models)."""
         per = members // models if models > 1 and members % models == 0 else members
-        what = (f"spread of the {per} flip views' probabilities: their mean absolute deviation "
+        by_model = self.ensemble and models > 1 and models == len(self.member_maps)
+        # the views the spread is taken over: each model's flips, or an ensemble's all together
+        views = (f"{per} flip views'" if by_model or not self.ensemble
+                 else f"{members} members' (flip views × models)")
+        what = (f"spread of the {views} probabilities: their mean absolute deviation "
                 "from the mean, per predicted-lesion pixel, times 1 + the share of the image's "
                 "edge pixels inside the mask" if per > 1 else
                 "share of pixels with probability in (0.3, 0.7) relative to the predicted area")
         rule = ("needs_review: expected_dice < level, or uncertainty > uncertainty_cut (the "
                 "review_share most uncertain of the val images lie above it)")
-        if self.ensemble and models > 1 and models == len(self.member_maps):
+        if by_model:
             maps = self.member_models(per)
             cut = float(np.mean([m.cut(self.review_share) for m in maps]))
             fitted = sum(m.cuts_from_fit for m in maps)
@@ -309,9 +319,6 @@ class QualityModel:
             model = self.dice_model(members)
             if members == 1:
                 what += " (one member: --no-tta, one model)"
-            elif self.ensemble:
-                what = what.replace(f"{per} flip views'",
-                                    f"{members} members' (flip views × models)")
             cut = model.cut(self.review_share)
             source = model.source + (" (ensemble: fits are per model)" if self.ensemble
                                      and "fixed" in model.source else "")
