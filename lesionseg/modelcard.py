@@ -85,7 +85,7 @@ def _recipe(cfg: Config) -> list[str]:
             f"{lo.iou_weight}, per image: {lo.per_image}",
             f"- augmentation: scale ≥ {d.scale_min}, flips h {d.hflip} / v {d.vflip}, rotation "
             f"± {d.rotate_degrees}°, colour jitter {d.color_jitter}"
-            + (f", skin crops {d.skin_crop_prob}" if getattr(d, "skin_crop_prob", 0) else ""),
+            + (f", skin crops {d.skin_crop_prob}" if d.skin_crop_prob else ""),
             f"- weights kept: train.select={t.select}"]
 
 

@@ -167,6 +167,11 @@ def read_shard(url: str, on_error: str,
             log.warning("%s; skipping the rest of this shard (every time it is read)", msg)
 
 
+def _where(sample: dict[str, Any]) -> str:
+    """`shard:key` of a raw sample, for its error messages."""
+    return f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"
+
+
 def _entry(sample: dict[str, Any], exts: tuple[str, ...], where: str) -> bytes:
     for ext in exts:
         for key in (ext, f".{ext}"):
@@ -185,8 +190,7 @@ def decode_sample(sample: dict[str, Any], min_size: int | None = None,
     `draft_size` (width, height) the JPEG is decoded at the smallest DCT scale at least that
     large and the mask is left at the stored size (for `apply_augmentation`, which maps both
     from the stored size's coordinates)."""
-    key = sample.get("__key__", "?")
-    where = f"{sample.get('__url__', 'shard')}:{key}"
+    where = _where(sample)
     try:
         meta = json.loads(_entry(sample, ("json",), where))
     except ValueError as e:
@@ -196,18 +200,18 @@ def decode_sample(sample: dict[str, Any], min_size: int | None = None,
     mask = load_mask(_entry(sample, ("png",), where), f"{where}.png", expected_size=size)
     if draft_size is None and mask.size != image.size:
         mask = mask.resize(image.size, Image.NEAREST)
-    return Sample(str(meta.get("id", key)), image, mask, meta)
+    return Sample(str(meta.get("id", sample.get("__key__", "?"))), image, mask, meta)
 
 
 def raw_mask(sample: dict[str, Any]) -> Image.Image:
     """A raw sample's mask alone (mode L, 0/255, the stored size)."""
-    where = f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"
+    where = _where(sample)
     return load_mask(_entry(sample, ("png",), where), f"{where}.png")
 
 
 def raw_image_size(sample: dict[str, Any]) -> tuple[int, int]:
     """(height, width) of a raw sample's stored image, read from its header alone."""
-    where = f"{sample.get('__url__', 'shard')}:{sample.get('__key__', '?')}"
+    where = _where(sample)
     return peek_size(_entry(sample, ("jpg", "jpeg"), where), f"{where}.jpg")
 
 
