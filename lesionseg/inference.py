@@ -176,9 +176,9 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
         finished = done_ids(parts_dir, retry_failed)
         todo = read_order([it for it in mine if it.id not in finished])
         log.info("part %d/%d, process %d/%d: %d images (%d of %d already done); %d inputs skipped "
-                 "as not images, %d input errors", shard_index, num_shards, state.process_index,
+                 "as not images%s, %d input errors", shard_index, num_shards, state.process_index,
                  state.num_processes, len(todo), len(mine) - len(todo), len(mine),
-                 sum(inventory.skipped.values()), len(inventory.errors))
+                 sum(inventory.skipped.values()), _skipped_hint(inventory), len(inventory.errors))
 
         spec = OutputSpec(out, post, icfg.save_probs, icfg.save_overlays, icfg.report,
                           quality, runtime["temperature"])
@@ -270,10 +270,17 @@ def _write_run_files(parts_dir: Path, signature: dict, checkpoint: dict[str, Any
                "runtime": runtime, "config": to_dict(run_cfg)}
         atomic_write_text(parts_dir / "run.json", json.dumps(run, indent=1))
         inv = {"errors": inventory.errors, "skipped": dict(inventory.skipped),
+               "skipped_examples": inventory.skipped_examples,
                "splits_read": inventory.splits_read, "left_out": inventory.left_out,
                "images": len(inventory.items) + len(inventory.errors),
                "masks_found": inventory.masks_found, "masks_unused": inventory.masks_unused}
         atomic_write_text(parts_dir / f"inventory-p{part:04d}.json", json.dumps(inv, indent=1))
+
+
+def _skipped_hint(inventory: Inventory) -> str:
+    """' (e.g. FILE; all in summary.json's skipped_examples)' naming one skipped file, or ''."""
+    first = next((files[0] for files in inventory.skipped_examples.values() if files), None)
+    return f" (e.g. {first}; more in summary.json's skipped_examples)" if first else ""
 
 
 def _plain(value: Any) -> Any:

@@ -673,6 +673,9 @@ def test_bad_inputs_are_recorded_and_the_batch_goes_on(data: dict[str, Path], tm
     assert rows["rotated"]["status"] == "ok"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_files"] == {"not an image (by extension)": 1}
+    [skipped] = summary["skipped_examples"]["not an image (by extension)"]
+    assert skipped.endswith("notes.txt")  # named, so it can be found
+    assert "notes.txt" in (out / "report.html").read_text()
     assert summary["errors"] == 5 and summary["masks_written"] == 12
     # Nothing was written outside --out.
     created = {p for p in tmp_path.rglob("*")} - before

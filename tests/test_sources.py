@@ -71,6 +71,8 @@ def test_collect_folder_archives_and_skips(mixed: Path) -> None:
     ids = [it.id for it in inv.items]  # folders kept (an archive counts as one, by its stem)
     assert ids == ["a", "pack__abs__d", "pack__escape", "pack__t__e_f", "pack__z__c", "sub__b"]
     assert inv.skipped[SKIP_NOT_IMAGE] == 2  # notes.txt, readme.md
+    assert sorted(Path(f).name.split(":")[-1] for f in inv.skipped_examples[SKIP_NOT_IMAGE]) == \
+        ["notes.txt", "readme.md"]
     assert inv.skipped[SKIP_HIDDEN] == 2  # .hidden.jpg, __MACOSX/._a.jpg
     by_id = {it.id: it for it in inv.items}
     assert by_id["a"].truth is not None and by_id["a"].truth.name == "a_Segmentation.png"

@@ -59,6 +59,7 @@ class Inventory:
     items: list[Item]
     errors: list[dict[str, str]] = field(default_factory=list)  # {"input", "id", "reason"}
     skipped: Counter = field(default_factory=Counter)  # reason -> number of files
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first SKIP_EXAMPLES files
     masks_found: int = 0
     masks_unused: int = 0
     splits_read: dict[str, list[str]] = field(default_factory=dict)  # input with splits -> splits read

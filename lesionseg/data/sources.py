@@ -50,6 +50,7 @@ __all__ = ["FOLDER_SEP", "MAX_ID_BYTES", "MAX_MEMBER_BYTES", "MAX_TAR_EXPANSION"
 log = logging.getLogger(__name__)
 
 SKIP_NOT_IMAGE = "not an image (by extension)"  # a file skipped (counted, not an error)
+SKIP_EXAMPLES = 20  # skipped files named per reason (summary.json), so they can be found
 
 
 def _stem(name: str) -> str:
@@ -77,6 +78,7 @@ class _Scanner:
         self.mask_stems: dict[str, list[Blob]] = defaultdict(list)  # by bare stem
         self.errors: list[dict[str, str]] = []
         self.skipped: Counter = Counter()
+        self.skipped_examples: dict[str, list[str]] = defaultdict(list)  # reason -> files
         self.splits = splits
         self.splits_read: dict[str, list[str]] = {}  # input with splits -> splits read
         self.left_out: Counter = Counter()  # split -> images of an input not read
@@ -126,6 +128,8 @@ class _Scanner:
         kind, stem = ("skip", entry.skip) if entry.skip else _classify(entry.parts[-1])
         if kind == "skip":
             self.skipped[stem] += 1
+            if len(self.skipped_examples[stem]) < SKIP_EXAMPLES:
+                self.skipped_examples[stem].append(blob.origin)
             return
         if kind == "image" and given and in_mask_folder(
                 (archive_stem(Path(given).resolve().name), *entry.prefix, *entry.parts[:-1])):
@@ -246,7 +250,10 @@ def collect(inputs: list[str | Path], masks: list[str | Path] = (),
     used = {it.truth.origin for it in items if it.truth is not None}
     all_masks = {b.origin for blobs in (*scanner.masks.values(), *truth_scanner.masks.values())
                  for b in blobs}
-    inventory = Inventory(items, errors, scanner.skipped + truth_scanner.skipped,
+    examples = {reason: [*scanner.skipped_examples.get(reason, []),
+                         *truth_scanner.skipped_examples.get(reason, [])][:SKIP_EXAMPLES]
+                for reason in (*scanner.skipped_examples, *truth_scanner.skipped_examples)}
+    inventory = Inventory(items, errors, scanner.skipped + truth_scanner.skipped, examples,
                           masks_found=len(all_masks), masks_unused=len(all_masks - used),
                           splits_read=scanner.splits_read, left_out=dict(scanner.left_out))
     if not items and not errors:

@@ -135,13 +135,15 @@ def _fmt(value: Any) -> str:
 def _merged_inventory(parts_dir: Path) -> dict[str, Any]:
     """Input errors and skip counts (every part found the same; union of their files)."""
     errors: dict[tuple[str, str], dict[str, str]] = {}
-    merged: dict[str, Any] = {"skipped": {}, "images": 0, "masks_found": 0, "masks_unused": 0,
-                              "splits_read": {}, "left_out": {}}
+    merged: dict[str, Any] = {"skipped": {}, "skipped_examples": {}, "images": 0,
+                              "masks_found": 0, "masks_unused": 0, "splits_read": {},
+                              "left_out": {}}
     for path in sorted(parts_dir.glob("inventory-p*.json")):
         inv = json.loads(path.read_text())
         for e in inv["errors"]:
             errors[(e["input"], e["id"])] = e
-        for key in ("skipped", "images", "masks_found", "masks_unused", "splits_read", "left_out"):
+        for key in ("skipped", "skipped_examples", "images", "masks_found", "masks_unused",
+                    "splits_read", "left_out"):
             merged[key] = inv.get(key, merged[key])
     merged["errors"] = list(errors.values())
     return merged
@@ -190,6 +192,7 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "masks_written": status["ok"] + status["failed"] + status["no_truth"],
         "scored": status["ok"], "metrics_failed": status["failed"], "without_truth": status["no_truth"],
         "errors": len(error_rows), "skipped_files": inventory["skipped"],
+        "skipped_examples": inventory["skipped_examples"],
         "splits_read": inventory["splits_read"], "left_out_by_split": inventory["left_out"],
         "inputs": run["signature"]["inputs"], "masks": run["signature"]["masks"],
         "truth_masks_found": inventory["masks_found"], "truth_masks_unused": inventory["masks_unused"],

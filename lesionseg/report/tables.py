@@ -27,10 +27,11 @@ from lesionseg.report.style import EVEN_COLOUR, FN_COLOUR, FP_COLOUR
 SETTING_KEYS = ("threshold", "postprocess", "tta", "image_size", "device", "precision",
                 "mixed_precision")
 COUNT_KEYS = {"complete", "missing_parts", "num_shards", "images_found", "masks_written", "scored",
-              "metrics_failed", "without_truth", "errors", "skipped_files", "truth_masks_found",
+              "metrics_failed", "without_truth", "errors", "skipped_files", "skipped_examples", "truth_masks_found",
               "truth_masks_unused", "means", "failures", "checkpoint", "config", "throughput",
               "splits_read", "left_out_by_split", "means_by_split", "means_splits", "means_note",
               "inputs", "masks"}
+SKIPPED_SHOWN = 3  # skipped files named per reason in the counts (all listed in summary.json)
 SCORE_NAMES = (("dice", "Dice"), ("jaccard", "Jaccard (IoU)"), ("threshold_jaccard",
                "thresholded Jaccard"), ("sensitivity", "sensitivity"),
                ("specificity", "specificity"), ("accuracy", "accuracy"))
@@ -109,6 +110,12 @@ def counts(summary: dict[str, Any], errors_href: str) -> list[tuple[str, str]]:
     errors = summary.get("errors", 0)
     link = f' — <a href="{errors_href}">errors.csv</a>'
     out.append(("errors", f'<span class="{"bad" if errors else ""}">{errors}</span>{link}'))
+    examples = summary.get("skipped_examples") or {}
+    for reason, n in (summary.get("skipped_files") or {}).items():
+        names = [Path(f).name for f in examples.get(reason, [])[:SKIPPED_SHOWN]]
+        more = " …" if n > len(names) else ""
+        out.append((f"skipped: {reason}", html.escape(f"{n}" + (f" ({', '.join(names)}{more})"
+                                                                  if names else ""))))
     if not summary.get("complete", True):
         out.append(("complete", f'<span class="bad">no: parts {html.escape(str(summary.get("missing_parts")))} '
                                 'missing</span>'))
