@@ -34,7 +34,8 @@ def test_bench_all_cases_tiny(tmp_path: Path) -> None:
     doc = run_bench(TINY, CASES, tmp_path, threads=1)
     doc = json.loads(json.dumps(doc))  # what bench.json holds
 
-    for key in ("cpu", "cores", "torch", "threads", "device"):
+    for key in ("cpu", "cores", "torch", "opencv", "numpy", "pillow", "cpu_capability",
+                "threads", "device"):
         assert doc["machine"][key], key
     for name in RATIOS:
         assert name in doc, name

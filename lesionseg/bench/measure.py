@@ -13,9 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import PIL
 import torch
 import torchvision
 from tqdm import tqdm
+
+from lesionseg.data.cv import cv2
 
 
 def peak_memory() -> dict[str, Any]:
@@ -68,7 +72,10 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    """CPU, cores, memory, library versions, threads and device of this run."""
+    """CPU, cores, memory, library versions, threads and device of this run. The libraries
+    the training stream runs through (OpenCV, NumPy, Pillow) and torch's CPU kernels
+    (`cpu_capability`) are named too: the same code and seed trained on another machine or
+    library build is another run (docs/BENCHMARKS.md, seventeenth stop)."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -84,6 +91,8 @@ def machine_info(threads: int) -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb,
             "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "opencv": cv2.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": threads or torch.get_num_threads(), "device": device,
             "load_average_start": load_average()}
 
