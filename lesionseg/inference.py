@@ -278,7 +278,8 @@ def _write_run_files(parts_dir: Path, signature: dict, checkpoint: dict[str, Any
 
 
 def _skipped_hint(inventory: Inventory) -> str:
-    """' (e.g. FILE; all in summary.json's skipped_examples)' naming one skipped file, or ''."""
+    """' (e.g. FILE; more in summary.json's skipped_examples)' naming the first skipped file,
+    or '' when none was skipped."""
     first = next((files[0] for files in inventory.skipped_examples.values() if files), None)
     return f" (e.g. {first}; more in summary.json's skipped_examples)" if first else ""
 

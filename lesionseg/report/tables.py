@@ -27,8 +27,8 @@ from lesionseg.report.style import EVEN_COLOUR, FN_COLOUR, FP_COLOUR
 SETTING_KEYS = ("threshold", "postprocess", "tta", "image_size", "device", "precision",
                 "mixed_precision")
 COUNT_KEYS = {"complete", "missing_parts", "num_shards", "images_found", "masks_written", "scored",
-              "metrics_failed", "without_truth", "errors", "skipped_files", "skipped_examples", "truth_masks_found",
-              "truth_masks_unused", "means", "failures", "checkpoint", "config", "throughput",
+              "metrics_failed", "without_truth", "errors", "skipped_files", "skipped_examples",
+              "truth_masks_found", "truth_masks_unused", "means", "failures", "checkpoint", "config", "throughput",
               "splits_read", "left_out_by_split", "means_by_split", "means_splits", "means_note",
               "inputs", "masks"}
 SKIPPED_SHOWN = 3  # skipped files named per reason in the counts (all listed in summary.json)
