@@ -14,7 +14,7 @@ import pytest
 
 from lesionseg.bench.harness import run_bench
 from lesionseg.bench.plan import CASES, BenchPlan
-from lesionseg.bench.table import ACCURACY_KEYS, RATIOS, format_table
+from lesionseg.bench.table import ACCURACY_KEYS, RATIOS, format_table, table_rows
 from lesionseg.cli import main
 from lesionseg.peers import peer_available
 
@@ -180,6 +180,13 @@ def test_real_case_tiny_scores_every_trainer_and_writes_a_contact_sheet(
     dice = per_image_dice(truth, work / "real-seed-0" / "plain" / "masks")
     assert len(dice) == 4 and rows["plain"]["dice"] == pytest.approx(
         sum(dice.values()) / 4, abs=1e-4)
+    [margin] = result["margins"]["plain"]["dice"]  # one seed: ours − plain, paired
+    assert margin == pytest.approx(rows["ours"]["dice"] - rows["plain"]["dice"], abs=1e-4)
+    assert set(result["margins"]) == {"plain"}
+    rows_printed = table_rows({"cases": {"accuracy": {"equal_epochs": {}, "equal_time": {},
+                                                      "real": result}}})
+    [printed] = [r for r in rows_printed if r[1] == "ours − plain, real, each seed's Dice"]
+    assert printed[2] == f"{margin:+.4f}" and printed[3].startswith("worst tenth ")
     sheet = Image.open(result["fullsize"]["contact_sheet"])
     assert sheet.height == SHEET_SIDE and result["fullsize"]["images"] == 3
     again = run_real(isic_root, work, (0,), with_peer=False, size=64, epochs=1)

@@ -103,7 +103,7 @@ def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: boo
     result: dict[str, Any] = {
         "source": str(source), "image_size": size, "epochs": epochs,
         "seeds": list(seeds), "test_images": len(list(truth.glob("*_Segmentation.png"))),
-        "trainers": rows,
+        "trainers": rows, "margins": paired_margins(runs),
         "note": "real ISIC 2016 test split scored by the official scorer (macro means); "
                 "worst10_dice = mean Dice of the worst tenth of the test images, below_half = "
                 "images under Dice 0.5; every trainer 30 epochs at 128², random encoder; each "
@@ -112,6 +112,18 @@ def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: boo
         result["fullsize"] = fullsize_check(workdir / f"real-seed-{seeds[0]}" / "ours" / "run"
                                             / "best.pt", fullsize, workdir / "real-fullsize")
     return result
+
+
+def paired_margins(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[float]]]:
+    """Ours minus each peer, seed by seed (the same seed's runs paired): Dice and worst-tenth
+    Dice per seed. A mean margin is believable only when the seeds agree on its sign and
+    their spread is small against it: one run of the defaults varies by about 0.2 Dice and
+    1.5 points of the worst tenth (docs/BENCHMARKS.md, seventeenth stop)."""
+    ours = runs["ours"]
+    return {name: {"dice": [round4(o["dice"] - p["dice"]) for o, p in zip(ours, peer, strict=True)],
+                   "worst10_dice": [round4(o["worst10_dice"] - p["worst10_dice"])
+                                    for o, p in zip(ours, peer, strict=True)]}
+            for name, peer in runs.items() if name != "ours"}
 
 
 def _reused_or_run(folder: Path, protocol: dict[str, Any], run: Callable[[Path], dict[str, Any]],

@@ -175,6 +175,11 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      "/ images < 0.5", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}"
                      f" / {format_value(r['worst10_dice'])} / {format_value(r['below_half'])}",
                      f"{r['epochs']} epochs, {format_value(r['train_seconds'])} s{per_seed}"))
+        margin = cases.get("accuracy", {}).get("real", {}).get("margins", {}).get(name)
+        if margin:
+            rows.append(("accuracy", f"ours − {name}, real, each seed's Dice",
+                         " / ".join(f"{d:+.4f}" for d in margin["dice"]),
+                         "worst tenth " + " / ".join(f"{d:+.3f}" for d in margin["worst10_dice"])))
         q = r.get("review") if name == "ours" else None
         if q:
             rows.append(("accuracy", "ours, real: review AUROC (Dice<0.8) / flagged / caught / "
