@@ -55,6 +55,7 @@ from lesionseg.data.cv import cv2
 UNCERTAIN_BAND = (0.3, 0.7)  # a pixel is uncertain when its probability lies in this band
 MIN_FIT_IMAGES = 40  # fewer val images than this: the fixed map instead of a fit
 FAILURE_DICE = 0.8  # the summary's failures: true Dice below this
+MISSED_SHOWN = 20  # the summary names at most this many failures the flags missed, worst first
 ECE_BINS = 15  # equal-width probability bins of the expected calibration error
 TEMPERATURES = np.exp(np.linspace(math.log(0.25), math.log(4.0), 81))  # the search grid
 
@@ -405,7 +406,9 @@ def review_summary(rows: list[dict[str, Any]], described: dict[str, Any] | None
                    ) -> dict[str, Any] | None:
     """summary.json's "review": what the columns are, images flagged, and with truth how well
     they did: AUROC of uncertainty for Dice < FAILURE_DICE, failures caught, MAE of
-    expected_dice. None when no row has the columns (an older run's parts)."""
+    expected_dice, and the failures the flags missed (`failures_missed`: the worst
+    MISSED_SHOWN, worst first, with their scores, so the caught share never stands alone).
+    None when no row has the columns (an older run's parts)."""
     rated = [r for r in rows if r.get("uncertainty") is not None]
     if not rated:
         return None
@@ -427,5 +430,17 @@ def review_summary(rows: list[dict[str, Any]], described: dict[str, Any] | None
                 dice - np.array([r["expected_dice"] for r in scored])))), 4),
             "mean_dice_unflagged": (round(float(np.mean([r["dice"] for r in scored
                                                          if not r["needs_review"]])), 4)
-                                    if any(not r["needs_review"] for r in scored) else None)}
+                                    if any(not r["needs_review"] for r in scored) else None),
+            "failures_missed": [
+                {"id": r.get("id"), "dice": round(r["dice"], 4),
+                 "uncertainty": r["uncertainty"], "expected_dice": r["expected_dice"]}
+                for r in missed_failures(scored)[:MISSED_SHOWN]]}
     return out
+
+
+def missed_failures(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scored rows with Dice below FAILURE_DICE that are not flagged, worst first (ties
+    by id): what a reviewer who looks only at the flagged images would not see."""
+    return sorted((r for r in rows if isinstance(r.get("dice"), float)
+                   and r["dice"] < FAILURE_DICE and not r.get("needs_review")),
+                  key=lambda r: (r["dice"], str(r.get("id"))))

@@ -155,6 +155,20 @@ def test_tail_scores_find_the_worst_tenth_and_the_failures() -> None:
     assert [w["id"] for w in tails["worst"][:2]] == ["ISIC_a", "ISIC_b"]
 
 
+def test_review_figures_name_the_failures_the_flags_missed() -> None:
+    from lesionseg.bench.trainers import review_figures
+
+    summary = {"review": {"flagged_share": 0.12, "with_truth": {
+        "auroc_uncertainty": 0.91, "caught_share": 0.5, "failures": 2, "expected_dice_mae": 0.04,
+        "failures_missed": [{"id": "ISIC_b", "dice": 0.7, "uncertainty": 0.01,
+                             "expected_dice": 0.9}]}},
+        "checkpoint": {"meta": {"calibration": {"temperature": 1.2}}}}
+    figures = review_figures(summary)
+    assert figures["missed"] == ["ISIC_b"] and figures["caught_share"] == 0.5
+    assert figures["temperature"] == 1.2 and figures["flagged_share"] == 0.12
+    assert review_figures({})["missed"] == []  # a run without truth
+
+
 @pytest.mark.slow
 def test_real_case_tiny_scores_every_trainer_and_writes_a_contact_sheet(
         isic_root: Path, tmp_path: Path) -> None:

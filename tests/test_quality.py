@@ -237,15 +237,18 @@ def test_auroc_counts_pairs_and_ties_half() -> None:
 
 
 def test_review_summary_with_and_without_truth() -> None:
-    rows = [{"uncertainty": u, "expected_dice": e, "needs_review": e < 0.8, "dice": d}
-            for u, e, d in ((0.01, 0.95, 0.94), (0.2, 0.6, 0.5), (0.05, 0.85, 0.7),
-                            (0.3, 0.5, 0.9))]
+    rows = [{"id": i, "uncertainty": u, "expected_dice": e, "needs_review": e < 0.8, "dice": d}
+            for i, u, e, d in (("a", 0.01, 0.95, 0.94), ("b", 0.2, 0.6, 0.5),
+                               ("c", 0.05, 0.85, 0.7), ("d", 0.3, 0.5, 0.9))]
     out = review_summary(rows, {"level": 0.8})
     assert out["flagged"] == 2 and out["flagged_share"] == 0.5 and out["level"] == 0.8
     truth = out["with_truth"]
     assert truth["failures"] == 2 and truth["failures_caught"] == 1
     assert truth["auroc_uncertainty"] == 0.5  # each failure above one of the two good images
     assert truth["expected_dice_mae"] == pytest.approx((0.01 + 0.1 + 0.15 + 0.4) / 4, abs=1e-4)
+    # the failure the flags missed is named with its scores; the caught one ("b") is not
+    assert truth["failures_missed"] == [{"id": "c", "dice": 0.7, "uncertainty": 0.05,
+                                         "expected_dice": 0.85}]
     bare = review_summary([{k: v for k, v in r.items() if k != "dice"} for r in rows], None)
     assert "with_truth" not in bare and bare["flagged"] == 2
 

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from lesionseg.metrics import scores
+from lesionseg.quality import review_summary
 from lesionseg.report import ISIC_FAILURE_JACCARD, error_type, write_report
 
 N = 1000
@@ -194,6 +195,30 @@ def test_report_without_truth_shows_the_predictions(tmp_path: Path) -> None:
     assert page.index('alt="photo_2"') < page.index('alt="photo_1"')
     assert page.count("data:image/jpeg;base64,") == 3
     assert len(_table(page).rows) == 3
+
+
+def test_review_section_names_the_failures_the_flags_missed(tmp_path: Path) -> None:
+    """With truth, the review section shows the images below Dice 0.8 that are not flagged,
+    worst first, after the flagged ones; a flagged failure is not among them."""
+    rows = [r for r in _rows(60) if r["status"] == "ok"]
+    for i, r in enumerate(rows):
+        r.update(uncertainty=0.01 * (i % 7), expected_dice=0.9, needs_review=i % 3 == 0)
+    summary = {**_summary(rows), "review": review_summary(rows, {"level": 0.8})}
+    thumbs = _thumbs(tmp_path / "thumbs", [r["id"] for r in rows])
+    page = write_report(tmp_path / "report.html", summary, rows, thumbs).read_text()
+    missed = sorted((r for r in rows if r["dice"] < 0.8 and not r["needs_review"]),
+                    key=lambda r: r["dice"])
+    failures = sum(r["dice"] < 0.8 for r in rows)
+    assert missed and len(missed) < failures  # the flags caught some and missed some
+    head = f"Missed by the flags ({len(missed)} of {failures} images with Dice below 0.8)"
+    assert head in page
+    section = page[page.index(head):page.index("<h2>", page.index(head))]
+    shown = [r["id"] for r in missed][:40]  # the summary's report_images
+    assert [section.index(f'alt="{i}"') for i in shown] == sorted(
+        section.index(f'alt="{i}"') for i in shown)
+    assert not any(f'alt="{r["id"]}"' in section for r in rows if r["needs_review"])
+    assert [m["id"] for m in summary["review"]["with_truth"]["failures_missed"]] == [
+        r["id"] for r in missed][:20]
 
 
 # --------------------------------------------------------------------------- in a browser

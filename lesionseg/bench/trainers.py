@@ -169,14 +169,16 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
 
 
 def review_figures(summary: dict[str, Any]) -> dict[str, Any]:
-    """The quality control's figures on the test set (summary.json's review, lesionseg.quality)
-    and the val calibration stored in the checkpoint."""
+    """The quality control's figures on the test set (summary.json's review, lesionseg.quality):
+    AUROC, shares flagged and caught, expected-Dice error and the ids of the failures the flags
+    missed (`missed`, worst first), and the val calibration stored in the checkpoint."""
     truth = (summary.get("review") or {}).get("with_truth") or {}
     cal = ((summary.get("checkpoint") or {}).get("meta") or {}).get("calibration") or {}
     return {"auroc": truth.get("auroc_uncertainty"),
             "flagged_share": (summary.get("review") or {}).get("flagged_share"),
             "caught_share": truth.get("caught_share"), "failures": truth.get("failures"),
             "expected_dice_mae": truth.get("expected_dice_mae"),
+            "missed": [m["id"] for m in truth.get("failures_missed") or []],
             "ece_before": cal.get("ece_before"), "ece_after": cal.get("ece_after"),
             "temperature": cal.get("temperature")}
 

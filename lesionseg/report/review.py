@@ -1,12 +1,13 @@
 """The report's "review these first" section: the images whose expected Dice is below the
 review level (lesionseg.quality), most uncertain first, as thumbnails with the prediction's
-(and the truth's) outlines; with truth, how well the flag did."""
+(and the truth's) outlines; with truth, how well the flag did and the failures it missed."""
 
 from __future__ import annotations
 
 import html
 from typing import Any
 
+from lesionseg.quality import missed_failures
 from lesionseg.report.gallery import Thumbs
 
 
@@ -52,14 +53,25 @@ def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: 
             f'{truth["expected_dice_mae"]:.3f} on average.</p>')
     if not flagged:
         parts.append("<p>No image is flagged.</p>")
-        return "".join(parts)
-    shown = flagged[:max(1, limit)]
-    more = len(flagged) - len(shown)
-    parts.append('<div class="grid">' + "".join(_card(r, thumbs) for r in shown) + "</div>")
-    if more:
-        parts.append(f"<p>…and {more} more: the <code>needs_review</code> column of metrics.csv, "
-                     'or the table below sorted by uncertainty '
-                     '(<code>report.html#sort=uncertainty:desc</code>).</p>')
+    else:
+        shown = flagged[:max(1, limit)]
+        more = len(flagged) - len(shown)
+        parts.append('<div class="grid">' + "".join(_card(r, thumbs) for r in shown) + "</div>")
+        if more:
+            parts.append(f"<p>…and {more} more: the <code>needs_review</code> column of "
+                         "metrics.csv, or the table below sorted by uncertainty "
+                         "(<code>report.html#sort=uncertainty:desc</code>).</p>")
+    missed = missed_failures(rows) if truth else []
+    if missed:
+        shown = missed[:max(1, limit)]
+        parts.append(
+            f"<h3>Missed by the flags ({len(missed)} of {truth['failures']} images with Dice "
+            f"below {truth['failure_dice']})</h3><p>Not flagged, worst first: the errors a "
+            "reviewer of the flagged images alone would not see (the model was sure of "
+            "them).</p>" + '<div class="grid">' + "".join(_card(r, thumbs) for r in shown)
+            + "</div>" + (f"<p>…and {len(missed) - len(shown)} more: the table below "
+                          "sorted by Dice (<code>report.html#sort=dice:asc</code>), those "
+                          "not flagged.</p>" if len(missed) > len(shown) else ""))
     return "".join(parts)
 
 
