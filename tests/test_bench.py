@@ -127,6 +127,46 @@ def test_seed_mean_averages_scores_and_keeps_every_seed() -> None:
     assert seed_mean([a, a | {"seed": 1}])["epochs"] == 10
 
 
+def test_a_seed_mean_row_reviews_every_seed_and_the_targets_judge_it() -> None:
+    """Ours over two seeds: the review figures are the seeds' means (not the first seed's
+    beside the mean Dice), each seed's kept, the ids missed by both named; the printed row
+    says it is a mean, and the review targets of the real case judge the means."""
+    from lesionseg.bench.case_accuracy import real_ratios
+    from lesionseg.bench.table import target_table
+    from lesionseg.bench.trainers import seed_mean
+
+    def run(seed: int, dice: float, auroc: float, caught: float, missed: list[str]) -> dict:
+        return {"trainer": "ours", "seed": seed, "epochs": 30, "train_seconds": 600.0,
+                "dice": dice, "jaccard": dice - 0.06, "threshold_jaccard": dice - 0.08,
+                "worst10_dice": 0.74, "below_half": 2,
+                "review": {"auroc": auroc, "flagged_share": 0.14, "caught_share": caught,
+                           "failures": 13, "expected_dice_mae": 0.04, "missed": missed,
+                           "temperature": None}}
+
+    row = seed_mean([run(0, 0.918, 0.90, 0.70, ["ISIC_b", "ISIC_a"]),
+                     run(1, 0.922, 0.94, 0.80, ["ISIC_a", "ISIC_c"])])
+    q = row["review"]
+    assert (q["auroc"], q["caught_share"], q["flagged_share"]) == (0.92, 0.75, 0.14)
+    assert q["seeds"] == 2 and q["missed"] == ["ISIC_a"] and q["temperature"] is None
+    assert [s["review"]["auroc"] for s in row["per_seed"]] == [0.90, 0.94]
+    printed = table_rows({"cases": {"accuracy": {"equal_epochs": {}, "equal_time": {},
+                                                 "real": {"trainers": {"ours": row}}}}})
+    [review_row] = [r for r in printed if r[1].startswith("ours, real: review AUROC")]
+    assert review_row[1].endswith("mean of 2 seeds") and review_row[2] == "0.92"
+    assert review_row[3].endswith("missed by every seed: ISIC_a")
+    top = {"real_dice_ours": 0.92, "real_dice_plain": 0.915, "real_dice_smp": None,
+           "real_worst10_ours": 0.74, "real_worst10_plain": 0.70, "real_jaccard_ours": 0.86}
+    ratios = real_ratios(top, q)
+    assert ratios["real_review_auroc"] == 0.92 and ratios["real_review_caught"] == 0.75
+    assert ratios["real_margin_vs_smp"] is None
+    targets = target_table(ratios)
+    assert targets["real_review_auroc"]["met"] is True  # >= 0.92
+    assert targets["real_review_flagged"]["met"] is True  # 0.14 <= 0.15
+    assert targets["real_review_caught"]["met"] is False  # 0.75 < 0.8
+    assert targets["real_review_dice_mae"]["met"] is True
+    assert real_ratios(top, None)["real_review_auroc"] is None
+
+
 def test_help_texts_quote_the_plans_and_the_readme() -> None:
     """bench --help states the quick race budget the plan uses (once said 90 and 60 s), and
     train --help the demo's time the README measured (once "a few minutes" vs "38 s")."""

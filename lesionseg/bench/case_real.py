@@ -147,12 +147,14 @@ def _reused_or_run(folder: Path, protocol: dict[str, Any], run: Callable[[Path],
 
 
 def _with_tails(row: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """A seed-mean row with the tail figures averaged too, and each seed's beside them."""
+    """A seed-mean row with the tail figures averaged too, and each seed's beside them (with
+    its own worst images); the row's `worst` is the first seed's."""
     row = dict(row)
     for key in ("worst10_dice", "below_half"):
         row[key] = round4(sum(r[key] for r in runs) / len(runs))
     for entry, run in zip(row.get("per_seed", []), runs, strict=False):
-        entry.update(worst10_dice=run["worst10_dice"], below_half=run["below_half"])
+        entry.update(worst10_dice=run["worst10_dice"], below_half=run["below_half"],
+                     worst=run["worst"])
     row["worst"] = runs[0]["worst"]
     return row
 

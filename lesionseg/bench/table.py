@@ -45,6 +45,15 @@ RATIOS: dict[str, tuple[str, str, float, str]] = {
                           "mean Dice of our worst tenth of the real test images"),
     "real_worst10_margin_vs_plain": ("accuracy", ">=", 0.03,
                                      "our worst-tenth mean Dice − the plain script's"),
+    # The review flags on the same real test images (lesionseg.quality; means over the seeds).
+    "real_review_auroc": ("accuracy", ">=", 0.92,
+                          "AUROC of our uncertainty for the real test images below Dice 0.8"),
+    "real_review_flagged": ("accuracy", "<=", 0.15,
+                            "share of our real test images flagged needs_review"),
+    "real_review_caught": ("accuracy", ">=", 0.8,
+                           "share of our real test images below Dice 0.8 that are flagged"),
+    "real_review_dice_mae": ("accuracy", "<=", 0.06,
+                             "mean |expected_dice − true Dice| on our real test images"),
 }
 # Top-level test Dice of each trainer in the accuracy case (equal epochs), no target alone.
 ACCURACY_KEYS = ("accuracy_dice_ours", "accuracy_dice_smp", "accuracy_dice_plain",
@@ -160,11 +169,11 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 q = r.get("review") if name == "ours" and group == "equal_epochs" else None
                 if q:
                     rows.append(("accuracy", "ours: review AUROC (Dice<0.8) / flagged / caught / "
-                                 "exp. Dice MAE", format_value(q["auroc"]),
+                                 f"exp. Dice MAE{_seeds(q)}", format_value(q["auroc"]),
                                  f"{format_value(q['flagged_share'])} / "
                                  f"{format_value(q['caught_share'])} / "
                                  f"{format_value(q['expected_dice_mae'])}"))
-                    rows.append(("accuracy", "ours: val pixel ECE before / after temperature",
+                    rows.append(("accuracy", f"ours: val pixel ECE before / after temperature{_seeds(q)}",
                                  f"{format_value(q['ece_before'])} / {format_value(q['ece_after'])}",
                                  f"T = {format_value(q['temperature'])}"))
     for name, r in cases.get("accuracy", {}).get("real", {}).get("trainers", {}).items():
@@ -183,9 +192,11 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         q = r.get("review") if name == "ours" else None
         if q:
             rows.append(("accuracy", "ours, real: review AUROC (Dice<0.8) / flagged / caught / "
-                         "exp. Dice MAE", format_value(q["auroc"]),
+                         f"exp. Dice MAE{_seeds(q)}", format_value(q["auroc"]),
                          f"{format_value(q['flagged_share'])} / {format_value(q['caught_share'])}"
-                         f" / {format_value(q['expected_dice_mae'])}"))
+                         f" / {format_value(q['expected_dice_mae'])}"
+                         + (f"; missed by every seed: {', '.join(q['missed'][:5])}"
+                            if q.get("missed") else "")))
     for case, c in cases.items():
         m = c.get("memory", {})
         rows.append((case, "peak RSS (process / largest child), MB", format_value(m.get("peak_rss_mb")),
@@ -219,3 +230,8 @@ def format_table(doc: dict[str, Any]) -> str:
                  if isinstance(value, dict) else format_value(value))
         lines.append(f"  {name:28s} {shown:>24s}  target {t['target']:11s} {verdict}")
     return "\n".join(lines)
+
+
+def _seeds(review: dict[str, Any]) -> str:
+    """', mean of N seeds' for a review averaged over seeds (`trainers.review_mean`), else ''."""
+    return f", mean of {review['seeds']} seeds" if review.get("seeds", 1) > 1 else ""

@@ -243,7 +243,9 @@ SCORE_KEYS = ("dice", "jaccard", "threshold_jaccard")
 def seed_mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One trainer's runs over the seeds → one row: the first run's fields, the mean of the
     scores and seconds, `epochs` when every seed ran the same number (else the mean), each
-    seed's (seed, epochs, seconds, Dice, Jaccard) under `per_seed` and the Dice spread."""
+    seed's (seed, epochs, seconds, Dice, Jaccard, review) under `per_seed` and the Dice
+    spread. A review (ours) is the mean of the seeds' figures too (`review_mean`), never one
+    seed's beside the others' mean scores."""
     if len(runs) == 1:
         return dict(runs[0])
     row = dict(runs[0])
@@ -254,8 +256,27 @@ def seed_mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
         sum(r["epochs"] for r in runs) / len(runs))
     row.pop("seed", None)
     row["per_seed"] = [{k: r.get(k) for k in ("seed", "epochs", "train_seconds", "dice",
-                                               "jaccard", "threshold", "applied")
+                                               "jaccard", "threshold", "applied", "review")
                         if k in r} for r in runs]
     dice = [r["dice"] for r in runs]
     row["dice_spread"] = round4(max(dice) - min(dice))
+    if any("review" in r for r in runs):
+        row["review"] = review_mean([r.get("review") or {} for r in runs])
     return row
+
+
+def review_mean(reviews: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seeds' review figures (`review_figures`) → their means (None where a seed has
+    none), `seeds` = how many, and `missed` = the failures every seed's flags missed (each
+    seed's own list stays in its `per_seed` entry)."""
+    out: dict[str, Any] = {"seeds": len(reviews)}
+    for key in dict.fromkeys(k for r in reviews for k in r):
+        if key == "missed":
+            continue
+        values = [r.get(key) for r in reviews]
+        out[key] = (round4(sum(values) / len(values))
+                    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+                    else None)
+    missed = [set(r.get("missed") or ()) for r in reviews]
+    out["missed"] = [i for i in (reviews[0].get("missed") or []) if all(i in m for m in missed)]
+    return out

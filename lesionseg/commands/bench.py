@@ -38,8 +38,11 @@ EPILOG = """what each case measures (see lesionseg/bench/ for the method):
          the worst tenth of the images and the count below Dice 0.5 (real_dice_*,
          real_jaccard_*, real_worst10_*, real_below_half_* in bench.json). Targets: ours >=
          plain + 0.01 and >= smp + 0.02, Jaccard >= 0.87, worst tenth >= 0.78 and >= plain +
-         0.03. --real-fullsize DIR applies ours's 128² model to full-size photographs without
-         masks and writes a contact sheet of its outlines (WORKDIR/accuracy/real-fullsize/).
+         0.03; ours's review flags (seed means): AUROC >= 0.92 for Dice < 0.8, <= 15 %
+         flagged, >= 80 % of those images caught, expected-Dice error <= 0.06
+         (real_review_*). --real-fullsize DIR applies ours's 128² model to full-size
+         photographs without masks and writes a contact sheet of its outlines
+         (WORKDIR/accuracy/real-fullsize/).
 
 examples:
   python jobs/bench.py all --quick --out bench.json          # ~12 minutes on 2 cores
