@@ -28,6 +28,11 @@ def _card(row: dict[str, Any], thumbs: Thumbs) -> str:
     return f'<div class="card">{img}{"<br>".join(lines)}</div>'
 
 
+def _grid(rows: list[dict[str, Any]], thumbs: Thumbs) -> str:
+    """The rows' cards in one grid."""
+    return '<div class="grid">' + "".join(_card(r, thumbs) for r in rows) + "</div>"
+
+
 def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: Thumbs,
                    limit: int) -> str:
     """The section's HTML ('' when the run has no quality columns)."""
@@ -56,7 +61,7 @@ def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: 
     else:
         shown = flagged[:max(1, limit)]
         more = len(flagged) - len(shown)
-        parts.append('<div class="grid">' + "".join(_card(r, thumbs) for r in shown) + "</div>")
+        parts.append(_grid(shown, thumbs))
         if more:
             parts.append(f"<p>…and {more} more: the <code>needs_review</code> column of "
                          "metrics.csv, or the table below sorted by uncertainty "
@@ -64,14 +69,13 @@ def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: 
     missed = missed_failures(rows) if truth else []
     if missed:
         shown = missed[:max(1, limit)]
-        parts.append(
-            f"<h3>Missed by the flags ({len(missed)} of {truth['failures']} images with Dice "
-            f"below {truth['failure_dice']})</h3><p>Not flagged, worst first: the errors a "
-            "reviewer of the flagged images alone would not see (the model was sure of "
-            "them).</p>" + '<div class="grid">' + "".join(_card(r, thumbs) for r in shown)
-            + "</div>" + (f"<p>…and {len(missed) - len(shown)} more: the table below "
-                          "sorted by Dice (<code>report.html#sort=dice:asc</code>), those "
-                          "not flagged.</p>" if len(missed) > len(shown) else ""))
+        parts += [f"<h3>Missed by the flags ({len(missed)} of {truth['failures']} images with "
+                  f"Dice below {truth['failure_dice']})</h3><p>Not flagged, worst first: the "
+                  "errors a reviewer of the flagged images alone would not see (the model was "
+                  "sure of them).</p>", _grid(shown, thumbs)]
+        if len(missed) > len(shown):
+            parts.append(f"<p>…and {len(missed) - len(shown)} more: the table below sorted by "
+                         "Dice (<code>report.html#sort=dice:asc</code>), those not flagged.</p>")
     return "".join(parts)
 
 

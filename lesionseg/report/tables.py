@@ -28,10 +28,12 @@ SETTING_KEYS = ("threshold", "postprocess", "tta", "image_size", "device", "prec
                 "mixed_precision")
 COUNT_KEYS = {"complete", "missing_parts", "num_shards", "images_found", "masks_written", "scored",
               "metrics_failed", "without_truth", "errors", "skipped_files", "skipped_examples",
-              "truth_masks_found", "truth_masks_unused", "means", "failures", "checkpoint", "config", "throughput",
-              "splits_read", "left_out_by_split", "means_by_split", "means_splits", "means_note",
-              "inputs", "masks"}
-SKIPPED_SHOWN = 3  # skipped files named per reason in the counts (all listed in summary.json)
+              "truth_masks_found", "truth_masks_unused", "means", "failures", "checkpoint",
+              "config", "throughput", "splits_read", "left_out_by_split", "means_by_split",
+              "means_splits", "means_note", "inputs", "masks"}
+# Skipped files named per reason in the counts (summary.json's skipped_examples holds the
+# first SKIP_EXAMPLES of each reason).
+SKIPPED_SHOWN = 3
 SCORE_NAMES = (("dice", "Dice"), ("jaccard", "Jaccard (IoU)"), ("threshold_jaccard",
                "thresholded Jaccard"), ("sensitivity", "sensitivity"),
                ("specificity", "specificity"), ("accuracy", "accuracy"))
