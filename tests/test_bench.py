@@ -241,6 +241,17 @@ def test_real_case_tiny_scores_every_trainer_and_writes_a_contact_sheet(
                                                       "real": result}}})
     [printed] = [r for r in rows_printed if r[1] == "ours − plain, real, each seed's Dice"]
     assert printed[2] == f"{margin:+.4f}" and printed[3].startswith("worst tenth ")
+    # each trainer's row says what it trained on: ours the train split with val held out,
+    # the plain script every training pair
+    manifest = json.loads((work / "real-shards" / "manifest.json").read_text())["splits"]
+    assert (rows["ours"]["train_images"], rows["ours"]["val_images"]) == (
+        manifest["train"]["count"], manifest["val"]["count"]) and manifest["val"]["count"] > 0
+    assert rows["plain"]["train_images"] == manifest["train"]["count"] + manifest["val"]["count"]
+    [ours_row] = [r for r in rows_printed if r[1].startswith("ours, real ISIC test")]
+    assert (f"on {manifest['train']['count']} images + {manifest['val']['count']} val held out"
+            in ours_row[3])
+    [plain_row] = [r for r in rows_printed if r[1].startswith("plain, real ISIC test")]
+    assert f"on {rows['plain']['train_images']} images," in plain_row[3]
     sheet = Image.open(result["fullsize"]["contact_sheet"])
     assert sheet.height == SHEET_SIDE and result["fullsize"]["images"] == 3
     again = run_real(isic_root, work, (0,), with_peer=False, size=64, epochs=1)

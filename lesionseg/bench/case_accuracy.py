@@ -111,7 +111,9 @@ def run_accuracy(plan: AccuracyPlan, workdir: Path, with_peer: bool) -> dict[str
             "note": "test split, official ISIC scorer macro means; ours = pack/train/infer jobs "
                     "with defaults (image size, epochs, random encoder set); plain and smp = "
                     "the plain script (lesionseg.bench.case_accuracy.plain_train) on every "
-                    "training case; each trainer's scores are the mean over the training seeds"}
+                    "training case (ours holds the val split out for its quality fit: see "
+                    "train_images and val_images); each trainer's scores are the mean over the "
+                    "training seeds"}
 
 
 def _seed_dir(workdir: Path, plan: AccuracyPlan, seed: int) -> Path:

@@ -107,7 +107,9 @@ def run_real(source: Path, workdir: Path, seeds: tuple[int, ...], with_peer: boo
         "note": "real ISIC 2016 test split scored by the official scorer (macro means); "
                 "worst10_dice = mean Dice of the worst tenth of the test images, below_half = "
                 "images under Dice 0.5; every trainer 30 epochs at 128², random encoder; each "
-                "row the mean over the seeds"}
+                "row the mean over the seeds; train_images: the plain script and smp train on "
+                "every training pair, ours on the train split and holds val out (val_images) "
+                "for its quality fit"}
     if fullsize is not None:
         result["fullsize"] = fullsize_check(workdir / f"real-seed-{seeds[0]}" / "ours" / "run"
                                             / "best.pt", fullsize, workdir / "real-fullsize")

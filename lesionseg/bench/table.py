@@ -165,7 +165,8 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                             if seeds else "")
                 rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
                              f"{a['image_size']}²", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}",
-                             f"{r['epochs']} epochs, {format_value(r['train_seconds'])} s{per_seed}"))
+                             f"{r['epochs']} epochs{_images(r)}, "
+                             f"{format_value(r['train_seconds'])} s{per_seed}"))
                 q = r.get("review") if name == "ours" and group == "equal_epochs" else None
                 if q:
                     rows.append(("accuracy", "ours: review AUROC (Dice<0.8) / flagged / caught / "
@@ -183,7 +184,8 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(("accuracy", f"{name}, real ISIC test: Dice / Jaccard / worst-tenth Dice "
                      "/ images < 0.5", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}"
                      f" / {format_value(r['worst10_dice'])} / {format_value(r['below_half'])}",
-                     f"{r['epochs']} epochs, {format_value(r['train_seconds'])} s{per_seed}"))
+                     f"{r['epochs']} epochs{_images(r)}, {format_value(r['train_seconds'])} s"
+                     f"{per_seed}"))
         margin = cases.get("accuracy", {}).get("real", {}).get("margins", {}).get(name)
         if margin:
             rows.append(("accuracy", f"ours − {name}, real, each seed's Dice",
@@ -235,3 +237,13 @@ def format_table(doc: dict[str, Any]) -> str:
 def _seeds(review: dict[str, Any]) -> str:
     """', mean of N seeds' for a review averaged over seeds (`trainers.review_mean`), else ''."""
     return f", mean of {review['seeds']} seeds" if review.get("seeds", 1) > 1 else ""
+
+
+def _images(row: dict[str, Any]) -> str:
+    """' on N images' a trainer trained on, with the val images ours held out beside them (the
+    plain script trains on every training pair, ours holds val out for its quality fit), so a
+    comparison at equal epochs also shows the data each side had; '' when not recorded."""
+    if row.get("train_images") is None:
+        return ""
+    held_out = f" + {row['val_images']} val held out" if row.get("val_images") else ""
+    return f" on {row['train_images']} images{held_out}"

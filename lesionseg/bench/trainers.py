@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lesionseg.config import load_config
-from lesionseg.data.shard_format import MANIFEST
+from lesionseg.data.shard_format import MANIFEST, read_manifest
 from lesionseg.data.shards import pack
 from lesionseg.data.synthetic import OFFICIAL_NAMES
 from lesionseg.errors import UserError
@@ -144,7 +144,9 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
              extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """`jobs/train.py` on the packed shards (defaults but size, epochs, random encoder) →
     `jobs/infer.py` on the test images → official scores. Seconds are the training command's
-    wall time from start to exit, as a user sees it."""
+    wall time from start to exit, as a user sees it. `train_images` / `val_images`: the
+    shards' train and val counts: ours trains on train only and holds val out for its quality
+    fit, while the plain script trains on every training pair (its `train_images`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     run = workdir / "run"
     overrides = [f"data.shards={shards}", f"data.image_size={size}", f"optim.epochs={epochs}",
@@ -165,6 +167,8 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
               "overrides": list(extra), "applied": summary.get("postprocess"),
               "threshold": summary.get("threshold"), "recipe": _recipe_line(workdir / "train.log"),
               "review": review_figures(summary)}
+    splits = read_manifest(shards)["splits"]
+    result |= {"train_images": splits["train"]["count"], "val_images": splits["val"]["count"]}
     return result | official_scores(source, out / "masks")
 
 
