@@ -32,6 +32,9 @@ EPILOG = """what each case measures (see lesionseg/bench/ for the method):
          equal wall time (the peers get our training command's seconds), each the mean over
          training seeds 0 and 1 (--quick: seed 0; --accuracy-seeds N). Targets: ours >=
          plain + 0.01 and >= smp + 0.02 at equal epochs, ahead of both at equal time.
+         Equal epochs are not equal data: the peers train on every training case, ours on
+         the pack's train split, holding its val out for the quality fit; each row says on
+         how many images it trained (train_images, val_images).
          With --real DIR (a folder in the ISIC 2016 Part 1 layout) the same three trainers
          also train on those real images, 30 epochs at 128², random encoders, every seed, and
          are scored on its test split by the official scorer: Dice, Jaccard, the mean Dice of
