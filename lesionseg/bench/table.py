@@ -160,32 +160,21 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             for name, r in a[group].items():
                 if group == "equal_time" and name == "ours":
                     continue
-                seeds = r.get("per_seed")
-                per_seed = (", seeds " + " / ".join(format_value(x["dice"]) for x in seeds)
-                            if seeds else "")
                 rows.append(("accuracy", f"{name}, {label}: test Dice / Jaccard at "
                              f"{a['image_size']}²", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}",
-                             f"{r['epochs']} epochs{_images(r)}, "
-                             f"{format_value(r['train_seconds'])} s{per_seed}"))
+                             _training(r)))
                 q = r.get("review") if name == "ours" and group == "equal_epochs" else None
                 if q:
                     rows.append(("accuracy", "ours: review AUROC (Dice<0.8) / flagged / caught / "
-                                 f"exp. Dice MAE{_seeds(q)}", format_value(q["auroc"]),
-                                 f"{format_value(q['flagged_share'])} / "
-                                 f"{format_value(q['caught_share'])} / "
-                                 f"{format_value(q['expected_dice_mae'])}"))
+                                 f"exp. Dice MAE{_seeds(q)}", *_review_cells(q)))
                     rows.append(("accuracy", f"ours: val pixel ECE before / after temperature{_seeds(q)}",
                                  f"{format_value(q['ece_before'])} / {format_value(q['ece_after'])}",
                                  f"T = {format_value(q['temperature'])}"))
     for name, r in cases.get("accuracy", {}).get("real", {}).get("trainers", {}).items():
-        seeds = r.get("per_seed")
-        per_seed = (", seeds " + " / ".join(format_value(x["dice"]) for x in seeds)
-                    if seeds else "")
         rows.append(("accuracy", f"{name}, real ISIC test: Dice / Jaccard / worst-tenth Dice "
                      "/ images < 0.5", f"{format_value(r['dice'])} / {format_value(r['jaccard'])}"
                      f" / {format_value(r['worst10_dice'])} / {format_value(r['below_half'])}",
-                     f"{r['epochs']} epochs{_images(r)}, {format_value(r['train_seconds'])} s"
-                     f"{per_seed}"))
+                     _training(r)))
         margin = cases.get("accuracy", {}).get("real", {}).get("margins", {}).get(name)
         if margin:
             rows.append(("accuracy", f"ours − {name}, real, each seed's Dice",
@@ -193,12 +182,11 @@ def table_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          "worst tenth " + " / ".join(f"{d:+.3f}" for d in margin["worst10_dice"])))
         q = r.get("review") if name == "ours" else None
         if q:
+            auroc, shares = _review_cells(q)
             rows.append(("accuracy", "ours, real: review AUROC (Dice<0.8) / flagged / caught / "
-                         f"exp. Dice MAE{_seeds(q)}", format_value(q["auroc"]),
-                         f"{format_value(q['flagged_share'])} / {format_value(q['caught_share'])}"
-                         f" / {format_value(q['expected_dice_mae'])}"
-                         + (f"; missed by every seed: {', '.join(q['missed'][:5])}"
-                            if q.get("missed") else "")))
+                         f"exp. Dice MAE{_seeds(q)}", auroc,
+                         shares + (f"; missed by every seed: {', '.join(q['missed'][:5])}"
+                                   if q.get("missed") else "")))
     for case, c in cases.items():
         m = c.get("memory", {})
         rows.append((case, "peak RSS (process / largest child), MB", format_value(m.get("peak_rss_mb")),
@@ -237,6 +225,23 @@ def format_table(doc: dict[str, Any]) -> str:
 def _seeds(review: dict[str, Any]) -> str:
     """', mean of N seeds' for a review averaged over seeds (`trainers.review_mean`), else ''."""
     return f", mean of {review['seeds']} seeds" if review.get("seeds", 1) > 1 else ""
+
+
+def _training(row: dict[str, Any]) -> str:
+    """A trainer row's last cell: epochs, the images trained on, seconds and each seed's Dice."""
+    seeds = row.get("per_seed")
+    per_seed = (", seeds " + " / ".join(format_value(x["dice"]) for x in seeds)
+                if seeds else "")
+    return (f"{row['epochs']} epochs{_images(row)}, {format_value(row['train_seconds'])} s"
+            f"{per_seed}")
+
+
+def _review_cells(review: dict[str, Any]) -> tuple[str, str]:
+    """A review row's two cells: the AUROC, and the shares flagged and caught with the
+    expected-Dice error."""
+    return (format_value(review["auroc"]),
+            f"{format_value(review['flagged_share'])} / {format_value(review['caught_share'])}"
+            f" / {format_value(review['expected_dice_mae'])}")
 
 
 def _images(row: dict[str, Any]) -> str:
