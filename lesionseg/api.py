@@ -68,7 +68,8 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, backend: str = "torch", device: str = "auto",
-             tta: bool = True, threshold: float | None = None, postprocess: str = "auto",
+             tta: bool = True, refine: bool = True, refine_max_zoom: float = 0.0,
+             threshold: float | None = None, postprocess: str = "auto",
              image_size: int = 0, mixed_precision: str = "auto",
              review_below: float = 0.8, review_share: float = 0.1,
              empty_fallback: float = 0.5) -> Segmenter:
@@ -76,12 +77,15 @@ class Segmenter:
         "onnxruntime" runs a checkpoint through an ONNX export made on the fly (parity-checked).
         threshold/postprocess default to what validation chose (stored in the file);
         image_size 0 = the model's training size. Threads: torch.set_num_threads(N) before
-        loading (ONNX Runtime takes the same number when its session is made). review_below:
+        loading (ONNX Runtime takes the same number when its session is made). refine and
+        refine_max_zoom: the lesion-centred second pass (`lesionseg.infer.refine`; as
+        infer.refine and infer.refine_max_zoom). review_below:
         the expected Dice below which a result needs review; review_share: a result also needs
         review when it is more uncertain than all but this share of the val images;
         empty_fallback: a mask with no pixel above the threshold becomes the main region above
         this share of the image's highest probability (0: stays empty)."""
-        icfg = InferConfig(backend=backend, device=device, tta=tta, threshold=threshold,
+        icfg = InferConfig(backend=backend, device=device, tta=tta, refine=refine,
+                           refine_max_zoom=refine_max_zoom, threshold=threshold,
                            postprocess=postprocess, image_size=image_size,
                            mixed_precision=mixed_precision, review_below=review_below,
                            review_share=review_share, empty_fallback=empty_fallback)
@@ -96,7 +100,7 @@ class Segmenter:
         return (f"Segmenter({self.source!r}, backend={self.predictor.backend}, "
                 f"device={self.predictor.device}, size={self.image_size}, "
                 f"threshold={self.post.threshold:g}, postprocess={self.post.name}, "
-                f"tta={self.predictor.tta})")
+                f"tta={self.predictor.tta}, refine={self.predictor.refine is not None})")
 
     def segment(self, image: ImageLike) -> Segmentation:
         """Mask and probability map of one image at its original size."""

@@ -161,6 +161,8 @@ class InferConfig:
     threshold: float | None = None  # probability above which a pixel is lesion (null = the checkpoint's choice, else 0.5)
     postprocess: str = "auto"  # auto (the checkpoint's choice), none, main (the region the model is surest of), fill (holes) or main+fill
     tta: bool = True  # average the image's and its h, v and h+v flips' predictions (4 forwards, as nnU-Net mirrors)
+    refine: bool = True  # lesion-centred second pass: the crop round the first pass's lesion segmented again and pasted back (lesionseg.infer.refine)
+    refine_max_zoom: float = 0.0  # the second pass's largest zoom; 0 = the training crops' own, 1/sqrt(data.scale_min) (a model trained without zoom gets no second pass)
     empty_fallback: float = 0.5  # a mask with no pixel above the threshold becomes the main region above this share of the image's highest probability (every dermoscopic image shows a lesion); 0 = leave it empty
     review_below: float = 0.8  # needs_review when an image's expected_dice is below this (lesionseg.quality)
     review_share: float = 0.1  # needs_review also when its uncertainty is above all but this share of the val images' (0 = off)
@@ -317,6 +319,8 @@ def validate(cfg: Config) -> Config:
     _check(i.num_threads >= 0, "infer.num_threads", i.num_threads, "must be >= 0")
     _check(i.overlay_max_side >= 32, "infer.overlay_max_side", i.overlay_max_side, "must be >= 32")
     _check(i.report_images >= 0, "infer.report_images", i.report_images, "must be >= 0")
+    _check(i.refine_max_zoom == 0 or i.refine_max_zoom >= 1, "infer.refine_max_zoom",
+           i.refine_max_zoom, "must be 0 (the training crops' zoom) or >= 1 (1 = no second pass)")
     _check(0 <= i.empty_fallback < 1, "infer.empty_fallback", i.empty_fallback,
            "must be in [0, 1)")
     _check(0 <= i.review_below <= 1, "infer.review_below", i.review_below, "must be in [0, 1]")

@@ -149,7 +149,8 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
              runtime["backend"],
              state.num_processes, f"ensemble of {len(members)} models" if len(members) > 1
              else "one model", image_size, post.threshold, post.name, post_source,
-             ", flip TTA" if icfg.tta else "")
+             (", flip TTA" if icfg.tta else "")
+             + (f", {predictor.refine.describe()}" if predictor.refine else ""))
     run_cfg = _run_config(ckpt_cfg, cfg, image_size)
     signature = {
         "num_shards": num_shards, "inputs": [str(Path(p).resolve()) for p in inputs],
@@ -158,6 +159,8 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
         "checkpoint_sha256": digests[0] if len(digests) == 1 else digests,
         "image_size": image_size,
         "threshold": icfg.threshold, "postprocess": icfg.postprocess, "tta": icfg.tta,
+        # the second pass's zoom cap (lesionseg.infer.refine), 0 = none
+        "refine": round(predictor.refine.max_zoom, 4) if predictor.refine else 0,
         "empty_fallback": icfg.empty_fallback,
         "splits": list(icfg.splits),
     }

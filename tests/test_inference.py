@@ -826,7 +826,7 @@ def test_two_runs_racing_into_one_out_cannot_both_claim_it(tmp_path: Path) -> No
     def signature(sha: str) -> dict:
         return {"num_shards": 1, "inputs": ["/in"], "masks": [], "checkpoint_sha256": sha,
                 "image_size": 64, "threshold": 0.5, "postprocess": "none", "tta": False,
-                "splits": [], "empty_fallback": 0.5}
+                "splits": [], "empty_fallback": 0.5, "refine": 0}
 
     for attempt in range(20):
         parts = tmp_path / f"out{attempt}" / "parts"
@@ -1266,6 +1266,9 @@ def test_an_out_written_before_the_empty_fallback_resumes_only_without_it(tmp_pa
     parts = tmp_path / "out" / "parts"
     parts.mkdir(parents=True)
     (parts / SIGNATURE_FILE).write_text(json.dumps(old) + "\n")
-    inference.check_signature(parts, old | {"empty_fallback": 0.0})
+    inference.check_signature(parts, old | {"empty_fallback": 0.0, "refine": 0})
     with pytest.raises(inference.InferenceError, match="different empty_fallback"):
-        inference.check_signature(parts, old | {"empty_fallback": 0.5})
+        inference.check_signature(parts, old | {"empty_fallback": 0.5, "refine": 0})
+    # nor does it hold refined masks: resuming it with the second pass on is refused
+    with pytest.raises(inference.InferenceError, match="different refine"):
+        inference.check_signature(parts, old | {"empty_fallback": 0.0, "refine": 1.4142})

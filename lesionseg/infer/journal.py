@@ -25,9 +25,9 @@ MASKS, PROBS, OVERLAYS, THUMBS = "masks", "probs", "overlays", "thumbs"  # --out
 DONE_FILE_RE = re.compile(r"^done-p(\d+)-r(\d+)-of-(\d+)\.json$")
 # Run settings that must match when a part resumes or joins an existing --out.
 SIGNATURE_KEYS = ("num_shards", "inputs", "masks", "checkpoint_sha256", "image_size",
-                  "threshold", "postprocess", "tta", "splits", "empty_fallback")
+                  "threshold", "postprocess", "tta", "splits", "empty_fallback", "refine")
 # What a signature written before a key existed meant by its absence.
-SIGNATURE_BEFORE = {"empty_fallback": 0.0}
+SIGNATURE_BEFORE = {"empty_fallback": 0.0, "refine": 0}
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

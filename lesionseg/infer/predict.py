@@ -19,6 +19,7 @@ from lesionseg.data.folds import fold_checkpoints
 from lesionseg.device import autocast, precision_dtype, to_model_input
 from lesionseg.export import export_model
 from lesionseg.infer import InferenceError
+from lesionseg.infer.refine import Refine, refine_for, second_pass
 from lesionseg.model import fuse_for_inference
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.runtime import export_format, open_backend
@@ -41,6 +42,7 @@ class Predictor:
     amp_dtype: torch.dtype | None
     tta: bool
     runtime: Any = None
+    refine: Refine | None = None  # the lesion-centred second pass (lesionseg.infer.refine)
 
     @property
     def backend(self) -> str:
@@ -59,7 +61,14 @@ class Predictor:
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities N×S×S, the members' views N×V×S×S): with flip TTA the four views,
         each flipped back, whose mean the probabilities are; without it the one map (V = 1).
-        The views are what the forward computed anyway (lesionseg.quality reads them)."""
+        The views are what the forward computed anyway (lesionseg.quality reads them). With
+        `refine`, the images with a lesion box are forwarded once more, cropped round it."""
+        probs, views = self._predict_once(images)
+        if self.refine is None:
+            return probs, views
+        return second_pass(self._predict_once, images, probs, views, self.refine)
+
+    def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.runtime is not None:
             return self._run_exported(images)
         x = to_model_input(images, self.device)
@@ -86,6 +95,7 @@ class Ensemble:
     all stay on the device: a few MB each)."""
 
     members: list[Predictor]
+    refine: Refine | None = None  # the second pass, on the ensemble's mean (members have none)
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +118,14 @@ class Ensemble:
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean probabilities, every model × flip view, N×(models·V)×S×S)."""
+        """(mean probabilities, every model × flip view, N×(models·V)×S×S); `refine` crops
+        round the ensemble's lesion and runs every model on the crop."""
+        probs, views = self._predict_once(images)
+        if self.refine is None:
+            return probs, views
+        return second_pass(self._predict_once, images, probs, views, self.refine)
+
+    def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total, views = self.members[0].predict(images)
         views = [views]
         for member in self.members[1:]:
@@ -180,7 +197,14 @@ def load_predictor(checkpoint: str | Path, cfg: InferConfig,
     # BatchNorm folded into the convs: ~40% faster here; in place, the model is ours alone
     model = fuse_for_inference(model, inplace=True)
     model = model.to(device).to(memory_format=torch.channels_last).eval()
-    return Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta), ckpt_cfg, meta
+    predictor = Predictor(model, device, amp_dtype_for(cfg.mixed_precision, device), cfg.tta,
+                          refine=run_refine(cfg, ckpt_cfg))
+    return predictor, ckpt_cfg, meta
+
+
+def run_refine(cfg: InferConfig, ckpt_cfg: Config) -> Refine | None:
+    """The second pass `cfg` asks for on a model trained as `ckpt_cfg` says."""
+    return refine_for(cfg.refine, ckpt_cfg.data.scale_min, cfg.refine_max_zoom)
 
 
 def ensemble_members(checkpoints: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -217,8 +241,13 @@ def load_ensemble(members: list[Path], cfg: InferConfig, device: torch.device,
         predictor, ckpt_cfg, meta = loaded[0]
         return predictor, ckpt_cfg, meta, image_size
     metas = [meta for _, _, meta in loaded]
-    return (Ensemble([p for p, _, _ in loaded]), loaded[0][1], ensemble_meta(members, metas),
-            image_size)
+    # one second pass round the ensemble's lesion; the zoom cap is the most cautious member's
+    refines = [p.refine for p, _, _ in loaded]
+    refine = None if None in refines else min(refines, key=lambda r: r.max_zoom)
+    for predictor, _, _ in loaded:
+        predictor.refine = None
+    return (Ensemble([p for p, _, _ in loaded], refine), loaded[0][1],
+            ensemble_meta(members, metas), image_size)
 
 
 def ensemble_meta(members: list[Path], metas: list[dict[str, Any]]) -> dict[str, Any]:
@@ -258,8 +287,10 @@ def load_exported(checkpoint: str | Path, cfg: InferConfig,
         runtime, meta = open_backend(checkpoint, str(device), threads)
     log.info("%s runs %s (%s, %s; providers %s)", runtime.name, checkpoint, meta["file_format"],
              runtime.precision, ", ".join(map(str, runtime.providers)))
-    predictor = Predictor(None, runtime.device, None, cfg.tta, runtime=runtime)
-    return predictor, from_dict(meta["config"]), dict(meta.get("checkpoint_meta") or {})
+    file_cfg = from_dict(meta["config"])
+    predictor = Predictor(None, runtime.device, None, cfg.tta, runtime=runtime,
+                          refine=run_refine(cfg, file_cfg))
+    return predictor, file_cfg, dict(meta.get("checkpoint_meta") or {})
 
 
 

@@ -24,7 +24,7 @@ from lesionseg.report.style import EVEN_COLOUR, FN_COLOUR, FP_COLOUR
 
 # The settings shown first, looked up at summary.json's top level, then in its config's infer
 # section; any other scalar top-level entry that is not a count is shown after them.
-SETTING_KEYS = ("threshold", "postprocess", "tta", "image_size", "device", "precision",
+SETTING_KEYS = ("threshold", "postprocess", "tta", "refine", "image_size", "device", "precision",
                 "mixed_precision")
 COUNT_KEYS = {"complete", "missing_parts", "num_shards", "images_found", "masks_written", "scored",
               "metrics_failed", "without_truth", "errors", "skipped_files", "skipped_examples",
