@@ -25,6 +25,7 @@ from lesionseg.infer.refine import (
     refine_for,
     second_pass,
 )
+from lesionseg.report.tables import settings
 
 
 def blob(size: int, cy: int, cx: int, r: int, level: float = 0.9) -> np.ndarray:
@@ -160,3 +161,9 @@ def test_a_model_trained_with_zoom_gets_the_pass_by_default(tiny_checkpoint: dic
     cfg = load_config(None, ["data.scale_min=0.5"])
     refine = refine_for(cfg.infer.refine, cfg.data.scale_min, cfg.infer.refine_max_zoom)
     assert refine.max_zoom == pytest.approx(math.sqrt(2))
+
+
+def test_report_settings_say_what_the_pass_did() -> None:
+    rows = dict(settings({"refine": 1.4142, "tta": True}))
+    assert rows["refine"] == "lesion-centred second pass, zoom up to 1.41×"
+    assert dict(settings({"refine": 0}))["refine"] == "off"

@@ -72,6 +72,9 @@ def settings(summary: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("trained", f"step {meta['step']}{score}{which}"))
     for key in SETTING_KEYS:
         value = summary[key] if key in summary else infer_cfg.get(key)
+        if key == "refine" and key in summary:  # the zoom cap applied, 0 = none
+            value = (f"lesion-centred second pass, zoom up to {float(value):.2f}×" if value
+                     else "off")
         if value is not None and value != "":
             out.append((key.replace("_", " "), num(value)))
     for key, value in summary.items():
