@@ -170,6 +170,9 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
     quality = QualityModel.from_meta(meta, icfg.review_below, icfg.review_share)
     runtime["quality"] = quality.describe((len(TTA_FLIPS) if icfg.tta else 1) * len(members),
                                           len(members))
+    if predictor.refine:  # the views the spread reads are the pasted ones inside the box
+        runtime["quality"]["uncertainty"] += (", of the views after the lesion-centred second "
+                                              "pass (inside its box, the crop's)")
     runtime["temperature"] = applied_temperature(meta)
     _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
                      run_cfg, inventory, shard_index, state.process_index, runtime)

@@ -146,6 +146,8 @@ def test_job_records_the_pass_and_the_api_gives_its_masks(tiny_checkpoint: dict,
                      "infer.mixed_precision=no", "infer.refine_max_zoom=2", *flags]) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert summary["refine"] == (0 if name == "off" else 2.0)
+        said = summary["review"]["uncertainty"]
+        assert ("second pass" in said) == (name == "on"), said
         masks[name] = {p.stem: np.asarray(Image.open(p)) for p in (out / "masks").glob("*.png")}
     assert masks["on"].keys() == masks["off"].keys()
     assert any(not np.array_equal(masks["on"][k], masks["off"][k]) for k in masks["on"])
