@@ -110,8 +110,8 @@ Slurm array) split them across jobs, and the last part to finish merges."""
                              "first pass found (plus a quarter of its size on each side) is "
                              "segmented again and pasted back, zooming no further than the "
                              "training crops did (default on; on the real ISIC 2016 test set, "
-                             "six models: +0.3 Dice and +2 points of the worst tenth for about "
-                             "1.5x the forwards; --no-refine for one pass; see "
+                             "six models: +0.3 Dice and +2 points of the worst tenth, for "
+                             "about 15%% less throughput; --no-refine for one pass; see "
                              "infer.refine_max_zoom)")
     parser.add_argument("--save-probs", action="store_true", default=None,
                         help="also write 8-bit probability PNGs to probs/")
