@@ -19,7 +19,7 @@ from lesionseg.data.folds import fold_checkpoints
 from lesionseg.device import autocast, precision_dtype, to_model_input
 from lesionseg.export import export_model
 from lesionseg.infer import InferenceError
-from lesionseg.infer.refine import Refine, refine_for, second_pass
+from lesionseg.infer.refine import Refine, predict_refined, refine_for
 from lesionseg.model import fuse_for_inference
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.runtime import export_format, open_backend
@@ -63,10 +63,7 @@ class Predictor:
         each flipped back, whose mean the probabilities are; without it the one map (V = 1).
         The views are what the forward computed anyway (lesionseg.quality reads them). With
         `refine`, the images with a lesion box are forwarded once more, cropped round it."""
-        probs, views = self._predict_once(images)
-        if self.refine is None:
-            return probs, views
-        return second_pass(self._predict_once, images, probs, views, self.refine)
+        return predict_refined(self._predict_once, images, self.refine)
 
     def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.runtime is not None:
@@ -120,10 +117,7 @@ class Ensemble:
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean probabilities, every model × flip view, N×(models·V)×S×S); `refine` crops
         round the ensemble's lesion and runs every model on the crop."""
-        probs, views = self._predict_once(images)
-        if self.refine is None:
-            return probs, views
-        return second_pass(self._predict_once, images, probs, views, self.refine)
+        return predict_refined(self._predict_once, images, self.refine)
 
     def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total, views = self.members[0].predict(images)

@@ -98,6 +98,16 @@ def crop_resized(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
     return out.to(image.dtype)
 
 
+def predict_refined(predict_once: PredictFn, images: torch.Tensor,
+                    refine: Refine | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, views) of `predict_once` on the batch, then, with `refine`, after the
+    second pass (a Predictor's and an Ensemble's `predict`)."""
+    probs, views = predict_once(images)
+    if refine is None:
+        return probs, views
+    return second_pass(predict_once, images, probs, views, refine)
+
+
 def second_pass(predict_once: PredictFn, images: torch.Tensor, probs: torch.Tensor,
                 views: torch.Tensor, refine: Refine) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities N×S×S, views N×V×S×S) after the second pass: the images with a box are
