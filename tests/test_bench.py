@@ -14,7 +14,7 @@ import pytest
 
 from lesionseg.bench.harness import run_bench
 from lesionseg.bench.plan import CASES, BenchPlan
-from lesionseg.bench.table import ACCURACY_KEYS, RATIOS, format_table, table_rows
+from lesionseg.bench.table import ACCURACY_KEYS, RATIOS, _training, format_table, table_rows
 from lesionseg.cli import main
 from lesionseg.peers import peer_available
 
@@ -125,6 +125,10 @@ def test_seed_mean_averages_scores_and_keeps_every_seed() -> None:
     assert [s["dice"] for s in row["per_seed"]] == [0.80, 0.86]
     assert seed_mean([a]) == a
     assert seed_mean([a, a | {"seed": 1}])["epochs"] == 10
+    # ours records the second pass's zoom cap per seed, and its printed row names it
+    ours = seed_mean([a | {"trainer": "ours", "refine": 1.4142}, b | {"refine": 1.4142}])
+    assert [s["refine"] for s in ours["per_seed"]] == [1.4142, 1.4142]
+    assert ", second pass (zoom up to 1.41×), seeds 0.8 / 0.86" in _training(ours)
 
 
 def test_a_seed_mean_row_reviews_every_seed_and_the_targets_judge_it() -> None:
@@ -252,6 +256,10 @@ def test_real_case_tiny_scores_every_trainer_and_writes_a_contact_sheet(
             in ours_row[3])
     [plain_row] = [r for r in rows_printed if r[1].startswith("plain, real ISIC test")]
     assert f"on {rows['plain']['train_images']} images," in plain_row[3]
+    # ours's row says how its inference ran (summary.json's refine: 1 epoch is the light
+    # augmentation level, trained on whole images, so one pass); the plain script's says none
+    assert rows["ours"]["refine"] == 0 and ", one pass" in ours_row[3]
+    assert "refine" not in rows["plain"] and "pass" not in plain_row[3]
     sheet = Image.open(result["fullsize"]["contact_sheet"])
     assert sheet.height == SHEET_SIDE and result["fullsize"]["images"] == 3
     again = run_real(isic_root, work, (0,), with_peer=False, size=64, epochs=1)

@@ -228,12 +228,22 @@ def _seeds(review: dict[str, Any]) -> str:
 
 
 def _training(row: dict[str, Any]) -> str:
-    """A trainer row's last cell: epochs, the images trained on, seconds and each seed's Dice."""
+    """A trainer row's last cell: epochs, the images trained on, seconds, how ours inferred
+    (one pass or the second pass's zoom cap, when recorded) and each seed's Dice."""
     seeds = row.get("per_seed")
     per_seed = (", seeds " + " / ".join(format_value(x["dice"]) for x in seeds)
                 if seeds else "")
     return (f"{row['epochs']} epochs{_images(row)}, {format_value(row['train_seconds'])} s"
-            f"{per_seed}")
+            f"{_passes(row)}{per_seed}")
+
+
+def _passes(row: dict[str, Any]) -> str:
+    """', second pass (zoom up to Z×)' or ', one pass' for a row that recorded how inference
+    ran (ours: summary.json's `refine`, 0 = none); '' for a trainer that did not (the peers'
+    scripts predict once)."""
+    if "refine" not in row or row["refine"] is None:
+        return ""
+    return f", second pass (zoom up to {row['refine']:.2f}×)" if row["refine"] else ", one pass"
 
 
 def _review_cells(review: dict[str, Any]) -> tuple[str, str]:

@@ -144,7 +144,8 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
              extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """`jobs/train.py` on the packed shards (defaults but size, epochs, random encoder) →
     `jobs/infer.py` on the test images → official scores. Seconds are the training command's
-    wall time from start to exit, as a user sees it. `train_images` / `val_images`: the
+    wall time from start to exit, as a user sees it. `refine`: the zoom cap of the second pass
+    inference applied (summary.json's, 0 = one pass). `train_images` / `val_images`: the
     shards' train and val counts: ours trains on train only and holds val out for its quality
     fit, while the plain script trains on every training pair (its `train_images`)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -165,8 +166,8 @@ def run_ours(source: Path, shards: Path, workdir: Path, size: int, epochs: int, 
     summary = json.loads((out / "summary.json").read_text())
     result = {"trainer": "ours", "epochs": epochs, "train_seconds": round4(seconds),
               "overrides": list(extra), "applied": summary.get("postprocess"),
-              "threshold": summary.get("threshold"), "recipe": _recipe_line(workdir / "train.log"),
-              "review": review_figures(summary)}
+              "threshold": summary.get("threshold"), "refine": summary.get("refine"),
+              "recipe": _recipe_line(workdir / "train.log"), "review": review_figures(summary)}
     splits = read_manifest(shards)["splits"]
     result |= {"train_images": splits["train"]["count"], "val_images": splits["val"]["count"]}
     return result | official_scores(source, out / "masks")
@@ -260,7 +261,7 @@ def seed_mean(runs: list[dict[str, Any]]) -> dict[str, Any]:
         sum(r["epochs"] for r in runs) / len(runs))
     row.pop("seed", None)
     row["per_seed"] = [{k: r.get(k) for k in ("seed", "epochs", "train_seconds", "dice",
-                                               "jaccard", "threshold", "applied", "review")
+                                               "jaccard", "threshold", "applied", "refine", "review")
                         if k in r} for r in runs]
     dice = [r["dice"] for r in runs]
     row["dice_spread"] = round4(max(dice) - min(dice))
