@@ -32,11 +32,14 @@ from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.errors import UserError
 from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import Predictor, load_predictor
+from lesionseg.infer.refine import fine_copy
 from lesionseg.inference import applied_postprocess, applied_temperature
 from lesionseg.postprocess import Postprocess
 from lesionseg.quality import QualityModel, calibrate, signals
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]  # noqa: UP007 (runtime alias)
+# An image made ready: (uint8 3×S×S model input, original (h, w), finer copy or None)
+Prepared = tuple[torch.Tensor, tuple[int, int], Union[torch.Tensor, None]]  # noqa: UP007
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class Segmenter:
     def segment_batch(self, images: Iterable[ImageLike], batch_size: int = 8) -> list[Segmentation]:
         """Every image of `images`, `batch_size` at a time through the model, in order."""
         results: list[Segmentation] = []
-        pending: list[tuple[torch.Tensor, tuple[int, int]]] = []
+        pending: list[Prepared] = []
         for image in images:
             pending.append(self._prepare(image))
             if len(pending) == batch_size:
@@ -119,18 +122,23 @@ class Segmenter:
             results += self._predict(pending)
         return results
 
-    def _prepare(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(uint8 3×S×S model input, original (h, w)) as the job's decode workers make it."""
-        rgb, size = as_rgb(image, self.image_size)
-        return eval_transform(rgb, None, self.image_size)[0], size
+    def _prepare(self, image: ImageLike) -> Prepared:
+        """(uint8 3×S×S model input, original (h, w), the finer copy the second pass crops
+        from or None) as the job's decode workers make them."""
+        refine = self.predictor.refine
+        rgb, size = as_rgb(image, refine.fine_side(self.image_size) if refine else self.image_size)
+        return (eval_transform(rgb, None, self.image_size)[0], size,
+                fine_copy(rgb, self.image_size, refine))
 
-    def _predict(self, pending: Sequence[tuple[torch.Tensor, tuple[int, int]]]) -> list[Segmentation]:
-        probs, views = self.predictor.predict(stack_images([x for x, _ in pending]))
+    def _predict(self, pending: Sequence[Prepared]) -> list[Segmentation]:
+        fine = [f for _, _, f in pending]
+        probs, views = self.predictor.predict(stack_images([x for x, _, _ in pending]),
+                                              fine if any(f is not None for f in fine) else None)
         # under a temperature the threshold moves with the probabilities: the same mask
         threshold = (self.post.threshold if self.temperature == 1.0 else
                      float(calibrate(np.float32(self.post.threshold), self.temperature)))
         out = []
-        for prob, member_views, (_, size) in zip(probs, views, pending, strict=True):
+        for prob, member_views, (_, size, _) in zip(probs, views, pending, strict=True):
             full, mask = full_size_mask(prob, size, self.post)
             rated = self.quality.row(signals(member_views, self.post.threshold))
             out.append(Segmentation(mask, calibrate(full, self.temperature), threshold,

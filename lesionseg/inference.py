@@ -311,7 +311,8 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
     phases = ForwardPhases(phased, shared_threads)
     # Decode worker processes (if any) start here, from the fork server.
     batches = make_loader(items, image_size, icfg, preview_side,
-                          pin_memory=predictor.device.type == "cuda", before_item=phases.wait)
+                          pin_memory=predictor.device.type == "cuda", before_item=phases.wait,
+                          refine=predictor.refine)
     threads = icfg.post_threads or 1
     max_pending = 2 * threads + icfg.batch_size  # bounds memory: full-size maps live only here
     bar = tqdm(total=len(items), unit="img", disable=not show_progress, desc="infer")
@@ -350,7 +351,7 @@ def process_items(items: list[Item], predictor: Predictor | Ensemble, image_size
                 continue
             t0 = time.perf_counter()
             with phases.forward():
-                probs, views = predictor.predict(batch["images"])
+                probs, views = predictor.predict(batch["images"], batch["fine"])
             counts["forward_s"] += time.perf_counter() - t0
             for sample, prob, member_views in zip(batch["good"], probs, views, strict=True):
                 drain(max_pending - 1)

@@ -25,6 +25,7 @@ from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import load_predictor
+from lesionseg.infer.refine import fine_copy
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import Postprocess
 from lesionseg.quality import (
@@ -57,11 +58,13 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
     single: list[tuple[dict, float]] = []
     cal_probs: list[np.ndarray] = []
     cal_truths: list[np.ndarray] = []
-    pending: list[tuple[torch.Tensor, np.ndarray]] = []
+    pending: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
 
     def flush() -> None:
-        probs, views = predictor.predict(stack_images([x for x, _ in pending]))
-        for prob, v, (_, truth) in zip(probs, views, pending, strict=True):
+        fine = [f for _, _, f in pending]
+        probs, views = predictor.predict(stack_images([x for x, _, _ in pending]),
+                                         fine if any(f is not None for f in fine) else None)
+        for prob, v, (_, truth, _) in zip(probs, views, pending, strict=True):
             tta.append((signals(v, post.threshold), _dice(prob, truth, post)))
             single.append((signals(v[:1], post.threshold), _dice(v[0], truth, post)))
             small = cv2.resize(truth.astype(np.uint8), prob.shape[::-1],
@@ -79,7 +82,8 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
         if scale < 1:
             mask = mask.resize((max(1, round(mask.width * scale)),
                                 max(1, round(mask.height * scale))), 0)
-        pending.append((eval_transform(sample.image, None, image_size)[0], np.asarray(mask) > 127))
+        pending.append((eval_transform(sample.image, None, image_size)[0], np.asarray(mask) > 127,
+                        fine_copy(sample.image, image_size, predictor.refine)))
         if len(pending) == batch_size:
             flush()
     if pending:

@@ -23,6 +23,7 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.infer.predict import load_predictor
+from lesionseg.infer.refine import fine_copy
 from lesionseg.metrics import degenerate
 from lesionseg.postprocess import (
     DEFAULT_THRESHOLD,
@@ -50,11 +51,13 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
     keys: list[str] = []
     probs: list[np.ndarray] = []
     truths: list[np.ndarray] = []
-    pending: list[tuple[torch.Tensor, np.ndarray]] = []
+    pending: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
 
     def flush() -> None:
-        out = predictor(stack_images([x for x, _ in pending]))
-        for p, (_, truth) in zip(out, pending, strict=True):
+        fine = [f for _, _, f in pending]
+        out = predictor(stack_images([x for x, _, _ in pending]),
+                        fine if any(f is not None for f in fine) else None)
+        for p, (_, truth, _) in zip(out, pending, strict=True):
             h, w = truth.shape
             probs.append(cv2.resize(np.ascontiguousarray(p.numpy()), (w, h),
                                     interpolation=cv2.INTER_LINEAR))
@@ -72,7 +75,7 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
             size = (max(1, round(mask.width * scale)), max(1, round(mask.height * scale)))
             mask = mask.resize(size, 0)  # nearest
         x, _ = eval_transform(image, None, image_size)
-        pending.append((x, np.asarray(mask) > 127))
+        pending.append((x, np.asarray(mask) > 127, fine_copy(image, image_size, predictor.refine)))
         if len(pending) == batch_size:
             flush()
     if pending:

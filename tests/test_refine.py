@@ -15,11 +15,15 @@ from PIL import Image
 from lesionseg.api import Segmenter
 from lesionseg.cli import main
 from lesionseg.config import Config, ConfigError, InferConfig, load_config, validate
+from lesionseg.data.sources import Blob, Item
+from lesionseg.data.transforms import crop_sample, eval_transform
+from lesionseg.infer.decode import collate, decode_item
 from lesionseg.infer.predict import load_ensemble, load_predictor
 from lesionseg.infer.refine import (
     REFINE_MARGIN,
     Refine,
     crop_resized,
+    fine_copy,
     lesion_box,
     max_zoom_for,
     refine_for,
@@ -106,6 +110,69 @@ def test_second_pass_pastes_the_crops_maps_into_the_box_only() -> None:
     assert torch.equal(out[1:], probs[1:]) and torch.equal(out_views[1:], views[1:])
     # the inputs are not changed in place
     assert probs[0, top, left] != 0.7
+
+
+def stripes(side: int, period: int) -> Image.Image:
+    """An RGB image of vertical black and white stripes, `period` pixels each."""
+    row = ((np.arange(side) // period) % 2 * 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(np.tile(row, (side, 1))[..., None], 3, axis=2))
+
+
+def test_a_larger_image_keeps_a_finer_copy_and_its_crop_shows_its_detail() -> None:
+    """An image larger than the model's input keeps a copy at up to S × max_zoom a side; the
+    crop at the largest zoom, cut from it, holds the detail the S×S input averaged away."""
+    size, refine = 32, Refine(max_zoom=2.0)
+    image = stripes(256, 4)  # 4-px stripes: 1-px ones at 64 px a side, grey at 32
+    assert fine_copy(image, size, None) is None  # no second pass: no copy
+    assert fine_copy(stripes(32, 2), size, refine) is None  # no larger than S: the input is it
+    assert fine_copy(stripes(48, 2), size, refine).shape == (3, 48, 48)  # at most its own side
+    fine = fine_copy(image, size, refine)
+    assert refine.fine_side(size) == 64 and fine.shape == (3, 64, 64)
+    assert torch.equal(fine, eval_transform(image, None, 64)[0])
+    x = eval_transform(image, None, size)[0]
+    box = (8, 8, 16)  # zoom 2: the crop is 16 px of the input, 32 px of the copy
+    from_fine = crop_resized(x, box, size, fine)
+    assert from_fine.shape == (3, size, size) and from_fine.dtype == torch.uint8
+    assert torch.equal(from_fine, fine[:, 16:48, 16:48])  # 1:1, the copy's own pixels
+    assert torch.equal(from_fine, crop_sample(fine, (16.0, 16.0, 32.0), size))
+    assert from_fine.float().std() > 100 and crop_resized(x, box, size).float().std() < 30
+    # a box off the copy's pixel grid, and one below the largest zoom (the crop shrinks)
+    assert crop_resized(x, (5, 7, 21), size, fine).shape == (3, size, size)
+    assert crop_resized(x, (0, 0, 31), size, fine).shape == (3, size, size)
+
+
+def test_second_pass_crops_from_the_finer_copy_where_an_image_has_one() -> None:
+    size, refine = 32, Refine(max_zoom=2.0)
+    images = torch.randint(0, 255, (2, 3, size, size), dtype=torch.uint8)
+    fine = torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8)
+    probs = torch.stack([torch.from_numpy(blob(size, 12, 20, 4))] * 2)
+    crops = []
+
+    def crop_forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        crops.append(batch)
+        return torch.zeros(len(batch), size, size), torch.zeros(len(batch), 1, size, size)
+
+    second_pass(crop_forward, images, probs, probs[:, None], refine, [fine, None])
+    box = lesion_box(probs[0].numpy(), refine)
+    assert torch.equal(crops[0][0], crop_resized(images[0], box, size, fine))
+    assert torch.equal(crops[0][1], crop_resized(images[1], box, size))  # none: the input
+    with pytest.raises(ValueError, match="1 finer copies for a batch of 2"):
+        second_pass(crop_forward, images, probs, probs[:, None], refine, [fine])
+
+
+def test_decode_workers_keep_the_finer_copy_and_batches_carry_it(tmp_path: Path) -> None:
+    for name, side in (("big", 200), ("small", 40)):
+        stripes(side, 2).save(tmp_path / f"{name}.png")
+    refine = Refine(max_zoom=2.0)
+    samples = [decode_item(Item(id=name, image=Blob("file", str(tmp_path / f"{name}.png"))),
+                           64, 0, refine) for name in ("big", "small")]
+    assert samples[0]["fine"].shape == (3, 128, 128) and samples[1]["fine"] is None
+    assert decode_item(Item(id="big", image=Blob("file", str(tmp_path / "big.png"))), 64,
+                       0)["fine"] is None  # no second pass: no copy
+    batch = collate([dict(s) for s in samples])
+    assert batch["images"].shape == (2, 3, 64, 64)
+    assert batch["fine"][0].shape == (3, 128, 128) and batch["fine"][1] is None
+    assert collate([dict(samples[1])])["fine"] is None  # no image has one
 
 
 def test_config_checks_the_zoom_cap() -> None:

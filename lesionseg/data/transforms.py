@@ -436,6 +436,19 @@ def eval_transform(image: Image.Image, mask: Image.Image | None, size: int,
     return apply_augmentation(image, mask, aug, soft_mask)
 
 
+def crop_sample(image: torch.Tensor, box: tuple[float, float, float], size: int) -> torch.Tensor:
+    """The square region (top, left, side) of a uint8 C×H×W image, in its continuous pixel
+    coordinates (fractions allowed), resampled to uint8 C×size×size as a training crop of it is
+    (`_sample`: area reduction where the crop shrinks, then bilinear). The second pass of
+    inference (`lesionseg.infer.refine`) cuts its crops from a finer copy of the image this way."""
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(f"expected a uint8 C×H×W image, got {image.dtype} {tuple(image.shape)}")
+    top, left, side = box
+    k = side / size
+    src = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    return _image_tensor(_sample(src, (k, 0.0, left, 0.0, k, top), 1.0, 1.0, size))
+
+
 def to_float_images(x: torch.Tensor) -> torch.Tensor:
     """A uint8 image batch (any device, any memory format) → float32 in [0, 1], same layout;
     float input passes through unchanged."""

@@ -1,5 +1,6 @@
-"""Reading and decoding the inputs in DataLoader workers: the image at the eval size, its
-(optional) truth, a preview; a failing item becomes an error, never an exception."""
+"""Reading and decoding the inputs in DataLoader workers: the image at the eval size (and, for
+the second pass, a finer copy of an image larger than that), its (optional) truth, a preview;
+a failing item becomes an error, never an exception."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from lesionseg.data.images import (
 from lesionseg.data.sources import Item
 from lesionseg.data.transforms import eval_transform, stack_images
 from lesionseg.errors import UserError, environment_message, is_environmental
+from lesionseg.infer.refine import Refine, fine_copy
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,10 @@ class ItemDataset(Dataset):
     """Reads and decodes items in DataLoader workers. A failing item never raises: it comes
     back as {"error": reason} so that one bad file cannot stop the batch."""
 
-    def __init__(self, items: list[Item], image_size: int, preview_side: int) -> None:
+    def __init__(self, items: list[Item], image_size: int, preview_side: int,
+                 refine: Refine | None = None) -> None:
         self.items, self.image_size, self.preview_side = items, image_size, preview_side
+        self.refine = refine
 
     def __len__(self) -> int:
         return len(self.items)
@@ -35,7 +39,8 @@ class ItemDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         try:
-            return {"index": index, **decode_item(item, self.image_size, self.preview_side)}
+            return {"index": index, **decode_item(item, self.image_size, self.preview_side,
+                                                  self.refine)}
         except UserError as e:
             return {"index": index, "error": str(e)}
         except OSError as e:
@@ -48,16 +53,21 @@ class ItemDataset(Dataset):
             return {"index": index, "error": f"{item.origin}: {type(e).__name__}: {e}"}
 
 
-def decode_item(item: Item, image_size: int, preview_side: int) -> dict[str, Any]:
-    """Image → eval-transformed tensor; truth → packed bits (1 = lesion) at the original size,
-    row-major, h*w bits; preview → an RGB array of at most preview_side pixels a side."""
+def decode_item(item: Item, image_size: int, preview_side: int,
+                refine: Refine | None = None) -> dict[str, Any]:
+    """Image → eval-transformed tensor; with `refine`, `fine`: the finer copy its crop is cut
+    from (`refine.fine_copy`; None for an image no larger than the eval size); truth → packed
+    bits (1 = lesion) at the original size, row-major, h*w bits; preview → an RGB array of at
+    most preview_side pixels a side."""
     check_before_reading(item.image)
     data = item.image.read()
-    img, display = load_image(data, item.origin, min_size=image_size)
+    needed = max(image_size, refine.fine_side(image_size)) if refine else image_size
+    img, display = load_image(data, item.origin, min_size=needed)
     size = item.orig_size or display
     x, _ = eval_transform(img, None, image_size)
-    out: dict[str, Any] = {"image": x, "size": size, "truth_bits": None, "truth_error": None,
-                           "truth_note": "", "preview": None}
+    out: dict[str, Any] = {"image": x, "fine": fine_copy(img, image_size, refine), "size": size,
+                           "truth_bits": None, "truth_error": None, "truth_note": "",
+                           "preview": None}
     if preview_side:  # img is not needed any more: shrink it in place (no copy)
         img.thumbnail((preview_side, preview_side), Image.BILINEAR)
         out["preview"] = np.asarray(img)
@@ -92,7 +102,10 @@ def read_truth(item: Item, size: tuple[int, int],
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the decoded images; keep per-item extras (and failures) as lists."""
+    """Stack the decoded images; keep per-item extras (and failures) as lists. `fine`: the
+    good items' finer copies (None where an item has none), or None when no item has one."""
     good = [s for s in samples if "error" not in s]
     images = stack_images([s.pop("image") for s in good]) if good else None
-    return {"images": images, "good": good, "failed": [s for s in samples if "error" in s]}
+    fine = [s.pop("fine", None) for s in good]
+    return {"images": images, "fine": fine if any(f is not None for f in fine) else None,
+            "good": good, "failed": [s for s in samples if "error" in s]}

@@ -13,14 +13,16 @@ from torch.utils.data import DataLoader
 from lesionseg.config import InferConfig
 from lesionseg.data.sources import Item
 from lesionseg.infer.decode import ItemDataset, collate
+from lesionseg.infer.refine import Refine
 from lesionseg.threadplan import lower_priority
 from lesionseg.workers import WorkerInit, default_worker_context
 
 
 def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_side: int,
                 pin_memory: bool, before_item: Callable[[], None] | None = None,
-                ) -> Iterator[dict[str, Any]]:
-    """Batches of `icfg.batch_size` decoded items, in order.
+                refine: Refine | None = None) -> Iterator[dict[str, Any]]:
+    """Batches of `icfg.batch_size` decoded items, in order (with `refine`, each with the
+    finer copies the second pass crops from: `decode.collate`).
 
     `infer.worker_type` thread (as planned on a CPU): a pool of decode threads in this process
     decodes single images, at most two batches ahead, each after `before_item()` (the forward's
@@ -30,7 +32,7 @@ def make_loader(items: list[Item], image_size: int, icfg: InferConfig, preview_s
     worker has decoded all of it (on 2 cores with 2 batches in all, that wait is a large part
     of the job's time). On a CPU worker processes run at the stages' lower priority
     (`lower_priority`); decode threads at normal priority (lesionseg/threadplan.py says why)."""
-    dataset = ItemDataset(items, image_size, preview_side)
+    dataset = ItemDataset(items, image_size, preview_side, refine)
     if icfg.worker_type == "thread" or not icfg.num_workers:
         workers = min(icfg.num_workers or 0, len(items))
         samples = (decoded_in_threads(dataset, workers, 2 * icfg.batch_size, before_item)

@@ -19,7 +19,7 @@ from lesionseg.data.folds import fold_checkpoints
 from lesionseg.device import autocast, precision_dtype, to_model_input
 from lesionseg.export import export_model
 from lesionseg.infer import InferenceError
-from lesionseg.infer.refine import Refine, predict_refined, refine_for
+from lesionseg.infer.refine import FineCopies, Refine, predict_refined, refine_for
 from lesionseg.model import fuse_for_inference
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.runtime import export_format, open_backend
@@ -54,16 +54,18 @@ class Predictor:
         """What the forward computes in: fp16/bf16 (autocast, or an fp16 file) or fp32."""
         return self.runtime.precision if self.runtime is not None else precision_name(self.amp_dtype)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predict(images)[0]
+    def __call__(self, images: torch.Tensor, fine: FineCopies = None) -> torch.Tensor:
+        return self.predict(images, fine)[0]
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor,
+                fine: FineCopies = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(probabilities N×S×S, the members' views N×V×S×S): with flip TTA the four views,
         each flipped back, whose mean the probabilities are; without it the one map (V = 1).
         The views are what the forward computed anyway (lesionseg.quality reads them). With
-        `refine`, the images with a lesion box are forwarded once more, cropped round it."""
-        return predict_refined(self._predict_once, images, self.refine)
+        `refine`, the images with a lesion box are forwarded once more, cropped round it (from
+        `fine`, the images' finer copies, where given: `refine.fine_copy`)."""
+        return predict_refined(self._predict_once, images, self.refine, fine)
 
     def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.runtime is not None:
@@ -110,14 +112,16 @@ class Ensemble:
     def precision(self) -> str:
         return self.members[0].precision
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predict(images)[0]
+    def __call__(self, images: torch.Tensor, fine: FineCopies = None) -> torch.Tensor:
+        return self.predict(images, fine)[0]
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, images: torch.Tensor,
+                fine: FineCopies = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean probabilities, every model × flip view, N×(models·V)×S×S); `refine` crops
-        round the ensemble's lesion and runs every model on the crop."""
-        return predict_refined(self._predict_once, images, self.refine)
+        round the ensemble's lesion (from `fine` where given) and runs every model on the
+        crop."""
+        return predict_refined(self._predict_once, images, self.refine, fine)
 
     def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total, views = self.members[0].predict(images)

@@ -18,18 +18,29 @@ side, made square, at least S / max_zoom pixels, shifted inside the frame. A mas
 empty, or whose box would not be smaller than the frame, keeps its first pass. Every member's
 view (flips, fold models) is replaced in the same box by the crop's view, so the quality
 signals (`lesionseg.quality`) read the views of the final probabilities.
+
+The crop is cut from a finer copy of the image when the image is larger than the model's
+input (`fine_copy`: the whole image at up to ⌈S × max_zoom⌉ pixels a side, made beside the
+S×S input by the decode workers, the Python API and the val passes), so that a crop zoomed
+up to the cap shows the photograph's own detail, not the S×S input enlarged. The crop is
+resampled as a training crop is (`lesionseg.data.transforms`: area reduction, then bilinear),
+so the second pass sees what a training crop of that region of the image would have been.
+An image no larger than S (the 128² ISIC pairs) has no finer copy: its crop is cut from the
+S×S input, which then holds every pixel of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from lesionseg.data.transforms import crop_sample, eval_transform
 from lesionseg.postprocess import DEFAULT_THRESHOLD, main_component
 
 # Context kept round the lesion's bounding box, as a share of its longer side, on each side.
@@ -38,6 +49,8 @@ REFINE_MARGIN = 0.25
 
 Box = tuple[int, int, int]  # (top, left, side) in the S×S model frame
 PredictFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Per image of a batch, its finer copy (`fine_copy`, C×F×F uint8) or None; None for none at all.
+FineCopies = Sequence[torch.Tensor | None] | None
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class Refine:
 
     def describe(self) -> str:
         return f"lesion-centred second pass (zoom up to {self.max_zoom:.2f}x, margin {self.margin:g})"
+
+    def fine_side(self, size: int) -> int:
+        """The side of the finer copy a crop at the largest zoom needs at the model's size S:
+        ⌈S × max_zoom⌉ (the crop then holds about S of its pixels a side)."""
+        return math.ceil(size * self.max_zoom)
 
 
 def max_zoom_for(scale_min: float | None, setting: float) -> float:
@@ -87,10 +105,27 @@ def lesion_box(prob: np.ndarray, refine: Refine) -> Box | None:
     return top, left, side
 
 
-def crop_resized(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
-    """The box of a C×S×S image, resized (bilinear) to C×size×size, in the image's dtype
-    (a uint8 batch stays uint8, rounded, as the decode workers make it)."""
+def fine_copy(image: Image.Image, size: int, refine: Refine | None) -> torch.Tensor | None:
+    """The finer copy of an RGB image the second pass crops from: the whole image squashed as
+    `eval_transform` squashes it, at `refine.fine_side(size)` a side or the image's own longer
+    side if smaller; None without a second pass or for an image no larger than `size` (its
+    S×S input already holds every pixel)."""
+    if refine is None:
+        return None
+    side = min(refine.fine_side(size), max(image.size))
+    return eval_transform(image, None, side)[0] if side > size else None
+
+
+def crop_resized(image: torch.Tensor, box: Box, size: int,
+                 source: torch.Tensor | None = None) -> torch.Tensor:
+    """The box (in the C×S×S image's frame) as a C×size×size crop in the image's dtype (a
+    uint8 batch stays uint8, rounded, as the decode workers make it). From the S×S image
+    itself, bilinear; from a finer copy of the whole image (`source`, C×F×F uint8, F > S), the
+    same region resampled as a training crop is (`crop_sample`)."""
     top, left, side = box
+    if source is not None:
+        scale = source.shape[-1] / image.shape[-1]
+        return crop_sample(source, (top * scale, left * scale, side * scale), size)
     crop = image[:, top:top + side, left:left + side].float()[None]
     out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
     if image.dtype == torch.uint8:
@@ -98,26 +133,33 @@ def crop_resized(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
     return out.to(image.dtype)
 
 
-def predict_refined(predict_once: PredictFn, images: torch.Tensor,
-                    refine: Refine | None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_refined(predict_once: PredictFn, images: torch.Tensor, refine: Refine | None,
+                    fine: FineCopies = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, views) of `predict_once` on the batch, then, with `refine`, after the
-    second pass (a Predictor's and an Ensemble's `predict`)."""
+    second pass (a Predictor's and an Ensemble's `predict`); `fine`: the images' finer copies
+    (`fine_copy`), None where an image has none."""
     probs, views = predict_once(images)
     if refine is None:
         return probs, views
-    return second_pass(predict_once, images, probs, views, refine)
+    return second_pass(predict_once, images, probs, views, refine, fine)
 
 
 def second_pass(predict_once: PredictFn, images: torch.Tensor, probs: torch.Tensor,
-                views: torch.Tensor, refine: Refine) -> tuple[torch.Tensor, torch.Tensor]:
+                views: torch.Tensor, refine: Refine, fine: FineCopies = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities N×S×S, views N×V×S×S) after the second pass: the images with a box are
-    forwarded again, cropped (one batch), and their maps pasted back into the box."""
+    forwarded again, cropped (one batch; from the finer copy where `fine` has one), and their
+    maps pasted back into the box."""
+    if fine is not None and len(fine) != len(images):
+        raise ValueError(f"{len(fine)} finer copies for a batch of {len(images)} images")
     boxes = [lesion_box(p.numpy(), refine) for p in probs]
     todo = [k for k, box in enumerate(boxes) if box is not None]
     if not todo:
         return probs, views
     size = images.shape[-1]
-    crops = torch.stack([crop_resized(images[k].cpu(), boxes[k], size) for k in todo])
+    crops = torch.stack([crop_resized(images[k].cpu(), boxes[k], size,
+                                      fine[k] if fine is not None else None) for k in todo])
     crop_probs, crop_views = predict_once(crops)
     probs, views = probs.clone(), views.clone()
     for j, k in enumerate(todo):
