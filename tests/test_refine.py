@@ -13,10 +13,13 @@ import torch
 from PIL import Image
 
 from lesionseg.api import Segmenter
+from lesionseg.checkpoint import load_weights, save_weights
 from lesionseg.cli import main
 from lesionseg.config import Config, ConfigError, InferConfig, load_config, validate
+from lesionseg.data.cv import cv2
+from lesionseg.data.shard_format import decode_sample, iter_raw, split_urls
 from lesionseg.data.sources import Blob, Item
-from lesionseg.data.transforms import crop_sample, eval_transform
+from lesionseg.data.transforms import crop_sample, eval_transform, stack_images
 from lesionseg.infer.decode import collate, decode_item
 from lesionseg.infer.predict import load_ensemble, load_predictor
 from lesionseg.infer.refine import (
@@ -30,6 +33,7 @@ from lesionseg.infer.refine import (
     second_pass,
 )
 from lesionseg.report.tables import settings
+from lesionseg.tuning import val_probabilities
 
 
 def blob(size: int, cy: int, cx: int, r: int, level: float = 0.9) -> np.ndarray:
@@ -173,6 +177,31 @@ def test_decode_workers_keep_the_finer_copy_and_batches_carry_it(tmp_path: Path)
     assert batch["images"].shape == (2, 3, 64, 64)
     assert batch["fine"][0].shape == (3, 128, 128) and batch["fine"][1] is None
     assert collate([dict(samples[1])])["fine"] is None  # no image has one
+
+
+def test_the_val_passes_predict_with_the_pass_and_the_finer_copies(
+        tiny_checkpoint: dict, packed_shards: Path, tmp_path: Path) -> None:
+    """The end-of-training val passes (tuning's `val_probabilities`, which the quality fit
+    shares the loop of) see what the job predicts: the second pass, its crops from the finer
+    copies of the val images larger than the model's input."""
+    state, _, meta = load_weights(tiny_checkpoint["ckpt"])
+    cfg = load_config(None, ["model.encoder_weights=null", "data.image_size=64",
+                             "data.scale_min=0.5"])
+    ckpt = save_weights(tmp_path / "best.pt", state, cfg, **meta)
+    urls = tuple(split_urls(packed_shards, "val"))
+    _, probs, truths = val_probabilities(ckpt, urls, 64)
+    predictor = load_predictor(ckpt, InferConfig(mixed_precision="no"), torch.device("cpu"))[0]
+    assert predictor.refine.max_zoom == pytest.approx(math.sqrt(2))
+    images = [decode_sample(raw).image for raw in iter_raw(urls)]
+    fine = [fine_copy(image, 64, predictor.refine) for image in images]
+    assert len(images) == len(probs) and any(f is not None for f in fine)
+    x = stack_images([eval_transform(image, None, 64)[0] for image in images])
+    with_fine, from_input = predictor(x, fine), predictor(x)
+    assert not torch.allclose(with_fine, from_input)  # the copies change the maps
+    for got, truth, want in zip(probs, truths, with_fine, strict=True):
+        h, w = truth.shape
+        assert np.allclose(got, cv2.resize(want.numpy(), (w, h), interpolation=cv2.INTER_LINEAR),
+                           atol=1e-5)
 
 
 def test_config_checks_the_zoom_cap() -> None:

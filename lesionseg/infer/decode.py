@@ -55,14 +55,15 @@ class ItemDataset(Dataset):
 
 def decode_item(item: Item, image_size: int, preview_side: int,
                 refine: Refine | None = None) -> dict[str, Any]:
-    """Image → eval-transformed tensor; with `refine`, `fine`: the finer copy its crop is cut
-    from (`refine.fine_copy`; None for an image no larger than the eval size); truth → packed
+    """Image → eval-transformed tensor; with `refine`, `fine`: the finer copy the second pass
+    crops from (`fine_copy`; None for an image no larger than the eval size); truth → packed
     bits (1 = lesion) at the original size, row-major, h*w bits; preview → an RGB array of at
     most preview_side pixels a side."""
     check_before_reading(item.image)
     data = item.image.read()
-    needed = max(image_size, refine.fine_side(image_size)) if refine else image_size
-    img, display = load_image(data, item.origin, min_size=needed)
+    # with the second pass, draft-decoded no smaller than its finer copy needs
+    img, display = load_image(data, item.origin,
+                              min_size=refine.fine_side(image_size) if refine else image_size)
     size = item.orig_size or display
     x, _ = eval_transform(img, None, image_size)
     out: dict[str, Any] = {"image": x, "fine": fine_copy(img, image_size, refine), "size": size,

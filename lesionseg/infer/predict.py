@@ -64,7 +64,7 @@ class Predictor:
         each flipped back, whose mean the probabilities are; without it the one map (V = 1).
         The views are what the forward computed anyway (lesionseg.quality reads them). With
         `refine`, the images with a lesion box are forwarded once more, cropped round it (from
-        `fine`, the images' finer copies, where given: `refine.fine_copy`)."""
+        `fine`, the images' finer copies, where given: `lesionseg.infer.refine.fine_copy`)."""
         return predict_refined(self._predict_once, images, self.refine, fine)
 
     def _predict_once(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
