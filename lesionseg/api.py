@@ -131,9 +131,8 @@ class Segmenter:
                 fine_copy(rgb, self.image_size, refine))
 
     def _predict(self, pending: Sequence[Prepared]) -> list[Segmentation]:
-        fine = [f for _, _, f in pending]
         probs, views = self.predictor.predict(stack_images([x for x, _, _ in pending]),
-                                              fine if any(f is not None for f in fine) else None)
+                                              [f for _, _, f in pending])
         # under a temperature the threshold moves with the probabilities: the same mask
         threshold = (self.post.threshold if self.temperature == 1.0 else
                      float(calibrate(np.float32(self.post.threshold), self.temperature)))

@@ -61,9 +61,8 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
     pending: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
 
     def flush() -> None:
-        fine = [f for _, _, f in pending]
         probs, views = predictor.predict(stack_images([x for x, _, _ in pending]),
-                                         fine if any(f is not None for f in fine) else None)
+                                         [f for _, _, f in pending])
         for prob, v, (_, truth, _) in zip(probs, views, pending, strict=True):
             tta.append((signals(v, post.threshold), _dice(prob, truth, post)))
             single.append((signals(v[:1], post.threshold), _dice(v[0], truth, post)))

@@ -54,9 +54,7 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
     pending: list[tuple[torch.Tensor, np.ndarray, torch.Tensor | None]] = []
 
     def flush() -> None:
-        fine = [f for _, _, f in pending]
-        out = predictor(stack_images([x for x, _, _ in pending]),
-                        fine if any(f is not None for f in fine) else None)
+        out = predictor(stack_images([x for x, _, _ in pending]), [f for _, _, f in pending])
         for p, (_, truth, _) in zip(out, pending, strict=True):
             h, w = truth.shape
             probs.append(cv2.resize(np.ascontiguousarray(p.numpy()), (w, h),
