@@ -28,11 +28,11 @@ from PIL import Image
 
 from lesionseg.config import Config, InferConfig, validate
 from lesionseg.data.images import load_image
-from lesionseg.data.transforms import eval_transform, stack_images
+from lesionseg.data.transforms import stack_images
 from lesionseg.errors import UserError
 from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import Predictor, load_predictor
-from lesionseg.infer.refine import fine_copy
+from lesionseg.infer.refine import decode_side, model_inputs
 from lesionseg.inference import applied_postprocess, applied_temperature
 from lesionseg.postprocess import Postprocess
 from lesionseg.quality import QualityModel, calibrate, signals
@@ -126,9 +126,9 @@ class Segmenter:
         """(uint8 3×S×S model input, original (h, w), the finer copy the second pass crops
         from or None) as the job's decode workers make them."""
         refine = self.predictor.refine
-        rgb, size = as_rgb(image, refine.fine_side(self.image_size) if refine else self.image_size)
-        return (eval_transform(rgb, None, self.image_size)[0], size,
-                fine_copy(rgb, self.image_size, refine))
+        rgb, size = as_rgb(image, decode_side(self.image_size, refine))
+        x, fine = model_inputs(rgb, self.image_size, refine)
+        return x, size, fine
 
     def _predict(self, pending: Sequence[Prepared]) -> list[Segmentation]:
         probs, views = self.predictor.predict(stack_images([x for x, _, _ in pending]),

@@ -22,10 +22,10 @@ from lesionseg.checkpoint import load_weights, save_weights
 from lesionseg.config import InferConfig
 from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
-from lesionseg.data.transforms import eval_transform, stack_images
+from lesionseg.data.transforms import stack_images
 from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import load_predictor
-from lesionseg.infer.refine import fine_copy
+from lesionseg.infer.refine import model_inputs
 from lesionseg.metrics import binary_counts
 from lesionseg.postprocess import Postprocess
 from lesionseg.quality import (
@@ -81,8 +81,8 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
         if scale < 1:
             mask = mask.resize((max(1, round(mask.width * scale)),
                                 max(1, round(mask.height * scale))), 0)
-        pending.append((eval_transform(sample.image, None, image_size)[0], np.asarray(mask) > 127,
-                        fine_copy(sample.image, image_size, predictor.refine)))
+        x, fine = model_inputs(sample.image, image_size, predictor.refine)
+        pending.append((x, np.asarray(mask) > 127, fine))
         if len(pending) == batch_size:
             flush()
     if pending:

@@ -21,9 +21,9 @@ from lesionseg.checkpoint import load_weights, save_weights
 from lesionseg.config import InferConfig
 from lesionseg.data.cv import cv2
 from lesionseg.data.shard_format import decode_sample, iter_raw
-from lesionseg.data.transforms import eval_transform, stack_images
+from lesionseg.data.transforms import stack_images
 from lesionseg.infer.predict import load_predictor
-from lesionseg.infer.refine import fine_copy
+from lesionseg.infer.refine import model_inputs
 from lesionseg.metrics import degenerate
 from lesionseg.postprocess import (
     DEFAULT_THRESHOLD,
@@ -72,8 +72,8 @@ def val_probabilities(checkpoint: Path, val_urls: tuple[str, ...], image_size: i
         if scale < 1:
             size = (max(1, round(mask.width * scale)), max(1, round(mask.height * scale)))
             mask = mask.resize(size, 0)  # nearest
-        x, _ = eval_transform(image, None, image_size)
-        pending.append((x, np.asarray(mask) > 127, fine_copy(image, image_size, predictor.refine)))
+        x, fine = model_inputs(image, image_size, predictor.refine)
+        pending.append((x, np.asarray(mask) > 127, fine))
         if len(pending) == batch_size:
             flush()
     if pending:

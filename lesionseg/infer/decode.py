@@ -18,9 +18,9 @@ from lesionseg.data.images import (
     load_mask_oriented,
 )
 from lesionseg.data.sources import Item
-from lesionseg.data.transforms import eval_transform, stack_images
+from lesionseg.data.transforms import stack_images
 from lesionseg.errors import UserError, environment_message, is_environmental
-from lesionseg.infer.refine import Refine, fine_copy
+from lesionseg.infer.refine import Refine, decode_side, model_inputs
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,10 @@ def decode_item(item: Item, image_size: int, preview_side: int,
     most preview_side pixels a side."""
     check_before_reading(item.image)
     data = item.image.read()
-    # with the second pass, draft-decoded no smaller than its finer copy needs
-    img, display = load_image(data, item.origin,
-                              min_size=refine.fine_side(image_size) if refine else image_size)
+    img, display = load_image(data, item.origin, min_size=decode_side(image_size, refine))
     size = item.orig_size or display
-    x, _ = eval_transform(img, None, image_size)
-    out: dict[str, Any] = {"image": x, "fine": fine_copy(img, image_size, refine), "size": size,
+    x, fine = model_inputs(img, image_size, refine)
+    out: dict[str, Any] = {"image": x, "fine": fine, "size": size,
                            "truth_bits": None, "truth_error": None, "truth_note": "",
                            "preview": None}
     if preview_side:  # img is not needed any more: shrink it in place (no copy)

@@ -116,6 +116,20 @@ def fine_copy(image: Image.Image, size: int, refine: Refine | None) -> torch.Ten
     return eval_transform(image, None, side)[0] if side > size else None
 
 
+def decode_side(size: int, refine: Refine | None) -> int:
+    """The side a reduced-scale (draft) decode must keep for the model's size S: the finer
+    copy's with a second pass, else S."""
+    return refine.fine_side(size) if refine else size
+
+
+def model_inputs(image: Image.Image, size: int,
+                 refine: Refine | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What inference forwards for an RGB image, made alike by the decode workers, the Python
+    API and the val passes: the uint8 3×S×S input (`eval_transform`) and its finer copy
+    (`fine_copy`, or None)."""
+    return eval_transform(image, None, size)[0], fine_copy(image, size, refine)
+
+
 def crop_resized(image: torch.Tensor, box: Box, size: int,
                  source: torch.Tensor | None = None) -> torch.Tensor:
     """The box (in the C×S×S image's frame) as a C×size×size crop in the image's dtype (a
