@@ -52,7 +52,7 @@ class Segmentation:
     postprocess: str  # none, main, fill or main+fill
     uncertainty: float  # the members' border-weighted spread (flip views, TTA) or the uncertain-pixel share
     expected_dice: float  # the Dice the stored quality fit expects of this mask
-    needs_review: bool  # expected_dice below the review level, or uncertainty above the review share's cut
+    needs_review: bool  # expected_dice below the review level, uncertainty above the review share's cut, or the empty-mask fallback's mask
 
     @property
     def lesion_fraction(self) -> float:
@@ -138,8 +138,8 @@ class Segmenter:
                      float(calibrate(np.float32(self.post.threshold), self.temperature)))
         out = []
         for prob, member_views, (_, size, _) in zip(probs, views, pending, strict=True):
-            full, mask = full_size_mask(prob, size, self.post)
-            rated = self.quality.row(signals(member_views, self.post.threshold))
+            full, mask, fell_back = full_size_mask(prob, size, self.post)
+            rated = self.quality.row(signals(member_views, self.post.threshold), fell_back)
             out.append(Segmentation(mask, calibrate(full, self.temperature), threshold,
                                     self.post.name, **rated))
         return out

@@ -166,8 +166,9 @@ def _quality(meta: dict[str, Any]) -> list[str]:
                  "predicted-lesion pixel, times 1 + the share of the image's edge pixels inside "
                  "the mask; with --no-tta: the share of pixels with probability in (0.3, 0.7) "
                  "relative to the predicted area), `expected_dice` and `needs_review` (expected "
-                 "Dice below infer.review_below, or an uncertainty above all but "
-                 "infer.review_share of the val images')",
+                 "Dice below infer.review_below, an uncertainty above all but "
+                 "infer.review_share of the val images', or no pixel above the threshold: the "
+                 "mask is then the most confident region)",
                  f"- expected Dice from the {named}"
                  + ("" if tta == "border_spread" else
                     " (fitted before the border weighting: inference uses the fixed map)")

@@ -61,6 +61,9 @@ MIN_IMAGES = 100
 # 'main' raised the mean Dice by 0.2 points each and the worst tenth's mean by 1.2-1.3 points;
 # 'fill' changed neither by more than 0.01 points.
 UNTUNED_STEPS = ("main",)
+# metrics.csv's reason when no pixel passed the threshold and the fallback drew the mask (such
+# a mask is always flagged needs_review, lesionseg.quality).
+FALLBACK_NOTE = "empty at the threshold: the mask is the most confident region (infer.empty_fallback)"
 
 
 @dataclass(frozen=True)

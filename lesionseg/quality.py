@@ -29,7 +29,9 @@ image, and the calibration of the pixel probabilities.
   without a fit of its signal, the fixed map FIXED_MAPS.
 - `needs_review`: expected Dice below `infer.review_below`, or an uncertainty above all but
   the `infer.review_share` most uncertain of the val images (the map's `cuts`, quantiles of
-  the val uncertainties). Why both: the expected Dice is a mean, and most uncertain images
+  the val uncertainties), or a mask drawn by the empty-mask fallback (no pixel passed the
+  threshold: the model found no lesion, and the mask is only its most confident region; the
+  views may all agree on that, as on an image that is not dermoscopy at all). Why the first two: the expected Dice is a mean, and most uncertain images
   are still fine, so it stays above 0.8 for all but the most uncertain few; on five
   real-data models it flagged 2–5 % of the ISIC test images and caught 3–9 of 12–18 images
   below Dice 0.8, the val share (0.1) flagged 7–13 % and caught 8–13 (docs/DESIGN.md,
@@ -272,9 +274,10 @@ class QualityModel:
         return [next((m for m in maps if m.feature == feature), FIXED_MAPS[feature])
                 for maps in self.member_maps]
 
-    def row(self, sig: dict[str, Any]) -> dict[str, Any]:
+    def row(self, sig: dict[str, Any], fell_back: bool = False) -> dict[str, Any]:
         """The image's uncertainty, expected_dice and needs_review (expected Dice below the
-        level, or uncertainty above the review share's cut). For an ensemble (signals with
+        level, uncertainty above the review share's cut, or `fell_back`: the mask is the
+        empty-mask fallback's, since no pixel passed the threshold). For an ensemble (signals with
         `model_uncertainties`): the mean of its models' uncertainties, of the expected Dice
         each model's own map gives its own uncertainty, and of their cuts."""
         us = sig.get("model_uncertainties")
@@ -287,7 +290,7 @@ class QualityModel:
             model = self.dice_model(sig["members"])
             expected, u, cut = model(sig), uncertainty(sig), model.cut(self.review_share)
         return {"uncertainty": round(u, 5), "expected_dice": round(expected, 4),
-                "needs_review": expected < self.review_below or u > cut}
+                "needs_review": expected < self.review_below or u > cut or fell_back}
 
     def describe(self, members: int, models: int = 1) -> dict[str, Any]:
         """summary.json's account of what the columns are (`members` views in all, from
@@ -328,7 +331,8 @@ class QualityModel:
         return {"uncertainty": what, "expected_dice_model": source,
                 "level": self.review_below, "review_share": self.review_share,
                 "uncertainty_cut": None if math.isinf(cut) else round(cut, 5),
-                "uncertainty_cut_from": cut_from, "rule": rule}
+                "uncertainty_cut_from": cut_from,
+                "rule": rule + ", or the mask is the empty-mask fallback's (its reason says so)"}
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], review_below: float,

@@ -108,7 +108,7 @@ def fit_quality(checkpoint: Path, val_urls: tuple[str, ...], image_size: int,
 
 def _dice(prob: torch.Tensor, truth: np.ndarray, post: Postprocess) -> float:
     """Dice of the mask `prob` gives at the truth's size (both empty: 1)."""
-    _, pred = full_size_mask(prob, truth.shape, post)
+    _, pred, _ = full_size_mask(prob, truth.shape, post)
     tp, fp, fn, _ = binary_counts(pred, truth.astype(np.uint8))
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
 

@@ -123,6 +123,7 @@ def test_overrides_and_errors(tiny_checkpoint: dict) -> None:
                               tta=False).segment(path)
     top = fallback.probability.max()
     assert fallback.mask.any() and fallback.probability[fallback.mask > 0].min() > 0.5 * top
+    assert fallback.needs_review  # a guess: the model found no lesion at the threshold
     with pytest.raises(ConfigError, match="infer.backend"):
         Segmenter.load(tiny_checkpoint["ckpt"], backend="tensorrt")
     with pytest.raises(ValueError, match="H×W"):

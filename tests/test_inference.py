@@ -1032,8 +1032,8 @@ def _finish(tmp_path: Path, prob: torch.Tensor, size: tuple[int, int], threshold
 def test_an_empty_mask_is_written_as_its_most_confident_region_and_says_so(
         tmp_path: Path) -> None:
     """No pixel above the threshold and the fallback on: the written mask is the region above
-    half the highest probability, scored as written, and the row's reason says why; off, the
-    mask stays empty and the reason too."""
+    half the highest probability, scored as written, flagged for review, and the row's reason
+    says why; off, the mask stays empty and the reason too."""
     from lesionseg.data.sources import Blob, Item
     from lesionseg.infer.finish import FALLBACK_NOTE
 
@@ -1052,6 +1052,7 @@ def test_an_empty_mask_is_written_as_its_most_confident_region_and_says_so(
         mask = np.asarray(Image.open(out / "masks" / "ISIC_0000001_Segmentation.png")) > 0
         if fallback:
             assert row["reason"] == FALLBACK_NOTE and row["pred_area"] == mask.sum() > 0
+            assert row["needs_review"] is True
             assert row["tp"] == (mask & (truth > 0)).sum() > 0.8 * truth.sum()
         else:
             assert row["reason"] == "" and row["pred_area"] == 0 and not mask.any()

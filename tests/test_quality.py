@@ -122,6 +122,19 @@ def test_the_flag_follows_the_level_and_the_stored_map() -> None:
             fixed, abs=1e-4)
 
 
+def test_a_mask_drawn_by_the_empty_mask_fallback_is_always_flagged() -> None:
+    """No pixel passed the threshold, so the mask is only the most confident region: flagged
+    however sure the views are (they may all agree on nothing, as on a photograph of no
+    lesion), with the expected Dice the map gives; the summary's rule says so."""
+    quality = QualityModel.from_meta({}, 0.8, 0.1)
+    sure = {"members": 4, "border_spread": 0.0}
+    assert quality.row(sure)["needs_review"] is False
+    flagged = quality.row(sure, fell_back=True)
+    assert flagged["needs_review"] is True
+    assert flagged["expected_dice"] == quality.row(sure)["expected_dice"] > 0.8
+    assert "fallback" in quality.describe(4)["rule"]
+
+
 def test_the_flag_also_takes_the_most_uncertain_share_of_val() -> None:
     """An image more uncertain than all but review_share of the val images is flagged even
     when its expected Dice is above the level; the cut comes from the fit's val quantiles,

@@ -221,6 +221,26 @@ def test_review_section_names_the_failures_the_flags_missed(tmp_path: Path) -> N
         r["id"] for r in missed][:20]
 
 
+def test_review_card_says_when_the_mask_is_the_empty_mask_fallback(tmp_path: Path) -> None:
+    """A mask the fallback drew is flagged with a sure, low uncertainty: its card says that
+    the model found no lesion, the other flagged cards do not, and the page's rule names it."""
+    from lesionseg.postprocess import FALLBACK_NOTE
+
+    rows = [r for r in _rows(12) if r["status"] == "ok"]
+    for i, r in enumerate(rows):
+        r.update(uncertainty=0.01 * i, expected_dice=0.9, needs_review=i in (0, 5),
+                 reason=FALLBACK_NOTE if i == 0 else "")
+    summary = {**_summary(rows), "review": review_summary(rows, {"level": 0.8})}
+    thumbs = _thumbs(tmp_path / "thumbs", [r["id"] for r in rows])
+    page = write_report(tmp_path / "report.html", summary, rows, thumbs).read_text()
+    head = page.index("Review these first (2 of")
+    section = page[head:page.index("<h2>", head + 1)]
+    assert "or no pixel above the threshold" in section
+    cards = section.split("<h3>")[0].split('<div class="card">')[1:]  # not the missed ones
+    assert len(cards) == 2 and f'alt="{rows[5]["id"]}"' in cards[0]  # most uncertain first
+    assert "no lesion found" in cards[1] and "no lesion found" not in cards[0]
+
+
 # --------------------------------------------------------------------------- in a browser
 
 

@@ -28,7 +28,8 @@ probability map is thresholded and post-processed as chosen on validation at the
 training (stored in the checkpoint), with flip TTA. Every row also gets uncertainty (the flip
 views' spread, weighted by the mask's share of the image edge; an ensemble's: the mean of
 its models'), expected_dice and needs_review (expected Dice below infer.review_below, 0.8,
-or more uncertain than all but infer.review_share, 0.1, of the val images); the report lists
+or more uncertain than all but infer.review_share, 0.1, of the val images, or no pixel above
+the threshold: the mask is then the most confident region); the report lists
 the flagged images first. Rerun with the same --out to resume where a run stopped (a full
 disk or read-only folder stops the run with status 2; the rerun continues). Under
 `accelerate launch` the images are split across processes; --num-shards/--shard-index (or a

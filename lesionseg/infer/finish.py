@@ -5,7 +5,6 @@ stops the run."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,10 @@ from lesionseg.infer.journal import MASKS, PROBS
 from lesionseg.infer.outputs import OutputSpec, full_size_mask, write_previews
 from lesionseg.infer.phases import ForwardPhases
 from lesionseg.metrics import binary_counts
-from lesionseg.postprocess import fallback_region
+from lesionseg.postprocess import FALLBACK_NOTE
 from lesionseg.quality import calibrate, signals
 
 log = logging.getLogger(__name__)
-
-# The row's reason when no pixel passed the threshold and the fallback drew the mask.
-FALLBACK_NOTE = "empty at the threshold: the mask is the most confident region (infer.empty_fallback)"
 
 
 
@@ -45,13 +41,8 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
     scores come from it and the 0/1 truth bits without any bool or tensor copies."""
     h, w = sample["size"]
     post = spec.post
-    # the fallback here, not in full_size_mask: the row needs the mask's area anyway
-    full, pred = full_size_mask(prob, (h, w), replace(post, fallback=0.0))
+    full, pred, fell_back = full_size_mask(prob, (h, w), post)
     area = cv2.countNonZero(pred)
-    fell_back = post.falls_back(area)
-    if fell_back:
-        pred = fallback_region(full, post.fallback)
-        area = cv2.countNonZero(pred)
     write_mask(spec.out / MASKS / f"{item.id}_Segmentation.png", pred)
     if spec.save_probs:  # round(prob * 255), ties to even as torch's round
         probs8 = cv2.convertScaleAbs(calibrate(full, spec.temperature), alpha=255.0)
@@ -61,7 +52,7 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
                            "status": "no_truth", "reason": FALLBACK_NOTE if fell_back else "",
                            "pred_area": area}
     sig = signals(prob[None] if views is None else views, post.threshold, spec.quality.models)
-    row.update(spec.quality.row(sig), signals={k: v for k, v in sig.items() if v is not None})
+    row.update(spec.quality.row(sig, fell_back), signals={k: v for k, v in sig.items() if v is not None})
     truth = None
     if sample["truth_error"]:
         row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from lesionseg.postprocess import FALLBACK_NOTE
 from lesionseg.quality import missed_failures
 from lesionseg.report.gallery import Thumbs
 
@@ -25,6 +26,8 @@ def _card(row: dict[str, Any], thumbs: Thumbs) -> str:
              f"expected Dice {float(row['expected_dice']):.2f}"]
     if isinstance(row.get("dice"), float):
         lines.append(f"true Dice {row['dice']:.3f}")
+    if FALLBACK_NOTE in str(row.get("reason") or ""):
+        lines.append('<span class="bad">no lesion found: the most confident region</span>')
     return f'<div class="card">{img}{"<br>".join(lines)}</div>'
 
 
@@ -44,7 +47,8 @@ def review_section(summary: dict[str, Any], rows: list[dict[str, Any]], thumbs: 
     truth = review.get("with_truth")
     parts = [f"<h2>Review these first ({len(flagged)} of {review['images']} flagged)</h2>",
              f"<p>Flagged: expected Dice below {level} ({html.escape(review.get('expected_dice_model', ''))})"
-             f"{_share_rule(review)}. Uncertainty: {html.escape(review.get('uncertainty', ''))}. Most uncertain "
+             f"{_share_rule(review)}, or no pixel above the threshold (the mask is the most "
+             f"confident region). Uncertainty: {html.escape(review.get('uncertainty', ''))}. Most uncertain "
              'first. Outlines: <span class="key" style="background:rgb(30,144,255)"></span>'
              "prediction" + (', <span class="key" style="background:rgb(255,215,0)"></span>truth'
                              if truth else "") + ".</p>"]
