@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lesionseg.commands.launch import requested_cpu_processes
+from lesionseg.commands.launch import requested_cpu_processes, requested_processes
 from lesionseg.config import Config, load_config
 from lesionseg.errors import EXIT_RESUME, EXIT_USAGE, DataError
 from lesionseg.metrics import METRIC_NAMES
@@ -266,14 +266,22 @@ def test_sample_without_mask_raises_or_is_skipped(packed_shards, tmp_path):
 
 
 def test_cpu_launch_with_one_process_is_detected():
+    """`accelerate launch --cpu --num_processes N` starts one process; so does --num_processes N
+    without --cpu on a machine without a GPU: both are read from the launcher's command line."""
     parent = ["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--cpu",
               "--num_processes", "2", "jobs/train.py"]
     env = {"ACCELERATE_USE_CPU": "True"}
     assert requested_cpu_processes(env, parent) == 2
     assert requested_cpu_processes(env, [*parent[:4], "--num-processes=3"]) == 3
     assert requested_cpu_processes({**env, "WORLD_SIZE": "2"}, parent) == 1  # real ranks
-    assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False"}, parent) == 1
     assert requested_cpu_processes(env, ["bash", "run.sh"]) == 1
+    # Without --cpu, Accelerate's simple launcher also starts one process when it finds fewer
+    # than two GPUs: on a machine without a GPU the N asked for are CPU ranks; with one GPU
+    # the one process stands (warned about).
+    plain = [a for a in parent if a != "--cpu"]
+    assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False"}, plain, gpus=0) == 2
+    assert requested_cpu_processes({"ACCELERATE_USE_CPU": "False"}, plain, gpus=1) == 1
+    assert requested_processes({"ACCELERATE_USE_CPU": "False"}, plain) == 2
 
 
 # ============================================================================ end to end

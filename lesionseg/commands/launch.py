@@ -1,5 +1,6 @@
 """Starting the processes a command was asked for. Accelerate 1.15's `accelerate launch --cpu
---num_processes N` starts ONE process and tells it nothing about N; training and inference
+--num_processes N` (and `accelerate launch --num_processes N` on a machine without a GPU)
+starts ONE process and tells it nothing about N; training and inference
 notice (from the launcher's command line) and run themselves as N gloo ranks on this machine,
 as `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu …` would, watched by that first
 process: one exit status (2 user error, 75 stopped, …), stop signals passed on once, no rank
@@ -29,14 +30,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 RANK_GRACE_S = 30.0  # after one rank failed, how long the others may take to end on their own
 
 
-def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str]) -> int:
-    """N when this process is the single one `accelerate launch --cpu --num_processes N`
-    started (1 otherwise). Accelerate's simple launcher starts ONE process for that command
-    and tells it nothing about N, so the parent's command line is where N can be read."""
+def requested_processes(env: Mapping[str, str], parent_argv: list[str]) -> int:
+    """N when this process is the single one an `accelerate launch … --num_processes N` started
+    through Accelerate's simple launcher (1 otherwise: real ranks, or another launcher). That
+    launcher tells its process nothing about N, so the parent's command line is where N can be
+    read."""
     dist_env = ("WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", RELAUNCH_ENV)
     if any(env.get(k) for k in dist_env):
-        return 1
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
         return 1
     if not any("accelerate" in a for a in parent_argv[:2]) or "launch" not in parent_argv:
         return 1
@@ -52,6 +52,15 @@ def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str]) -> i
     return 1
 
 
+def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str], gpus: int = 0) -> int:
+    """N when this process is the single one `accelerate launch --cpu --num_processes N`
+    started, or `accelerate launch --num_processes N` on a machine without a GPU (`gpus` = 0:
+    Accelerate then starts one process too); 1 otherwise. With a GPU and no --cpu the one
+    process is Accelerate's choice (one GPU and no --multi_gpu), warned about, not changed."""
+    cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+    return requested_processes(env, parent_argv) if cpu or gpus == 0 else 1
+
+
 def _parent_argv() -> list[str]:
     """The parent process's command line (Linux /proc; empty elsewhere)."""
     try:
@@ -62,21 +71,34 @@ def _parent_argv() -> list[str]:
 
 
 def maybe_relaunch_cpu_ranks(stop_grace_s: float = 0.0) -> int | None:
-    """Turn `accelerate launch --cpu --num_processes N` (N > 1), which starts one process, into
-    N real gloo ranks started and watched by this process (`run_cpu_ranks`); returns their
+    """Turn `accelerate launch --cpu --num_processes N` (N > 1), or `--num_processes N` without
+    --cpu on a machine without a GPU, which start one process, into N real gloo ranks started and watched by this process (`run_cpu_ranks`); returns their
     exit status, or None when this process is to run the job itself (set
     LESIONSEG_NO_RELAUNCH=1 to only warn). Called after the config was checked: a user error
     is one line from one process, before any rank starts."""
-    n = requested_cpu_processes(os.environ, _parent_argv())
+    import torch
+
+    parent, gpus = _parent_argv(), torch.cuda.device_count()
+    asked = requested_processes(os.environ, parent)
+    n = requested_cpu_processes(os.environ, parent, gpus)
+    if asked > 1 and n <= 1:
+        log.warning("`accelerate launch --num_processes %d` without --multi_gpu started ONE "
+                    "process on this machine's %d GPU; this run uses 1 process. For %d GPU "
+                    "ranks: accelerate launch --multi_gpu --num_processes %d …", asked, gpus,
+                    asked, asked)
     if n <= 1:
         return None
+    how = ("--cpu " if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
+           else "")
+    where = "" if how else " (no GPU here)"
     if os.environ.get(NO_RELAUNCH_ENV) == "1":
-        log.warning("`accelerate launch --cpu --num_processes %d` started ONE process; this run "
+        log.warning("`accelerate launch %s--num_processes %d` started ONE process%s; this run "
                     "uses 1 process. For %d CPU ranks use: ACCELERATE_USE_CPU=true accelerate "
-                    "launch --multi_gpu --num_processes %d --num_machines 1 …", n, n, n)
+                    "launch --multi_gpu --num_processes %d --num_machines 1 …", how, n, where,
+                    n, n)
         return None
-    log.warning("`accelerate launch --cpu --num_processes %d` starts only one process; "
-                "relaunching as %d CPU (gloo) ranks", n, n)
+    log.warning("`accelerate launch %s--num_processes %d` starts only one process%s; "
+                "relaunching as %d CPU (gloo) ranks", how, n, where, n)
     return run_cpu_ranks(n, [sys.executable, sys.argv[0], *sys.argv[1:]],
                          stop_grace_s=stop_grace_s)
 
