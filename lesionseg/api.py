@@ -16,6 +16,7 @@ job's quality columns from the members the forward ran (`lesionseg.quality`).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,8 +35,11 @@ from lesionseg.infer.outputs import full_size_mask
 from lesionseg.infer.predict import Predictor, load_predictor
 from lesionseg.infer.refine import decode_side, model_inputs
 from lesionseg.inference import applied_postprocess, applied_temperature
+from lesionseg.metrics import degenerate_checkpoint
 from lesionseg.postprocess import Postprocess
 from lesionseg.quality import QualityModel, calibrate, signals
+
+log = logging.getLogger(__name__)
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]  # noqa: UP007 (runtime alias)
 # An image made ready: (uint8 3×S×S model input, original (h, w), finer copy or None)
@@ -95,6 +99,9 @@ class Segmenter:
         validate(Config(infer=icfg))  # a bad choice is a ConfigError naming infer.<key>
         predictor, cfg, meta = load_predictor(path, icfg, resolve_device(device))
         post, _ = applied_postprocess(icfg, meta)
+        degenerate = degenerate_checkpoint(meta)
+        if degenerate:  # as the train job's last line, the model card and the infer job say
+            log.warning("DEGENERATE CHECKPOINT %s: %s", path, degenerate)
         return cls(predictor, image_size or cfg.data.image_size, post, str(path),
                    QualityModel.from_meta(meta, review_below, review_share),
                    applied_temperature(meta))

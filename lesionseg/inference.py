@@ -78,6 +78,7 @@ from lesionseg.infer.predict import (
     tta_average,
 )
 from lesionseg.infer.split import distributed_state, job_part, local_processes, run_device
+from lesionseg.metrics import degenerate_checkpoint
 from lesionseg.postprocess import DEFAULT_THRESHOLD, Postprocess
 from lesionseg.quality import QualityModel
 from lesionseg.threadplan import lower_priority, plan_threads, usable_cores
@@ -174,6 +175,11 @@ def _run(checkpoint: str | Path | Sequence[str | Path], inputs: list[str | Path]
         runtime["quality"]["uncertainty"] += (", of the views after the lesion-centred second "
                                               "pass (inside its box, the crop's)")
     runtime["temperature"] = applied_temperature(meta)
+    degenerate = degenerate_checkpoint(meta)
+    if degenerate:  # its masks are the empty-mask fallback's guesses, or the whole image
+        runtime["warning"] = f"degenerate checkpoint: {degenerate}"
+        log.warning("DEGENERATE CHECKPOINT %s: %s (its model card says so too)",
+                    ", ".join(str(m) for m in members), degenerate)
     _write_run_files(parts_dir, signature, _checkpoint_record(checkpoint, members, digests, meta),
                      run_cfg, inventory, shard_index, state.process_index, runtime)
 

@@ -12,6 +12,8 @@ process ever averages averages and no image is counted twice.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -158,3 +160,12 @@ def degenerate(pred_fraction: float | None, where: str = "val") -> str | None:
             f"{100 * pred_fraction:.1f}% of an image): it has not learnt to segment; check "
             "the masks (0/255, paired with the right images), the learning rate and the "
             "number of steps before using these weights")
+
+
+def degenerate_checkpoint(meta: dict[str, Any]) -> str | None:
+    """Why a checkpoint's weights are unusable, by the val figures stored with them (`degenerate`
+    of their mean predicted lesion share), or None: the model card's and inference's warning.
+    None when tuning stored a threshold and steps (it found one at which they are not)."""
+    if meta.get("postprocess"):
+        return None
+    return degenerate((meta.get("val") or {}).get("pred_fraction"))

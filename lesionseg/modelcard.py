@@ -19,7 +19,7 @@ from lesionseg.config import Config
 from lesionseg.data.shard_format import read_manifest
 from lesionseg.errors import UserError
 from lesionseg.files import atomic_write_text, sha256_file
-from lesionseg.metrics import degenerate
+from lesionseg.metrics import degenerate_checkpoint
 from lesionseg.postprocess import Postprocess
 from lesionseg.runtime import ExportedFileError, export_format, read_metadata
 from lesionseg.weights import torch_load
@@ -92,7 +92,7 @@ def _recipe(cfg: Config) -> list[str]:
 def _warning(meta: dict[str, Any]) -> list[str]:
     """A loud first section when the weights predict (almost) nothing or everything on val
     at 0.5 and tuning found no threshold at which they do not."""
-    why = None if meta.get("postprocess") else degenerate((meta.get("val") or {}).get("pred_fraction"))
+    why = degenerate_checkpoint(meta)
     return [f"> **WARNING — degenerate model:** {why}.", ""] if why else []
 
 

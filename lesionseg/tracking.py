@@ -188,7 +188,8 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     `tracking.dir` or `out`): a Table `infer/images` with a row per image and its overlay
     thumbnail (when the report wrote one) and its quality columns (lesionseg.quality),
     `infer/overlays` (the `images` worst by Dice, else largest predicted lesion first), and the
-    means, counts, device, precision and review figures (`infer/review/*`) as the run summary. Offline, W&B writes the images of a Table as the word "Image" (wandb #4611), so
+    means, counts, device, precision, a degenerate checkpoint's `warning` and review figures
+    (`infer/review/*`) as the run summary. Offline, W&B writes the images of a Table as the word "Image" (wandb #4611), so
     there the Table's overlay column holds the thumbnail's path under `out` and the images
     go through `infer/overlays`. Returns the run's folder."""
     import wandb
@@ -226,7 +227,7 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
             values["infer/means_note"] = summary["means_note"]
         values.update({f"infer/{k}": summary.get(k) for k in (
             "images_found", "masks_written", "scored", "without_truth", "errors", "device",
-            "precision") if summary.get(k) is not None})
+            "precision", "warning") if summary.get(k) is not None})
         review = summary.get("review") or {}
         values.update({f"infer/review/{k}": v for k, v in
                        {**review, **(review.get("with_truth") or {})}.items()

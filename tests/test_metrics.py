@@ -172,6 +172,16 @@ def test_binary_counts_refuse_other_inputs():
         binary_counts(a, np.zeros((5, 4), np.uint8))
 
 
+def test_a_checkpoint_is_degenerate_by_its_stored_val_share_unless_tuning_chose():
+    from lesionseg.metrics import degenerate_checkpoint
+
+    assert degenerate_checkpoint({}) is None  # nothing stored: nothing claimed
+    assert "almost no lesion" in degenerate_checkpoint({"val": {"pred_fraction": 0.001}})
+    assert degenerate_checkpoint({"val": {"pred_fraction": 0.2}}) is None
+    assert degenerate_checkpoint({"val": {"pred_fraction": 0.001},
+                                  "postprocess": {"threshold": 0.1}}) is None
+
+
 def test_degenerate_names_an_empty_or_full_model_and_passes_a_working_one():
     from lesionseg.metrics import degenerate, predicted_fraction
 

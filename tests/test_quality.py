@@ -306,3 +306,29 @@ def test_no_truth_run_writes_the_columns_and_the_review_section(
     assert all(r["uncertainty"] != "" for r in no_tta)
     described = json.loads((tmp_path / "no-tta" / "summary.json").read_text())["review"]
     assert "(0.3, 0.7)" in described["uncertainty"]
+
+
+def test_a_degenerate_checkpoint_is_named_in_the_log_summary_and_report(
+        tiny_checkpoint: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint whose own val figures say it learnt nothing (no tuned choice stored, val
+    predictions almost empty): the infer job warns, summary.json carries the warning and the
+    report shows it under its first line; the same weights with their tuned choice do not."""
+    ckpt = tmp_path / "best.pt"
+    state, cfg, meta = load_weights(tiny_checkpoint["ckpt"])
+    meta.pop("postprocess")
+    meta["val"] = {"dice": 0.01, "pred_fraction": 0.001}
+    save_weights(ckpt, state, cfg, **meta)
+    for name, path in (("degenerate", ckpt), ("fine", tiny_checkpoint["ckpt"])):
+        out = tmp_path / name
+        caplog.clear()
+        assert main(["infer", "--checkpoint", str(path), "--input",
+                     str(tiny_checkpoint["images"]), "--out", str(out), "--workers", "0",
+                     "--splits", "train", "infer.num_threads=1"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        page = (out / "report.html").read_text()
+        if name == "degenerate":
+            assert "almost no lesion on val" in summary["warning"]
+            assert any("DEGENERATE CHECKPOINT" in r.message for r in caplog.records)
+            assert page.index("WARNING — degenerate checkpoint") < page.index("<h2>")
+        else:
+            assert "warning" not in summary and "WARNING" not in page

@@ -212,6 +212,9 @@ def _summary(run: dict, rows: list[dict], counts: torch.Tensor, inventory: dict,
         "precision_reason": run.get("runtime", {}).get("precision_reason"),
         "review": review_summary(rows, run.get("runtime", {}).get("quality")),
         "temperature": run.get("runtime", {}).get("temperature", 1.0),
+        # set when the checkpoint's own val figures say it learnt nothing (metrics.degenerate)
+        **({"warning": run["runtime"]["warning"]} if run.get("runtime", {}).get("warning")
+           else {}),
         "checkpoint": run["checkpoint"], "config": run["config"],
         "throughput": {"images_per_s": round(sum(t.get("images_per_s") or 0 for t in timing), 3),
                        "note": "sum over processes of images/s in their last session",

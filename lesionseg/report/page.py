@@ -65,7 +65,10 @@ def write_report(path: str | Path, summary: dict[str, Any], rows: list[dict[str,
     review = summary.get("review")
     if review:
         lead += f", {review['flagged']} flagged for review"
-    sections = [f'<h1>{html.escape(title)}</h1><p class="lead">{html.escape(lead)}.</p>',
+    warning = summary.get("warning")
+    sections = [f'<h1>{html.escape(title)}</h1><p class="lead">{html.escape(lead)}.</p>'
+                + (f'<p class="lead bad">WARNING — {html.escape(warning)}.</p>' if warning
+                   else ""),
                 '<div class="cols"><div><h2>Settings</h2>', kv_table(
                     [(k, html.escape(v)) for k, v in settings(summary)]),
                 "</div><div><h2>Counts</h2>", kv_table(counts(summary, errors_href)),
