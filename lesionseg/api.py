@@ -166,7 +166,7 @@ def as_rgb(image: ImageLike, min_size: int = 0) -> tuple[Image.Image, tuple[int,
     """(RGB PIL image, original (h, w)). A path or bytes goes through the job's image loader
     (EXIF orientation applied, JPEG decoded at the smallest DCT scale still ≥ min_size); a PIL
     image is used as given; a numpy array is H×W (grey), H×W×3 (RGB) or H×W×4 (alpha
-    dropped), uint8 0-255 or float 0-1."""
+    dropped), uint8 0-255 or float 0-1 (a float array outside 0-1, or with NaN, is refused)."""
     if isinstance(image, str | os.PathLike | bytes):
         name = None if isinstance(image, bytes) else str(image)
         src = image if isinstance(image, bytes) else Path(image)
@@ -182,6 +182,15 @@ def as_rgb(image: ImageLike, min_size: int = 0) -> tuple[Image.Image, tuple[int,
         if arr.dtype != np.uint8:
             if not np.issubdtype(arr.dtype, np.floating):
                 raise ValueError(f"expected a uint8 (0-255) or float (0-1) array, got {arr.dtype}")
+            finite = arr[np.isfinite(arr)]
+            if finite.size < arr.size or (finite.size and (finite.min() < -1e-3
+                                                           or finite.max() > 1 + 1e-3)):
+                # a 0-255 float array read as 0-1 would be a white image, segmented silently
+                raise ValueError(
+                    "expected a float image array in 0-1, got values "
+                    + (f"{finite.min():g} to {finite.max():g}" if finite.size else "")
+                    + (" and NaN/inf" if finite.size < arr.size else "")
+                    + ": divide a 0-255 array by 255, or pass it as uint8")
             arr = np.clip(np.rint(arr * 255), 0, 255).astype(np.uint8)
         rgb = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB")
         return rgb, (rgb.height, rgb.width)

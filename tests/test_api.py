@@ -128,5 +128,11 @@ def test_overrides_and_errors(tiny_checkpoint: dict) -> None:
         Segmenter.load(tiny_checkpoint["ckpt"], backend="tensorrt")
     with pytest.raises(ValueError, match="H×W"):
         as_rgb(np.zeros((4, 4, 2), np.uint8))
+    # a 0-255 float array (what np.asarray(img, float) gives) is refused, not read as white
+    with pytest.raises(ValueError, match="in 0-1, got values 0 to 255: divide"):
+        as_rgb(np.array([[0.0, 255.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        as_rgb(np.array([[0.0, np.nan]]))
+    assert as_rgb(np.array([[0.0, 1.0]]))[0].getpixel((1, 0)) == (255, 255, 255)
     with pytest.raises(TypeError):
         as_rgb(42)  # type: ignore[arg-type]
