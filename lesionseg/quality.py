@@ -31,7 +31,8 @@ image, and the calibration of the pixel probabilities.
   the `infer.review_share` most uncertain of the val images (the map's `cuts`, quantiles of
   the val uncertainties), or a mask drawn by the empty-mask fallback (no pixel passed the
   threshold: the model found no lesion, and the mask is only its most confident region; the
-  views may all agree on that, as on an image that is not dermoscopy at all). Why the first two: the expected Dice is a mean, and most uncertain images
+  views may all agree on that, as on an image that is not dermoscopy at all). Why the first
+  two: the expected Dice is a mean, and most uncertain images
   are still fine, so it stays above 0.8 for all but the most uncertain few; on five
   real-data models it flagged 2–5 % of the ISIC test images and caught 3–9 of 12–18 images
   below Dice 0.8, the val share (0.1) flagged 7–13 % and caught 8–13 (docs/DESIGN.md,

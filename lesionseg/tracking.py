@@ -189,9 +189,9 @@ def log_inference(out: Path, summary: dict[str, Any], rows: list[dict[str, Any]]
     thumbnail (when the report wrote one) and its quality columns (lesionseg.quality),
     `infer/overlays` (the `images` worst by Dice, else largest predicted lesion first), and the
     means, counts, device, precision, a degenerate checkpoint's `warning` and review figures
-    (`infer/review/*`) as the run summary. Offline, W&B writes the images of a Table as the word "Image" (wandb #4611), so
-    there the Table's overlay column holds the thumbnail's path under `out` and the images
-    go through `infer/overlays`. Returns the run's folder."""
+    (`infer/review/*`) as the run summary. Offline, W&B writes the images of a Table as the
+    word "Image" (wandb #4611), so there the Table's overlay column holds the thumbnail's path
+    under `out` and the images go through `infer/overlays`. Returns the run's folder."""
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or tracking.get("mode", "offline")

@@ -72,8 +72,9 @@ def _parent_argv() -> list[str]:
 
 def maybe_relaunch_cpu_ranks(stop_grace_s: float = 0.0) -> int | None:
     """Turn `accelerate launch --cpu --num_processes N` (N > 1), or `--num_processes N` without
-    --cpu on a machine without a GPU, which start one process, into N real gloo ranks started and watched by this process (`run_cpu_ranks`); returns their
-    exit status, or None when this process is to run the job itself (set
+    --cpu on a machine without a GPU, which start one process, into N real gloo ranks started
+    and watched by this process (`run_cpu_ranks`); returns their exit status, or None when
+    this process is to run the job itself (set
     LESIONSEG_NO_RELAUNCH=1 to only warn). Called after the config was checked: a user error
     is one line from one process, before any rank starts."""
     import torch

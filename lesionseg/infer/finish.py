@@ -26,7 +26,6 @@ from lesionseg.quality import calibrate, signals
 log = logging.getLogger(__name__)
 
 
-
 def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: OutputSpec,
                 views: torch.Tensor | None = None) -> dict:
     """Upsample one probability map to the original size, threshold, post-process (the
@@ -52,7 +51,8 @@ def finish_item(item: Item, sample: dict[str, Any], prob: torch.Tensor, spec: Ou
                            "status": "no_truth", "reason": FALLBACK_NOTE if fell_back else "",
                            "pred_area": area}
     sig = signals(prob[None] if views is None else views, post.threshold, spec.quality.models)
-    row.update(spec.quality.row(sig, fell_back), signals={k: v for k, v in sig.items() if v is not None})
+    row.update(spec.quality.row(sig, fell_back),
+               signals={k: v for k, v in sig.items() if v is not None})
     truth = None
     if sample["truth_error"]:
         row.update(status="failed", reason=f"truth unusable: {sample['truth_error']}")
