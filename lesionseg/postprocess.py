@@ -124,18 +124,18 @@ class Postprocess:
         p = np.asarray(prob, dtype=np.float32)
         raw = np.where(p > np.float32(self.threshold), np.uint8(255), np.uint8(0))
         out = self.apply(raw, p) if self.steps else raw
-        return self.unless_empty(out, p)
+        return self.unless_empty(out, p)[0]
 
     def falls_back(self, area: int) -> bool:
         """Whether the fallback replaces a mask of `area` pixels: on, and the mask empty."""
         return self.fallback > 0 and area == 0
 
-    def unless_empty(self, mask: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        """`mask` (uint8 0/255), or with the fallback on and `mask` empty,
-        `fallback_region(prob)`."""
+    def unless_empty(self, mask: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(`mask` (uint8 0/255), or with the fallback on and `mask` empty,
+        `fallback_region(prob)`; whether it fell back)."""
         if self.falls_back(cv2.countNonZero(mask)):
-            return fallback_region(prob, self.fallback)
-        return mask
+            return fallback_region(prob, self.fallback), True
+        return mask, False
 
 
 def fallback_region(prob: np.ndarray, share: float) -> np.ndarray:

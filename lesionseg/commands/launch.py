@@ -57,8 +57,12 @@ def requested_cpu_processes(env: Mapping[str, str], parent_argv: list[str], gpus
     started, or `accelerate launch --num_processes N` on a machine without a GPU (`gpus` = 0:
     Accelerate then starts one process too); 1 otherwise. With a GPU and no --cpu the one
     process is Accelerate's choice (one GPU and no --multi_gpu), warned about, not changed."""
-    cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
-    return requested_processes(env, parent_argv) if cpu or gpus == 0 else 1
+    return requested_processes(env, parent_argv) if _use_cpu(env) or gpus == 0 else 1
+
+
+def _use_cpu(env: Mapping[str, str]) -> bool:
+    """Whether Accelerate was told to run on the CPU (`--cpu`: ACCELERATE_USE_CPU)."""
+    return env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
 
 
 def _parent_argv() -> list[str]:
@@ -89,8 +93,7 @@ def maybe_relaunch_cpu_ranks(stop_grace_s: float = 0.0) -> int | None:
                     asked, asked)
     if n <= 1:
         return None
-    how = ("--cpu " if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1")
-           else "")
+    how = "--cpu " if _use_cpu(os.environ) else ""
     where = "" if how else " (no GPU here)"
     if os.environ.get(NO_RELAUNCH_ENV) == "1":
         log.warning("`accelerate launch %s--num_processes %d` started ONE process%s; this run "

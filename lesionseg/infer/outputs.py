@@ -15,7 +15,7 @@ from lesionseg.data.cv import cv2
 from lesionseg.data.images import encode_jpeg
 from lesionseg.files import atomic_write_bytes
 from lesionseg.infer.journal import OVERLAYS, THUMBS
-from lesionseg.postprocess import Postprocess, fallback_region
+from lesionseg.postprocess import Postprocess
 from lesionseg.quality import QualityModel
 
 THUMB_SIDE = 256  # longest side of the report's thumbnails
@@ -38,16 +38,15 @@ def full_size_mask(prob: torch.Tensor, size: tuple[int, int],
                    post: Postprocess) -> tuple[np.ndarray, np.ndarray, bool]:
     """(probability map upsampled to size = (h, w), float32; mask uint8 0/255; whether the
     mask is the empty-mask fallback's): bilinear, "probability > threshold", then the
-    post-processing steps, then the fallback of an empty mask (`Postprocess.falls_back`). The
-    job and `lesionseg.api` both turn predictions into masks here."""
+    post-processing steps, then the fallback of an empty mask (`Postprocess.unless_empty`).
+    The job and `lesionseg.api` both turn predictions into masks here."""
     h, w = size
     p = np.ascontiguousarray(prob.detach().float().cpu().numpy())
     full = cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR)  # float32, h x w
     pred = above_threshold(full, post.threshold)  # uint8: 255 where prob > t
     if post.steps:
         pred = post.apply(pred, full)
-    fell_back = post.falls_back(cv2.countNonZero(pred))
-    return full, fallback_region(full, post.fallback) if fell_back else pred, fell_back
+    return full, *post.unless_empty(pred, full)
 
 
 def above_threshold(full: np.ndarray, threshold: float) -> np.ndarray:
